@@ -1,0 +1,52 @@
+"""Tiny random LLaMA models on disk, for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def make_tiny_llama(
+    path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides
+) -> LlamaForCausalLM:
+    """Write a tiny random LlamaForCausalLM as a Hugging Face directory (safetensors) and return it."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype).eval()
+    # Random init leaves norms at exactly one; perturb them so merges of norms are non-trivial.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return model
+
+
+def make_variant(base_dir: Path, path: Path, seed: int, scale: float = 0.01) -> None:
+    """A fine-tune-like variant of a model on disk: the base plus small dense random deltas."""
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+    model.save_pretrained(path)
