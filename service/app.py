@@ -1,0 +1,69 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import Worker
+
+from service.embedded_redis import EmbeddedRedis
+from service.redis_client import connect
+from service.routes import jobs, models
+from service.schemas import Health
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("strata")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        embedded = None
+        url = settings.redis_url
+        if url is None:
+            embedded = EmbeddedRedis(settings.home)
+            url = embedded.start()
+            log.info("embedded redis at %s", url)
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+        app.state.settings = settings
+        app.state.redis = connect(url)
+        try:
+            yield
+        finally:
+            app.state.redis.close()
+            if embedded:
+                embedded.stop()
+
+    app = FastAPI(
+        title="Strata",
+        version="0.1.0",
+        description="Merge, prune and serve homologous LLMs.",
+        lifespan=lifespan,
+    )
+    app.include_router(models.router)
+    app.include_router(jobs.router)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"Redis is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+    @app.get("/health", response_model=Health, tags=["health"])
+    def health(request: Request) -> Health:
+        try:
+            request.app.state.redis.ping()
+            workers = Worker.count(connection=request.app.state.redis)
+        except (RedisConnectionError, RedisTimeoutError):
+            return Health(status="degraded", redis=False, workers=0)
+        return Health(status="ok", redis=True, workers=workers)
+
+    return app

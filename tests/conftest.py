@@ -1,0 +1,127 @@
+"""Shared fixtures: a real Redis, and a real `strata serve` (API + worker) on it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from service.embedded_redis import EmbeddedRedis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TEST_DB = 13
+
+
+def _machine_redis() -> str | None:
+    url = f"redis://127.0.0.1:6379/{TEST_DB}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """The machine's Redis at 127.0.0.1:6379 (db 13, flushed) where there is one, else an embedded one."""
+    url = _machine_redis()
+    embedded = None
+    if url is None:
+        embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis-home"))
+        url = embedded.start()
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    if embedded:
+        embedded.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, home: Path, process: subprocess.Popen, log: Path):
+        self.url, self.home, self.process, self.log = url, home, process, log
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_job(self, job_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                view = c.get(f"/v1/jobs/{job_id}").json()
+                if view["status"] in ("finished", "failed", "canceled"):
+                    return view
+                time.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not end in {timeout} s; log: {self.log.read_text()[-3000:]}")
+
+
+def start_server(home: Path, env_extra: dict[str, str], workers: int = 1) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "STRATA_HOME": str(home),
+        "STRATA_IMPORT_ROOTS": str(home.parent),
+        "STRATA_DEFAULT_MODEL": "false",
+        **env_extra,
+    }
+    log = home.parent / f"serve-{port}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"strata serve exited: {log.read_text()[-3000:]}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=1).json()
+            if health["workers"] >= workers:
+                return Server(url, home, process, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"strata serve did not become healthy: {log.read_text()[-3000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, redis_url) -> Server:
+    """`strata serve` with one worker on the test Redis; import roots = the session's temp dir."""
+    root = tmp_path_factory.mktemp("strata")
+    srv = start_server(root / "home", {"REDIS_URL": redis_url})
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(server) -> dict[str, Path]:
+    """Three homologous tiny LLaMA models (base + two variants) in the import root."""
+    from tests.tiny_models import make_tiny_llama, make_variant
+
+    root = server.home.parent / "family"
+    make_tiny_llama(root / "base", seed=0)
+    make_variant(root / "base", root / "a", seed=1, scale=0.01)
+    make_variant(root / "base", root / "b", seed=2, scale=0.02)
+    return {"base": root / "base", "a": root / "a", "b": root / "b"}

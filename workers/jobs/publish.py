@@ -1,0 +1,35 @@
+"""Build a model in staging, move it into the store, register it: all or nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from workers.jobs.context import JobContext
+from workers.store.model_store import describe
+from workers.store.registry import ModelRecord
+
+
+class ModelIdTakenError(ValueError):
+    pass
+
+
+def publish_model(
+    ctx: JobContext,
+    model_id: str,
+    build: Callable[[Path], Any],
+    *,
+    parents: list[str],
+    recipe: dict[str, Any],
+) -> ModelRecord:
+    """Run `build(staging_dir)`; register the result as `model_id` only if it completes."""
+    if ctx.registry.exists(model_id):
+        raise ModelIdTakenError(f"model {model_id!r} already exists")
+    with ctx.store.staging(model_id) as tmp:
+        build(tmp)
+    record = ModelRecord(id=model_id, parents=parents, recipe=recipe, **describe(ctx.store.path(model_id)))
+    if not ctx.registry.add(record):
+        ctx.store.remove(model_id)
+        raise ModelIdTakenError(f"model {model_id!r} was registered by another job meanwhile")
+    return record

@@ -1,0 +1,18 @@
+"""The RQ worker class: each job runs in a forked work-horse; after each, leftovers of killed horses go."""
+
+from __future__ import annotations
+
+from rq import Queue, Worker
+from rq.job import Job
+
+from service.settings import get_settings
+from workers.store.model_store import ModelStore
+
+
+class StrataWorker(Worker):
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            super().execute_job(job, queue)
+        finally:
+            # A stopped or killed work-horse cannot clean its staging directory; its parent does.
+            ModelStore(get_settings().models_dir).clean_stale_staging()

@@ -1,0 +1,156 @@
+"""Run a merge recipe tensor by tensor: read the same-named tensor from every input, merge, write.
+
+Peak memory is a few tensors times the number of models, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.device import default_device
+from workers.merge.config import MergeConfig
+from workers.merge.homology import check_homologous, read_config
+from workers.merge.parameters import layer_position, resolve
+from workers.merge.registry import METHODS, MergeMethod, TensorGroup
+from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
+
+Progress = Callable[[int, int, str], None]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class MergeResult:
+    tensors: int
+    bytes_written: int
+    seconds: float
+    device: str
+
+
+def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """A stable per-(tensor, model) seed, independent of tensor order and device."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _group(
+    config: MergeConfig,
+    method: MergeMethod,
+    name: str,
+    t: float,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+) -> TensorGroup:
+    entries = config.merged_entries
+    model_params = [
+        {
+            key: resolve(key, method.model_params, e.parameters, config.parameters, tensor_name=name, t=t)
+            for key in method.model_params
+        }
+        for e in entries
+    ]
+    params = {
+        key: resolve(key, method.global_params, config.parameters, tensor_name=name, t=t)
+        for key in method.global_params
+    }
+    generators = (
+        [torch.Generator().manual_seed(tensor_seed(config.seed, name, i)) for i in range(len(entries))]
+        if method.random
+        else []
+    )
+    return TensorGroup(name, base, tensors, model_params, params, generators)
+
+
+def merge_models(
+    config: MergeConfig,
+    paths: dict[str, Path],
+    out_dir: Path,
+    *,
+    device: torch.device | None = None,
+    max_shard_bytes: int = 2 << 30,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge the models named in `config` (resolved to directories by `paths`) into `out_dir`."""
+    start = time.perf_counter()
+    device = device or default_device()
+    method = METHODS[config.merge_method]
+    reference = config.reference_model
+    check_homologous({ref: paths[ref] for ref in config.input_models})  # reference first
+    ref_config = read_config(paths[reference])
+    num_layers = int(ref_config.get("num_hidden_layers", 1))
+    compute_dtype = DTYPES[config.dtype] if config.dtype else None
+    out_dtype = DTYPES[config.out_dtype or config.dtype] if (config.out_dtype or config.dtype) else None
+
+    readers = {ref: TensorReader(paths[ref]) for ref in config.input_models}
+    try:
+        entries = readers[reference].entries
+
+        def target_dtype(e) -> torch.dtype:
+            return out_dtype if out_dtype and e.dtype.is_floating_point else e.dtype
+
+        plan = [PlannedTensor(n, target_dtype(e), e.shape) for n, e in entries.items()]
+        writer = ShardedWriter(out_dir, plan, max_shard_bytes)
+        try:
+            for i, (name, entry) in enumerate(entries.items()):
+                dtype = compute_dtype if compute_dtype and entry.dtype.is_floating_point else entry.dtype
+
+                def load(ref: str, name: str = name, dtype: torch.dtype = dtype) -> torch.Tensor:
+                    return readers[ref].load(name).to(device=device, dtype=dtype)
+
+                if entry.dtype.is_floating_point:
+                    base = load(config.base_model) if method.needs_base else None
+                    tensors = [load(e.model) for e in config.merged_entries]
+                    t = layer_position(name, num_layers)
+                    merged = method.fn(_group(config, method, name, t, base, tensors))
+                else:
+                    merged = readers[reference].load(name)
+                writer.write(name, merged.to(target_dtype(entry)))
+                if progress:
+                    progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors merged")
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+    _write_config(out_dir, ref_config, out_dtype)
+    tokenizer_source = reference if config.tokenizer_source in (None, "base") else config.tokenizer_source
+    copy_tokenizer(paths[tokenizer_source], out_dir)
+    written = sum((out_dir / f).stat().st_size for f in writer.files)
+    return MergeResult(len(plan), written, time.perf_counter() - start, str(device))
+
+
+def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None) -> None:
+    config = dict(ref_config)
+    if out_dtype is not None:
+        config["dtype"] = DTYPE_NAMES[out_dtype]
+        config.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copyfile(source / name, out_dir / name)

@@ -1,0 +1,43 @@
+"""Homologous models share an architecture, tensor names and tensor shapes (they come from one base)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from workers.tensors.safetensors_io import TensorReader
+
+
+class HomologyError(ValueError):
+    """Models that cannot be merged tensor by tensor."""
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise HomologyError(f"{directory} has no config.json")
+    return json.loads(path.read_text())
+
+
+def check_homologous(models: dict[str, Path]) -> None:
+    """Raise HomologyError naming the first model and tensor that differ from the first model."""
+    (ref_name, ref_dir), *others = models.items()
+    ref_arch = read_config(ref_dir).get("architectures")
+    ref = {name: e.shape for name, e in TensorReader(ref_dir).entries.items()}
+    for name, directory in others:
+        arch = read_config(directory).get("architectures")
+        if arch != ref_arch:
+            raise HomologyError(f"model {name!r} is a {arch}, but {ref_name!r} is a {ref_arch}")
+        shapes = {n: e.shape for n, e in TensorReader(directory).entries.items()}
+        for tensor, shape in ref.items():
+            if tensor not in shapes:
+                raise HomologyError(f"model {name!r} has no tensor {tensor!r} (present in {ref_name!r})")
+            if shapes[tensor] != shape:
+                raise HomologyError(
+                    f"tensor {tensor!r} has shape {list(shapes[tensor])} in {name!r} "
+                    f"but {list(shape)} in {ref_name!r}"
+                )
+        extra = sorted(set(shapes) - set(ref))
+        if extra:
+            raise HomologyError(f"model {name!r} has tensor {extra[0]!r} that {ref_name!r} lacks")

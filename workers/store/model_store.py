@@ -1,0 +1,104 @@
+"""Models on disk: Hugging Face directories under `<home>/models/<id>/`.
+
+A model is built in a staging directory and renamed into place only when complete, so the store never
+holds a half-written model. Staging directories of dead processes are removed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from workers.tensors.safetensors_io import TensorReader
+
+STAGING = ".staging"
+
+
+class ModelExistsError(FileExistsError):
+    pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ModelStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+
+    def path(self, model_id: str) -> Path:
+        return self.root / model_id
+
+    def exists(self, model_id: str) -> bool:
+        return self.path(model_id).exists()
+
+    @contextmanager
+    def staging(self, model_id: str) -> Iterator[Path]:
+        """Yield an empty directory; on success it becomes the model `model_id`, on failure it is removed."""
+        if self.exists(model_id):
+            raise ModelExistsError(f"model {model_id!r} already exists in the store")
+        tmp = self.root / STAGING / f"{model_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            try:
+                os.rename(tmp, self.path(model_id))
+            except OSError as e:
+                raise ModelExistsError(f"model {model_id!r} already exists in the store") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def remove(self, model_id: str) -> None:
+        """Move the model out of sight first (one rename), then delete its files."""
+        target = self.path(model_id)
+        if not target.exists():
+            return
+        doomed = self.root / STAGING / f"deleted.{model_id}.{uuid.uuid4().hex[:8]}"
+        os.rename(target, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def clean_stale_staging(self) -> list[str]:
+        """Remove staging directories left by processes of this host that are no longer alive."""
+        removed = []
+        host = socket.gethostname()
+        for entry in (self.root / STAGING).iterdir():
+            parts = entry.name.rsplit(".", 3)
+            stale = entry.name.startswith("deleted.")
+            if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
+                stale = stale or not _pid_alive(int(parts[2]))
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
+
+def directory_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def describe(directory: Path) -> dict[str, Any]:
+    """What the registry records about a model directory, read from its config and safetensors headers."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    reader = TensorReader(directory)
+    dtypes = sorted({str(e.dtype).removeprefix("torch.") for e in reader.entries.values()})
+    return {
+        "architecture": (config.get("architectures") or [config.get("model_type", "unknown")])[0],
+        "num_layers": config.get("num_hidden_layers"),
+        "num_parameters": sum(e.numel for e in reader.entries.values()),
+        "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+        "size_bytes": directory_size(directory),
+    }

@@ -1,0 +1,53 @@
+"""Turning a model reference (a registry id, or a directory under an import root) into a directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from workers.store.registry import Registry
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class ModelReferenceError(ValueError):
+    pass
+
+
+class UnknownModelError(ModelReferenceError):
+    pass
+
+
+def check_model_directory(directory: Path) -> None:
+    """A loadable HF directory: config.json and safetensors weights (pickled weights are never read)."""
+    if not (directory / "config.json").is_file():
+        raise ModelReferenceError(f"{directory} has no config.json")
+    if not any(directory.glob("*.safetensors")):
+        pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise ModelReferenceError(
+                f"{directory} has only pickled weights ({pickled[0]}); Strata reads safetensors only"
+            )
+        raise ModelReferenceError(f"{directory} has no .safetensors weights")
+
+
+def resolve_path(path: str, import_roots: list[Path]) -> Path:
+    """A directory under one of `import_roots`, after resolving symlinks and '..'."""
+    real = Path(os.path.realpath(path))
+    roots = [Path(os.path.realpath(r)) for r in import_roots]
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        shown = ", ".join(str(r) for r in roots) or "none configured"
+        raise ModelReferenceError(f"{path} is outside the import roots ({shown}); set STRATA_IMPORT_ROOTS")
+    if not real.is_dir():
+        raise UnknownModelError(f"no model directory at {path}")
+    check_model_directory(real)
+    return real
+
+
+def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: list[Path]) -> Path:
+    """Registry ids win; anything with a path separator is a directory under an import root."""
+    if "/" not in ref and not ref.startswith("."):
+        if registry.exists(ref):
+            return store_root / ref
+        raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
+    return resolve_path(ref, import_roots)

@@ -1,0 +1,50 @@
+"""The model registry: one JSON record per model in a Redis hash, with lineage (parents and recipe)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+from redis import Redis
+
+KEY = "strata:models"
+
+
+class ModelRecord(BaseModel):
+    id: str
+    architecture: str
+    num_layers: int | None
+    num_parameters: int
+    dtype: str
+    size_bytes: int
+    parents: list[str] = Field(default_factory=list)
+    recipe: dict[str, Any] | None = Field(default=None, description="The job spec that produced the model")
+    created: float = Field(default_factory=time.time)
+    profile: dict[str, Any] | None = Field(default=None, description="Measured per-depth latency and quality")
+
+
+class Registry:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+
+    def get(self, model_id: str) -> ModelRecord | None:
+        raw = self.redis.hget(KEY, model_id)
+        return ModelRecord.model_validate_json(raw) if raw else None
+
+    def exists(self, model_id: str) -> bool:
+        return bool(self.redis.hexists(KEY, model_id))
+
+    def list(self) -> list[ModelRecord]:
+        records = [ModelRecord.model_validate_json(v) for v in self.redis.hvals(KEY)]
+        return sorted(records, key=lambda r: (r.created, r.id))
+
+    def add(self, record: ModelRecord) -> bool:
+        """Register a new model; False if the id is taken."""
+        return bool(self.redis.hsetnx(KEY, record.id, record.model_dump_json()))
+
+    def update(self, record: ModelRecord) -> None:
+        self.redis.hset(KEY, record.id, record.model_dump_json())
+
+    def remove(self, model_id: str) -> bool:
+        return bool(self.redis.hdel(KEY, model_id))

@@ -1,0 +1,238 @@
+"""Stream tensors in and out of safetensors files one at a time.
+
+Reading: each tensor is read with one positioned read into a fresh buffer, so memory holds only the
+tensors in use (a memory map would keep every touched page resident until the file is closed).
+Writing: the output's names, dtypes and shapes are known before the first tensor is merged, so each
+shard's header is written first and tensors are appended as they arrive, in plan order.
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of
+JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file or model directory is missing, malformed or unsupported."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor entries of one safetensors file, in file order."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsError(f"{path.name}: not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise SafetensorsError(f"{path.name}: header of {size} bytes is not plausible")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SafetensorsError(f"{path.name}: unreadable header ({e})") from e
+    data_start = 8 + size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(
+            name, path, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin, data_start + end
+        )
+    return dict(sorted(entries.items(), key=lambda kv: kv[1].begin))
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory (from its index when sharded)."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in dict.fromkeys(weight_map.values())]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise SafetensorsError(f"{directory} has no .safetensors weights")
+    return files
+
+
+class TensorReader:
+    """All tensors of a model directory, loaded one at a time by name."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.entries: dict[str, TensorEntry] = {}
+        for file in weight_files(self.directory):
+            self.entries.update(read_header(file))
+        self._handles: dict[Path, int] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def load(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        if entry.file not in self._handles:
+            self._handles[entry.file] = os.open(entry.file, os.O_RDONLY)
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(self._handles[entry.file], [view[done:]], entry.begin + done)
+            if n <= 0:
+                raise SafetensorsError(f"{entry.file.name}: truncated data for tensor {name}")
+            done += n
+        return out
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _split_shards(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for item in plan:
+        if shards[-1] and size + item.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def _header_bytes(shard: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for item in shard:
+        header[item.name] = {
+            "dtype": DTYPE_NAMES[item.dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
+        offset += item.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors, in plan order, into one or more safetensors shards.
+
+    `model.safetensors` when one shard suffices, else `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json`, the layout `transformers` loads.
+    """
+
+    def __init__(self, directory: Path, plan: Iterable[PlannedTensor], max_shard_bytes: int = 2 << 30):
+        self.directory = Path(directory)
+        self.shards = _split_shards(list(plan), max_shard_bytes)
+        n = len(self.shards)
+        self.files = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self._order = [(s, item) for s, shard in enumerate(self.shards) for item in shard]
+        self._next = 0
+        self._shard = -1
+        self._f = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, item = self._order[self._next]
+        if name != item.name:
+            raise SafetensorsError(f"expected tensor {item.name} next, got {name}")
+        if tensor.dtype != item.dtype or tuple(tensor.shape) != item.shape:
+            raise SafetensorsError(
+                f"tensor {name}: planned {item.dtype} {list(item.shape)}, "
+                f"got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if shard != self._shard:
+            self._open(shard)
+        data = tensor.detach().to("cpu").contiguous().view(-1)
+        if data.numel():
+            self._f.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
+
+    def _open(self, shard: int) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._shard = shard
+        self._f = open(self.directory / self.files[shard], "wb")
+        self._f.write(_header_bytes(self.shards[shard], {"format": "pt"}))
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._next != len(self._order):
+            raise SafetensorsError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        if len(self.files) > 1:
+            weight_map = {item.name: self.files[s] for s, item in self._order}
+            total = sum(item.nbytes for _, item in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None

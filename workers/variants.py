@@ -1,0 +1,58 @@
+"""Fine-tune-like variants of a model, for demos and benchmarks when no hub is reachable.
+
+theta' = theta + delta, tensor by tensor, with rms(delta) = scale * rms(theta):
+- dense:    delta = scale * rms(theta) * Z,                      Z ~ N(0, 1)
+- low rank: delta = scale * rms(theta) * A B / sqrt(r),          A, B ~ N(0, 1), r = rank (2-D tensors only)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from workers.merge.executor import copy_tokenizer, tensor_seed
+from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
+
+
+def perturbation(
+    theta: torch.Tensor, scale: float, rank: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    rms = theta.float().pow(2).mean().sqrt()
+    if rank and theta.dim() == 2:
+        a = torch.randn(theta.shape[0], rank, generator=generator)
+        b = torch.randn(rank, theta.shape[1], generator=generator)
+        z = (a @ b) / rank**0.5
+    else:
+        z = torch.randn(theta.shape, generator=generator)
+    return scale * rms * z
+
+
+def make_variant(
+    source: Path,
+    out_dir: Path,
+    *,
+    seed: int,
+    scale: float = 1e-3,
+    rank: int | None = None,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> None:
+    with TensorReader(source) as reader:
+        entries = reader.entries
+        writer = ShardedWriter(
+            out_dir, [PlannedTensor(n, e.dtype, e.shape) for n, e in entries.items()], max_shard_bytes
+        )
+        for i, (name, entry) in enumerate(entries.items()):
+            theta = reader.load(name)
+            if entry.dtype.is_floating_point:
+                generator = torch.Generator().manual_seed(tensor_seed(seed, name, 0))
+                theta = (theta.float() + perturbation(theta, scale, rank, generator)).to(entry.dtype)
+            writer.write(name, theta)
+            if progress:
+                progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors")
+        writer.close()
+    shutil.copyfile(source / "config.json", out_dir / "config.json")
+    copy_tokenizer(source, out_dir)
