@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,64 @@ def submit(
         if response.status_code >= 400:
             _fail(response)
         _report(client, response.json(), wait)
+
+
+@app.command()
+def merge(
+    config: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A mergekit YAML (models form)")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model (must not exist)")],
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
+    max_shard_bytes: Annotated[int, typer.Option(help="Largest output shard")] = 2 << 30,
+) -> None:
+    """Merge locally, without a server (like mergekit-yaml): model references are directories."""
+    import torch
+
+    from workers.merge.config import MergeConfigError, load_merge_config
+    from workers.merge.executor import merge_models
+    from workers.merge.homology import HomologyError
+
+    try:
+        recipe = load_merge_config(config.read_text())
+    except MergeConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
+    missing = [ref for ref, path in paths.items() if not (path / "config.json").exists()]
+    if missing:
+        console.print(f"[red]not a model directory: {missing[0]}[/red]")
+        raise typer.Exit(2)
+    if out_dir.exists():
+        console.print(f"[red]{out_dir} exists[/red]")
+        raise typer.Exit(2)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    tmp.mkdir(parents=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task(recipe.merge_method, total=1)
+
+            def progress(done: int, total: int, message: str) -> None:
+                bar.update(task, completed=done, total=total, description=message)
+
+            result = merge_models(
+                recipe,
+                paths,
+                tmp,
+                device=torch.device(device) if device else None,
+                max_shard_bytes=max_shard_bytes,
+                progress=progress,
+            )
+        tmp.rename(out_dir)
+    except HomologyError as e:
+        console.print(f"[red]models are not homologous: {e}[/red]")
+        raise typer.Exit(2) from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    done = f"{result.tensors} tensors, {result.bytes_written:,} bytes"
+    console.print(f"{done} in {result.seconds:.2f} s on {result.device}")
 
 
 @app.command("make-variants")
