@@ -11,7 +11,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Worker
 
+from service.auth import ApiKeyMiddleware, load_keys
+from service.body_limit import BodyLimitMiddleware
 from service.embedded_redis import EmbeddedRedis
+from service.queue import TooManyJobs
 from service.redis_client import connect
 from service.routes import jobs, models
 from service.schemas import Health
@@ -47,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Merge, prune and serve homologous LLMs.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings.api_keys))
     app.include_router(models.router)
     app.include_router(jobs.router)
 
@@ -56,6 +61,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {"detail": f"Redis is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(TooManyJobs)
+    async def too_many_jobs(request: Request, exc: TooManyJobs) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "30"})
 
     @app.get("/health", response_model=Health, tags=["health"])
     def health(request: Request) -> Health:

@@ -41,6 +41,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from service.auth import load_keys
     from service.default_model import ensure_default_model
     from service.embedded_redis import EmbeddedRedis
     from service.process import die_with_parent
@@ -56,6 +57,11 @@ def serve(
     }
     settings = Settings(**overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
+    if not load_keys(settings.api_keys):
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]refusing to bind {settings.host} without API keys[/yellow]")
+        settings.host = "127.0.0.1"
+        console.print("no API keys configured (STRATA_API_KEYS): serving on 127.0.0.1 only")
     embedded = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis(settings.home)
@@ -117,6 +123,7 @@ def worker(
     from service.queue import QUEUE_NAME
     from service.settings import get_settings
     from workers.jobs.errors import record_error
+    from workers.jobs.recovery import reap_abandoned
     from workers.jobs.worker import StrataWorker
     from workers.store.model_store import ModelStore
 
@@ -134,6 +141,8 @@ def worker(
         url = embedded.url
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = Redis.from_url(url)
+    for job_id in reap_abandoned(conn, QUEUE_NAME):
+        console.print(f"job {job_id} was running on a worker that died: marked failed")
     queue = Queue(QUEUE_NAME, connection=conn)
     StrataWorker([queue], connection=conn, exception_handlers=[record_error]).work(
         burst=burst, logging_level="INFO"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from fastapi import HTTPException
 
 from service.schemas import MergeJobRequest, VariantsJobRequest
 from service.settings import Settings
+from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
+from workers.store.model_store import weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model
 from workers.store.registry import Registry
 
@@ -25,6 +28,18 @@ def ensure_free(model_id: str, registry: Registry) -> None:
         raise HTTPException(409, f"model {model_id!r} already exists; choose another name or delete it first")
 
 
+def ensure_disk(needed_bytes: int, settings: Settings) -> None:
+    """The new model must fit on the store's disk with STRATA_MIN_FREE_BYTES to spare."""
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.models_dir).free
+    if needed_bytes + settings.min_free_bytes > free:
+        raise HTTPException(
+            507,
+            f"not enough disk for the output: needs {needed_bytes:,} bytes plus "
+            f"{settings.min_free_bytes:,} to keep free, {free:,} free in {settings.models_dir}",
+        )
+
+
 def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings) -> None:
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
     try:
@@ -33,14 +48,17 @@ def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings
         raise HTTPException(422, f"models are not homologous: {e}") from e
     if request.name:
         ensure_free(request.name, registry)
+    out_dtype = request.out_dtype or request.dtype
+    ensure_disk(weights_bytes(paths[request.reference_model], DTYPES.get(out_dtype)), settings)
 
 
 def check_variants(request: VariantsJobRequest, registry: Registry, settings: Settings) -> None:
-    resolve_or_422(request.base, registry, settings)
     if request.prefix is None:
         request.prefix = f"{request.base.rstrip('/').rsplit('/', 1)[-1]}-variant"
     for model_id in request.output_ids:
         ensure_free(model_id, registry)
+    source = resolve_or_422(request.base, registry, settings)
+    ensure_disk(request.count * weights_bytes(source), settings)
 
 
 PRECHECKS = {"merge": check_merge, "variants": check_variants}

@@ -11,9 +11,11 @@ from rq import Queue
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 
 from service.schemas import JobView
 from service.settings import Settings
+from workers.jobs.recovery import fail_abandoned
 
 QUEUE_NAME = "strata"
 INDEX = "strata:jobs"
@@ -31,6 +33,10 @@ STATUS = {
     JobStatus.STOPPED: "canceled",
     JobStatus.CANCELED: "canceled",
 }
+
+
+class TooManyJobs(Exception):
+    pass
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -75,9 +81,20 @@ class JobQueue:
         self.settings = settings
         self.queue = Queue(QUEUE_NAME, connection=redis)
 
+    def active(self, kind: str) -> int:
+        """Queued and running jobs of one kind."""
+        ids = self.queue.get_job_ids() + StartedJobRegistry(QUEUE_NAME, connection=self.redis).get_job_ids()
+        jobs = Job.fetch_many(ids, connection=self.redis)
+        return sum(1 for job in jobs if job is not None and job.meta.get("kind") == kind)
+
     def submit(self, request: BaseModel) -> JobView:
         spec = request.model_dump(mode="json", exclude_none=True)
         kind = spec["kind"]
+        if self.active(kind) >= self.settings.max_active_jobs_per_kind:
+            raise TooManyJobs(
+                f"{self.settings.max_active_jobs_per_kind} {kind} jobs are already queued or running "
+                "(STRATA_MAX_ACTIVE_JOBS_PER_KIND); retry when one ends"
+            )
         job = self.queue.enqueue(
             JOB_FUNCTIONS[kind],
             spec,
@@ -92,9 +109,12 @@ class JobQueue:
 
     def fetch(self, job_id: str) -> Job | None:
         try:
-            return Job.fetch(job_id, connection=self.redis)
+            job = Job.fetch(job_id, connection=self.redis)
         except NoSuchJobError:
             return None
+        if fail_abandoned(self.redis, job):
+            job.refresh()
+        return job
 
     def list(self, limit: int = 100) -> list[JobView]:
         ids = [i.decode() for i in self.redis.zrevrange(INDEX, 0, limit - 1)]

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(default=6 * 3600, gt=0)
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0, description="How long finished jobs stay listed")
     default_model: bool = Field(default=True, description="Import SmolLM2-135M-Instruct at first start")
+    api_keys: str | None = Field(
+        default=None, description="Comma-separated API keys, or a file with one per line; unset: no auth"
+    )
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body accepted")
+    max_active_jobs_per_kind: int = Field(default=16, gt=0, description="Queued + running jobs of one kind")
+    min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
 
     @field_validator("home")
     @classmethod

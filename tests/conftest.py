@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST_DB = 13
 
 
-def _machine_redis() -> str | None:
-    url = f"redis://127.0.0.1:6379/{TEST_DB}"
+def _machine_redis(db: int = TEST_DB) -> str | None:
+    url = f"redis://127.0.0.1:6379/{db}"
     try:
         redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
     except (redis.ConnectionError, redis.TimeoutError):
@@ -35,6 +35,20 @@ def redis_url(tmp_path_factory) -> str:
     embedded = None
     if url is None:
         embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis-home"))
+        url = embedded.start()
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    if embedded:
+        embedded.stop()
+
+
+@pytest.fixture
+def isolated_redis_url(tmp_path) -> str:
+    """A Redis no worker listens on (db 12 of the machine's, flushed, or a fresh embedded one)."""
+    url = _machine_redis(12)
+    embedded = None
+    if url is None:
+        embedded = EmbeddedRedis(tmp_path / "isolated-redis")
         url = embedded.start()
     redis.Redis.from_url(url).flushdb()
     yield url

@@ -27,7 +27,10 @@ class JobContext:
         job = get_current_job()
         if job is None:
             raise RuntimeError("not running inside an RQ job")
-        return cls(job, job.connection, get_settings())
+        ctx = cls(job, job.connection, get_settings())
+        ctx.job.meta["message"] = "started"
+        ctx.job.save_meta()
+        return ctx
 
     @property
     def registry(self) -> Registry:

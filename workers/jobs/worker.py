@@ -5,11 +5,16 @@ from __future__ import annotations
 from rq import Queue, Worker
 from rq.job import Job
 
+from service.process import die_with_parent
 from service.settings import get_settings
 from workers.store.model_store import ModelStore
 
 
 class StrataWorker(Worker):
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        die_with_parent()  # a killed worker takes its work-horse along, so the job cannot run on unsupervised
+        super().main_work_horse(job, queue)
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         try:
             super().execute_job(job, queue)

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from workers.tensors.safetensors_io import TensorReader
 
 STAGING = ".staging"
@@ -102,3 +104,12 @@ def describe(directory: Path) -> dict[str, Any]:
         "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
         "size_bytes": directory_size(directory),
     }
+
+
+def weights_bytes(directory: Path, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of a model's weights, with floating tensors counted at `float_dtype` when given."""
+    size = 0
+    for entry in TensorReader(directory).entries.values():
+        dtype = float_dtype if float_dtype is not None and entry.dtype.is_floating_point else entry.dtype
+        size += entry.numel * dtype.itemsize
+    return size

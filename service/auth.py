@@ -1,0 +1,53 @@
+"""API keys: with STRATA_API_KEYS set, every endpoint but /health needs `Authorization: Bearer <key>`."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import send_json_error
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def load_keys(value: str | None) -> list[str]:
+    """Comma-separated keys, or the path of a file with one key per line (# comments allowed)."""
+    if not value:
+        return []
+    path = Path(value).expanduser()
+    if path.is_file():
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        return [line for line in lines if line]
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def key_matches(presented: str, keys: list[str]) -> bool:
+    """Constant-time comparison against every key (no early exit on the first match)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return found
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
+            await send_json_error(
+                send,
+                401,
+                "missing or invalid API key: send Authorization: Bearer <key>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,60 @@
+"""Jobs whose worker died (killed, machine lost) are marked failed with the reason, not left 'started'."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_is_dead(redis: Redis, worker_name: str | None) -> bool:
+    """The worker's registration is gone, or it is a process of this host that no longer exists."""
+    if not worker_name:
+        return False
+    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=redis)
+    if worker is None:
+        return True
+    return (
+        worker.hostname == socket.gethostname() and worker.pid is not None and not _process_alive(worker.pid)
+    )
+
+
+def fail_abandoned(redis: Redis, job: Job) -> bool:
+    """Mark a 'started' job failed if its worker is dead; True if it was."""
+    if job.get_status() != JobStatus.STARTED or not worker_is_dead(redis, job.worker_name):
+        return False
+    reason = f"worker {job.worker_name} died while running the job (killed or lost); nothing was registered"
+    job.meta["error"] = f"AbandonedJobError: {reason}"
+    job.meta["message"] = "failed"
+    job.save_meta()
+    queue = Queue(job.origin, connection=redis)
+    with redis.pipeline() as pipe:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        StartedJobRegistry(job.origin, connection=redis).remove_executions(job, pipeline=pipe)
+        queue.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+        pipe.execute()
+    return True
+
+
+def reap_abandoned(redis: Redis, queue_name: str) -> list[str]:
+    """Fail every started job of the queue whose worker is dead."""
+    registry = StartedJobRegistry(queue_name, connection=redis)
+    reaped = []
+    for job in Job.fetch_many(registry.get_job_ids(), connection=redis):
+        if job is not None and fail_abandoned(redis, job):
+            reaped.append(job.id)
+    return reaped
