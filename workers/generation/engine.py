@@ -1,0 +1,384 @@
+"""Dynamic-depth generation: each request decodes at its own exit depth k with a k-layer KV cache.
+
+For a request at depth k every step computes
+
+    h = Layer_k(... Layer_1(Embed(x_t); KV_1) ...; KV_k),   logits = LMHead(FinalNorm(h)),
+
+with the shared final norm and LM head, and a cache holding exactly the k layers that ran (a config-free
+`DynamicCache`, which grows one slot per layer that writes to it). `model.config` is never touched.
+
+Requests that arrive together at the same depth run as one batch: prompts are left-padded, the 2-D attention
+mask hides the padding, and position ids count only real tokens (p_t = sum(mask[:t+1]) - 1), so each row sees
+exactly what it would see alone. Rows leave the batch as they finish; padding columns that no remaining row
+needs are trimmed. Batches at different depths are stepped round-robin so all of them stream.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+from uuid import uuid4
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from workers.device import default_device
+from workers.early_exit.forward import check_depth, decoder_stack, num_layers
+from workers.generation.sampling import sample_token, seeded_generator
+from workers.generation.streaming import TextStream
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+class GenerationRequest(BaseModel):
+    """One generation at one exit depth; `temperature == 0` means greedy."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt_ids: list[int] = Field(min_length=1)
+    depth: int = Field(ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0)
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    request_id: str = Field(default_factory=lambda: uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A new token of request `index` (its position in the list given to `generate`) and its new text."""
+
+    request_id: str
+    index: int
+    token_id: int
+    delta: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The end of a request. `delta` is text held back until now (stream it); `text` is the whole output.
+
+    `prefill_ms` is the prefill of the request's batch; `decode_ms` sums the batch's decode steps while the
+    request was in it. `token_ids` excludes the EOS token; it includes the token that completed a stop string.
+    """
+
+    request_id: str
+    index: int
+    finish_reason: FinishReason
+    delta: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    depth: int
+    seed: int | None
+    batch_size: int
+    prefill_ms: float
+    decode_ms: float
+
+
+GenerationEvent = TokenEvent | FinishEvent
+
+
+def default_eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
+    """EOS ids of the generation config (or model config), plus the tokenizer's EOS token."""
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for source in (getattr(generation_config, "eos_token_id", None), model.config.eos_token_id):
+        if source is not None:
+            ids.update([source] if isinstance(source, int) else source)
+            break
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def layer_mask_kinds(config, depth: int) -> list[str]:
+    """Attention kind of layers 1..depth: config.layer_types when present, else sliding iff sliding_window."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds[:depth])
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * depth
+
+
+def exit_step(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+    depth: int,
+) -> torch.Tensor:
+    """Last-position logits LMHead(FinalNorm(h_depth)) for new tokens, appending their KV to `cache`.
+
+    `attention_mask` covers cached plus new tokens (B, past + q); `position_ids` covers new tokens (B, q).
+    """
+    inner = decoder_stack(model)
+    hidden = inner.embed_tokens(input_ids)
+    mask_args = dict(
+        config=inner.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+    )
+    kinds = layer_mask_kinds(inner.config, depth)
+    masks = {"full_attention": create_causal_mask(**mask_args)}
+    if "sliding_attention" in kinds:
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
+    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
+    for layer, kind in zip(inner.layers[:depth], kinds, strict=True):
+        hidden = layer(
+            hidden,
+            attention_mask=masks[kind],
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return model.lm_head(inner.norm(hidden[:, -1]))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """(ids, mask, positions) for left-padded prompts; positions p_t = max(sum(mask[:t+1]) - 1, 0)."""
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def keep_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Drop finished rows from the cache and mask, then the leading columns that are padding in every row."""
+    if len(keep) < mask.shape[0]:
+        index = torch.tensor(keep, device=mask.device)
+        cache.batch_select_indices(index)
+        mask = mask[index]
+    unused = int((mask.sum(0) == 0).long().cumprod(0).sum().item())
+    if unused:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+        mask = mask[:, unused:]
+    return mask
+
+
+@dataclass
+class _Row:
+    """One request's progress inside a batch."""
+
+    index: int
+    request: GenerationRequest
+    seed: int | None
+    stream: TextStream
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    decode_ms: float = 0.0
+
+
+class _DepthBatch:
+    """Requests at one depth decoded together; `step()` runs prefill first, then one decode step per call."""
+
+    def __init__(self, engine: EarlyExitEngine, rows: list[_Row]) -> None:
+        self.engine, self.rows = engine, rows
+        self.depth = rows[0].request.depth
+        self.batch_size = len(rows)
+        self.cache = DynamicCache()
+        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.prefill_ms = 0.0
+
+    @property
+    def done(self) -> bool:
+        return not self.rows
+
+    def step(self) -> list[GenerationEvent]:
+        start = self.engine.clock()
+        prefill = self.mask is None
+        chosen = self._choose(self._prefill() if prefill else self._decode())
+        elapsed = self.engine.clock() - start
+        if prefill:
+            self.prefill_ms = elapsed
+        else:
+            for row in self.rows:
+                row.decode_ms += elapsed
+        return self._advance(chosen)
+
+    @torch.inference_mode()
+    def _prefill(self) -> torch.Tensor:
+        prompts = [row.request.prompt_ids for row in self.rows]
+        ids, self.mask, positions = left_pad(prompts, self.engine.pad_id, self.engine.device)
+        self.positions = positions[:, -1:]
+        return exit_step(self.engine.model, ids, self.mask, positions, self.cache, self.depth)
+
+    @torch.inference_mode()
+    def _decode(self) -> torch.Tensor:
+        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.engine.device)
+        self.positions = self.positions + 1
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        return exit_step(self.engine.model, ids, self.mask, self.positions, self.cache, self.depth)
+
+    @torch.inference_mode()
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(-1).tolist()
+        return [
+            greedy[i]
+            if row.request.temperature == 0
+            else sample_token(
+                logits[i], row.request.temperature, row.request.top_k, row.request.top_p, row.generator
+            )
+            for i, row in enumerate(self.rows)
+        ]
+
+    def _advance(self, chosen: list[int]) -> list[GenerationEvent]:
+        events: list[GenerationEvent] = []
+        keep: list[int] = []
+        for i, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
+            reason = self._take(row, token, events)
+            if reason is None:
+                keep.append(i)
+            else:
+                events.append(self._finish(row, reason))
+        if len(keep) < len(self.rows):
+            self._shrink(keep)
+        return events
+
+    def _take(self, row: _Row, token: int, events: list[GenerationEvent]) -> FinishReason | None:
+        request = row.request
+        if not request.ignore_eos and token in self.engine.eos_token_ids:
+            return "eos"
+        row.tokens.append(token)
+        delta, stopped = row.stream.push(token)
+        events.append(TokenEvent(request.request_id, row.index, token, delta))
+        if stopped:
+            return "stop"
+        return "length" if len(row.tokens) >= request.max_new_tokens else None
+
+    def _finish(self, row: _Row, reason: FinishReason) -> FinishEvent:
+        return FinishEvent(
+            request_id=row.request.request_id,
+            index=row.index,
+            finish_reason=reason,
+            delta=row.stream.finish(),
+            text=row.stream.text,
+            token_ids=list(row.tokens),
+            prompt_tokens=len(row.request.prompt_ids),
+            depth=self.depth,
+            seed=row.seed,
+            batch_size=self.batch_size,
+            prefill_ms=self.prefill_ms,
+            decode_ms=row.decode_ms,
+        )
+
+    @torch.inference_mode()
+    def _shrink(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = DynamicCache()
+            return
+        self.positions = self.positions[torch.tensor(keep, device=self.positions.device)]
+        self.mask = keep_rows(self.cache, self.mask, keep)
+
+
+class EarlyExitEngine:
+    """Holds one LLaMA-layout causal LM (Llama, Mistral, Qwen2) and generates at per-request exit depths.
+
+    Not re-entrant: run one `generate` at a time per engine (the service serialises calls).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        device: str | torch.device | None = None,
+        max_batch_size: int = 8,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.num_layers = num_layers(model)
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = (
+            frozenset(eos_token_ids) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
+        )
+        self.pad_id = 0
+        self.vocab_size = decoder_stack(model).embed_tokens.num_embeddings
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+
+    def clock(self) -> float:
+        """Milliseconds on a monotonic clock, after waiting for queued GPU work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() * 1000.0
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise ValueError for a depth outside 1..L, unknown token ids, or a context beyond the model's."""
+        check_depth(self.model, request.depth)
+        if not all(0 <= token < self.vocab_size for token in request.prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        total = len(request.prompt_ids) + request.max_new_tokens
+        if self.max_positions is not None and total > self.max_positions:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's {self.max_positions}")
+
+    def plan(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Indices grouped by depth, sorted by prompt length (less padding), in chunks of max_batch_size."""
+        by_depth: dict[int, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_depth.setdefault(request.depth, []).append(index)
+        batches = []
+        for depth in sorted(by_depth):
+            ordered = sorted(by_depth[depth], key=lambda i: len(requests[i].prompt_ids))
+            batches += [
+                ordered[i : i + self.max_batch_size] for i in range(0, len(ordered), self.max_batch_size)
+            ]
+        return batches
+
+    def _row(self, index: int, request: GenerationRequest) -> _Row:
+        seed = request.seed
+        if request.temperature > 0 and seed is None:
+            seed = secrets.randbits(63)
+        generator = seeded_generator(seed) if request.temperature > 0 else None
+        return _Row(index, request, seed, TextStream(self.tokenizer, request.stop), generator)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationEvent]:
+        """Yield a TokenEvent per token as it is produced and one FinishEvent per request.
+
+        All requests are validated before any work starts. Batches run round-robin, one step each.
+        """
+        for request in requests:
+            self.validate(request)
+        pending = deque(
+            _DepthBatch(self, [self._row(i, requests[i]) for i in batch]) for batch in self.plan(requests)
+        )
+        while pending:
+            batch = pending.popleft()
+            yield from batch.step()
+            if not batch.done:
+                pending.append(batch)
+
+    def run(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_event: Callable[[GenerationEvent], None] | None = None,
+    ) -> list[FinishEvent]:
+        """Generate to completion, calling `on_event` on every event; the FinishEvents in request order."""
+        results: list[FinishEvent | None] = [None] * len(requests)
+        for event in self.generate(requests):
+            if on_event is not None:
+                on_event(event)
+            if isinstance(event, FinishEvent):
+                results[event.index] = event
+        return [result for result in results if result is not None]

@@ -1,0 +1,182 @@
+"""Measuring a model's exits on this hardware: latency coefficients and quality per depth.
+
+Latency: for each depth k of the grid, the engine prefills random prompts of a few lengths P and decodes N
+tokens; medians over repeats give samples that `fit_latency` turns into t(k, P, N) = a_k + b_k P + c_k N.
+
+Quality on a held-out text x_1..x_T, all exits from one pass per window (`hidden_at_exits`):
+
+    perplexity_k = exp(-(1/n) sum_t log p_k(x_{t+1} | x_<=t)),
+    agreement_k  = (1/n) sum_t [argmax p_k(. | x_<=t) == argmax p_L(. | x_<=t)].
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from workers.device import describe_device
+from workers.early_exit.forward import hidden_at_exits, num_layers
+from workers.generation.engine import EarlyExitEngine, GenerationRequest
+from workers.generation.latency import DecodeSample, LatencyProfile, PrefillSample, fit_latency
+
+HELDOUT_PATH = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
+
+Progress = Callable[[str, float], None]
+
+
+class ExitQuality(BaseModel):
+    """Quality of the exit at `depth` over `tokens` next-token predictions."""
+
+    depth: int = Field(ge=1)
+    perplexity: float
+    top1_agreement: float = Field(ge=0, le=1)
+    tokens: int = Field(ge=1)
+
+
+class ModelProfile(BaseModel):
+    """What the service needs to pick depths for one model on one machine."""
+
+    model_name: str | None = None
+    device: str
+    dtype: str
+    num_layers: int
+    grid: list[int]
+    latency: LatencyProfile
+    quality: dict[int, ExitQuality]
+    created_at: datetime
+
+
+def default_grid(layers: int, step: int = 2) -> list[int]:
+    """Every `step` layers, plus full depth: {step, 2 step, ...} U {L}."""
+    return sorted(set(range(step, layers + 1, step)) | {layers})
+
+
+def _report(progress: Progress | None, message: str, fraction: float) -> None:
+    if progress is not None:
+        progress(message, fraction)
+
+
+def _timed_run(
+    engine: EarlyExitEngine, depth: int, prompt: list[int], new_tokens: int
+) -> tuple[float, float]:
+    """(prefill_ms, decode_ms of new_tokens - 1 steps) for one greedy request that ignores EOS."""
+    request = GenerationRequest(prompt_ids=prompt, depth=depth, max_new_tokens=new_tokens, ignore_eos=True)
+    result = engine.run([request])[0]
+    return result.prefill_ms, result.decode_ms
+
+
+def measure_latency(
+    engine: EarlyExitEngine,
+    grid: Sequence[int],
+    prompt_lengths: Sequence[int] = (16, 64, 256),
+    decode_tokens: int = 16,
+    repeats: int = 3,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> LatencyProfile:
+    """Fit t(k, P, N) per depth from median prefill and decode times over `repeats` runs."""
+    limit = (engine.max_positions or 10**9) - decode_tokens - 1
+    lengths = sorted({min(length, limit) for length in prompt_lengths})
+    generator = torch.Generator().manual_seed(seed)
+    prompts = {p: torch.randint(1, engine.vocab_size, (p,), generator=generator).tolist() for p in lengths}
+    _timed_run(engine, max(grid), prompts[lengths[0]], 2)
+    prefill, decode = [], []
+    for step, depth in enumerate(grid):
+        _report(progress, f"latency at depth {depth}", step / len(grid))
+        for length in lengths:
+            runs = [_timed_run(engine, depth, prompts[length], decode_tokens + 1) for _ in range(repeats)]
+            prefill.append(
+                PrefillSample(depth=depth, prompt_tokens=length, ms=statistics.median(r[0] for r in runs))
+            )
+            decode.append(
+                DecodeSample(depth=depth, new_tokens=decode_tokens, ms=statistics.median(r[1] for r in runs))
+            )
+    _report(progress, "latency measured", 1.0)
+    return fit_latency(engine.num_layers, prefill, decode)
+
+
+@torch.inference_mode()
+def measure_quality(
+    model: nn.Module,
+    token_ids: Sequence[int],
+    grid: Sequence[int],
+    window: int = 256,
+    progress: Progress | None = None,
+) -> dict[int, ExitQuality]:
+    """Perplexity and top-1 agreement with full depth for every exit in `grid`.
+
+    The text is cut into windows of `window` tokens overlapping by one, so each of its T - 1 next-token
+    predictions is scored once (with the context available inside its window).
+    """
+    layers = num_layers(model)
+    exits = sorted(set(grid) | {layers})
+    device = next(model.parameters()).device
+    if len(token_ids) < 2 or window < 2:
+        raise ValueError("the held-out text needs at least two tokens and windows of two tokens")
+    chunks = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
+    nll = dict.fromkeys(exits, 0.0)
+    agree = dict.fromkeys(exits, 0)
+    count = 0
+    for step, chunk in enumerate(chunks):
+        _report(progress, f"quality window {step + 1}/{len(chunks)}", step / len(chunks))
+        ids = torch.tensor([list(chunk)], device=device)
+        hidden = hidden_at_exits(model, ids, exits)
+        targets = ids[0, 1:]
+        full_top1 = model.lm_head(hidden[layers][0, :-1]).argmax(-1)
+        for depth in exits:
+            logits = model.lm_head(hidden[depth][0, :-1]).float()
+            nll[depth] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            agree[depth] += int((logits.argmax(-1) == full_top1).sum().item())
+        count += targets.numel()
+    _report(progress, "quality measured", 1.0)
+    return {
+        depth: ExitQuality(
+            depth=depth,
+            perplexity=math.exp(nll[depth] / count),
+            top1_agreement=agree[depth] / count,
+            tokens=count,
+        )
+        for depth in exits
+        if depth in grid
+    }
+
+
+def profile_model(
+    engine: EarlyExitEngine,
+    grid: Sequence[int] | None = None,
+    heldout_text: str | None = None,
+    model_name: str | None = None,
+    prompt_lengths: Sequence[int] = (16, 64, 256),
+    decode_tokens: int = 16,
+    repeats: int = 3,
+    max_quality_tokens: int = 2048,
+    progress: Progress | None = None,
+) -> ModelProfile:
+    """Latency (first 80% of progress) and quality (last 20%) of the engine's model over `grid`."""
+    grid = sorted(set(grid or default_grid(engine.num_layers)))
+    text = heldout_text if heldout_text is not None else HELDOUT_PATH.read_text(encoding="utf-8")
+
+    def scaled(start: float, width: float) -> Progress:
+        return lambda message, fraction: _report(progress, message, start + width * fraction)
+
+    latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
+    token_ids = engine.tokenizer.encode(text)[:max_quality_tokens]
+    window = min(256, engine.max_positions or 256)
+    quality = measure_quality(engine.model, token_ids, grid, window, scaled(0.8, 0.2))
+    return ModelProfile(
+        model_name=model_name,
+        device=describe_device(engine.device),
+        dtype=str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        num_layers=engine.num_layers,
+        grid=grid,
+        latency=latency,
+        quality=quality,
+        created_at=datetime.now(UTC),
+    )
