@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Worker
@@ -15,10 +17,11 @@ from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
 from service.embedded_redis import EmbeddedRedis
 from service.queue import TooManyJobs
-from service.redis_client import connect
-from service.routes import jobs, models
+from service.redis_client import connect, connect_async
+from service.routes import generate, jobs, models, openai
 from service.schemas import Health
 from service.settings import Settings, get_settings
+from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
 
 log = logging.getLogger("strata")
 
@@ -37,10 +40,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.models_dir.mkdir(parents=True, exist_ok=True)
         app.state.settings = settings
         app.state.redis = connect(url)
+        app.state.aredis = connect_async(url)
         try:
             yield
         finally:
             app.state.redis.close()
+            await app.state.aredis.aclose()
             if embedded:
                 embedded.stop()
 
@@ -54,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings.api_keys))
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -71,8 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             request.app.state.redis.ping()
             workers = Worker.count(connection=request.app.state.redis)
+            inference = request.app.state.redis.zcount(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf")
         except (RedisConnectionError, RedisTimeoutError):
             return Health(status="degraded", redis=False, workers=0)
-        return Health(status="ok", redis=True, workers=workers)
+        return Health(status="ok", redis=True, workers=workers, inference_workers=inference)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format: TTFT, inter-token, end-to-end and queue latency, depth, budget outcomes."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

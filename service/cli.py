@@ -33,6 +33,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default STRATA_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default STRATA_PORT)")] = None,
     workers: Annotated[int | None, typer.Option(help="Job workers to start (default STRATA_WORKERS)")] = None,
+    infer_workers: Annotated[
+        int | None, typer.Option(help="Inference workers to start (default STRATA_INFER_WORKERS)")
+    ] = None,
     default_model: Annotated[
         bool | None, typer.Option(help="Import the default model at first start")
     ] = None,
@@ -52,7 +55,9 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {
         k: v
-        for k, v in dict(host=host, port=port, workers=workers, default_model=default_model).items()
+        for k, v in dict(
+            host=host, port=port, workers=workers, infer_workers=infer_workers, default_model=default_model
+        ).items()
         if v is not None
     }
     settings = Settings(**overrides)
@@ -84,13 +89,15 @@ def serve(
             "STRATA_HOME": str(settings.home),
             "HF_HUB_OFFLINE": "1",
         }
+        commands = ["worker"] * settings.workers + ["infer"] * settings.infer_workers
         procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "worker"], env=env, preexec_fn=die_with_parent
-            )
-            for _ in range(settings.workers)
+            subprocess.Popen([sys.executable, "-m", "service.cli", cmd], env=env, preexec_fn=die_with_parent)
+            for cmd in commands
         ]
-        console.print(f"{len(procs)} worker(s) started; API on http://{settings.host}:{settings.port}")
+        console.print(
+            f"{settings.workers} job worker(s), {settings.infer_workers} inference worker(s); "
+            f"API on http://{settings.host}:{settings.port}"
+        )
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
         # Own the signals: a graceful stop on SIGINT/SIGTERM, then `finally` stops workers and Redis.
         server.capture_signals = contextlib.nullcontext
@@ -114,12 +121,11 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
 ) -> None:
     """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
-    from redis import Redis
     from rq import Queue
 
     import workers.jobs.merge  # noqa: F401  (import torch once, before forking work-horses)
+    import workers.jobs.profile  # noqa: F401
     import workers.jobs.variants  # noqa: F401
-    from service.embedded_redis import EmbeddedRedis
     from service.queue import QUEUE_NAME
     from service.settings import get_settings
     from workers.jobs.errors import record_error
@@ -129,6 +135,40 @@ def worker(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
+    ModelStore(settings.models_dir).clean_stale_staging()
+    conn = _worker_redis(settings)
+    for job_id in reap_abandoned(conn, QUEUE_NAME):
+        console.print(f"job {job_id} was running on a worker that died: marked failed")
+    queue = Queue(QUEUE_NAME, connection=conn)
+    StrataWorker([queue], connection=conn, exception_handlers=[record_error]).work(
+        burst=burst, logging_level="INFO"
+    )
+
+
+@app.command()
+def infer(
+    max_batch_size: Annotated[int, typer.Option(help="Requests generated together")] = 8,
+    max_models: Annotated[int, typer.Option(help="Models kept loaded")] = 2,
+) -> None:
+    """Run a long-lived inference worker: keeps models loaded, generates at per-request exit depths."""
+    from service.settings import get_settings
+    from workers.inference.worker import InferenceWorker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = get_settings()
+    worker_ = InferenceWorker(_worker_redis(settings), settings.models_dir, max_batch_size, max_models)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker_.stopping.set())
+    worker_.run()
+
+
+def _worker_redis(settings):
+    """REDIS_URL, or the embedded Redis that `strata serve` runs for this STRATA_HOME."""
+    from redis import Redis
+
+    from service.embedded_redis import EmbeddedRedis
+
     url = settings.redis_url
     if url is None:
         embedded = EmbeddedRedis(settings.home)
@@ -139,14 +179,7 @@ def worker(
             )
             raise typer.Exit(2)
         url = embedded.url
-    ModelStore(settings.models_dir).clean_stale_staging()
-    conn = Redis.from_url(url)
-    for job_id in reap_abandoned(conn, QUEUE_NAME):
-        console.print(f"job {job_id} was running on a worker that died: marked failed")
-    queue = Queue(QUEUE_NAME, connection=conn)
-    StrataWorker([queue], connection=conn, exception_handlers=[record_error]).work(
-        burst=burst, logging_level="INFO"
-    )
+    return Redis.from_url(url)
 
 
 def _fail(response: httpx.Response) -> None:

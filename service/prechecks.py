@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from service.schemas import MergeJobRequest, VariantsJobRequest
+from service.schemas import MergeJobRequest, ProfileJobRequest, VariantsJobRequest
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
@@ -61,4 +61,12 @@ def check_variants(request: VariantsJobRequest, registry: Registry, settings: Se
     ensure_disk(request.count * weights_bytes(source), settings)
 
 
-PRECHECKS = {"merge": check_merge, "variants": check_variants}
+def check_profile(request: ProfileJobRequest, registry: Registry, settings: Settings) -> None:
+    record = registry.get(request.model)
+    if record is None:
+        raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
+        raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
+
+
+PRECHECKS = {"merge": check_merge, "variants": check_variants, "profile": check_profile}

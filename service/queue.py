@@ -22,6 +22,7 @@ INDEX = "strata:jobs"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
     "variants": "workers.jobs.variants.variants_job",
+    "profile": "workers.jobs.profile.profile_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",
@@ -110,7 +111,7 @@ class JobQueue:
     def fetch(self, job_id: str) -> Job | None:
         try:
             job = Job.fetch(job_id, connection=self.redis)
-        except NoSuchJobError:
+        except (NoSuchJobError, ValueError):  # ValueError: not a well-formed job id
             return None
         if fail_abandoned(self.redis, job):
             job.refresh()

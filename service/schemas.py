@@ -42,7 +42,18 @@ class VariantsJobRequest(BaseModel):
         return [f"{self.prefix}-{i + 1}" for i in range(self.count)]
 
 
-JobRequest = Annotated[MergeJobRequest | VariantsJobRequest, Field(discriminator="kind")]
+class ProfileJobRequest(BaseModel):
+    """Measure per-depth latency (prefill and decode) and quality (perplexity, top-1 agreement) on the
+    worker's hardware; stored with the model and used to pick depths for latency budgets."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["profile"]
+    model: str = Field(min_length=1)
+    grid: list[int] | None = Field(default=None, description="Exit depths (default every 2 layers + full)")
+    repeats: int = Field(default=2, ge=1, le=10)
+
+
+JobRequest = Annotated[MergeJobRequest | VariantsJobRequest | ProfileJobRequest, Field(discriminator="kind")]
 
 JobStatus = Literal["queued", "started", "finished", "failed", "canceled"]
 
@@ -100,7 +111,30 @@ class ImportRequest(BaseModel):
     _check_id = field_validator("id")(_slug)
 
 
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx: `detail` says what is wrong (a message, or pydantic's list of field errors)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "Missing or invalid API key",
+        404: "Unknown model or job",
+        409: "The output id is taken",
+        413: "Request body too large",
+        415: "Unsupported content type",
+        422: "Invalid request",
+        429: "Too many queued requests or jobs; see Retry-After",
+        503: "Redis or the inference workers are unavailable",
+        507: "Not enough disk for the output model",
+    }.items()
+}
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     redis: bool
-    workers: int
+    workers: int = Field(description="Live job workers")
+    inference_workers: int = Field(default=0, description="Live inference workers")

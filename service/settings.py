@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body accepted")
     max_active_jobs_per_kind: int = Field(default=16, gt=0, description="Queued + running jobs of one kind")
+    infer_workers: int = Field(default=1, ge=0, description="Inference workers that `strata serve` starts")
+    max_new_tokens: int = Field(default=1024, gt=0, description="Largest max_new_tokens a request may ask")
+    max_prompt_tokens: int = Field(default=4096, gt=0, description="Longest prompt accepted, in tokens")
+    max_waiting: int = Field(default=64, gt=0, description="Generation requests waiting; beyond: 429")
+    profile_wait_s: float = Field(
+        default=900, gt=0, description="How long a budgeted request waits for a profile"
+    )
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
 
     @field_validator("home")

@@ -80,7 +80,9 @@ class Server:
         raise AssertionError(f"job {job_id} did not end in {timeout} s; log: {self.log.read_text()[-3000:]}")
 
 
-def start_server(home: Path, env_extra: dict[str, str], workers: int = 1) -> Server:
+def start_server(
+    home: Path, env_extra: dict[str, str | None], workers: int = 1, infer_workers: int = 1
+) -> Server:
     port = free_port()
     env = {
         **os.environ,
@@ -91,19 +93,30 @@ def start_server(home: Path, env_extra: dict[str, str], workers: int = 1) -> Ser
     }
     log = home.parent / f"serve-{port}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--infer-workers",
+            str(infer_workers),
+        ],
         env=env,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 240  # workers import torch; slow on a busy 2-core machine
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"strata serve exited: {log.read_text()[-3000:]}")
         try:
             health = httpx.get(f"{url}/health", timeout=1).json()
-            if health["workers"] >= workers:
+            if health["workers"] >= workers and health["inference_workers"] >= infer_workers:
                 return Server(url, home, process, log)
         except httpx.HTTPError:
             pass

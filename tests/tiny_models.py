@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -50,3 +52,60 @@ def make_variant(base_dir: Path, path: Path, seed: int, scale: float = 0.01) -> 
         for param in model.parameters():
             param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
     model.save_pretrained(path)
+
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARACTERS = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + " .,;:!?'-\n")
+PIECES = [
+    " the",
+    " and",
+    "ing",
+    " of",
+    " to",
+    "er",
+    "ed",
+    " a",
+    " in",
+    "ou",
+    "th",
+    "st",
+    "ll",
+    "ee",
+    "oo",
+    "an",
+]
+
+
+def character_vocab(size: int = 128) -> dict[str, int]:
+    """Specials (pad 0, bos 1, eos 2, unk 3), single characters, then multi-character pieces up to `size`."""
+    tokens = list(
+        dict.fromkeys(SPECIALS + CHARACTERS + PIECES + [a + b for a in "aeiouy" for b in "rstnlmd"])
+    )
+    tokens = tokens[:size]
+    assert len(tokens) == size
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """Encodes one token per character; decodes every id of the 128-token vocab to its text, concatenated."""
+    backend = Tokenizer(models.WordLevel(character_vocab(), unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def make_tiny_chat_llama(path: Path, seed: int = 0, **config_overrides) -> LlamaForCausalLM:
+    """A tiny random LLaMA with the character tokenizer (and a chat template) saved beside it."""
+    model = make_tiny_llama(path, seed=seed, **config_overrides)
+    tokenizer = character_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return model

@@ -11,12 +11,12 @@ from starlette.concurrency import run_in_threadpool
 from service import deps
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
-from service.schemas import JobList, JobRequest, JobView, MergeJobRequest
+from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
 from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
 from workers.store.registry import Registry
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 QueueDep = Annotated[JobQueue, Depends(deps.job_queue)]
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
@@ -69,7 +69,9 @@ async def submit_merge(
     try:
         merge = TypeAdapter(MergeJobRequest).validate_python(data)
     except ValidationError as e:
-        raise HTTPException(422, e.errors(include_url=False, include_context=False)) from e
+        raise HTTPException(
+            422, e.errors(include_url=False, include_context=False, include_input=False)
+        ) from e
     return await run_in_threadpool(_submit, merge, queue, registry, settings)
 
 

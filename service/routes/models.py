@@ -10,13 +10,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException
 
 from service import deps
-from service.schemas import ImportRequest, ModelDeleted, ModelList, ModelObject
+from service.schemas import ERROR_RESPONSES, ImportRequest, ModelDeleted, ModelList, ModelObject
 from service.settings import Settings
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import ModelRecord, Registry
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 RegistryDep = Annotated[Registry, Depends(deps.registry)]
 
 

@@ -6,6 +6,7 @@ Only validation that needs no model files lives here; homology checks read the f
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Literal
 
@@ -146,6 +147,16 @@ def parse_yaml(text: str | bytes) -> dict[str, Any]:
         raise MergeConfigError("a merge config must be a YAML mapping")
     if "slices" in data or "modules" in data:
         raise MergeConfigError("mergekit 'slices'/'modules' configs are not supported; use the 'models' form")
+    return data
+
+
+def parse_json(text: str | bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergeConfigError(f"not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise MergeConfigError("a merge config must be a JSON object")
     return data
 
 

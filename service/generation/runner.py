@@ -1,0 +1,297 @@
+"""Running one generation request: validate, pick the depth, queue it for an inference worker, read its
+events back. Shared by /v1/generate and the OpenAI-compatible endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from fastapi import HTTPException
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from transformers import AutoTokenizer
+
+from service import metrics
+from service.generation.depth import plan_depth
+from service.generation.schemas import ChatMessage, DepthOptions, SamplingOptions, StrataInfo, Usage
+from service.queue import JobQueue
+from service.schemas import ProfileJobRequest
+from service.settings import Settings
+from workers.generation.engine import GenerationRequest
+from workers.generation.latency import LatencyProfile
+from workers.inference.protocol import (
+    QUEUE_KEY,
+    SERVICE_MS_KEY,
+    WORKER_TTL_S,
+    WORKERS_KEY,
+    InferenceJob,
+    events_key,
+    latency_key,
+)
+from workers.store.registry import ModelRecord, Registry
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+@lru_cache(maxsize=16)
+def load_tokenizer(path: Path, mtime: float):  # mtime: a re-created model gets a fresh tokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    record: ModelRecord
+    prompt_ids: list[int]
+    new_tokens: int
+    depth: int
+    predicted_ms: float | None
+    budget_ms: float | None
+    arrived: float  # time.monotonic() at arrival
+    queue_ms: float | None = None
+    batch_size: int | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish: dict = field(default_factory=dict)
+
+    def info(self) -> StrataInfo:
+        elapsed = ((self.last_token_at or time.monotonic()) - self.arrived) * 1000
+        return StrataInfo(
+            depth=self.depth,
+            num_layers=self.record.num_layers or self.depth,
+            predicted_ms=self.predicted_ms,
+            elapsed_ms=round(elapsed, 3),
+            budget_met=None if self.budget_ms is None else elapsed <= self.budget_ms,
+            latency_budget_ms=self.budget_ms,
+            queue_ms=None if self.queue_ms is None else round(self.queue_ms, 3),
+            batch_size=self.batch_size,
+        )
+
+    def usage(self) -> Usage:
+        completion = len(self.finish.get("token_ids", []))
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=completion,
+            total_tokens=len(self.prompt_ids) + completion,
+        )
+
+    @property
+    def finish_reason(self) -> str:
+        return FINISH_REASONS.get(self.finish.get("finish_reason", "length"), "stop")
+
+
+class Generation:
+    def __init__(self, redis: Redis, aredis: AsyncRedis, settings: Settings):
+        self.redis = redis
+        self.aredis = aredis
+        self.settings = settings
+        self.registry = Registry(redis)
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def record(self, model_id: str) -> ModelRecord:
+        record = self.registry.get(model_id)
+        if record is None:
+            raise HTTPException(404, f"model {model_id!r} is not registered (see GET /v1/models)")
+        return record
+
+    def tokenizer(self, model_id: str):
+        self.record(model_id)  # 404 before anything is read from disk
+        path = self.settings.models_dir / model_id
+        try:
+            return load_tokenizer(path, (path / "config.json").stat().st_mtime)
+        except (OSError, ValueError) as e:
+            raise HTTPException(422, f"model {model_id!r} has no usable tokenizer: {e}") from e
+
+    def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
+        tokenizer = self.tokenizer(model_id)
+        if messages is not None:
+            if not tokenizer.chat_template:
+                raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.text()} for m in messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(prompt)
+        if not ids:
+            raise HTTPException(422, "the prompt is empty after tokenization")
+        return ids
+
+    # -- the inference fleet ------------------------------------------------------------------------
+    def live_workers(self) -> int:
+        return self.redis.zcount(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf")
+
+    def queue_wait_ms(self, workers: int) -> float:
+        """(batches ahead of this request) x (mean service time of a request)."""
+        waiting = self.redis.llen(QUEUE_KEY)
+        service_ms = float(self.redis.get(SERVICE_MS_KEY) or 0.0)
+        return math.ceil(waiting / (max(workers, 1) * 8)) * service_ms
+
+    async def latency(self, record: ModelRecord) -> LatencyProfile:
+        raw = self.redis.get(latency_key(record.id))
+        if raw:
+            return LatencyProfile.model_validate_json(raw)
+        record = record if record.profile else await self.profile(record)
+        latency = LatencyProfile.model_validate(record.profile["latency"])
+        self.redis.set(latency_key(record.id), latency.model_dump_json())
+        return latency
+
+    async def profile(self, record: ModelRecord) -> ModelRecord:
+        """Profile the model before its first budgeted request (one profile job, however many wait)."""
+        queue = JobQueue(self.redis, self.settings)
+        lock = f"strata:profiling:{record.id}"
+        job_id = self.redis.get(lock)
+        if job_id is None:
+            view = queue.submit(ProfileJobRequest(kind="profile", model=record.id))
+            if not self.redis.set(lock, view.id, nx=True, ex=int(self.settings.profile_wait_s)):
+                queue.cancel(queue.fetch(view.id))
+            job_id = self.redis.get(lock)
+        job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
+        deadline = time.monotonic() + self.settings.profile_wait_s
+        while time.monotonic() < deadline:
+            job = queue.fetch(job_id)
+            status = job.get_status() if job else None
+            if job is None or status in ("failed", "stopped", "canceled"):
+                self.redis.delete(lock)
+                reason = (job.meta.get("error") if job else None) or "profile job vanished"
+                raise HTTPException(503, f"profiling {record.id!r} failed: {reason}")
+            if status == "finished":
+                self.redis.delete(lock)
+                return self.record(record.id)
+            await asyncio.sleep(0.25)
+        raise HTTPException(
+            503, f"profiling {record.id!r} takes longer than {self.settings.profile_wait_s} s"
+        )
+
+    # -- one request --------------------------------------------------------------------------------
+    async def prepare(
+        self,
+        model_id: str,
+        prompt_ids: list[int],
+        new_tokens: int,
+        sampling: SamplingOptions,
+        depth: DepthOptions,
+    ) -> Prepared:
+        arrived = time.monotonic()
+        record = self.record(model_id)
+        s = self.settings
+        if len(prompt_ids) > s.max_prompt_tokens:
+            raise HTTPException(
+                422, f"prompt has {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}"
+            )
+        if new_tokens > s.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens {new_tokens} exceeds the limit of {s.max_new_tokens}")
+        workers = self.live_workers()
+        if workers == 0:
+            metrics.REJECTED.labels("no_worker").inc()
+            raise HTTPException(
+                503,
+                "no live inference worker: start one with `strata serve` or `strata infer`",
+                headers={"Retry-After": "5"},
+            )
+        if self.redis.llen(QUEUE_KEY) >= s.max_waiting:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise HTTPException(
+                429,
+                f"{s.max_waiting} requests are already waiting (STRATA_MAX_WAITING)",
+                headers={"Retry-After": "1"},
+            )
+        needs_latency = depth.latency_budget_ms is not None and depth.depth is None
+        latency = await self.latency(record) if needs_latency else self._known_latency(record)
+        wait = self.queue_wait_ms(workers)
+        plan = plan_depth(depth, record.num_layers or 1, latency, len(prompt_ids), new_tokens, wait)
+        request = GenerationRequest(
+            prompt_ids=prompt_ids,
+            depth=plan.depth,
+            max_new_tokens=new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=sampling.stop_list(),
+        )
+        job = InferenceJob(model=model_id, request=request, predicted_ms=plan.predicted_ms)
+        self.redis.rpush(QUEUE_KEY, job.model_dump_json())
+        metrics.DEPTH.labels(model_id).observe(plan.depth)
+        return Prepared(
+            request.request_id,
+            record,
+            prompt_ids,
+            new_tokens,
+            plan.depth,
+            plan.predicted_ms,
+            depth.latency_budget_ms,
+            arrived,
+        )
+
+    def _known_latency(self, record: ModelRecord) -> LatencyProfile | None:
+        raw = self.redis.get(latency_key(record.id))
+        if raw:
+            return LatencyProfile.model_validate_json(raw)
+        if record.profile:
+            return LatencyProfile.model_validate(record.profile["latency"])
+        return None
+
+    async def events(
+        self, prepared: Prepared, idle_timeout_s: float = 300
+    ) -> AsyncIterator[tuple[str, dict]]:
+        """(kind, data) as the worker emits them: started, token..., then finish (or error)."""
+        key = events_key(prepared.request_id)
+        last_id = "0-0"
+        model = prepared.record.id
+        while True:
+            reply = await self.aredis.xread({key: last_id}, count=64, block=int(idle_timeout_s * 1000))
+            if not reply:
+                yield "error", {"error": f"no progress from the inference worker in {idle_timeout_s:.0f} s"}
+                return
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id
+                kind = fields[b"type"].decode()
+                data = json.loads(fields[b"data"])
+                now = time.monotonic()
+                if kind == "started":
+                    prepared.queue_ms = data["queue_ms"]
+                    prepared.batch_size = data["batch_size"]
+                    metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
+                elif kind == "token":
+                    if prepared.first_token_at is None:
+                        prepared.first_token_at = now
+                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
+                    else:
+                        metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
+                    prepared.last_token_at = now
+                elif kind == "finish":
+                    prepared.finish = data
+                    prepared.last_token_at = now
+                    self._record_outcome(prepared)
+                yield kind, data
+                if kind in ("finish", "error"):
+                    await self.aredis.delete(key)
+                    return
+
+    def _record_outcome(self, prepared: Prepared) -> None:
+        info = prepared.info()
+        model = prepared.record.id
+        metrics.END_TO_END.labels(model).observe(info.elapsed_ms / 1000)
+        if info.budget_met is not None:
+            metrics.BUDGET.labels(model, "met" if info.budget_met else "missed").inc()
+
+    async def complete(self, prepared: Prepared) -> str:
+        """Run to the end; the whole text."""
+        async for kind, data in self.events(prepared):
+            if kind == "error":
+                raise HTTPException(500, f"generation failed: {data['error']}")
+        return prepared.finish["text"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,173 @@
+"""Bodies of /v1/generate and the OpenAI-compatible /v1/completions and /v1/chat/completions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] = Field(description="Text, or OpenAI content parts of type text")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class DepthOptions(BaseModel):
+    """Strata's dynamic-depth controls (extra body fields for OpenAI clients)."""
+
+    latency_budget_ms: float | None = Field(default=None, gt=0, description="Deepest exit predicted to fit")
+    min_depth: int | None = Field(default=None, ge=1, description="Never exit shallower than this")
+    exits: list[int] | None = Field(default=None, min_length=1, description="Allowed exit depths")
+    depth: int | None = Field(default=None, ge=1, description="Explicit depth (overrides the budget)")
+    on_infeasible: Literal["best_effort", "reject"] = Field(
+        default="best_effort", description="No exit fits: use the shallowest allowed, or answer 422"
+    )
+
+    @field_validator("exits")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(k < 1 for k in v):
+            raise ValueError("exits must be positive layer counts")
+        return v
+
+
+class SamplingOptions(BaseModel):
+    temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
+    seed: int | None = Field(default=None, ge=0)
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings")
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and (len(v) > 4 or any(not s for s in v)):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        if v == "":
+            raise ValueError("stop must not be empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class GenerateRequest(DepthOptions, SamplingOptions):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class StrataInfo(BaseModel):
+    depth: int = Field(description="Decoder layers the answer was computed with")
+    num_layers: int
+    predicted_ms: float | None = Field(description="Predicted latency at the chosen depth (queue + compute)")
+    elapsed_ms: float = Field(description="From the request's arrival to its last token")
+    budget_met: bool | None = Field(description="elapsed_ms <= latency_budget_ms (null without a budget)")
+    latency_budget_ms: float | None = None
+    queue_ms: float | None = Field(default=None, description="Time waiting for an inference worker")
+    batch_size: int | None = Field(default=None, description="Requests generated together with this one")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    strata: StrataInfo
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIRequest(DepthOptions, SamplingOptions):
+    """Fields shared by the OpenAI endpoints; unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def new_tokens(self, default: int = 64) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _single(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("only a single prompt per request is supported")
+        return v
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    strata: StrataInfo | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    strata: StrataInfo

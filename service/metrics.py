@@ -1,0 +1,34 @@
+"""Prometheus metrics of generation requests, served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "strata_time_to_first_token_seconds",
+    "Arrival to first streamed token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN = Histogram(
+    "strata_inter_token_latency_seconds",
+    "Time between consecutive tokens",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+END_TO_END = Histogram(
+    "strata_request_latency_seconds", "Arrival to last token", ["model"], buckets=LATENCY_BUCKETS
+)
+QUEUE_TIME = Histogram(
+    "strata_queue_time_seconds", "Waiting for an inference worker", ["model"], buckets=LATENCY_BUCKETS
+)
+DEPTH = Histogram(
+    "strata_chosen_depth",
+    "Exit depth chosen per request",
+    ["model"],
+    buckets=(1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64),
+)
+BUDGET = Counter("strata_budget_total", "Requests with a latency budget, by outcome", ["model", "outcome"])
+REJECTED = Counter("strata_requests_rejected_total", "Generation requests refused", ["reason"])

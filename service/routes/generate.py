@@ -1,0 +1,67 @@
+"""/v1/generate: text plus the exit depth it was computed at; server-sent events with stream=true."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from service.generation.runner import Generation, Prepared, new_id
+from service.generation.schemas import GenerateRequest, GenerateResponse
+from service.schemas import ERROR_RESPONSES
+
+router = APIRouter(tags=["generation"], responses=ERROR_RESPONSES)
+
+
+def generation(request: Request) -> Generation:
+    state = request.app.state
+    return Generation(state.redis, state.aredis, state.settings)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def respond(prepared: Prepared, response_id: str, model: str) -> GenerateResponse:
+    return GenerateResponse(
+        id=response_id,
+        model=model,
+        text=prepared.finish["text"],
+        finish_reason=prepared.finish_reason,
+        usage=prepared.usage(),
+        strata=prepared.info(),
+    )
+
+
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}},
+)
+async def generate(body: GenerateRequest, request: Request):
+    """Generate at the deepest exit whose predicted latency fits `latency_budget_ms` (full depth without)."""
+    gen = generation(request)
+    prompt_ids = gen.encode(body.model, body.prompt, body.messages)
+    prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body)
+    response_id = new_id("gen")
+    if not body.stream:
+        await gen.complete(prepared)
+        return respond(prepared, response_id, body.model)
+
+    async def stream() -> AsyncIterator[str]:
+        async for kind, data in gen.events(prepared):
+            if kind == "token" and data["delta"]:
+                yield sse({"type": "token", "text": data["delta"]})
+            elif kind == "finish":
+                if data["delta"]:
+                    yield sse({"type": "token", "text": data["delta"]})
+                yield sse(
+                    {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
+                )
+            elif kind == "error":
+                yield sse({"type": "error", "error": data["error"]})
+        yield sse("[DONE]")
+
+    return StreamingResponse(stream(), media_type="text/event-stream")

@@ -1,0 +1,113 @@
+"""OpenAI-compatible /v1/completions and /v1/chat/completions (Strata's fields under `strata`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from service.generation.runner import Prepared, new_id
+from service.generation.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    OpenAIRequest,
+)
+from service.routes.generate import generation, sse
+from service.schemas import ERROR_RESPONSES
+
+router = APIRouter(tags=["openai"], responses=ERROR_RESPONSES)
+STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"}}
+
+
+async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncIterator[str]:
+    """OpenAI chunks: deltas, a last chunk with finish_reason (and `strata`), usage if asked, [DONE]."""
+    async for kind, data in gen.events(prepared):
+        if kind == "token" and data["delta"]:
+            yield sse(chunk(data["delta"], None))
+        elif kind == "finish":
+            last = chunk(data["delta"], prepared.finish_reason)
+            last["strata"] = prepared.info().model_dump(mode="json")
+            yield sse(last)
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
+        elif kind == "error":
+            yield sse({"error": {"message": data["error"], "type": "server_error"}})
+    yield sse("[DONE]")
+
+
+@router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
+async def completions(body: CompletionRequest, request: Request):
+    gen = generation(request)
+    prompt_ids = gen.encode(body.model, body.prompt_text(), None)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
+    response_id, created = new_id("cmpl"), int(time.time())
+    if not body.stream:
+        text = await gen.complete(prepared)
+        return Completion(
+            id=response_id,
+            created=created,
+            model=body.model,
+            choices=[CompletionChoice(text=text, finish_reason=prepared.finish_reason)],
+            usage=prepared.usage(),
+            strata=prepared.info(),
+        )
+
+    def chunk(delta: str, finish: str | None) -> dict:
+        choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+        return {
+            "id": response_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [choice],
+        }
+
+    return StreamingResponse(_stream(gen, prepared, body, chunk), media_type="text/event-stream")
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    gen = generation(request)
+    prompt_ids = gen.encode(body.model, None, body.messages)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
+    response_id, created = new_id("chatcmpl"), int(time.time())
+    if not body.stream:
+        text = await gen.complete(prepared)
+        return ChatCompletion(
+            id=response_id,
+            created=created,
+            model=body.model,
+            choices=[
+                ChatChoice(message=AssistantMessage(content=text), finish_reason=prepared.finish_reason)
+            ],
+            usage=prepared.usage(),
+            strata=prepared.info(),
+        )
+    first = True
+
+    def chunk(delta: str, finish: str | None) -> dict:
+        nonlocal first
+        content = {"role": "assistant", "content": delta} if first else {"content": delta}
+        first = False
+        choice = {
+            "index": 0,
+            "delta": content if (delta or finish is None) else {},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
+        return {
+            "id": response_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "choices": [choice],
+        }
+
+    return StreamingResponse(_stream(gen, prepared, body, chunk), media_type="text/event-stream")

@@ -1,0 +1,39 @@
+"""What the API and the inference workers exchange through Redis.
+
+- requests: a list (RPUSH by the API, BLPOP by workers), bounded by the API;
+- events: one Redis stream per request (token, finish or error entries), expiring after a while;
+- liveness: a sorted set of worker ids scored by their last heartbeat;
+- the live latency model of each model, updated by workers after every request.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, Field
+
+from workers.generation.engine import GenerationRequest
+
+QUEUE_KEY = "strata:infer:queue"
+WORKERS_KEY = "strata:infer:workers"
+SERVICE_MS_KEY = "strata:infer:service-ms"
+EVENTS_PREFIX = "strata:infer:events:"
+LATENCY_PREFIX = "strata:latency:"
+HEARTBEAT_S = 2.0
+WORKER_TTL_S = 10.0
+EVENTS_TTL_S = 600
+
+
+class InferenceJob(BaseModel):
+    model: str
+    request: GenerationRequest
+    enqueued_at: float = Field(default_factory=time.time)
+    predicted_ms: float | None = None
+
+
+def events_key(request_id: str) -> str:
+    return EVENTS_PREFIX + request_id
+
+
+def latency_key(model_id: str) -> str:
+    return LATENCY_PREFIX + model_id

@@ -1,0 +1,137 @@
+"""A long-lived inference worker: keeps models loaded, takes generation requests from Redis in batches,
+and streams tokens back as they are produced."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from redis import Redis
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.generation.engine import EarlyExitEngine, FinishEvent, TokenEvent
+from workers.generation.latency import LatencyProfile
+from workers.inference.protocol import (
+    EVENTS_TTL_S,
+    HEARTBEAT_S,
+    QUEUE_KEY,
+    SERVICE_MS_KEY,
+    WORKERS_KEY,
+    InferenceJob,
+    events_key,
+    latency_key,
+)
+
+log = logging.getLogger("strata.infer")
+
+
+def load_engine(path: Path, device: torch.device | None = None, max_batch_size: int = 8) -> EarlyExitEngine:
+    """float32 on the CPU; bfloat16 on CUDA."""
+    dtype = torch.bfloat16 if (device or torch.device("cpu")).type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return EarlyExitEngine(model, tokenizer, device=device, max_batch_size=max_batch_size)
+
+
+class InferenceWorker:
+    def __init__(self, redis: Redis, models_dir: Path, max_batch_size: int = 8, max_models: int = 2):
+        self.redis = redis
+        self.models_dir = models_dir
+        self.max_batch_size = max_batch_size
+        self.max_models = max_models
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
+        self.stopping = threading.Event()
+
+    def engine(self, model_id: str) -> EarlyExitEngine:
+        """The model's engine, loaded on first use; the least recently used is dropped beyond max_models."""
+        if model_id in self.engines:
+            self.engines.move_to_end(model_id)
+            return self.engines[model_id]
+        log.info("loading %s", model_id)
+        engine = load_engine(self.models_dir / model_id, max_batch_size=self.max_batch_size)
+        self.engines[model_id] = engine
+        while len(self.engines) > self.max_models:
+            self.engines.popitem(last=False)
+        return engine
+
+    def _heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.redis.zadd(WORKERS_KEY, {self.id: time.time()})
+            except Exception as e:  # keep beating through a Redis outage
+                log.warning("heartbeat failed: %s", e)
+            self.stopping.wait(HEARTBEAT_S)
+
+    def _take_batch(self) -> list[InferenceJob]:
+        item = self.redis.blpop([QUEUE_KEY], timeout=1)
+        if item is None:
+            return []
+        raw = [item[1]]
+        more = self.redis.lpop(QUEUE_KEY, self.max_batch_size - 1) or []
+        raw += more
+        return [InferenceJob.model_validate_json(r) for r in raw]
+
+    def _emit(self, request_id: str, kind: str, data: dict) -> None:
+        key = events_key(request_id)
+        with self.redis.pipeline() as pipe:
+            pipe.xadd(key, {"type": kind, "data": json.dumps(data)})
+            pipe.expire(key, EVENTS_TTL_S)
+            pipe.execute()
+
+    def _observe(self, model_id: str, finish: FinishEvent, started: float) -> None:
+        """Fold what this request took into the model's live latency model and the mean service time."""
+        elapsed_ms = (time.time() - started) * 1000
+        raw = self.redis.get(latency_key(model_id))
+        if raw:
+            profile = LatencyProfile.model_validate_json(raw)
+            updated = profile.observe(finish.depth, finish.prompt_tokens, len(finish.token_ids), elapsed_ms)
+            self.redis.set(latency_key(model_id), updated.model_dump_json())
+        previous = float(self.redis.get(SERVICE_MS_KEY) or elapsed_ms)
+        self.redis.set(SERVICE_MS_KEY, 0.8 * previous + 0.2 * elapsed_ms)
+
+    def serve_group(self, model_id: str, jobs: list[InferenceJob]) -> None:
+        started = time.time()
+        for job in jobs:
+            self._emit(
+                job.request.request_id,
+                "started",
+                {"queue_ms": (started - job.enqueued_at) * 1000, "batch_size": len(jobs), "worker": self.id},
+            )
+        try:
+            engine = self.engine(model_id)
+            for event in engine.generate([job.request for job in jobs]):
+                if isinstance(event, TokenEvent):
+                    self._emit(event.request_id, "token", {"token_id": event.token_id, "delta": event.delta})
+                elif isinstance(event, FinishEvent):
+                    data = {k: v for k, v in vars(event).items() if k != "index"}
+                    self._emit(event.request_id, "finish", data)
+                    self._observe(model_id, event, started)
+        except Exception as e:
+            log.exception("generation failed for %s", model_id)
+            for job in jobs:
+                self._emit(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}"})
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat.start()
+        log.info("inference worker %s listening", self.id)
+        try:
+            while not self.stopping.is_set():
+                jobs = self._take_batch()
+                by_model: dict[str, list[InferenceJob]] = {}
+                for job in jobs:
+                    by_model.setdefault(job.model, []).append(job)
+                for model_id, group in by_model.items():
+                    self.serve_group(model_id, group)
+        finally:
+            self.stopping.set()
+            self.redis.zrem(WORKERS_KEY, self.id)
