@@ -47,9 +47,9 @@ def serve(
     from service.auth import load_keys
     from service.default_model import ensure_default_model
     from service.embedded_redis import EmbeddedRedis
-    from service.process import die_with_parent
     from service.redis_client import connect
     from service.settings import Settings
+    from workers.processes import die_with_parent
     from workers.store.model_store import ModelStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

