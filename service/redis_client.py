@@ -13,4 +13,4 @@ def connect(url: str) -> Redis:
 
 def connect_async(url: str) -> AsyncRedis:
     """For streaming reads (XREAD BLOCK) without blocking the event loop; no read timeout."""
-    return AsyncRedis.from_url(url, socket_connect_timeout=3, health_check_interval=30)
+    return AsyncRedis.from_url(url, socket_connect_timeout=3, socket_timeout=None, health_check_interval=30)
