@@ -16,44 +16,57 @@ import redis
 from service.embedded_redis import EmbeddedRedis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TEST_DB = 13
+MACHINE_REDIS = "redis://127.0.0.1:6379"
 
 
-def _machine_redis(db: int = TEST_DB) -> str | None:
-    url = f"redis://127.0.0.1:6379/{db}"
+def _claim_machine_db() -> int | None:
+    """A database of the machine's Redis that no other test session uses (a lock in db 0), or None
+    when there is no Redis at 127.0.0.1:6379."""
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        lock = redis.Redis.from_url(f"{MACHINE_REDIS}/0", socket_connect_timeout=0.5)
+        lock.ping()
     except (redis.ConnectionError, redis.TimeoutError):
         return None
-    return url
+    for db in range(1, 16):
+        if lock.set(f"strata-tests:db:{db}", os.getpid(), nx=True, ex=4 * 3600):
+            return db
+    return None
+
+
+def _release_machine_db(db: int) -> None:
+    redis.Redis.from_url(f"{MACHINE_REDIS}/0").delete(f"strata-tests:db:{db}")
+
+
+def _real_redis(home: Path):
+    """Yield the URL of a real, empty Redis: a database of the machine's own, else an embedded server."""
+    db = _claim_machine_db()
+    embedded = None
+    if db is None:
+        embedded = EmbeddedRedis(home)
+        url = embedded.start()
+    else:
+        url = f"{MACHINE_REDIS}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    try:
+        yield url
+    finally:
+        if embedded:
+            embedded.stop()
+        else:
+            redis.Redis.from_url(url).flushdb()
+            _release_machine_db(db)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> str:
-    """The machine's Redis at 127.0.0.1:6379 (db 13, flushed) where there is one, else an embedded one."""
-    url = _machine_redis()
-    embedded = None
-    if url is None:
-        embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis-home"))
-        url = embedded.start()
-    redis.Redis.from_url(url).flushdb()
-    yield url
-    if embedded:
-        embedded.stop()
+    """The Redis the session's `strata serve` uses."""
+    yield from _real_redis(tmp_path_factory.mktemp("redis-home"))
 
 
 @pytest.fixture
 def isolated_redis_url(tmp_path) -> str:
-    """A Redis no worker listens on (db 12 of the machine's, flushed, or a fresh embedded one)."""
-    url = _machine_redis(12)
-    embedded = None
-    if url is None:
-        embedded = EmbeddedRedis(tmp_path / "isolated-redis")
-        url = embedded.start()
-    redis.Redis.from_url(url).flushdb()
-    yield url
-    if embedded:
-        embedded.stop()
+    """A Redis no worker listens on."""
+    yield from _real_redis(tmp_path / "isolated-redis")
 
 
 def free_port() -> int:

@@ -71,15 +71,20 @@ def test_streamed_tokens_add_up_to_the_final_text(server, chatty):
     assert again["text"] == done["text"]
 
 
-def test_profile_job_then_budgets_choose_depths(server, chatty):
+def test_first_budgeted_request_profiles_the_model_then_budgets_choose_depths(server, chatty):
     with server.client() as c:
-        r = c.post("/v1/jobs", json={"kind": "profile", "model": MODEL, "repeats": 1})
-        assert r.status_code == 202, r.text
-        assert server.wait_job(r.json()["id"])["status"] == "finished"
+        assert c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"] is None
+        first = c.post(
+            "/v1/generate",
+            json={"model": MODEL, "prompt": "a", "max_new_tokens": 2, "latency_budget_ms": 60_000},
+        )
+        assert first.status_code == 200, first.text
         profile = c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"]
         assert profile["grid"] == [2, 4] and profile["num_layers"] == 4
         assert profile["quality"]["4"]["top1_agreement"] == 1.0
         assert set(profile["latency"]["depths"]) == {"2", "4"}
+        profiles = [j for j in c.get("/v1/jobs").json()["data"] if j["kind"] == "profile"]
+        assert len(profiles) == 1 and profiles[0]["status"] == "finished"
 
         base = {"model": MODEL, "prompt": "a b c", "max_new_tokens": 4}
         loose = c.post("/v1/generate", json={**base, "latency_budget_ms": 60_000}).json()
@@ -101,6 +106,17 @@ def test_profile_job_then_budgets_choose_depths(server, chatty):
     assert "strata_time_to_first_token_seconds_count" in metrics
     assert 'strata_budget_total{model="chatty",outcome="missed"}' in metrics
     assert "strata_chosen_depth_bucket" in metrics
+
+
+def test_profile_job_on_a_chosen_grid(server, chatty):
+    with server.client() as c:
+        r = c.post("/v1/jobs", json={"kind": "profile", "model": MODEL, "grid": [1, 4], "repeats": 1})
+        assert r.status_code == 202, r.text
+        assert server.wait_job(r.json()["id"])["status"] == "finished"
+        profile = c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"]
+        bad = c.post("/v1/jobs", json={"kind": "profile", "model": MODEL, "grid": [9]})
+    assert profile["grid"] == [1, 4] and set(profile["quality"]) == {"1", "4"}
+    assert bad.status_code == 422 and "1..4" in bad.text
 
 
 @pytest.mark.parametrize(
