@@ -92,7 +92,12 @@ def test_redis_outage_gives_fast_503_and_recovers_by_itself(tmp_path):
             down = c.get("/v1/models")
             assert down.status_code == 503 and "Redis is unavailable" in down.json()["detail"]
             assert time.monotonic() - start < 5
-            assert c.get("/health").json() == {"status": "degraded", "redis": False, "workers": 0}
+            assert c.get("/health").json() == {
+                "status": "degraded",
+                "redis": False,
+                "workers": 0,
+                "inference_workers": 0,
+            }
             redis_server.start()
             assert c.get("/v1/models").status_code == 200
     finally:
