@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_slow_llama, make_tiny_llama
 from workers.merge.config import load_merge_config
 from workers.merge.executor import merge_models
 
@@ -222,16 +222,7 @@ def test_delete_model_and_unknown_ids_404(server, imported):
 
 def test_cancel_a_running_job_stops_it_and_registers_nothing_unfinished(server, imported):
     big = server.home.parent / "big"
-    make_tiny_llama(
-        big,
-        seed=5,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    )
+    make_slow_llama(big)
     with server.client() as c:
         assert c.post("/v1/models/import", json={"id": "big", "path": str(big)}).status_code == 201
         r = c.post("/v1/jobs", json={"kind": "variants", "base": "big", "count": 16, "prefix": "big-v"})

@@ -12,22 +12,13 @@ from rq import Worker
 
 from service.embedded_redis import EmbeddedRedis
 from tests.conftest import start_server, stop_server
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_slow_llama
 
 
 def test_killed_worker_fails_its_job_and_a_restart_cleans_up_and_keeps_the_registry(tmp_path):
     home = tmp_path / "home"
     big = tmp_path / "big"
-    make_tiny_llama(
-        big,
-        seed=5,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=8000,
-    )
+    make_slow_llama(big)
     server = start_server(home, {"REDIS_URL": None}, infer_workers=0)  # embedded Redis
     try:
         with server.client() as c:

@@ -44,6 +44,20 @@ def make_tiny_llama(
     return model
 
 
+def make_slow_llama(path: Path) -> LlamaForCausalLM:
+    """A random LLaMA big enough (about 60 M parameters) that jobs on it run for seconds, to catch mid-job."""
+    return make_tiny_llama(
+        path,
+        seed=5,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8000,
+    )
+
+
 def make_variant(base_dir: Path, path: Path, seed: int, scale: float = 0.01) -> None:
     """A fine-tune-like variant of a model on disk: the base plus small dense random deltas."""
     model = LlamaForCausalLM.from_pretrained(base_dir)
