@@ -123,8 +123,11 @@ def worker(
     """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
     from rq import Queue
 
-    import workers.jobs.merge  # noqa: F401  (import torch once, before forking work-horses)
+    import workers.jobs.grow  # noqa: F401  (import torch & co once, before forking work-horses)
+    import workers.jobs.merge  # noqa: F401
     import workers.jobs.profile  # noqa: F401
+    import workers.jobs.prune  # noqa: F401
+    import workers.jobs.sparsify  # noqa: F401
     import workers.jobs.variants  # noqa: F401
     from service.queue import QUEUE_NAME
     from service.settings import get_settings

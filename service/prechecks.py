@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
 from pathlib import Path
 
 from fastapi import HTTPException
 
-from service.schemas import MergeJobRequest, ProfileJobRequest, VariantsJobRequest
+from service.schemas import (
+    GrowJobRequest,
+    MergeJobRequest,
+    ProfileJobRequest,
+    PruneJobRequest,
+    SparsifyJobRequest,
+    VariantsJobRequest,
+)
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
@@ -69,4 +78,66 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
 
 
-PRECHECKS = {"merge": check_merge, "variants": check_variants, "profile": check_profile}
+def _default_name(request, suffix: str, registry: Registry) -> None:
+    if request.name is None:
+        request.name = f"{request.model.rstrip('/').rsplit('/', 1)[-1]}-{suffix}-{uuid.uuid4().hex[:6]}"
+    ensure_free(request.name, registry)
+
+
+def _layers(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def check_sparsify(request: SparsifyJobRequest, registry: Registry, settings: Settings) -> None:
+    paths = {ref: resolve_or_422(ref, registry, settings) for ref in (request.base, request.model)}
+    try:
+        check_homologous(paths)
+    except HomologyError as e:
+        raise HTTPException(422, f"model and base are not homologous: {e}") from e
+    _default_name(request, request.method, registry)
+    ensure_disk(weights_bytes(paths[request.model]), settings)
+
+
+def check_prune(request: PruneJobRequest, registry: Registry, settings: Settings) -> None:
+    path = resolve_or_422(request.model, registry, settings)
+    config = _layers(path)
+    source = {
+        "num_hidden_layers": config.get("num_hidden_layers"),
+        "intermediate_size": config.get("intermediate_size"),
+        "num_key_value_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
+    }
+    for key, have in source.items():
+        want = getattr(request.target, key)
+        if want is not None and have is not None and want > have:
+            raise HTTPException(
+                422, f"target {key}={want} exceeds the source's {have}; use a grow job to grow"
+            )
+    _default_name(request, "pruned", registry)
+    ensure_disk(weights_bytes(path), settings)
+
+
+def check_grow(request: GrowJobRequest, registry: Registry, settings: Settings) -> None:
+    path = resolve_or_422(request.model, registry, settings)
+    config = _layers(path)
+    layers, width = config.get("num_hidden_layers", 0), config.get("intermediate_size", 0)
+    if request.insert_after and not all(0 <= i < layers for i in request.insert_after):
+        raise HTTPException(422, f"insert_after indices must lie in 0..{layers - 1}")
+    if request.intermediate_size is not None and request.intermediate_size < width:
+        raise HTTPException(
+            422, f"intermediate_size {request.intermediate_size} is below the current {width}"
+        )
+    _default_name(request, "grown", registry)
+    growth = 1 + len(request.insert_after or []) / max(layers, 1)
+    if request.intermediate_size:
+        growth *= request.intermediate_size / max(width, 1)
+    ensure_disk(int(weights_bytes(path) * growth), settings)
+
+
+PRECHECKS = {
+    "merge": check_merge,
+    "variants": check_variants,
+    "profile": check_profile,
+    "sparsify": check_sparsify,
+    "prune": check_prune,
+    "grow": check_grow,
+}

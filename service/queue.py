@@ -23,6 +23,9 @@ JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
     "variants": "workers.jobs.variants.variants_job",
     "profile": "workers.jobs.profile.profile_job",
+    "sparsify": "workers.jobs.sparsify.sparsify_job",
+    "prune": "workers.jobs.prune.prune_job",
+    "grow": "workers.jobs.grow.grow_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

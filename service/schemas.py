@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.store.registry import ModelRecord
@@ -53,7 +53,103 @@ class ProfileJobRequest(BaseModel):
     repeats: int = Field(default=2, ge=1, le=10)
 
 
-JobRequest = Annotated[MergeJobRequest | VariantsJobRequest | ProfileJobRequest, Field(discriminator="kind")]
+class SparsifyJobRequest(BaseModel):
+    """DARE (drop each delta entry with probability 1 - density, survivors x 1/density) or magnitude (keep
+    the top `density` of |delta| per tensor) applied to model - base; reports delta statistics and held-out
+    perplexity before and after."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["sparsify"]
+    model: str = Field(min_length=1, description="The fine-tuned model")
+    base: str = Field(min_length=1, description="The model it was fine-tuned from")
+    method: Literal["dare", "magnitude"] = "dare"
+    density: float = Field(default=0.1, gt=0, le=1, description="Fraction of delta entries kept")
+    seed: int = 0
+    evaluate: bool = Field(default=True, description="Held-out perplexity before and after")
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
+class PruneTargetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=1)
+    num_key_value_heads: int | None = Field(default=None, ge=1, description="Query heads follow their group")
+    param_budget: int | None = Field(default=None, ge=1, description="Parameters the planner must fit")
+    axes: list[Literal["depth", "mlp", "kv"]] = Field(
+        default=["mlp", "kv"], min_length=1, description="What a param_budget may shrink"
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> PruneTargetRequest:
+        sizes = (self.num_hidden_layers, self.intermediate_size, self.num_key_value_heads, self.param_budget)
+        if all(v is None for v in sizes):
+            raise ValueError(
+                "give one of num_hidden_layers, intermediate_size, num_key_value_heads, param_budget"
+            )
+        return self
+
+
+class HealOptions(BaseModel):
+    """Knowledge-distillation healing: (1-a) CE + a t^2 KL(teacher || student), a decaying linearly to 0."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(default=40, ge=1, le=100_000)
+    lr: float = Field(default=5e-5, gt=0, le=1)
+    alpha0: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=2.0, gt=0)
+
+
+class PruneJobRequest(BaseModel):
+    """Structured pruning to a target architecture: layers by block influence, MLP channels and KV groups by
+    activation importance on calibration text (mode=random: seeded random choices at the same target)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["prune"]
+    model: str = Field(min_length=1)
+    target: PruneTargetRequest
+    mode: Literal["activation", "random"] = "activation"
+    compare_random: bool = Field(default=True, description="Also report a random selection's perplexity")
+    heal: HealOptions | None = None
+    seq_len: int = Field(default=256, ge=8, le=4096)
+    calibration_windows: int = Field(default=8, ge=1, le=256)
+    seed: int = 0
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
+class GrowJobRequest(BaseModel):
+    """Function-preserving growth: identity copies of layers (o_proj and down_proj zeroed) inserted after
+    the given layers, and/or MLP widened by duplicating channels (down_proj divided by the copy count)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["grow"]
+    model: str = Field(min_length=1)
+    insert_after: list[int] | None = Field(default=None, description="0-based layer indices")
+    intermediate_size: int | None = Field(default=None, ge=1, description="New MLP width (>= the current)")
+    seed: int = 0
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+    @model_validator(mode="after")
+    def _something(self) -> GrowJobRequest:
+        if not self.insert_after and self.intermediate_size is None:
+            raise ValueError("give insert_after and/or intermediate_size")
+        return self
+
+
+JobRequest = Annotated[
+    MergeJobRequest
+    | VariantsJobRequest
+    | ProfileJobRequest
+    | SparsifyJobRequest
+    | PruneJobRequest
+    | GrowJobRequest,
+    Field(discriminator="kind"),
+]
 
 JobStatus = Literal["queued", "started", "finished", "failed", "canceled"]
 

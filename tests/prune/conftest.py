@@ -1,0 +1,34 @@
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tests.tiny_models import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random LlamaForCausalLM (4 layers, hidden 64, 4 heads / 2 KV heads, MLP 128, vocab 128)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2():
+    """A tiny Qwen2 (q/k/v biases, config.layer_types present) of the same shape as `tiny`."""
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    """Four (1, 32) windows of random token ids, fixed by seed."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 128, (1, 32), generator=generator) for _ in range(4)]

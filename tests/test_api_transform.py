@@ -1,0 +1,133 @@
+"""sparsify, prune and grow jobs through the HTTP API, on tiny models with a tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny_models import make_tiny_chat_llama, make_variant
+
+
+@pytest.fixture(scope="session")
+def talker(server):
+    root = server.home.parent / "talker"
+    make_tiny_chat_llama(root / "base", seed=21, num_hidden_layers=4, intermediate_size=128)
+    make_variant(root / "base", root / "tuned", seed=22, scale=0.001)
+    make_variant(root / "base", root / "far", seed=23, scale=0.05)
+    for name in ("tuned", "far"):
+        for f in (root / "base").glob("tokenizer*"):
+            shutil.copy(f, root / name / f.name)
+    with server.client() as c:
+        for name in ("base", "tuned", "far"):
+            r = c.post("/v1/models/import", json={"id": f"talker-{name}", "path": str(root / name)})
+            assert r.status_code == 201, r.text
+    return root
+
+
+def run_job(server, body: dict) -> dict:
+    with server.client() as c:
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+    final = server.wait_job(r.json()["id"], timeout=300)
+    assert final["status"] == "finished", final["error"]
+    return final["result"]
+
+
+def test_sparsify_with_dare_keeps_about_density_and_reports_deltas_and_perplexity(server, talker):
+    result = run_job(
+        server,
+        {
+            "kind": "sparsify",
+            "model": "talker-tuned",
+            "base": "talker-base",
+            "method": "dare",
+            "density": 0.3,
+            "seed": 1,
+            "name": "talker-dare",
+        },
+    )
+    assert abs(result["kept_fraction"] - 0.3) < 0.02
+    assert 0 < result["delta_abs"]["median"] <= result["delta_abs"]["p99"] <= result["delta_abs"]["max"]
+    assert set(result["perplexity"]) == {"before", "after"} and result["perplexity"]["after"] > 0
+    assert "warning" not in result  # |delta| ~ 0.001: DARE's regime
+    magnitude = run_job(
+        server,
+        {
+            "kind": "sparsify",
+            "model": "talker-tuned",
+            "base": "talker-base",
+            "method": "magnitude",
+            "density": 0.5,
+            "evaluate": False,
+        },
+    )
+    assert abs(magnitude["kept_fraction"] - 0.5) < 0.01 and "perplexity" not in magnitude
+    far = run_job(
+        server, {"kind": "sparsify", "model": "talker-far", "base": "talker-base", "evaluate": False}
+    )
+    assert "deltas are large for DARE" in far["warning"]
+    with server.client() as c:
+        record = c.get("/v1/models/talker-dare").json()["strata"]
+    assert record["parents"] == ["talker-tuned", "talker-base"] and record["recipe"]["kind"] == "sparsify"
+
+
+def test_prune_hits_the_target_config_exactly_and_compares_with_random(server, talker):
+    result = run_job(
+        server,
+        {
+            "kind": "prune",
+            "model": "talker-base",
+            "name": "talker-small",
+            "target": {"num_hidden_layers": 3, "intermediate_size": 96},
+            "calibration_windows": 2,
+            "heal": {"steps": 2},
+        },
+    )
+    assert result["config"]["num_hidden_layers"] == 3 and result["config"]["intermediate_size"] == 96
+    assert len(result["removed_layers"]) == 1 and 0 < result["removed_fraction"] < 1
+    assert set(result["perplexity"]) == {"source", "pruned", "random", "healed"}
+    model = AutoModelForCausalLM.from_pretrained(server.home / "models" / "talker-small")
+    assert model.config.num_hidden_layers == 3 and model.config.intermediate_size == 96
+    assert model.num_parameters() == result["config"]["params"]
+
+
+def test_grow_is_function_preserving(server, talker):
+    result = run_job(
+        server,
+        {
+            "kind": "grow",
+            "model": "talker-base",
+            "name": "talker-big",
+            "insert_after": [0, 3],
+            "intermediate_size": 200,
+        },
+    )
+    assert result["num_hidden_layers"] == 6 and result["intermediate_size"] == 200
+    assert result["max_logit_diff"] <= 1e-4
+    source = AutoModelForCausalLM.from_pretrained(talker / "base")
+    grown = AutoModelForCausalLM.from_pretrained(server.home / "models" / "talker-big")
+    ids = torch.randint(4, 128, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"kind": "prune", "model": "talker-base", "target": {"num_hidden_layers": 9}}, "exceeds the source"),
+        ({"kind": "prune", "model": "talker-base", "target": {}}, "give one of"),
+        ({"kind": "grow", "model": "talker-base", "insert_after": [7]}, "insert_after indices"),
+        ({"kind": "grow", "model": "talker-base", "intermediate_size": 8}, "below the current"),
+        (
+            {"kind": "sparsify", "model": "talker-tuned", "base": "talker-base", "density": 0},
+            "greater than 0",
+        ),
+    ],
+)
+def test_bad_transform_jobs_are_422(server, talker, body, message):
+    with server.client() as c:
+        r = c.post("/v1/jobs", json=body)
+    assert r.status_code == 422 and message in r.text, r.text

@@ -1,0 +1,55 @@
+"""RQ job: prune a model to a target architecture, with held-out perplexity before and after, against a
+random selection at the same target, and after optional distillation healing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.eval.texts import calibration_windows
+from workers.jobs.context import JobContext
+from workers.jobs.models import heldout_perplexity, load_model, save_model
+from workers.jobs.publish import publish_model
+from workers.prune.heal import heal
+from workers.prune.prune import prune
+from workers.prune.target import PruneTarget
+from workers.store.references import resolve_model
+
+
+def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
+    ctx = JobContext.current()
+    s = ctx.settings
+    source_dir = resolve_model(spec["model"], ctx.registry, s.models_dir, s.import_roots)
+    target = PruneTarget.model_validate(spec["target"])
+    report: dict[str, Any] = {}
+
+    def build(out_dir) -> None:
+        model, tokenizer = load_model(source_dir)
+        calibration = calibration_windows(tokenizer, spec["seq_len"], spec["calibration_windows"])
+        result = prune(model, target, calibration, spec["mode"], spec["seed"], ctx.progress)
+        ppl = {
+            "source": heldout_perplexity(model, tokenizer),
+            "pruned": heldout_perplexity(result.model, tokenizer),
+        }
+        if spec["compare_random"] and spec["mode"] != "random":
+            baseline = prune(model, target, calibration, "random", spec["seed"])
+            ppl["random"] = heldout_perplexity(baseline.model, tokenizer)
+        healing = spec.get("heal")
+        if healing:
+            healed = heal(result.model, model, calibration, progress=ctx.progress, **healing)
+            ppl["healed"] = heldout_perplexity(result.model, tokenizer)
+            report["heal"] = {
+                "steps": healed.steps,
+                "kd_before": healed.kd_before,
+                "kd_after": healed.kd_after,
+            }
+        report.update(
+            config=result.plan.model_dump(),
+            source_parameters=result.source_params,
+            removed_fraction=round(result.removed_fraction, 6),
+            removed_layers=result.removed_layers,
+            perplexity=ppl,
+        )
+        save_model(result.model, tokenizer, out_dir)
+
+    record = publish_model(ctx, spec["name"], build, parents=[spec["model"]], recipe=spec)
+    return {"model": record.id, **report}
