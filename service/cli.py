@@ -127,7 +127,9 @@ def worker(
     import workers.jobs.merge  # noqa: F401
     import workers.jobs.profile  # noqa: F401
     import workers.jobs.prune  # noqa: F401
+    import workers.jobs.sort  # noqa: F401
     import workers.jobs.sparsify  # noqa: F401
+    import workers.jobs.truncate  # noqa: F401
     import workers.jobs.variants  # noqa: F401
     from service.queue import QUEUE_NAME
     from service.settings import get_settings

@@ -14,14 +14,16 @@ from service.schemas import (
     MergeJobRequest,
     ProfileJobRequest,
     PruneJobRequest,
+    SortJobRequest,
     SparsifyJobRequest,
+    TruncateJobRequest,
     VariantsJobRequest,
 )
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
 from workers.store.model_store import weights_bytes
-from workers.store.references import ModelReferenceError, resolve_model
+from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
 
 
@@ -133,7 +135,34 @@ def check_grow(request: GrowJobRequest, registry: Registry, settings: Settings) 
     ensure_disk(int(weights_bytes(path) * growth), settings)
 
 
+def check_sort(request: SortJobRequest, registry: Registry, settings: Settings) -> None:
+    path = resolve_or_422(request.model, registry, settings)
+    layers = _layers(path).get("num_hidden_layers", 0)
+    if request.exits and not all(1 <= k <= layers for k in request.exits):
+        raise HTTPException(422, f"exits must lie in 1..{layers}")
+    if request.data:
+        try:
+            resolve_path(request.data, settings.import_roots, directory=False)
+        except ModelReferenceError as e:
+            raise HTTPException(422, str(e)) from e
+    if request.steps and request.epochs:
+        raise HTTPException(422, "give steps or epochs, not both")
+    _default_name(request, "sorted", registry)
+    ensure_disk(weights_bytes(path), settings)
+
+
+def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Settings) -> None:
+    path = resolve_or_422(request.model, registry, settings)
+    layers = _layers(path).get("num_hidden_layers", 0)
+    if not request.num_layers <= layers:
+        raise HTTPException(422, f"num_layers must lie in 1..{layers}")
+    _default_name(request, f"exit{request.num_layers}", registry)
+    ensure_disk(weights_bytes(path), settings)
+
+
 PRECHECKS = {
+    "sort": check_sort,
+    "truncate": check_truncate,
     "merge": check_merge,
     "variants": check_variants,
     "profile": check_profile,

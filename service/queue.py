@@ -26,6 +26,8 @@ JOB_FUNCTIONS = {
     "sparsify": "workers.jobs.sparsify.sparsify_job",
     "prune": "workers.jobs.prune.prune_job",
     "grow": "workers.jobs.grow.grow_job",
+    "sort": "workers.jobs.sort.sort_job",
+    "truncate": "workers.jobs.truncate.truncate_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

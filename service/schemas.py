@@ -141,13 +141,52 @@ class GrowJobRequest(BaseModel):
         return self
 
 
+class SortJobRequest(BaseModel):
+    """Sorted Fine-Tuning: loss = mean over `exits` of CE(LMHead(FinalNorm(h_n))), shared norm and head,
+    loss on response tokens only; then a fresh profile with perplexity per exit."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["sort"]
+    model: str = Field(min_length=1)
+    exits: list[int] | None = Field(default=None, description="Default: evenly spaced from 40% to full depth")
+    data: str | None = Field(default=None, description="A JSONL file under an import root (default: shipped)")
+    examples: list[dict[str, Any]] | None = Field(
+        default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
+    )
+    steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    lr: float = Field(default=5e-5, gt=0, le=1)
+    seq_len: int = Field(default=512, ge=8, le=8192)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    warmup_steps: int = Field(default=0, ge=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
+class TruncateJobRequest(BaseModel):
+    """Export exit n as a standalone model: layers 1..n + final norm + head, num_hidden_layers = n."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["truncate"]
+    model: str = Field(min_length=1)
+    num_layers: int = Field(ge=1)
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
 JobRequest = Annotated[
     MergeJobRequest
     | VariantsJobRequest
     | ProfileJobRequest
     | SparsifyJobRequest
     | PruneJobRequest
-    | GrowJobRequest,
+    | GrowJobRequest
+    | SortJobRequest
+    | TruncateJobRequest,
     Field(discriminator="kind"),
 ]
 

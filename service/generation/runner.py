@@ -20,7 +20,14 @@ from transformers import AutoTokenizer
 
 from service import metrics
 from service.generation.depth import plan_depth
-from service.generation.schemas import ChatMessage, DepthOptions, SamplingOptions, StrataInfo, Usage
+from service.generation.schemas import (
+    ChatMessage,
+    DepthOptions,
+    SamplingOptions,
+    SpeculativeOptions,
+    StrataInfo,
+    Usage,
+)
 from service.queue import JobQueue
 from service.schemas import ProfileJobRequest
 from service.settings import Settings
@@ -32,6 +39,7 @@ from workers.inference.protocol import (
     WORKER_TTL_S,
     WORKERS_KEY,
     InferenceJob,
+    Speculation,
     events_key,
     latency_key,
 )
@@ -180,6 +188,7 @@ class Generation:
         new_tokens: int,
         sampling: SamplingOptions,
         depth: DepthOptions,
+        speculative: SpeculativeOptions | None = None,
     ) -> Prepared:
         arrived = time.monotonic()
         record = self.record(model_id)
@@ -205,6 +214,12 @@ class Generation:
                 f"{s.max_waiting} requests are already waiting (STRATA_MAX_WAITING)",
                 headers={"Retry-After": "1"},
             )
+        if speculative is not None:
+            if sampling.temperature > 0:
+                raise HTTPException(422, "speculative decoding is greedy: use temperature 0")
+            if speculative.draft_depth >= (record.num_layers or 1):
+                raise HTTPException(422, f"draft_depth must be below the model's {record.num_layers} layers")
+            depth = DepthOptions(depth=record.num_layers)  # its output is the full model's
         needs_latency = depth.latency_budget_ms is not None and depth.depth is None
         latency = await self.latency(record) if needs_latency else self._known_latency(record)
         wait = self.queue_wait_ms(workers)
@@ -219,7 +234,12 @@ class Generation:
             seed=sampling.seed,
             stop=sampling.stop_list(),
         )
-        job = InferenceJob(model=model_id, request=request, predicted_ms=plan.predicted_ms)
+        job = InferenceJob(
+            model=model_id,
+            request=request,
+            predicted_ms=plan.predicted_ms,
+            speculative=Speculation(**speculative.model_dump()) if speculative else None,
+        )
         self.redis.rpush(QUEUE_KEY, job.model_dump_json())
         metrics.DEPTH.labels(model_id).observe(plan.depth)
         return Prepared(

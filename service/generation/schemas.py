@@ -56,8 +56,18 @@ class SamplingOptions(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class SpeculativeOptions(BaseModel):
+    """Self-speculative greedy decoding: draft m tokens with the first k layers, verify with the full model
+    (reusing the first k layers' KV cache). The output equals full-depth greedy output exactly."""
+
+    model_config = ConfigDict(extra="forbid")
+    draft_depth: int = Field(ge=1, description="k: the exit that drafts")
+    num_draft_tokens: int = Field(default=4, ge=1, le=32, description="m: tokens drafted per verification")
+
+
 class GenerateRequest(DepthOptions, SamplingOptions):
     model_config = ConfigDict(extra="forbid")
+    speculative: SpeculativeOptions | None = None
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)

@@ -44,7 +44,7 @@ async def generate(body: GenerateRequest, request: Request):
     """Generate at the deepest exit whose predicted latency fits `latency_budget_ms` (full depth without)."""
     gen = generation(request)
     prompt_ids = gen.encode(body.model, body.prompt, body.messages)
-    prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body)
+    prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative)
     response_id = new_id("gen")
     if not body.stream:
         await gen.complete(prepared)

@@ -32,3 +32,12 @@ def calibration():
     """Four (1, 32) windows of random token ids, fixed by seed."""
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(3, 128, (1, 32), generator=generator) for _ in range(4)]
+
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall when the machine is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

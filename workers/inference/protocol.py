@@ -24,9 +24,15 @@ WORKER_TTL_S = 10.0
 EVENTS_TTL_S = 600
 
 
+class Speculation(BaseModel):
+    draft_depth: int
+    num_draft_tokens: int
+
+
 class InferenceJob(BaseModel):
     model: str
     request: GenerationRequest
+    speculative: Speculation | None = None
     enqueued_at: float = Field(default_factory=time.time)
     predicted_ms: float | None = None
 

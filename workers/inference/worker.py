@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.generation.engine import EarlyExitEngine, FinishEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
+from workers.generation.speculative import speculative_events
 from workers.inference.protocol import (
     EVENTS_TTL_S,
     HEARTBEAT_S,
@@ -108,7 +109,16 @@ class InferenceWorker:
             )
         try:
             engine = self.engine(model_id)
-            for event in engine.generate([job.request for job in jobs]):
+            plain = [job for job in jobs if job.speculative is None]
+            streams = [engine.generate([job.request for job in plain])] if plain else []
+            streams += [
+                speculative_events(
+                    engine, job.request, job.speculative.draft_depth, job.speculative.num_draft_tokens
+                )
+                for job in jobs
+                if job.speculative is not None
+            ]
+            for event in (event for stream in streams for event in stream):
                 if isinstance(event, TokenEvent):
                     self._emit(event.request_id, "token", {"token_id": event.token_id, "delta": event.delta})
                 elif isinstance(event, FinishEvent):

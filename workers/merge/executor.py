@@ -1,15 +1,21 @@
 """Run a merge recipe tensor by tensor: read the same-named tensor from every input, merge, write.
 
-Peak memory is a few tensors times the number of models, whatever the model size.
+Peak memory is a few tensors times the number of models, whatever the model size. A background thread
+reads the next tensor group and writes the previous result while the current one is merged, so the
+disk and the arithmetic overlap; on the CPU the arithmetic runs on one thread (the methods work on
+cache-sized slices, where torch's intra-op threads cost more than they give, most of all on a busy
+machine), leaving the other cores to the I/O thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,25 +114,42 @@ def merge_models(
         def target_dtype(e) -> torch.dtype:
             return out_dtype if out_dtype and e.dtype.is_floating_point else e.dtype
 
+        def load_group(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            """The base tensor (when the method needs one) and the merged models' tensors."""
+            entry = entries[name]
+            if not entry.dtype.is_floating_point:
+                return None, [readers[reference].load(name)]
+            dtype = compute_dtype or entry.dtype
+
+            def load(ref: str) -> torch.Tensor:
+                return readers[ref].load(name).to(device=device, dtype=dtype)
+
+            base = load(config.base_model) if method.needs_base else None
+            return base, [load(e.model) for e in config.merged_entries]
+
         plan = [PlannedTensor(n, target_dtype(e), e.shape) for n, e in entries.items()]
         writer = ShardedWriter(out_dir, plan, max_shard_bytes)
         try:
-            for i, (name, entry) in enumerate(entries.items()):
-                dtype = compute_dtype if compute_dtype and entry.dtype.is_floating_point else entry.dtype
-
-                def load(ref: str, name: str = name, dtype: torch.dtype = dtype) -> torch.Tensor:
-                    return readers[ref].load(name).to(device=device, dtype=dtype)
-
-                if entry.dtype.is_floating_point:
-                    base = load(config.base_model) if method.needs_base else None
-                    tensors = [load(e.model) for e in config.merged_entries]
-                    t = layer_position(name, num_layers)
-                    merged = method.fn(_group(config, method, name, t, base, tensors))
-                else:
-                    merged = readers[reference].load(name)
-                writer.write(name, merged.to(target_dtype(entry)))
-                if progress:
-                    progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors merged")
+            with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io, _compute_threads(device):
+                names = list(entries)
+                pending = io.submit(load_group, names[0]) if names else None
+                writes = []
+                for i, name in enumerate(names):
+                    base, tensors = pending.result()
+                    if i + 1 < len(names):  # read the next group while this one is merged
+                        pending = io.submit(load_group, names[i + 1])
+                    if entries[name].dtype.is_floating_point:
+                        t = layer_position(name, num_layers)
+                        merged = method.fn(_group(config, method, name, t, base, tensors))
+                    else:
+                        merged = tensors[0]
+                    del base, tensors
+                    writes.append(io.submit(writer.write, name, merged.to(target_dtype(entries[name]))))
+                    del merged
+                    writes = _drain(writes, keep=1)
+                    if progress:
+                        progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors merged")
+                _drain(writes, keep=0)
             writer.close()
         except BaseException:
             writer.abort()
@@ -140,6 +163,25 @@ def merge_models(
     copy_tokenizer(paths[tokenizer_source], out_dir)
     written = sum((out_dir / f).stat().st_size for f in writer.files)
     return MergeResult(len(plan), written, time.perf_counter() - start, str(device))
+
+
+def _drain(writes: list, keep: int) -> list:
+    """Wait for all but the last `keep` submitted writes (re-raising their errors)."""
+    while len(writes) > keep:
+        writes.pop(0).result()
+    return writes
+
+
+@contextlib.contextmanager
+def _compute_threads(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for the CPU arithmetic, restored afterwards."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None) -> None:

@@ -1,49 +1,164 @@
-"""Sparsification of task vectors (deltas): keep a `density` fraction of each tensor's entries."""
+"""Sparsification of task vectors (deltas): keep a `density` fraction of each tensor's entries.
+
+The whole-tensor statistics (the magnitude threshold, L1 norms) are computed slice by slice over
+|theta_i - theta_base|, so no full-size delta is ever materialised.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+CHUNK = 1 << 16  # entries per slice on the CPU: a slice of every model stays in the L2 cache
+GPU_CHUNK = 1 << 24  # on an accelerator, fewer and larger kernel launches (a multiple of CHUNK)
+
+DIRECT_SELECT = 1 << 17  # up to this many values, a plain kthvalue is as fast as bracketing
+
+Entries = Callable[[slice | torch.Tensor], torch.Tensor]  # index (slice or positions) -> 1-D values
+
+
+def chunk_size(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
+
+
+def slices(n: int, size: int = CHUNK) -> Iterator[slice]:
+    """[0, n) as consecutive slices of `size` entries."""
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def delta_magnitude(tensor: torch.Tensor, base: torch.Tensor) -> Entries:
+    """index -> |theta_i - theta_base| (float32) at that index, computed on demand."""
+    t, b = tensor.reshape(-1), base.reshape(-1)
+
+    def at(index: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.to(t.device)
+        return (t[index] - b[index]).abs_().float()
+
+    return at
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k largest of n values: every value > `threshold`, and the first k - #(> threshold) values
+    equal to it, in index order (the last of them at index `cut`). Exactly k entries, as a stable
+    descending sort's first k would be."""
+
+    threshold: torch.Tensor
+    cut: int
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, int(density * numel)) entries of largest |delta| (TIES "trim").
-
-    Selects the k-th largest magnitude with `kthvalue` (linear time) instead of sorting the tensor.
-    Entries tied with the threshold are all kept; with real-valued deltas such ties only occur at zero,
-    where keeping them changes nothing.
-    """
+    """Keep the k = max(1, int(density * numel)) entries of largest |delta| (TIES "trim"); among entries
+    tied with the k-th largest, the first in flat order."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
+    magnitude = delta.reshape(-1).abs().float()
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * delta.numel()))
-    magnitude = delta.abs().reshape(-1).float()
-    return (magnitude >= kth_largest(magnitude, k)).reshape(delta.shape)
+    top = top_k(magnitude, max(1, int(density * delta.numel())))
+    index = torch.arange(delta.numel(), device=delta.device)
+    keep = (magnitude > top.threshold) | ((magnitude == top.threshold) & (index <= top.cut))
+    return keep.reshape(delta.shape)
 
 
-def kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 16) -> torch.Tensor:
-    """The exact k-th largest entry of a 1-D tensor.
+def kth_largest(values: torch.Tensor | Entries, k: int, n: int | None = None) -> torch.Tensor:
+    """The exact k-th largest of n values (see `top_k`)."""
+    return top_k(values, k, n).threshold
 
-    A random sample brackets the answer between two sample quantiles (a margin of several standard
-    deviations of the sample rank); one pass counts the entries above the bracket, and the exact
-    selection then runs on the few entries inside it. Falls back to a full `kthvalue` if the bracket
+
+def top_k(values: torch.Tensor | Entries, k: int, n: int | None = None) -> TopK:
+    """The k largest of n values: a 1-D tensor, or a function index -> values (read in slices).
+
+    A random sample (one entry from each of `size` equal strata, so it is read in order) brackets the
+    k-th largest between two sample quantiles, a margin of several standard deviations of the sample
+    rank apart; one pass counts the entries above the bracket and keeps the few inside it (with their
+    positions), and the exact selection runs on those. Falls back to the whole tensor if the bracket
     missed, so the answer is always exact.
     """
-    n = values.numel()
-    if n <= 8 * sample_size:
-        return values.kthvalue(n - k + 1).values
-    generator = torch.Generator(device=values.device).manual_seed(0)
-    picks = torch.randint(n, (sample_size,), generator=generator, device=values.device)
-    sample = values[picks].sort(descending=True).values
-    rank = k / n * sample_size
-    margin = 6 * (sample_size * (k / n) * (1 - k / n)) ** 0.5 + 32
-    hi = sample[max(int(rank - margin), 0)]
-    lo = sample[min(int(rank + margin), sample_size - 1)]
-    above = int((values > hi).sum())
-    band = values[(values <= hi) & (values >= lo)]
+    at = values.__getitem__ if isinstance(values, torch.Tensor) else values
+    n = values.numel() if n is None else n
+    if n <= DIRECT_SELECT:
+        return _select(at(slice(0, n)), torch.arange(n), k)
+    size = min(1 << 16, max(1 << 12, n >> 7))
+    stride = n // size
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.arange(size) * stride + torch.randint(stride, (size,), generator=generator)
+    sample = at(picks)
+    rank = k / n * size  # the k-th largest's expected rank in the sample, from the top
+    margin = 6 * (size * (k / n) * (1 - k / n)) ** 0.5 + 32
+    top, bottom = int(rank - margin), int(rank + margin)
+    inf = sample.new_tensor(float("inf"))
+    hi = _smallest(sample, size - 1 - top) if top >= 0 else inf  # past the ends, the bracket is open
+    lo = _smallest(sample, size - 1 - bottom) if bottom < size else -inf
+    chunk = chunk_size(sample.device)
+    above, band, where = 0, [], []
+    for s in slices(n, chunk):
+        count, inside, position = _split(at(s), lo, hi)
+        above += count
+        band.append(inside)
+        where.append(position + s.start)
+    above, band, where = int(above), torch.cat(band), torch.cat(where)
     if above < k <= above + band.numel():
-        return band.kthvalue(band.numel() - (k - above) + 1).values
-    return values.kthvalue(n - k + 1).values
+        found = _select(band, where, k - above)
+        return TopK(found.threshold, found.cut)
+    return _select(torch.cat([at(s) for s in slices(n, chunk)]), torch.arange(n), k)
+
+
+def _select(values: torch.Tensor, positions: torch.Tensor, k: int) -> TopK:
+    """Exact top k of a 1-D tensor whose entries sit at the (increasing) `positions`."""
+    threshold = _smallest(values, values.numel() - k)
+    above = int((values > threshold).sum())
+    tied = positions[(values == threshold).to(positions.device)]
+    return TopK(threshold, int(tied[k - above - 1]))
+
+
+def _numpy_ok(v: torch.Tensor) -> bool:
+    return v.device.type == "cpu" and v.dtype in (torch.float16, torch.float32, torch.float64)
+
+
+def _smallest(v: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th smallest entry (from 0) of a 1-D tensor; NumPy's introselect is twice torch's speed."""
+    if _numpy_ok(v):
+        return torch.from_numpy(np.partition(v.numpy(), j)[j : j + 1]).reshape(())
+    return v.kthvalue(j + 1).values
+
+
+def _split(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[int | torch.Tensor, ...]:
+    """(number of entries > hi, the entries in [lo, hi], their indices); on the CPU in NumPy, whose
+    boolean selection is several times faster than torch's."""
+    if _numpy_ok(v):
+        x = v.numpy()
+        inside = np.flatnonzero((x >= lo.numpy()) & (x <= hi.numpy()))
+        return int(np.count_nonzero(x > hi.numpy())), torch.from_numpy(x[inside]), torch.from_numpy(inside)
+    inside = ((v >= lo) & (v <= hi)).nonzero().squeeze(1)
+    return (v > hi).sum(), v[inside], inside.cpu()
+
+
+def l1_rescale_factor(
+    magnitude: Entries, n: int, k: int, top: TopK, size: int = CHUNK, eps: float = 1e-7
+) -> float:
+    """||d||_1 / ||d~||_1 for d~ = the top k entries of d (mergekit's rescale); 1 when either is below eps."""
+    before = after = above = 0
+    for s in slices(n, size):
+        v = magnitude(s)
+        over = v[v > top.threshold]
+        before += v.sum(dtype=torch.float64)
+        after += over.sum(dtype=torch.float64)
+        above += over.numel()
+    before, after = float(before), float(after) + (k - above) * float(top.threshold)
+    return 1.0 if before < eps or after < eps else before / after
+
+
+def uniform_draws(generator: torch.Generator, n: int) -> torch.Tensor:
+    """The next n uniform [0, 1) draws of a CPU `generator`, drawn CHUNK at a time, so a mask drawn for a
+    whole tensor and one drawn slice by slice (in order, slices of a multiple of CHUNK) are the same."""
+    if n <= CHUNK:
+        return torch.rand(n, generator=generator)
+    return torch.cat([torch.rand(s.stop - s.start, generator=generator) for s in slices(n)])
 
 
 def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -53,7 +168,7 @@ def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generat
     """
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    draw = torch.rand(delta.shape, generator=generator, device="cpu")
+    draw = uniform_draws(generator, delta.numel()).reshape(delta.shape)
     return (draw < density).to(delta.device)
 
 
@@ -64,11 +179,3 @@ def dare(delta: torch.Tensor, density: float, generator: torch.Generator, rescal
     """
     kept = delta * bernoulli_mask(delta, density, generator)
     return kept / density if rescale and density < 1 else kept
-
-
-def l1_rescale(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """kept * ||delta||_1 / ||kept||_1 (mergekit's rescale); unchanged when either norm is below eps."""
-    before, after = delta.abs().sum(), kept.abs().sum()
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)

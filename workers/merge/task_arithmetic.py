@@ -5,19 +5,17 @@ from __future__ import annotations
 import torch
 
 from workers.merge.registry import TensorGroup, register
-from workers.merge.task_vectors import combine
+from workers.merge.task_vectors import TaskVector, combine
 
 COMMON = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
 
 
 @register("task_arithmetic", needs_base=True, model_params={"weight": None}, global_params=COMMON)
 def task_arithmetic(group: TensorGroup) -> torch.Tensor:
-    deltas = [t - group.base for t in group.tensors]
-    weights = [p["weight"] for p in group.model_params]
+    vectors = [TaskVector(t, p["weight"]) for t, p in zip(group.tensors, group.model_params, strict=True)]
     return combine(
         group.base,
-        deltas,
-        weights,
+        vectors,
         consensus=False,
         normalize=group.params["normalize"],
         lambda_=group.params["lambda"],

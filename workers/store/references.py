@@ -31,13 +31,18 @@ def check_model_directory(directory: Path) -> None:
         raise ModelReferenceError(f"{directory} has no .safetensors weights")
 
 
-def resolve_path(path: str, import_roots: list[Path]) -> Path:
-    """A directory under one of `import_roots`, after resolving symlinks and '..'."""
+def resolve_path(path: str, import_roots: list[Path], directory: bool = True) -> Path:
+    """A model directory (or, with directory=False, a file) under one of `import_roots`, after resolving
+    symlinks and '..'."""
     real = Path(os.path.realpath(path))
     roots = [Path(os.path.realpath(r)) for r in import_roots]
     if not any(real == root or real.is_relative_to(root) for root in roots):
         shown = ", ".join(str(r) for r in roots) or "none configured"
         raise ModelReferenceError(f"{path} is outside the import roots ({shown}); set STRATA_IMPORT_ROOTS")
+    if not directory:
+        if not real.is_file():
+            raise ModelReferenceError(f"no file at {path}")
+        return real
     if not real.is_dir():
         raise UnknownModelError(f"no model directory at {path}")
     check_model_directory(real)

@@ -1,0 +1,78 @@
+"""sort and truncate jobs, and self-speculative generation, through the HTTP API on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny_models import make_tiny_chat_llama
+from workers.early_exit.forward import exit_logits
+
+EXAMPLES = [
+    {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}."}]}
+    for w in ("tea", "sun", "rain", "moon", "bread", "stone")
+] + [{"prompt": "the sky is", "response": " blue today."}]
+
+
+@pytest.fixture(scope="session")
+def sorter(server):
+    path = server.home.parent / "sorter"
+    make_tiny_chat_llama(path, seed=31)
+    with server.client() as c:
+        assert c.post("/v1/models/import", json={"id": "sorter", "path": str(path)}).status_code == 201
+    return path
+
+
+def run_job(server, body: dict) -> dict:
+    with server.client() as c:
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+    final = server.wait_job(r.json()["id"], timeout=600)
+    assert final["status"] == "finished", final["error"]
+    return final["result"]
+
+
+def test_truncate_exports_an_exit_that_plain_transformers_loads(server, sorter):
+    result = run_job(server, {"kind": "truncate", "model": "sorter", "num_layers": 2, "name": "sorter-exit2"})
+    assert result["num_layers"] == 2
+    source = AutoModelForCausalLM.from_pretrained(sorter)
+    cut = AutoModelForCausalLM.from_pretrained(server.home / "models" / "sorter-exit2")
+    ids = torch.randint(4, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(cut(ids).logits, exit_logits(source, ids, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_sort_trains_every_exit_and_profiles_the_result(server, sorter):
+    result = run_job(
+        server,
+        {
+            "kind": "sort",
+            "model": "sorter",
+            "examples": EXAMPLES,
+            "exits": [2, 4],
+            "steps": 4,
+            "batch_size": 2,
+            "seq_len": 64,
+            "lr": 1e-3,
+            "name": "sorter-soft",
+        },
+    )
+    training = result["training"]
+    assert training["exits"] == [2, 4] and training["steps"] == 4
+    assert set(training["final_losses"]) == {"2", "4"}
+    assert set(result["quality"]) == {"2", "4"} and result["quality"]["4"]["top1_agreement"] == 1.0
+    with server.client() as c:
+        record = c.get("/v1/models/sorter-soft").json()["strata"]
+    assert record["parents"] == ["sorter"] and record["profile"]["grid"] == [2, 4]
+
+
+def test_self_speculative_generation_equals_full_depth_greedy(server, sorter):
+    base = {"model": "sorter", "prompt": "the moon and the sun", "max_new_tokens": 16}
+    with server.client() as c:
+        full = c.post("/v1/generate", json={**base, "depth": 4}).json()
+        fast = c.post("/v1/generate", json={**base, "speculative": {"draft_depth": 2, "num_draft_tokens": 3}})
+        sampled = c.post("/v1/generate", json={**base, "temperature": 0.5, "speculative": {"draft_depth": 2}})
+    assert fast.status_code == 200, fast.text
+    assert fast.json()["text"] == full["text"] and fast.json()["strata"]["depth"] == 4
+    assert sampled.status_code == 422 and "greedy" in sampled.text

@@ -1,0 +1,61 @@
+"""RQ job: Sorted Fine-Tuning (loss averaged over several exits), then a fresh per-exit profile."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from workers.generation.engine import EarlyExitEngine
+from workers.generation.profiler import profile_model
+from workers.inference.protocol import latency_key
+from workers.jobs.context import JobContext
+from workers.jobs.models import load_model, save_model
+from workers.jobs.publish import publish_model
+from workers.store.references import resolve_model, resolve_path
+from workers.train.data import read_jsonl
+from workers.train.sorted_ft import SortConfig, train_sorted
+
+SHIPPED_DATA = "sft.jsonl"
+
+
+def sort_job(spec: dict[str, Any]) -> dict[str, Any]:
+    ctx = JobContext.current()
+    s = ctx.settings
+    source = resolve_model(spec["model"], ctx.registry, s.models_dir, s.import_roots)
+    if spec.get("examples"):
+        records = spec["examples"]
+    elif spec.get("data"):
+        records = read_jsonl(resolve_path(spec["data"], s.import_roots, directory=False))
+    else:
+        records = read_jsonl(files("workers").joinpath("data", SHIPPED_DATA))
+    config = SortConfig.model_validate(
+        {k: spec[k] for k in SortConfig.model_fields if spec.get(k) is not None}
+    )
+    report: dict[str, Any] = {}
+
+    def progress(step: int, total: int, losses: dict[int, float]) -> None:
+        shown = " ".join(f"{k}:{v:.3f}" for k, v in sorted(losses.items()))
+        ctx.progress(step, total + total // 4, f"step {step}/{total} loss per exit {shown}")
+
+    def build(out_dir) -> None:
+        model, tokenizer = load_model(source)
+        trained = train_sorted(model, tokenizer, records, config, progress)
+        report["training"] = trained.model_dump(mode="json", exclude={"loss_curve"})
+        model.to("cpu")
+        save_model(model, tokenizer, out_dir)
+
+    record = publish_model(ctx, spec["name"], build, parents=[spec["model"]], recipe=spec)
+    ctx.progress(4, 5, "profiling the exits of the sorted model")
+    model, tokenizer = load_model(ctx.store.path(record.id))
+    profile = profile_model(
+        EarlyExitEngine(model, tokenizer),
+        model_name=record.id,
+        repeats=1,
+        prompt_lengths=(16, 96),
+        decode_tokens=8,
+    )
+    record.profile = profile.model_dump(mode="json")
+    ctx.registry.update(record)
+    ctx.redis.set(latency_key(record.id), profile.latency.model_dump_json())
+    quality = {k: q.model_dump() for k, q in profile.quality.items()}
+    return {"model": record.id, **report, "quality": quality}
