@@ -95,9 +95,9 @@ class HealOptions(BaseModel):
     """Knowledge-distillation healing: (1-a) CE + a t^2 KL(teacher || student), a decaying linearly to 0."""
 
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(default=40, ge=1, le=100_000)
-    lr: float = Field(default=5e-5, gt=0, le=1)
-    alpha0: float = Field(default=0.5, ge=0, le=1)
+    steps: int = Field(default=30, ge=1, le=100_000)
+    lr: float = Field(default=3e-5, gt=0, le=1)
+    alpha0: float = Field(default=1.0, ge=0, le=1)
     temperature: float = Field(default=2.0, gt=0)
 
 
