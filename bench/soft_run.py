@@ -8,8 +8,9 @@ Stages (each reads what the earlier ones left in --work):
            (the engine, batches of left-padded prompts), keeping answers that ended with EOS within
            --max-new-tokens (with --cut-unfinished, the others cut after their last sentence end).
   before   held-out perplexity and top-1 agreement (workers/data/heldout.txt) of the base's exits.
-  train    Sorted Fine-Tuning (default exits, bf16 autocast) once per --configs entry, then the same
-           quality figures for each run; the run that best meets the target (exits >= L/2 within 3x of
+  train    Sorted Fine-Tuning (default exits, bf16 autocast) once per --configs entry, on WORK/sft.jsonl
+           (else the shipped workers/data/sft.jsonl), then the same quality figures for each run (and
+           every --eval-every steps); the run that best meets the target (exits >= L/2 within 3x of
            the full model's perplexity, full depth at most +15%) is saved to WORK/sorted.
   samples  greedy continuations of 3 prompts at several exits, before and after.
   bench    bench.speculative on the SoFT model (and on the base, for comparison).
@@ -165,6 +166,14 @@ def target(before: dict, after: dict, layers: int) -> dict:
     }
 
 
+def training_data(work: Path) -> Path:
+    """WORK/sft.jsonl when the data stage wrote one, else the shipped workers/data/sft.jsonl."""
+    from importlib.resources import files
+
+    generated = work / "sft.jsonl"
+    return generated if generated.exists() else Path(str(files("workers").joinpath("data", "sft.jsonl")))
+
+
 def stage_train(args, device, results) -> None:
     from workers.train.data import load_examples
 
@@ -173,14 +182,22 @@ def stage_train(args, device, results) -> None:
     best = None
     for index, overrides in enumerate(args.configs):
         model, tokenizer = load(base, device)
-        examples = load_examples(args.work / "sft.jsonl", tokenizer)
+        examples = load_examples(training_data(args.work), tokenizer)
         config = SortConfig(seed=0, **overrides)
         every = max(1, (config.steps or 100) // 6)
+        checkpoints: dict[str, dict] = {}
 
-        def progress(step, total, losses, every=every, index=index):
+        def progress(
+            step, total, losses, every=every, index=index, checkpoints=checkpoints, model=model, tok=tokenizer
+        ):
             if step == 1 or step % every == 0 or step == total:
                 shown = " ".join(f"{k}:{v:.2f}" for k, v in losses.items())
                 log(f"  run {index} step {step}/{total} {shown}")
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                layers = model.config.num_hidden_layers
+                verdict = target(results["before"], quality(model, tok), layers)
+                checkpoints[str(step)] = verdict
+                log(f"  run {index} step {step}: {verdict}")
 
         log(f"run {index}: {config.model_dump(exclude_none=True)}")
         report = train_sorted(model, tokenizer, examples, config, progress=progress, device=device)
@@ -191,6 +208,7 @@ def stage_train(args, device, results) -> None:
             "report": report.model_dump(mode="json"),
             "after": after,
             "target": verdict,
+            "checkpoints": checkpoints,
         }
         runs.append(run)
         log(f"run {index}: {report.seconds:.1f}s, target {verdict}")
@@ -282,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-data-bytes", type=int, default=1_400_000)
     parser.add_argument("--configs", type=json.loads, default=DEFAULT_CONFIGS)
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="also score the exits every N training steps (0: never)"
+    )
     parser.add_argument("--sample-tokens", type=int, default=40)
     parser.add_argument(
         "--draft-depths", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 15, 18]

@@ -99,6 +99,11 @@ class HealOptions(BaseModel):
     lr: float = Field(default=3e-5, gt=0, le=1)
     alpha0: float = Field(default=1.0, ge=0, le=1)
     temperature: float = Field(default=2.0, gt=0)
+    data: Literal["calibration", "instructions"] = Field(
+        default="calibration",
+        description="calibration: the pruning calibration text; instructions: the bundled instruction set "
+        "(workers/data/sft.jsonl, chat template applied), about 20x more tokens",
+    )
 
 
 class PruneJobRequest(BaseModel):
@@ -160,6 +165,11 @@ class SortJobRequest(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=1024)
     warmup_steps: int = Field(default=0, ge=0)
     gradient_checkpointing: bool = False
+    distill: bool = Field(
+        default=False, description="Targets: the source model's full-depth distribution, not the data tokens"
+    )
+    freeze_embeddings: bool = Field(default=False, description="Keep the embeddings and shared LM head fixed")
+    bf16_on_cpu: bool = Field(default=False, description="bfloat16 autocast on CPU too (always on CUDA)")
     seed: int = 0
     name: str | None = None
 

@@ -75,4 +75,10 @@ def test_self_speculative_generation_equals_full_depth_greedy(server, sorter):
         sampled = c.post("/v1/generate", json={**base, "temperature": 0.5, "speculative": {"draft_depth": 2}})
     assert fast.status_code == 200, fast.text
     assert fast.json()["text"] == full["text"] and fast.json()["strata"]["depth"] == 4
+    stats = fast.json()["strata"]["speculative"]
+    assert stats["draft_depth"] == 2 and stats["num_draft_tokens"] == 3 and stats["iterations"] >= 1
+    assert 0 <= stats["accepted"] <= stats["drafted"] and stats["acceptance_rate"] == pytest.approx(
+        stats["accepted"] / max(1, stats["drafted"])
+    )
+    assert full["strata"]["speculative"] is None
     assert sampled.status_code == 422 and "greedy" in sampled.text

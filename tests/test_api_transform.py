@@ -83,7 +83,7 @@ def test_prune_hits_the_target_config_exactly_and_compares_with_random(server, t
             "name": "talker-small",
             "target": {"num_hidden_layers": 3, "intermediate_size": 96},
             "calibration_windows": 2,
-            "heal": {"steps": 2},
+            "heal": {"steps": 2, "data": "instructions"},
         },
     )
     assert result["config"]["num_hidden_layers"] == 3 and result["config"]["intermediate_size"] == 96

@@ -7,18 +7,22 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+TINY_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     values = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         tie_word_embeddings=False,
         rms_norm_eps=1e-6,
         bos_token_id=1,
@@ -27,6 +31,12 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     )
     values.update(overrides)
     return LlamaConfig(**values)
+
+
+def make_tiny_qwen2(seed: int = 0, **config_overrides) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 (q/k/v biases, config.layer_types present) of the same shape, in memory."""
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**{**TINY_SHAPE, **config_overrides})).eval()
 
 
 def make_tiny_llama(

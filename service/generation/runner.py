@@ -80,6 +80,7 @@ class Prepared:
             latency_budget_ms=self.budget_ms,
             queue_ms=None if self.queue_ms is None else round(self.queue_ms, 3),
             batch_size=self.batch_size,
+            speculative=self.finish.get("speculative"),
         )
 
     def usage(self) -> Usage:

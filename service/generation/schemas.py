@@ -81,6 +81,15 @@ class GenerateRequest(DepthOptions, SamplingOptions):
         return self
 
 
+class SpeculativeStats(BaseModel):
+    draft_depth: int
+    num_draft_tokens: int
+    drafted: int = Field(description="Tokens the draft exit proposed")
+    accepted: int = Field(description="Drafted tokens the full model confirmed")
+    acceptance_rate: float = Field(description="accepted / drafted")
+    iterations: int = Field(description="Full-depth verification passes")
+
+
 class StrataInfo(BaseModel):
     depth: int = Field(description="Decoder layers the answer was computed with")
     num_layers: int
@@ -90,6 +99,9 @@ class StrataInfo(BaseModel):
     latency_budget_ms: float | None = None
     queue_ms: float | None = Field(default=None, description="Time waiting for an inference worker")
     batch_size: int | None = Field(default=None, description="Requests generated together with this one")
+    speculative: SpeculativeStats | None = Field(
+        default=None, description="Draft statistics when the request asked for self-speculative decoding"
+    )
 
 
 class Usage(BaseModel):

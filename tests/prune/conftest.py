@@ -1,8 +1,7 @@
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.tiny_models import make_tiny_llama
+from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 
 @pytest.fixture(scope="module")
@@ -14,17 +13,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_qwen2():
     """A tiny Qwen2 (q/k/v biases, config.layer_types present) of the same shape as `tiny`."""
-    torch.manual_seed(1)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return make_tiny_qwen2(seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,12 @@ def test_channel_map_duplicates_seeded_and_splits_down_columns(tiny):
     g = channel_map(128, 300, seed=0)
     copies = torch.bincount(g, minlength=128)
     torch.testing.assert_close(down[:, :128] * copies, src)
+
+
+def test_channel_map_draws_without_replacement_so_copies_stay_balanced():
+    up_to_double = torch.bincount(channel_map(128, 256, seed=3), minlength=128)
+    assert up_to_double.max() == 2 and up_to_double.min() == 2
+    partial = torch.bincount(channel_map(128, 200, seed=3), minlength=128)
+    assert set(partial.tolist()) == {1, 2} and int((partial == 2).sum()) == 72
+    beyond = torch.bincount(channel_map(128, 300, seed=3), minlength=128)
+    assert int(beyond.max() - beyond.min()) <= 1 and int(beyond.sum()) == 300

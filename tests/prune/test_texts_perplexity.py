@@ -51,3 +51,20 @@ def test_calibration_windows_use_the_calibration_text():
     parts = calibration_windows(CharTokenizer(), seq_len=128, max_windows=3)
     assert len(parts) == 3 and all(p.shape == (1, 128) for p in parts)
     assert parts[0][0, 0].item() == 3 + ord(calibration_text()[0]) % 125
+
+
+def test_instruction_windows_concatenate_the_chat_rendered_instruction_set():
+    from importlib.resources import files
+
+    from tests.generation.conftest import character_tokenizer
+    from tests.train.conftest import CHAT_TEMPLATE
+    from workers.eval.texts import instruction_windows
+    from workers.train.data import encode_records, read_jsonl
+
+    tokenizer = character_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    parts = instruction_windows(tokenizer, seq_len=512)
+    records = read_jsonl(files("workers").joinpath("data", "sft.jsonl"))
+    expected = [t for example in encode_records(tokenizer, records[:2]) for t in example.input_ids]
+    assert torch.cat([p[0] for p in parts])[: len(expected)].tolist() == expected
+    assert len(parts) > 100 and all(p.shape == (1, 512) for p in parts[:-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -126,3 +127,26 @@ def test_sort_model_saves_a_loadable_model_and_report(tiny_dir, chat_tokenizer, 
     assert json.loads((out / REPORT_FILE).read_text())["steps"] == report.steps == 2
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
+
+
+def test_distill_targets_are_the_source_full_depth_distribution(fresh_model, chat_tokenizer, records):
+    batch = collate(encode_records(chat_tokenizer, records[:3]))
+    teacher = copy.deepcopy(fresh_model).eval()
+    with torch.no_grad():
+        losses = exit_losses(fresh_model, batch.input_ids, batch.labels, EXITS, batch.attention_mask, teacher)
+        keep = batch.labels[:, 1:] != -100
+        full = exit_logits(fresh_model, batch.input_ids, 4, batch.attention_mask)[:, :-1][keep].float()
+        entropy = -(F.softmax(full, -1) * F.log_softmax(full, -1)).sum(-1).mean()
+        shallow = exit_logits(fresh_model, batch.input_ids, 2, batch.attention_mask)[:, :-1][keep].float()
+        cross = -(F.softmax(full, -1) * F.log_softmax(shallow, -1)).sum(-1).mean()
+    assert losses[4].item() == pytest.approx(entropy.item(), rel=1e-5)  # CE(q, q) = H(q): the minimum
+    assert losses[2].item() == pytest.approx(cross.item(), rel=1e-5)
+
+
+def test_distill_with_frozen_embeddings_trains_exits_keeps_head(fresh_model, chat_tokenizer, records):
+    head = fresh_model.get_output_embeddings().weight.detach().clone()
+    config = SortConfig(steps=6, lr=3e-3, batch_size=4, distill=True, freeze_embeddings=True)
+    report = train_sorted(fresh_model, chat_tokenizer, records, config, device="cpu")
+    assert report.final_losses[2] < report.first_losses[2]
+    assert torch.equal(fresh_model.get_output_embeddings().weight, head)
+    assert all(param.requires_grad for param in fresh_model.parameters())

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.tiny_models import make_tiny_qwen2
 from workers.early_exit.forward import exit_logits
 from workers.train.truncate import layer_of, truncate_model
 
@@ -33,17 +34,7 @@ def test_truncated_logits_equal_exit_logits(tiny_dir, chat_tokenizer, tmp_path, 
 
 
 def test_tied_head_and_layer_types_are_kept(tmp_path):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    model = make_tiny_qwen2(seed=0, tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "qwen")
     out = truncate_model(tmp_path / "qwen", tmp_path / "cut", 2)
     saved = json.loads((out / "config.json").read_text())

@@ -51,3 +51,15 @@ def calibration_windows(
 ) -> list[torch.Tensor]:
     """Token windows of the calibration text (or of `text`), ready to feed the model one at a time."""
     return windows(encode(tokenizer, calibration_text() if text is None else text), seq_len, max_windows)
+
+
+def instruction_windows(
+    tokenizer, seq_len: int = 256, max_windows: int | None = None, name: str = "sft.jsonl"
+) -> list[torch.Tensor]:
+    """Token windows of the bundled instruction set (workers/data/sft.jsonl): every conversation rendered
+    with the tokenizer's chat template, the conversations concatenated, then cut like calibration text."""
+    from workers.train.data import encode_records, read_jsonl
+
+    records = read_jsonl(files("workers").joinpath("data", name))
+    ids = [token for example in encode_records(tokenizer, records) for token in example.input_ids]
+    return windows(torch.tensor(ids, dtype=torch.long), seq_len, max_windows)

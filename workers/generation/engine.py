@@ -70,6 +70,8 @@ class FinishEvent:
 
     `prefill_ms` is the prefill of the request's batch; `decode_ms` sums the batch's decode steps while the
     request was in it. `token_ids` excludes the EOS token; it includes the token that completed a stop string.
+    `speculative` (self-speculative requests only): draft_depth, num_draft_tokens, drafted, accepted,
+    acceptance_rate, iterations.
     """
 
     request_id: str
@@ -84,6 +86,7 @@ class FinishEvent:
     batch_size: int
     prefill_ms: float
     decode_ms: float
+    speculative: dict[str, float] | None = None  # draft statistics of a self-speculative request
 
 
 GenerationEvent = TokenEvent | FinishEvent

@@ -262,6 +262,14 @@ class _Decoder:
             batch_size=1,
             prefill_ms=self.stats.prefill_ms,
             decode_ms=self.stats.total_ms - self.stats.prefill_ms,
+            speculative={
+                "draft_depth": self.k,
+                "num_draft_tokens": self.m,
+                "drafted": self.stats.drafted,
+                "accepted": self.stats.accepted,
+                "acceptance_rate": self.stats.accepted / self.stats.drafted if self.stats.drafted else 0.0,
+                "iterations": self.stats.iterations,
+            },
         )
 
 

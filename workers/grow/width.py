@@ -1,7 +1,9 @@
 """Function-preserving MLP width growth (Net2Net, arXiv 1511.05641; FPI in bert2BERT, arXiv 2110.07143).
 
 Each new channel j copies an existing channel g(j) (the first I0 channels map to themselves, the extra
-ones to channels drawn uniformly, seeded). With c_k = |{j : g(j) = k}| copies of channel k:
+ones to channels drawn uniformly without replacement, seeded, starting a fresh permutation every I0
+channels). Up to 2x growth no channel has more than two copies, so the division below is by 1 or 2 and
+exact in binary floating point. With c_k = |{j : g(j) = k}| copies of channel k:
 
     W_gate'[j, :] = W_gate[g(j), :]      W_up'[j, :] = W_up[g(j), :]
     W_down'[:, j] = W_down[:, g(j)] / c_{g(j)}
@@ -25,7 +27,9 @@ def channel_map(intermediate: int, new_intermediate: int, seed: int) -> torch.Te
     if new_intermediate < intermediate:
         raise ValueError(f"new size {new_intermediate} is below the current {intermediate}; use pruning")
     generator = torch.Generator().manual_seed(seed)
-    extra = torch.randint(intermediate, (new_intermediate - intermediate,), generator=generator)
+    rounds = -(-(new_intermediate - intermediate) // intermediate) if intermediate else 0
+    draws = [torch.randperm(intermediate, generator=generator) for _ in range(rounds)]
+    extra = torch.cat(draws)[: new_intermediate - intermediate] if draws else torch.empty(0, dtype=torch.long)
     return torch.cat([torch.arange(intermediate), extra])
 
 

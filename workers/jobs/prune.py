@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.eval.texts import calibration_windows
+from workers.eval.texts import calibration_windows, instruction_windows
 from workers.jobs.context import JobContext
 from workers.jobs.models import heldout_perplexity, load_model, save_model
 from workers.jobs.publish import publish_model
@@ -33,9 +33,11 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["compare_random"] and spec["mode"] != "random":
             baseline = prune(model, target, calibration, "random", spec["seed"])
             ppl["random"] = heldout_perplexity(baseline.model, tokenizer)
-        healing = spec.get("heal")
+        healing = dict(spec.get("heal") or {})
         if healing:
-            healed = heal(result.model, model, calibration, progress=ctx.progress, **healing)
+            data = healing.pop("data", "calibration")
+            texts = instruction_windows(tokenizer, spec["seq_len"]) if data == "instructions" else calibration
+            healed = heal(result.model, model, texts, progress=ctx.progress, **healing)
             ppl["healed"] = heldout_perplexity(result.model, tokenizer)
             report["heal"] = {
                 "steps": healed.steps,

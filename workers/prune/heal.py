@@ -19,6 +19,8 @@ from torch import nn
 from workers.device import default_device
 from workers.prune.layers import Progress
 
+GAP_WINDOWS = 8  # kd_before / kd_after are measured on the first this-many batches
+
 
 @dataclass
 class HealReport:
@@ -92,7 +94,7 @@ def heal(
     student.to(device)
     teacher.to(device).eval()
     report = HealReport(steps=steps, device=str(device))
-    report.kd_before = distillation_gap(student, teacher, batches, temperature)
+    report.kd_before = distillation_gap(student, teacher, batches[:GAP_WINDOWS], temperature)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     student.train()
     try:
@@ -111,7 +113,7 @@ def heal(
                 progress(step + 1, steps, f"heal loss {loss.item():.4f}")
     finally:
         student.eval()
-    report.kd_after = distillation_gap(student, teacher, batches, temperature)
+    report.kd_after = distillation_gap(student, teacher, batches[:GAP_WINDOWS], temperature)
     student.to(homes[0])
     teacher.to(homes[1])
     return report

@@ -6,14 +6,20 @@ For a batch with response tokens R (positions whose next token is a target) and 
     CE_n = (1/|R|) sum_{t in R} -log softmax(LMHead(FinalNorm(h_n(t))))[y_t],
 
 where h_n is the hidden state after decoder layer n, and FinalNorm and LMHead are the model's own, shared by
-all exits (no new parameters). All exits come from one pass through max(E) layers (`hidden_at_exits`), and
-the head runs only on the positions in R. The optimiser is AdamW with linear warmup, then linear decay to 0.
-On CUDA the forward pass runs under bfloat16 autocast (the weights and optimiser state stay float32); on CPU
-only when asked (`bf16_on_cpu`).
+all exits (no new parameters). With `distill`, the one-hot target y_t is replaced by the source model's own
+full-depth distribution q_t (a frozen copy taken before training), CE_n = -(1/|R|) sum_t sum_v q_t(v) log
+p_n(v | t): every exit learns the whole distribution of the original model, and the full-depth term starts
+at its minimum instead of pulling the model towards the data's tokens.
+
+All exits come from one pass through max(E) layers (`hidden_at_exits`), and the head runs only on the
+positions in R. The optimiser is AdamW with linear warmup, then linear decay to 0. On CUDA the forward
+pass runs under bfloat16 autocast (the weights and optimiser state stay float32); on CPU only when asked
+(`bf16_on_cpu`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -79,6 +85,15 @@ class SortConfig(BaseModel):
     )
     gradient_checkpointing: bool = False
     packing: bool = False
+    distill: bool = Field(
+        default=False,
+        description="targets: the source model's full-depth distribution instead of the data's next tokens",
+    )
+    freeze_embeddings: bool = Field(
+        default=False,
+        description="keep the token embeddings and the LM head (shared by every exit) fixed; trains faster "
+        "and moves the full-depth model less",
+    )
 
     @model_validator(mode="after")
     def _one_length(self) -> SortConfig:
@@ -123,14 +138,21 @@ def exit_losses(
     labels: torch.Tensor,
     exits: Sequence[int],
     attention_mask: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[int, torch.Tensor]:
-    """CE_n for each exit n: token-mean next-token cross-entropy over positions with a label (not -100)."""
+    """CE_n for each exit n: token-mean next-token cross-entropy over positions with a label (not -100);
+    against the teacher's full-depth distribution at those positions when a teacher is given."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
         raise ValueError("the batch has no response tokens to train on")
+    wanted: torch.Tensor = targets[keep]
+    if teacher is not None:
+        with torch.no_grad():
+            depth = num_layers(teacher)
+            last = hidden_at_exits(teacher, input_ids, [depth], attention_mask)[depth]
+            wanted = F.softmax(teacher.lm_head(last[:, :-1][keep]).float(), dim=-1)
     hidden = hidden_at_exits(model, input_ids, exits, attention_mask)
-    wanted = targets[keep]
     out = {}
     for depth in sorted(hidden):
         logits = model.lm_head(hidden[depth][:, :-1][keep])
@@ -144,9 +166,10 @@ def sorted_loss(
     labels: torch.Tensor,
     exits: Sequence[int],
     attention_mask: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """(mean over exits of CE_n, {n: CE_n})."""
-    losses = exit_losses(model, input_ids, labels, exits, attention_mask)
+    losses = exit_losses(model, input_ids, labels, exits, attention_mask, teacher)
     return torch.stack(list(losses.values())).mean(), losses
 
 
@@ -170,6 +193,25 @@ def _checkpointing(model: nn.Module, enable: bool) -> None:
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """The model as it is now, in eval mode and without gradients: the distillation teacher."""
+    teacher = copy.deepcopy(model).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def _freeze_embeddings(model: nn.Module) -> list[nn.Parameter]:
+    """Stop gradients to the input embeddings and the LM head; returns the parameters it froze."""
+    frozen = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        for param in module.parameters() if module is not None else ():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                frozen.append(param)
+    return frozen
 
 
 def _optimizer(model: nn.Module, config: SortConfig) -> torch.optim.Optimizer:
@@ -213,6 +255,8 @@ def train_sorted(
 
     torch.manual_seed(config.seed)
     model.to(device).train()
+    frozen = _freeze_embeddings(model) if config.freeze_embeddings else []
+    teacher = _frozen_copy(model) if config.distill else None
     if config.gradient_checkpointing:
         _checkpointing(model, True)
     optimizer = _optimizer(model, config)
@@ -229,7 +273,7 @@ def train_sorted(
             batch: Batch = next(stream).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, per_exit = sorted_loss(
-                    model, batch.input_ids, batch.labels, exits, batch.attention_mask
+                    model, batch.input_ids, batch.labels, exits, batch.attention_mask, teacher
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -247,6 +291,8 @@ def train_sorted(
             _checkpointing(model, False)
         model.eval()
         optimizer.zero_grad(set_to_none=True)
+        for param in frozen:
+            param.requires_grad_(True)
     tail = history[-max(1, total // 10) :]
     return TrainReport(
         exits=exits,
