@@ -131,3 +131,28 @@ def test_bad_transform_jobs_are_422(server, talker, body, message):
     with server.client() as c:
         r = c.post("/v1/jobs", json=body)
     assert r.status_code == 422 and message in r.text, r.text
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "kind: sparsify\nmodel: talker-tuned\nbase: talker-base\nmethod: magnitude\ndensity: 0.5\n"
+        "name: talker-cli-sparse\n",
+        "kind: prune\nmodel: talker-base\ntarget: {num_hidden_layers: 3}\ncalibration_windows: 2\n"
+        "name: talker-cli-pruned\n",
+        "kind: grow\nmodel: talker-base\ninsert_after: [1]\nname: talker-cli-grown\n",
+    ],
+)
+def test_transform_jobs_run_through_strata_submit(server, talker, tmp_path, spec):
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    path = tmp_path / "job.yml"
+    path.write_text(spec)
+    outcome = CliRunner().invoke(app, ["submit", str(path), "--wait", "--server", server.url])
+    assert outcome.exit_code == 0, outcome.output
+    name = spec.split("name: ")[1].strip()
+    with server.client() as c:
+        record = c.get(f"/v1/models/{name}").json()["strata"]
+    assert record["recipe"]["kind"] == spec.split("\n")[0].split(": ")[1]
