@@ -22,6 +22,10 @@ current interpreter when there is one (the test extra installs it), only for the
 and otherwise leaves the mergekit columns out. Ends with one line:
 
     merge: wall_ratio_max=<x> rss_ratio_max=<x> max_abs_diff=<x> floor_multiple_max=<x>
+
+over linear, task_arithmetic, ties and dare_ties. One more row, ties_exact, runs the ties recipe with
+Strata's `tie_break: mergekit` (mergekit's choice among entries tied at the trim threshold, at the cost of
+its full sort); it has target lines of its own and stays out of the summary line.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ from bench.random_llama import (  # noqa: E402
     write_random_llama,
 )
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
-DETERMINISTIC = {"linear", "task_arithmetic", "ties"}
+METHODS = ("linear", "task_arithmetic", "ties", "ties_exact", "dare_ties")
+DETERMINISTIC = {"linear", "task_arithmetic", "ties", "ties_exact"}
+EXTRA = {"ties_exact"}  # reported, but outside the summary line
+STRATA_ONLY_KEYS = {"ties_exact": "tie_break: mergekit\n"}  # appended to Strata's copy of the recipe
 MERGEKIT_VENV = ROOT / ".cache" / "mergekit-venv"
 MERGEKIT_PINS = ("torch==2.13.0", "mergekit==0.1.5")
 VARIANT_SCALE = 1e-3  # rms(delta) / rms(weights) of the fine-tune-like variants
@@ -107,6 +113,7 @@ models:
 dtype: float32
 """,
 }
+RECIPES["ties_exact"] = RECIPES["ties"]
 
 
 @dataclass
@@ -391,6 +398,8 @@ def diff_notes(results: list[MethodResult]) -> list[str]:
 
 
 def summary(results: list[MethodResult], floor: float) -> tuple[str, list[str]]:
+    extra = [r for r in results if r.method in EXTRA]
+    results = [r for r in results if r.method not in EXTRA]
     wall = {
         r.method: median([x.wall for x in r.strata]) / median([x.wall for x in r.mergekit])
         for r in results
@@ -418,6 +427,12 @@ def summary(results: list[MethodResult], floor: float) -> tuple[str, list[str]]:
     if diffs:
         checks.append(_check("max abs diff", diff_max, TARGETS["diff"], ".1e"))
     checks.append(_check("max I/O floor multiple", floor_max, TARGETS["floor"]))
+    for r in extra:
+        if r.mergekit:
+            ratio = median([x.wall for x in r.strata]) / median([x.wall for x in r.mergekit])
+            checks.append(_check(f"{r.method} wall ratio", ratio, TARGETS["ties_wall"]))
+        if r.diff is not None:
+            checks.append(_check(f"{r.method} max abs diff", r.diff.max_abs, TARGETS["diff"], ".1e"))
     return line, checks
 
 
@@ -565,18 +580,19 @@ def bench_method(
     method: str, models: dict[str, Path], work: Path, runs: int, mergekit: Path | None
 ) -> MethodResult:
     """`runs` alternating mergekit / Strata runs of one recipe, and their outputs compared."""
-    yml = work / f"{method}.yml"
+    yml, strata_yml = work / f"{method}.yml", work / f"{method}.strata.yml"
     yml.write_text(RECIPES[method].format(**models))
+    strata_yml.write_text(RECIPES[method].format(**models) + STRATA_ONLY_KEYS.get(method, ""))
     result = MethodResult(method)
     for i in range(runs):
         if mergekit:
             result.mergekit.append(run_mergekit(mergekit, yml, work / "out-mergekit", work / "mergekit.log"))
-        result.strata.append(run_strata(yml, work / "out-strata", work / "strata.log"))
+        result.strata.append(run_strata(strata_yml, work / "out-strata", work / "strata.log"))
         other = f", mergekit {result.mergekit[-1].wall:.2f} s" if mergekit else ""
         print(f"{method} run {i + 1}/{runs}: strata {result.strata[-1].wall:.2f} s{other}", flush=True)
     if mergekit and method in DETERMINISTIC:
         trim = None
-        if method == "ties":  # the recipe trims both fine-tunes at density 0.5
+        if method in ("ties", "ties_exact"):  # the recipe trims both fine-tunes at density 0.5
             trim = [(models["base"], 1.0), (models["dense"], 0.5), (models["lowrank"], 0.5)]
         result.diff = compare(work / "out-strata", work / "out-mergekit", trim)
     shutil.rmtree(work / "out-strata", ignore_errors=True)

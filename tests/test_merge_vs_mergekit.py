@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import make_tiny_llama, make_variant
 from workers.merge.config import load_merge_config
@@ -83,9 +83,8 @@ def family(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_strata_matches_mergekit(family, tmp_path, recipe):
-    text = RECIPES[recipe].format(base=family / "base", a=family / "a", b=family / "b")
+def max_diff_to_mergekit(text: str, tmp_path: Path, strata_extra: str = "") -> float:
+    """Run the YAML through mergekit-yaml and Strata (with `strata_extra` appended); max |difference|."""
     (tmp_path / "merge.yml").write_text(text)
     subprocess.run(
         [
@@ -98,18 +97,47 @@ def test_strata_matches_mergekit(family, tmp_path, recipe):
         check=True,
         capture_output=True,
     )
-    config = load_merge_config(text)
+    config = load_merge_config(text + strata_extra)
     paths = {ref: Path(ref) for ref in config.input_models}
     (tmp_path / "strata").mkdir()
     merge_models(config, paths, tmp_path / "strata", device=torch.device("cpu"))
-
     theirs = {}
     for f in (tmp_path / "mk").glob("*.safetensors"):
         theirs.update(load_file(f))
     ours = load_file(tmp_path / "strata" / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)
-    assert worst <= 1e-6, f"max |strata - mergekit| = {worst}"
-    base = load_file(family / "base" / "model.safetensors")
+    base = load_file(Path(next(iter(paths.values()))) / "model.safetensors")
     assert any(not torch.equal(ours[k], base[k]) for k in ours)  # the merge did something
     shutil.rmtree(tmp_path / "mk")
+    shutil.rmtree(tmp_path / "strata")
+    return max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_strata_matches_mergekit(family, tmp_path, recipe):
+    text = RECIPES[recipe].format(base=family / "base", a=family / "a", b=family / "b")
+    worst = max_diff_to_mergekit(text, tmp_path)
+    assert worst <= 1e-6, f"max |strata - mergekit| = {worst}"
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    """Base and variants on a 1/256 grid, so |delta| takes a handful of exact values: the TIES trim
+    threshold is shared by many entries and the tie-break decides which of them survive."""
+    root = tmp_path_factory.mktemp("tied")
+    make_tiny_llama(root / "base", seed=0)
+    weights = load_file(root / "base" / "model.safetensors")
+    grid = {name: torch.round(w * 256) / 256 for name, w in weights.items()}
+    save_file(grid, root / "base" / "model.safetensors", metadata={"format": "pt"})
+    for name, seed in (("a", 1), ("b", 2)):
+        shutil.copytree(root / "base", root / name)
+        generator = torch.Generator().manual_seed(seed)
+        moved = {k: w + torch.randint(-2, 3, w.shape, generator=generator) / 256 for k, w in grid.items()}
+        save_file(moved, root / name / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+def test_tie_break_mergekit_reproduces_mergekit_ties_exactly(tied_family, tmp_path):
+    text = RECIPES["ties"].format(base=tied_family / "base", a=tied_family / "a", b=tied_family / "b")
+    assert max_diff_to_mergekit(text, tmp_path) > 1e-3  # the default keeps other tied entries
+    assert max_diff_to_mergekit(text, tmp_path, "tie_break: mergekit\n") == 0.0

@@ -79,6 +79,7 @@ def _group(
         key: resolve(key, method.global_params, config.parameters, tensor_name=name, t=t)
         for key in method.global_params
     }
+    params["tie_break"] = config.tie_break
     generators = (
         [torch.Generator().manual_seed(tensor_seed(config.seed, name, i)) for i in range(len(entries))]
         if method.random

@@ -45,10 +45,12 @@ def delta_magnitude(tensor: torch.Tensor, base: torch.Tensor) -> Entries:
 class TopK:
     """The k largest of n values: every value > `threshold`, and the first k - #(> threshold) values
     equal to it, in index order (the last of them at index `cut`). Exactly k entries, as a stable
-    descending sort's first k would be."""
+    descending sort's first k would be. When `tied` is set, it lists instead (sorted) the positions of
+    the entries equal to `threshold` that are kept."""
 
     threshold: torch.Tensor
     cut: int
+    tied: torch.Tensor | None = None
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -63,6 +65,24 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     index = torch.arange(delta.numel(), device=delta.device)
     keep = (magnitude > top.threshold) | ((magnitude == top.threshold) & (index <= top.cut))
     return keep.reshape(delta.shape)
+
+
+def mergekit_tie_choice(values: torch.Tensor | Entries, k: int, top: TopK, n: int | None = None) -> TopK:
+    """`top` with mergekit 0.1.5's choice among the entries equal to the threshold.
+
+    mergekit keeps the first k of torch.argsort(|d|, descending=True), an unstable sort: which of the
+    entries tied with the k-th largest it keeps depends on the whole tensor, so only the same full sort
+    (on the CPU, as mergekit runs it) reproduces it. The sort runs only when such ties straddle the cut.
+    """
+    at = values.__getitem__ if isinstance(values, torch.Tensor) else values
+    n = values.numel() if n is None else n
+    flat = at(slice(0, n)).cpu()
+    equal = flat == top.threshold.cpu()
+    if int(equal.sum()) == k - int((flat > top.threshold.cpu()).sum()):
+        return top  # every tied entry is kept: nothing to choose
+    first = torch.argsort(flat, descending=True)[:k]
+    kept = first[equal[first]].sort().values
+    return TopK(top.threshold, top.cut, tied=kept.to(top.threshold.device))
 
 
 def kth_largest(values: torch.Tensor | Entries, k: int, n: int | None = None) -> torch.Tensor:

@@ -53,7 +53,14 @@ class TaskVector:
     def delta(self, s: slice, base: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """d~_i on slice `s` of the flattened tensors (`base` is theta_base already sliced)."""
         torch.sub(self.tensor.reshape(-1)[s], base, out=out)
-        if self.top is not None:  # |d| >= tau up to index `cut`, |d| > tau after it
+        if self.top is not None and self.top.tied is not None:  # |d| > tau, and the listed ties
+            bounds = torch.tensor([s.start, s.start + out.numel()], device=self.top.tied.device)
+            lo, hi = torch.searchsorted(self.top.tied, bounds).tolist()
+            where = (self.top.tied[lo:hi] - s.start).to(out.device)
+            kept = out[where]
+            hardshrink(out, self._above, out=out)
+            out[where] = kept
+        elif self.top is not None:  # |d| >= tau up to index `cut`, |d| > tau after it
             split = min(max(self.top.cut + 1 - s.start, 0), out.numel())
             if split > 0:
                 hardshrink(out[:split], self._at_least, out=out[:split])

@@ -1,7 +1,8 @@
 """TIES merging (arXiv 2306.01708): trim, elect sign, disjoint merge.
 
 1. trim:  d~_i = the k = max(1, int(density_i * numel)) entries of largest |d_i| (exactly k; among
-   entries tied with the k-th largest, the first in flat order), the rest zero
+   entries tied with the k-th largest, the first in flat order, or with `tie_break: mergekit` the ones
+   mergekit's unstable full argsort keeps), the rest zero
    (with `rescale`, d~_i *= ||d_i||_1 / ||d~_i||_1, as mergekit does)
 2. elect: s = sign(sum_i w_i * d~_i)
 3. merge: theta = theta_base + lambda * sum_i [sign(w_i d~_i) == s] w_i d~_i / sum_i [sign(w_i d~_i) == s] w_i
@@ -15,13 +16,24 @@ from __future__ import annotations
 import torch
 
 from workers.merge.registry import TensorGroup, register
-from workers.merge.sparsify import chunk_size, delta_magnitude, l1_rescale_factor, top_k
+from workers.merge.sparsify import (
+    chunk_size,
+    delta_magnitude,
+    l1_rescale_factor,
+    mergekit_tie_choice,
+    top_k,
+)
 from workers.merge.task_arithmetic import COMMON
 from workers.merge.task_vectors import TaskVector, combine
 
 
 def trimmed(
-    tensor: torch.Tensor, base: torch.Tensor, weight: float, density: float, rescale: bool
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    weight: float,
+    density: float,
+    rescale: bool,
+    tie_break: str = "first",
 ) -> TaskVector:
     """Model i's TIES task vector: its top k found on the whole delta (and the L1 rescale)."""
     if density >= 1:
@@ -32,6 +44,8 @@ def trimmed(
     k = max(1, int(density * n))
     magnitude = delta_magnitude(tensor, base)
     top = top_k(magnitude, k, n)
+    if tie_break == "mergekit":
+        top = mergekit_tie_choice(magnitude, k, top, n)
     scale = l1_rescale_factor(magnitude, n, k, top, chunk_size(base.device)) if rescale else 1.0
     return TaskVector(tensor, weight, top=top, scale=scale)
 
@@ -43,9 +57,9 @@ def trimmed(
     global_params={**COMMON, "normalize": True},
 )
 def ties(group: TensorGroup) -> torch.Tensor:
-    rescale = group.params["rescale"]
+    rescale, tie_break = group.params["rescale"], group.params.get("tie_break", "first")
     vectors = [
-        trimmed(tensor, group.base, p["weight"], p["density"], rescale)
+        trimmed(tensor, group.base, p["weight"], p["density"], rescale, tie_break)
         for tensor, p in zip(group.tensors, group.model_params, strict=True)
     ]
     return combine(
