@@ -168,10 +168,10 @@ def target(before: dict, after: dict, layers: int) -> dict:
 
 def training_data(work: Path) -> Path:
     """WORK/sft.jsonl when the data stage wrote one, else the shipped workers/data/sft.jsonl."""
-    from importlib.resources import files
+    from workers.train.data import shipped_data_path
 
     generated = work / "sft.jsonl"
-    return generated if generated.exists() else Path(str(files("workers").joinpath("data", "sft.jsonl")))
+    return generated if generated.exists() else shipped_data_path()
 
 
 def stage_train(args, device, results) -> None:

@@ -83,8 +83,9 @@ def family(tmp_path_factory):
     return root
 
 
-def max_diff_to_mergekit(text: str, tmp_path: Path, strata_extra: str = "") -> float:
-    """Run the YAML through mergekit-yaml and Strata (with `strata_extra` appended); max |difference|."""
+def max_diff_to_mergekit(text: str, base: Path, tmp_path: Path, strata_extra: str = "") -> float:
+    """Run the YAML through mergekit-yaml and Strata (with `strata_extra` appended); max |difference|.
+    Also checks the merge changed something relative to `base`."""
     (tmp_path / "merge.yml").write_text(text)
     subprocess.run(
         [
@@ -106,8 +107,8 @@ def max_diff_to_mergekit(text: str, tmp_path: Path, strata_extra: str = "") -> f
         theirs.update(load_file(f))
     ours = load_file(tmp_path / "strata" / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    base = load_file(Path(next(iter(paths.values()))) / "model.safetensors")
-    assert any(not torch.equal(ours[k], base[k]) for k in ours)  # the merge did something
+    source = load_file(base / "model.safetensors")
+    assert any(not torch.equal(ours[k], source[k]) for k in ours)  # the merge did something
     shutil.rmtree(tmp_path / "mk")
     shutil.rmtree(tmp_path / "strata")
     return max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)
@@ -116,7 +117,7 @@ def max_diff_to_mergekit(text: str, tmp_path: Path, strata_extra: str = "") -> f
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_strata_matches_mergekit(family, tmp_path, recipe):
     text = RECIPES[recipe].format(base=family / "base", a=family / "a", b=family / "b")
-    worst = max_diff_to_mergekit(text, tmp_path)
+    worst = max_diff_to_mergekit(text, family / "base", tmp_path)
     assert worst <= 1e-6, f"max |strata - mergekit| = {worst}"
 
 
@@ -139,5 +140,6 @@ def tied_family(tmp_path_factory):
 
 def test_tie_break_mergekit_reproduces_mergekit_ties_exactly(tied_family, tmp_path):
     text = RECIPES["ties"].format(base=tied_family / "base", a=tied_family / "a", b=tied_family / "b")
-    assert max_diff_to_mergekit(text, tmp_path) > 1e-3  # the default keeps other tied entries
-    assert max_diff_to_mergekit(text, tmp_path, "tie_break: mergekit\n") == 0.0
+    base = tied_family / "base"
+    assert max_diff_to_mergekit(text, base, tmp_path) > 1e-3  # the default keeps other tied entries
+    assert max_diff_to_mergekit(text, base, tmp_path, "tie_break: mergekit\n") == 0.0

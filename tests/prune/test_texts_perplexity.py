@@ -54,17 +54,15 @@ def test_calibration_windows_use_the_calibration_text():
 
 
 def test_instruction_windows_concatenate_the_chat_rendered_instruction_set():
-    from importlib.resources import files
-
     from tests.generation.conftest import character_tokenizer
     from tests.train.conftest import CHAT_TEMPLATE
     from workers.eval.texts import instruction_windows
-    from workers.train.data import encode_records, read_jsonl
+    from workers.train.data import encode_records, read_jsonl, shipped_data_path
 
     tokenizer = character_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     parts = instruction_windows(tokenizer, seq_len=512)
-    records = read_jsonl(files("workers").joinpath("data", "sft.jsonl"))
+    records = read_jsonl(shipped_data_path())
     expected = [t for example in encode_records(tokenizer, records[:2]) for t in example.input_ids]
     assert torch.cat([p[0] for p in parts])[: len(expected)].tolist() == expected
     assert len(parts) > 100 and all(p.shape == (1, 512) for p in parts[:-1])

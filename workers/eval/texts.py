@@ -53,13 +53,11 @@ def calibration_windows(
     return windows(encode(tokenizer, calibration_text() if text is None else text), seq_len, max_windows)
 
 
-def instruction_windows(
-    tokenizer, seq_len: int = 256, max_windows: int | None = None, name: str = "sft.jsonl"
-) -> list[torch.Tensor]:
+def instruction_windows(tokenizer, seq_len: int = 256, max_windows: int | None = None) -> list[torch.Tensor]:
     """Token windows of the bundled instruction set (workers/data/sft.jsonl): every conversation rendered
     with the tokenizer's chat template, the conversations concatenated, then cut like calibration text."""
-    from workers.train.data import encode_records, read_jsonl
+    from workers.train.data import encode_records, read_jsonl, shipped_data_path
 
-    records = read_jsonl(files("workers").joinpath("data", name))
+    records = read_jsonl(shipped_data_path())
     ids = [token for example in encode_records(tokenizer, records) for token in example.input_ids]
     return windows(torch.tensor(ids, dtype=torch.long), seq_len, max_windows)

@@ -133,6 +133,11 @@ class _Stats:
     verify_ms: float = 0.0
     total_ms: float = 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted / drafted (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
 
 class _Decoder:
     """One speculative generation; `events()` yields TokenEvents and finally a FinishEvent."""
@@ -267,7 +272,7 @@ class _Decoder:
                 "num_draft_tokens": self.m,
                 "drafted": self.stats.drafted,
                 "accepted": self.stats.accepted,
-                "acceptance_rate": self.stats.accepted / self.stats.drafted if self.stats.drafted else 0.0,
+                "acceptance_rate": self.stats.acceptance_rate,
                 "iterations": self.stats.iterations,
             },
         )
@@ -354,6 +359,6 @@ def speculative_generate(
         draft_ms=stats.draft_ms,
         verify_ms=stats.verify_ms,
         ms=stats.total_ms,
-        acceptance_rate=stats.accepted / stats.drafted if stats.drafted else 0.0,
+        acceptance_rate=stats.acceptance_rate,
         tokens_per_iteration=len(finish.token_ids) / stats.iterations if stats.iterations else 0.0,
     )

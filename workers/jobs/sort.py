@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
 from typing import Any
 
 from workers.generation.engine import EarlyExitEngine
@@ -12,10 +11,8 @@ from workers.jobs.context import JobContext
 from workers.jobs.models import load_model, save_model
 from workers.jobs.publish import publish_model
 from workers.store.references import resolve_model, resolve_path
-from workers.train.data import read_jsonl
+from workers.train.data import read_jsonl, shipped_data_path
 from workers.train.sorted_ft import SortConfig, train_sorted
-
-SHIPPED_DATA = "sft.jsonl"
 
 
 def sort_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +24,7 @@ def sort_job(spec: dict[str, Any]) -> dict[str, Any]:
     elif spec.get("data"):
         records = read_jsonl(resolve_path(spec["data"], s.import_roots, directory=False))
     else:
-        records = read_jsonl(files("workers").joinpath("data", SHIPPED_DATA))
+        records = read_jsonl(shipped_data_path())
     config = SortConfig.model_validate(
         {k: spec[k] for k in SortConfig.model_fields if spec.get(k) is not None}
     )

@@ -40,11 +40,7 @@ def block_influence(
         return hook
 
     handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        run_forward(model, batches, progress, "block influence")
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_forward(model, batches, progress, "block influence", hooks=handles)
     if tokens.min() == 0:
         raise ValueError("no calibration tokens reached the decoder layers")
     return (1.0 - cos_sum / tokens).tolist()

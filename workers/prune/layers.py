@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from workers.early_exit.forward import decoder_stack
 
@@ -61,11 +62,17 @@ def run_forward(
     batches: Sequence[torch.Tensor],
     progress: Progress | None = None,
     message: str = "calibration",
+    hooks: Sequence[RemovableHandle] = (),
 ) -> None:
-    """Feed each batch of ids through the model once (for the hooks that are listening), no grad, no cache."""
+    """Feed each batch of ids through the model once (for the hooks that are listening), no grad, no cache;
+    then remove `hooks`, also when a batch fails."""
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for done, ids in enumerate(batches):
-            model(input_ids=ids.to(device), use_cache=False)
-            if progress is not None:
-                progress(done + 1, len(batches), message)
+    try:
+        with torch.inference_mode():
+            for done, ids in enumerate(batches):
+                model(input_ids=ids.to(device), use_cache=False)
+                if progress is not None:
+                    progress(done + 1, len(batches), message)
+    finally:
+        for handle in hooks:
+            handle.remove()

@@ -73,11 +73,7 @@ def activation_scores(
     for i, layer in enumerate(layers):
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook(i)))
-    try:
-        run_forward(model, batches, progress, "activation statistics")
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_forward(model, batches, progress, "activation statistics", hooks=handles)
     if tokens.min() == 0:
         raise ValueError("no calibration tokens reached the decoder layers")
     mlp = [

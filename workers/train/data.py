@@ -21,6 +21,7 @@ import json
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,11 @@ def validate_record(record: Any, line: int | None = None) -> dict[str, Any]:
             raise DataError(f"{where}'response' is empty")
         return dict(record)
     raise DataError(f"{where}expected either 'messages' or 'prompt' and 'response'")
+
+
+def shipped_data_path() -> Path:
+    """The bundled instruction set, workers/data/sft.jsonl (its origin: workers/data/SFT_DATA.md)."""
+    return Path(str(files("workers").joinpath("data", "sft.jsonl")))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
