@@ -109,3 +109,16 @@ def test_kth_largest_is_exact_on_large_tensors(k):
     values = torch.randn(1 << 20).abs()
     values[:1000] = values[1000]  # ties
     assert kth_largest(values, k).item() == values.sort(descending=True).values[k - 1].item()
+
+
+@pytest.mark.parametrize("n", [1000, 1 << 20])  # the direct selection, and the sample-bracketed one
+def test_top_k_counts_the_tied_entries_it_drops(n):
+    from workers.merge.sparsify import top_k
+
+    values = torch.randn(n).abs()
+    values[: n // 10] = values.median()  # a tenth of the entries tie at the threshold of k = n / 2
+    top = top_k(values, n // 2)
+    above = int((values > top.threshold).sum())
+    tied = int((values == top.threshold).sum())
+    assert top.threshold == values.median()
+    assert top.dropped == tied - (n // 2 - above) > 0

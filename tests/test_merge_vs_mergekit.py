@@ -138,8 +138,8 @@ def tied_family(tmp_path_factory):
     return root
 
 
-def test_tie_break_mergekit_reproduces_mergekit_ties_exactly(tied_family, tmp_path):
+def test_ties_keeps_the_tied_entries_mergekit_keeps(tied_family, tmp_path):
     text = RECIPES["ties"].format(base=tied_family / "base", a=tied_family / "a", b=tied_family / "b")
     base = tied_family / "base"
-    assert max_diff_to_mergekit(text, base, tmp_path) > 1e-3  # the default keeps other tied entries
-    assert max_diff_to_mergekit(text, base, tmp_path, "tie_break: mergekit\n") == 0.0
+    assert max_diff_to_mergekit(text, base, tmp_path) == 0.0  # default tie_break: mergekit
+    assert max_diff_to_mergekit(text, base, tmp_path, "tie_break: first\n") > 1e-3  # other tied entries

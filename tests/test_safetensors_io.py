@@ -22,6 +22,26 @@ def test_reader_reads_what_safetensors_wrote(tmp_path):
         assert sorted(reader.names) == sorted(tensors)
         for name, t in tensors.items():
             assert torch.equal(reader.load(name), t)
+            assert torch.equal(reader.map(name), t)
+
+
+def test_mapped_tensor_is_private_to_the_process(tmp_path):
+    save_file({"w": torch.randn(4096, 3)}, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    with TensorReader(tmp_path) as reader:
+        mapped = reader.map("w")
+        mapped.mul_(0)  # copy-on-write: only this process's pages change
+        assert not mapped.any()
+        assert reader.load("w").abs().sum() > 0
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_map_of_a_truncated_file_says_so(tmp_path):
+    save_file({"w": torch.randn(1000)}, tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with TensorReader(tmp_path) as reader, pytest.raises(SafetensorsError, match="truncated"):
+        reader.map("w")
 
 
 def test_sharded_writer_output_loads_with_safetensors_and_is_indexed(tmp_path):

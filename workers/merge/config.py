@@ -66,10 +66,11 @@ class MergeConfig(BaseModel):
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, description="Seed for the random methods (dare_*)")
-    tie_break: Literal["first", "mergekit"] = Field(
-        default="first",
-        description="ties trim, among entries equal to the k-th largest |delta|: the first in flat order "
-        "(fast), or the ones mergekit 0.1.5 keeps (bit-identical output; costs a full sort per such tensor)",
+    tie_break: Literal["mergekit", "first"] = Field(
+        default="mergekit",
+        description="ties trim, among entries equal to the k-th largest |delta|: the ones mergekit 0.1.5 "
+        "keeps on the CPU (bit-identical output), or the first in flat order (a stable sort's choice, a "
+        "little faster)",
     )
 
     @field_validator("merge_method")

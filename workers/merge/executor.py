@@ -1,20 +1,19 @@
 """Run a merge recipe tensor by tensor: read the same-named tensor from every input, merge, write.
 
-Peak memory is a few tensors times the number of models, whatever the model size. A background thread
-reads the next tensor group and writes the previous result while the current one is merged, so the
-disk and the arithmetic overlap; on the CPU the arithmetic runs on one thread (the methods work on
-cache-sized slices, where torch's intra-op threads cost more than they give, most of all on a busy
-machine), leaving the other cores to the I/O thread.
+Peak memory is a few tensors times the number of models, whatever the model size. Inputs are memory-
+mapped tensor by tensor (no read copy), and a background thread maps the next tensor group and writes
+the previous result while the current one is merged, so the disk and the arithmetic overlap. The
+arithmetic uses torch's intra-op threads (all cores unless the process says otherwise, e.g. with
+OMP_NUM_THREADS or torch.set_num_threads).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +122,7 @@ def merge_models(
             dtype = compute_dtype or entry.dtype
 
             def load(ref: str) -> torch.Tensor:
-                return readers[ref].load(name).to(device=device, dtype=dtype)
+                return readers[ref].map(name).to(device=device, dtype=dtype)
 
             base = load(config.base_model) if method.needs_base else None
             return base, [load(e.model) for e in config.merged_entries]
@@ -131,7 +130,7 @@ def merge_models(
         plan = [PlannedTensor(n, target_dtype(e), e.shape) for n, e in entries.items()]
         writer = ShardedWriter(out_dir, plan, max_shard_bytes)
         try:
-            with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io, _compute_threads(device):
+            with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io:
                 names = list(entries)
                 pending = io.submit(load_group, names[0]) if names else None
                 writes = []
@@ -171,18 +170,6 @@ def _drain(writes: list, keep: int) -> list:
     while len(writes) > keep:
         writes.pop(0).result()
     return writes
-
-
-@contextlib.contextmanager
-def _compute_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for the CPU arithmetic, restored afterwards."""
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None) -> None:

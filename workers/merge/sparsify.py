@@ -45,11 +45,12 @@ def delta_magnitude(tensor: torch.Tensor, base: torch.Tensor) -> Entries:
 class TopK:
     """The k largest of n values: every value > `threshold`, and the first k - #(> threshold) values
     equal to it, in index order (the last of them at index `cut`). Exactly k entries, as a stable
-    descending sort's first k would be. When `tied` is set, it lists instead (sorted) the positions of
-    the entries equal to `threshold` that are kept."""
+    descending sort's first k would be; `dropped` entries equal to `threshold` are left out. When `tied`
+    is set, it lists instead (sorted) the positions of the entries equal to `threshold` that are kept."""
 
     threshold: torch.Tensor
     cut: int
+    dropped: int = 0
     tied: torch.Tensor | None = None
 
 
@@ -71,18 +72,22 @@ def mergekit_tie_choice(values: torch.Tensor | Entries, k: int, top: TopK, n: in
     """`top` with mergekit 0.1.5's choice among the entries equal to the threshold.
 
     mergekit keeps the first k of torch.argsort(|d|, descending=True), an unstable sort: which of the
-    entries tied with the k-th largest it keeps depends on the whole tensor, so only the same full sort
-    (on the CPU, as mergekit runs it) reproduces it. The sort runs only when such ties straddle the cut.
+    entries tied with the k-th largest it keeps depends on the whole tensor. `introsort.settle_first_k`
+    follows the CPU sort (as mergekit runs it) to that choice without sorting; it runs only when some
+    tied entries must be dropped.
     """
+    if top.dropped == 0:
+        return top  # every tied entry is kept: nothing to choose
+    from workers.merge.introsort import settle_first_k  # imports numba: only this tie-break needs it
+
     at = values.__getitem__ if isinstance(values, torch.Tensor) else values
     n = values.numel() if n is None else n
-    flat = at(slice(0, n)).cpu()
-    equal = flat == top.threshold.cpu()
-    if int(equal.sum()) == k - int((flat > top.threshold.cpu()).sum()):
-        return top  # every tied entry is kept: nothing to choose
-    first = torch.argsort(flat, descending=True)[:k]
-    kept = first[equal[first]].sort().values
-    return TopK(top.threshold, top.cut, tied=kept.to(top.threshold.device))
+    flat = at(slice(0, n)).cpu().float()
+    if isinstance(values, torch.Tensor):
+        flat = flat.clone()  # reordered in place below: not the caller's tensor
+    first = settle_first_k(flat.numpy(), k)
+    kept = np.sort(first[flat[:k].numpy() == top.threshold.cpu().numpy()])
+    return TopK(top.threshold, top.cut, top.dropped, torch.from_numpy(kept).long().to(top.threshold.device))
 
 
 def kth_largest(values: torch.Tensor | Entries, k: int, n: int | None = None) -> torch.Tensor:
@@ -123,8 +128,7 @@ def top_k(values: torch.Tensor | Entries, k: int, n: int | None = None) -> TopK:
         where.append(position + s.start)
     above, band, where = int(above), torch.cat(band), torch.cat(where)
     if above < k <= above + band.numel():
-        found = _select(band, where, k - above)
-        return TopK(found.threshold, found.cut)
+        return _select(band, where, k - above)
     return _select(torch.cat([at(s) for s in slices(n, chunk)]), torch.arange(n), k)
 
 
@@ -133,7 +137,7 @@ def _select(values: torch.Tensor, positions: torch.Tensor, k: int) -> TopK:
     threshold = _smallest(values, values.numel() - k)
     above = int((values > threshold).sum())
     tied = positions[(values == threshold).to(positions.device)]
-    return TopK(threshold, int(tied[k - above - 1]))
+    return TopK(threshold, int(tied[k - above - 1]), dropped=tied.numel() - (k - above))
 
 
 def _numpy_ok(v: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 """TIES merging (arXiv 2306.01708): trim, elect sign, disjoint merge.
 
 1. trim:  d~_i = the k = max(1, int(density_i * numel)) entries of largest |d_i| (exactly k; among
-   entries tied with the k-th largest, the first in flat order, or with `tie_break: mergekit` the ones
-   mergekit's unstable full argsort keeps), the rest zero
+   entries tied with the k-th largest, the ones mergekit's unstable argsort keeps, or with
+   `tie_break: first` the first in flat order), the rest zero
    (with `rescale`, d~_i *= ||d_i||_1 / ||d~_i||_1, as mergekit does)
 2. elect: s = sign(sum_i w_i * d~_i)
 3. merge: theta = theta_base + lambda * sum_i [sign(w_i d~_i) == s] w_i d~_i / sum_i [sign(w_i d~_i) == s] w_i
@@ -33,7 +33,7 @@ def trimmed(
     weight: float,
     density: float,
     rescale: bool,
-    tie_break: str = "first",
+    tie_break: str = "mergekit",
 ) -> TaskVector:
     """Model i's TIES task vector: its top k found on the whole delta (and the L1 rescale)."""
     if density >= 1:
@@ -57,7 +57,7 @@ def trimmed(
     global_params={**COMMON, "normalize": True},
 )
 def ties(group: TensorGroup) -> torch.Tensor:
-    rescale, tie_break = group.params["rescale"], group.params.get("tie_break", "first")
+    rescale, tie_break = group.params["rescale"], group.params.get("tie_break", "mergekit")
     vectors = [
         trimmed(tensor, group.base, p["weight"], p["density"], rescale, tie_break)
         for tensor, p in zip(group.tensors, group.model_params, strict=True)

@@ -1,7 +1,9 @@
 """Stream tensors in and out of safetensors files one at a time.
 
-Reading: each tensor is read with one positioned read into a fresh buffer, so memory holds only the
-tensors in use (a memory map would keep every touched page resident until the file is closed).
+Reading: `load` reads a tensor with one positioned read into a fresh buffer; `map` maps just that
+tensor's pages of the file, privately (a write to the tensor copies the page and never reaches the
+file), so reading costs no copy and the pages are let go with the tensor. Either way memory holds only
+the tensors in use (one map of the whole file would keep every touched page resident until closed).
 Writing: the output's names, dtypes and shapes are known before the first tensor is merged, so each
 shard's header is written first and tensors are appended as they arrive, in plan order.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -136,6 +139,20 @@ class TensorReader:
                 raise SafetensorsError(f"{entry.file.name}: truncated data for tensor {name}")
             done += n
         return out
+
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor on a private memory map of its own bytes (`load` where a map cannot hold it)."""
+        entry = self.entries[name]
+        skip = entry.begin % mmap.ALLOCATIONGRANULARITY
+        itemsize = torch.empty((), dtype=entry.dtype).element_size()
+        if entry.nbytes == 0 or entry.begin % itemsize or entry.end > entry.file.stat().st_size:
+            return self.load(name)  # nothing to map, misaligned, or truncated (load says so)
+        fd = self._handles.get(entry.file) or self._handles.setdefault(
+            entry.file, os.open(entry.file, os.O_RDONLY)
+        )
+        pages = mmap.mmap(fd, skip + entry.nbytes, access=mmap.ACCESS_COPY, offset=entry.begin - skip)
+        flat = torch.frombuffer(pages, dtype=entry.dtype, count=entry.numel, offset=skip)
+        return flat.view(entry.shape)
 
 
 @dataclass(frozen=True)
