@@ -126,15 +126,20 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def _fd(self, file: Path) -> int:
+        """A read-only descriptor of `file`, opened once per reader."""
+        if file not in self._handles:
+            self._handles[file] = os.open(file, os.O_RDONLY)
+        return self._handles[file]
+
     def load(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
-        if entry.file not in self._handles:
-            self._handles[entry.file] = os.open(entry.file, os.O_RDONLY)
+        fd = self._fd(entry.file)
         out = torch.empty(entry.shape, dtype=entry.dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
         done = 0
         while done < entry.nbytes:
-            n = os.preadv(self._handles[entry.file], [view[done:]], entry.begin + done)
+            n = os.preadv(fd, [view[done:]], entry.begin + done)
             if n <= 0:
                 raise SafetensorsError(f"{entry.file.name}: truncated data for tensor {name}")
             done += n
@@ -143,13 +148,10 @@ class TensorReader:
     def map(self, name: str) -> torch.Tensor:
         """The tensor on a private memory map of its own bytes (`load` where a map cannot hold it)."""
         entry = self.entries[name]
-        skip = entry.begin % mmap.ALLOCATIONGRANULARITY
-        itemsize = torch.empty((), dtype=entry.dtype).element_size()
-        if entry.nbytes == 0 or entry.begin % itemsize or entry.end > entry.file.stat().st_size:
+        fd = self._fd(entry.file)
+        if entry.nbytes == 0 or entry.begin % entry.dtype.itemsize or entry.end > os.fstat(fd).st_size:
             return self.load(name)  # nothing to map, misaligned, or truncated (load says so)
-        fd = self._handles.get(entry.file) or self._handles.setdefault(
-            entry.file, os.open(entry.file, os.O_RDONLY)
-        )
+        skip = entry.begin % mmap.ALLOCATIONGRANULARITY
         pages = mmap.mmap(fd, skip + entry.nbytes, access=mmap.ACCESS_COPY, offset=entry.begin - skip)
         flat = torch.frombuffer(pages, dtype=entry.dtype, count=entry.numel, offset=skip)
         return flat.view(entry.shape)
@@ -163,7 +165,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _split_shards(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
