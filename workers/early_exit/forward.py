@@ -38,16 +38,24 @@ def check_depth(model: nn.Module, depth: int) -> int:
     return depth
 
 
-def hidden_at_exits(
+def residual_at_exits(
     model: nn.Module,
     input_ids: torch.Tensor,
     exits: Iterable[int],
     attention_mask: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Normed hidden states FinalNorm(h_k) for each exit k, from one pass through max(exits) layers."""
-    wanted = sorted({check_depth(model, k) for k in exits})
+    """The residual stream h_k (before the final norm) for each k in `exits`, from one pass through
+    max(exits) layers. k = 0 is the embedding output, k = n the last layer's output. This is the one
+    place that collects hidden states at chosen layers (exit adapters, block replacement, exits)."""
+    n = num_layers(model)
+    wanted = sorted(set(exits))
+    if not wanted or wanted[0] < 0 or wanted[-1] > n:
+        raise ValueError(f"layers must be between 0 and {n}, got {wanted}")
     inner = decoder_stack(model)
     hidden = inner.embed_tokens(input_ids)
+    out: dict[int, torch.Tensor] = {0: hidden} if wanted[0] == 0 else {}
+    if wanted[-1] == 0:
+        return out
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     mask = create_causal_mask(
         config=inner.config,
@@ -57,7 +65,6 @@ def hidden_at_exits(
         position_ids=position_ids,
     )
     position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    out: dict[int, torch.Tensor] = {}
     for index, layer in enumerate(inner.layers[: wanted[-1]]):
         hidden = layer(
             hidden,
@@ -67,8 +74,21 @@ def hidden_at_exits(
             use_cache=False,
         )
         if index + 1 in wanted:
-            out[index + 1] = inner.norm(hidden)
+            out[index + 1] = hidden
     return out
+
+
+def hidden_at_exits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    exits: Iterable[int],
+    attention_mask: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """Normed hidden states FinalNorm(h_k) for each exit k, from one pass through max(exits) layers."""
+    wanted = sorted({check_depth(model, k) for k in exits})
+    inner = decoder_stack(model)
+    residual = residual_at_exits(model, input_ids, wanted, attention_mask)
+    return {k: inner.norm(h) for k, h in residual.items()}
 
 
 def exit_logits(
