@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from workers.early_exit.adapters import ExitAdapters
+
 
 def decoder_stack(model: nn.Module) -> nn.Module:
     """The inner decoder (`model.model` for *ForCausalLM), holding embed_tokens, layers, norm, rotary_emb."""
@@ -83,12 +85,16 @@ def hidden_at_exits(
     input_ids: torch.Tensor,
     exits: Iterable[int],
     attention_mask: torch.Tensor | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Normed hidden states FinalNorm(h_k) for each exit k, from one pass through max(exits) layers."""
+    """Normed hidden states FinalNorm(h_k) (FinalNorm(A_k h_k + b_k) where `adapters` has exit k) for each
+    exit k, from one pass through max(exits) layers."""
     wanted = sorted({check_depth(model, k) for k in exits})
     inner = decoder_stack(model)
     residual = residual_at_exits(model, input_ids, wanted, attention_mask)
-    return {k: inner.norm(h) for k, h in residual.items()}
+    if adapters is None:
+        return {k: inner.norm(h) for k, h in residual.items()}
+    return {k: inner.norm(adapters.apply(h, k)) for k, h in residual.items()}
 
 
 def exit_logits(
@@ -96,7 +102,9 @@ def exit_logits(
     input_ids: torch.Tensor,
     depth: int,
     attention_mask: torch.Tensor | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> torch.Tensor:
-    """Logits of the exit at `depth` for every position, computed without a cache."""
-    normed = hidden_at_exits(model, input_ids, [depth], attention_mask)[depth]
+    """Logits of the exit at `depth` for every position, computed without a cache (with the exit's adapter
+    when `adapters` has one)."""
+    normed = hidden_at_exits(model, input_ids, [depth], attention_mask, adapters)[depth]
     return model.lm_head(normed)

@@ -1,0 +1,117 @@
+"""Exit adapters: one fitted affine map per exit, applied to the residual stream before the shared norm.
+
+For an exit at depth k < L with an adapter (A_k, b_k), the logits are
+
+    logits_k = LMHead(FinalNorm(A_k h_k + b_k))
+
+and without one (or at full depth, which never has one) LMHead(FinalNorm(h_k)). The maps are fitted so that
+A_k h_k + b_k approximates h_L (a "tuned lens", arXiv 2303.08112); how they are fitted lives elsewhere.
+
+Stored with the model as `exit_adapters.safetensors` in its directory: tensors `exit.{k}.weight` (d x d) and
+`exit.{k}.bias` (d), float32, plus metadata (`format`, `num_layers`, `hidden_size`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILENAME = "exit_adapters.safetensors"
+FORMAT = "strata-exit-adapters-v1"
+
+
+@dataclass(frozen=True)
+class Affine:
+    """h -> h @ weight.T + bias, weight (d, d), bias (d,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(device=hidden.device, dtype=hidden.dtype)
+        bias = self.bias.to(device=hidden.device, dtype=hidden.dtype)
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+
+class ExitAdapters:
+    """The adapters of one model, by exit depth (1 <= k < num_layers)."""
+
+    def __init__(self, maps: Mapping[int, Affine], num_layers: int, hidden_size: int) -> None:
+        for depth, affine in maps.items():
+            if not 1 <= depth < num_layers:
+                raise ValueError(f"an exit adapter must be at depth 1..{num_layers - 1}, got {depth}")
+            if tuple(affine.weight.shape) != (hidden_size, hidden_size) or tuple(affine.bias.shape) != (
+                hidden_size,
+            ):
+                raise ValueError(f"exit adapter {depth} has shape {tuple(affine.weight.shape)}, not d={hidden_size}")
+            if not (torch.isfinite(affine.weight).all() and torch.isfinite(affine.bias).all()):
+                raise ValueError(f"exit adapter {depth} has non-finite values")
+        self.maps = dict(sorted(maps.items()))
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+
+    @property
+    def depths(self) -> list[int]:
+        return list(self.maps)
+
+    def has(self, depth: int) -> bool:
+        return depth in self.maps
+
+    def apply(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """A_k h + b_k at an exit with an adapter; h unchanged elsewhere (full depth included)."""
+        affine = self.maps.get(depth)
+        return hidden if affine is None else affine(hidden)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ExitAdapters:
+        maps = {k: Affine(a.weight.to(device, dtype), a.bias.to(device, dtype)) for k, a in self.maps.items()}
+        return ExitAdapters(maps, self.num_layers, self.hidden_size)
+
+    def subset(self, depths: Iterable[int]) -> ExitAdapters:
+        keep = set(depths)
+        return ExitAdapters({k: a for k, a in self.maps.items() if k in keep}, self.num_layers, self.hidden_size)
+
+    def save(self, model_dir: str | Path, extra_metadata: Mapping[str, object] | None = None) -> Path:
+        """Write `exit_adapters.safetensors` into the model directory (via a temporary file, then rename)."""
+        path = Path(model_dir) / FILENAME
+        tensors: dict[str, torch.Tensor] = {}
+        for depth, affine in self.maps.items():
+            tensors[f"exit.{depth}.weight"] = affine.weight.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"exit.{depth}.bias"] = affine.bias.detach().to("cpu", torch.float32).contiguous()
+        metadata = {"format": FORMAT, "num_layers": str(self.num_layers), "hidden_size": str(self.hidden_size)}
+        if extra_metadata:
+            metadata["recipe"] = json.dumps(dict(extra_metadata), sort_keys=True, default=str)
+        partial = path.with_name(f".{FILENAME}.partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
+        return path
+
+
+def load_adapters(model_dir: str | Path, num_layers: int, hidden_size: int) -> ExitAdapters | None:
+    """The adapters stored in a model directory, or None when it has none. Raises ValueError when the file
+    does not match the model (wrong format, sizes, depths, non-finite values)."""
+    path = Path(model_dir) / FILENAME
+    if not path.is_file():
+        return None
+    maps: dict[int, Affine] = {}
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{FILENAME} is not a Strata exit-adapter file")
+        names = set(f.keys())
+        for name in names:
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "exit" or parts[2] not in ("weight", "bias") or not parts[1].isdigit():
+                raise ValueError(f"{FILENAME} has an unexpected tensor {name[:64]!r}")
+        depths = sorted({int(name.split(".")[1]) for name in names})
+        for depth in depths:
+            if {f"exit.{depth}.weight", f"exit.{depth}.bias"} - names:
+                raise ValueError(f"{FILENAME}: exit {depth} lacks its weight or bias")
+            maps[depth] = Affine(
+                f.get_tensor(f"exit.{depth}.weight").float(), f.get_tensor(f"exit.{depth}.bias").float()
+            )
+    return ExitAdapters(maps, num_layers, hidden_size)
