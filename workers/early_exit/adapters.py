@@ -46,10 +46,9 @@ class ExitAdapters:
         for depth, affine in maps.items():
             if not 1 <= depth < num_layers:
                 raise ValueError(f"an exit adapter must be at depth 1..{num_layers - 1}, got {depth}")
-            if tuple(affine.weight.shape) != (hidden_size, hidden_size) or tuple(affine.bias.shape) != (
-                hidden_size,
-            ):
-                raise ValueError(f"exit adapter {depth} has shape {tuple(affine.weight.shape)}, not d={hidden_size}")
+            shapes = (tuple(affine.weight.shape), tuple(affine.bias.shape))
+            if shapes != ((hidden_size, hidden_size), (hidden_size,)):
+                raise ValueError(f"exit adapter {depth} has shapes {shapes}, not for d={hidden_size}")
             if not (torch.isfinite(affine.weight).all() and torch.isfinite(affine.bias).all()):
                 raise ValueError(f"exit adapter {depth} has non-finite values")
         self.maps = dict(sorted(maps.items()))
@@ -73,7 +72,8 @@ class ExitAdapters:
 
     def subset(self, depths: Iterable[int]) -> ExitAdapters:
         keep = set(depths)
-        return ExitAdapters({k: a for k, a in self.maps.items() if k in keep}, self.num_layers, self.hidden_size)
+        maps = {k: a for k, a in self.maps.items() if k in keep}
+        return ExitAdapters(maps, self.num_layers, self.hidden_size)
 
     def save(self, model_dir: str | Path, extra_metadata: Mapping[str, object] | None = None) -> Path:
         """Write `exit_adapters.safetensors` into the model directory (via a temporary file, then rename)."""
@@ -82,7 +82,11 @@ class ExitAdapters:
         for depth, affine in self.maps.items():
             tensors[f"exit.{depth}.weight"] = affine.weight.detach().to("cpu", torch.float32).contiguous()
             tensors[f"exit.{depth}.bias"] = affine.bias.detach().to("cpu", torch.float32).contiguous()
-        metadata = {"format": FORMAT, "num_layers": str(self.num_layers), "hidden_size": str(self.hidden_size)}
+        metadata = {
+            "format": FORMAT,
+            "num_layers": str(self.num_layers),
+            "hidden_size": str(self.hidden_size),
+        }
         if extra_metadata:
             metadata["recipe"] = json.dumps(dict(extra_metadata), sort_keys=True, default=str)
         partial = path.with_name(f".{FILENAME}.partial")
@@ -105,7 +109,8 @@ def load_adapters(model_dir: str | Path, num_layers: int, hidden_size: int) -> E
         names = set(f.keys())
         for name in names:
             parts = name.split(".")
-            if len(parts) != 3 or parts[0] != "exit" or parts[2] not in ("weight", "bias") or not parts[1].isdigit():
+            well_formed = len(parts) == 3 and parts[0] == "exit" and parts[1].isdigit()
+            if not well_formed or parts[2] not in ("weight", "bias"):
                 raise ValueError(f"{FILENAME} has an unexpected tensor {name[:64]!r}")
         depths = sorted({int(name.split(".")[1]) for name in names})
         for depth in depths:
