@@ -51,6 +51,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    exit_adapter: bool = True  # apply the model's exit adapter at this depth when it has one
     request_id: str = Field(default_factory=lambda: uuid4().hex)
 
 
