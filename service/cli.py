@@ -20,6 +20,8 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from workers.threads import apply_budget, default_budgets, worker_environment
+
 app = typer.Typer(help="Strata: merge, prune and serve homologous LLMs.", no_args_is_help=True)
 console = Console(stderr=True)
 ServerOpt = Annotated[
@@ -89,14 +91,22 @@ def serve(
             "STRATA_HOME": str(settings.home),
             "HF_HUB_OFFLINE": "1",
         }
-        commands = ["worker"] * settings.workers + ["infer"] * settings.infer_workers
+        job_threads, infer_threads = default_budgets(settings.workers, settings.infer_workers)
+        job_threads = settings.job_threads or job_threads
+        infer_threads = settings.infer_threads or infer_threads
+        commands = [("worker", job_threads)] * settings.workers
+        commands += [("infer", infer_threads)] * settings.infer_workers
         procs = [
-            subprocess.Popen([sys.executable, "-m", "service.cli", cmd], env=env, preexec_fn=die_with_parent)
-            for cmd in commands
+            subprocess.Popen(
+                [sys.executable, "-m", "service.cli", cmd],
+                env={**env, **worker_environment(threads)},
+                preexec_fn=die_with_parent,
+            )
+            for cmd, threads in commands
         ]
         console.print(
-            f"{settings.workers} job worker(s), {settings.infer_workers} inference worker(s); "
-            f"API on http://{settings.host}:{settings.port}"
+            f"{settings.workers} job worker(s) x {job_threads} thread(s), {settings.infer_workers} inference "
+            f"worker(s) x {infer_threads} thread(s); API on http://{settings.host}:{settings.port}"
         )
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
         # Own the signals: a graceful stop on SIGINT/SIGTERM, then `finally` stops workers and Redis.
@@ -140,6 +150,7 @@ def worker(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
+    apply_budget(settings.job_threads)
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = _worker_redis(settings)
     for job_id in reap_abandoned(conn, QUEUE_NAME):
@@ -162,7 +173,10 @@ def infer(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
-    worker_ = InferenceWorker(_worker_redis(settings), settings.models_dir, max_batch_size, max_models)
+    apply_budget(settings.infer_threads)
+    worker_ = InferenceWorker(
+        _worker_redis(settings), settings.models_dir, max_batch_size, max_models, settings.infer_precision
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker_.stopping.set())
     worker_.run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=64, gt=0, description="Generation requests waiting; beyond: 429")
     profile_wait_s: float = Field(
         default=900, gt=0, description="How long a budgeted request waits for a profile"
+    )
+    job_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="Threads per job worker; unset: the cores left"
+    )
+    infer_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="Threads per inference worker; unset: half the cores"
+    )
+    infer_precision: Literal["auto", "float32", "bfloat16", "int8", "int8_dynamic"] = Field(
+        default="auto",
+        description="Weights of loaded models in inference workers; auto: int8 on the CPU, bfloat16 on CUDA",
     )
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
 

@@ -81,6 +81,8 @@ class Prepared:
             queue_ms=None if self.queue_ms is None else round(self.queue_ms, 3),
             batch_size=self.batch_size,
             speculative=self.finish.get("speculative"),
+            precision=self.finish.get("precision"),
+            exit_adapter=self.finish.get("exit_adapter"),
         )
 
     def usage(self) -> Usage:

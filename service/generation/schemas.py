@@ -102,6 +102,8 @@ class StrataInfo(BaseModel):
     speculative: SpeculativeStats | None = Field(
         default=None, description="Draft statistics when the request asked for self-speculative decoding"
     )
+    precision: str | None = Field(default=None, description="Weight precision of the engine that answered")
+    exit_adapter: bool | None = Field(default=None, description="Whether the exit adapter was applied")
 
 
 class Usage(BaseModel):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
-from transformers import DynamicCache
 
-from workers.generation.engine import FinishEvent, GenerationRequest, TokenEvent, exit_step, left_pad
+from workers.generation.engine import FinishEvent, GenerationRequest, TokenEvent, left_pad
 from workers.generation.reference import greedy_reference
 
 NEW = 10
@@ -42,14 +44,14 @@ def test_batched_equals_alone(engine, prompts):
         assert result.token_ids == alone.token_ids
 
 
-def test_left_padded_logits_match_unpadded_to_float32_precision(tiny_model, prompts):
+def test_left_padded_logits_match_unpadded_to_float32_precision(engine, prompts):
+    compact = engine.compact
     ids, mask, positions = left_pad(prompts, 0, torch.device("cpu"))
-    with torch.no_grad():
-        batched = exit_step(tiny_model, ids, mask, positions, DynamicCache(), 2)
-        for row, prompt in enumerate(prompts):
-            one, one_mask, one_positions = left_pad([prompt], 0, torch.device("cpu"))
-            alone = exit_step(tiny_model, one, one_mask, one_positions, DynamicCache(), 2)
-            torch.testing.assert_close(batched[row], alone[0], rtol=1e-5, atol=1e-5)
+    batched = compact.forward(ids, positions, compact.new_cache(2, len(prompts), 16), 2, mask)
+    for row, prompt in enumerate(prompts):
+        one, _, one_positions = left_pad([prompt], 0, torch.device("cpu"))
+        alone = compact.forward(one, one_positions, compact.new_cache(2, 1, 16), 2)
+        torch.testing.assert_close(batched[row], alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_depths_in_one_call_keep_separate_caches(engine, tiny_model, prompts):
@@ -70,35 +72,45 @@ def test_rows_finishing_early_leave_the_batch_without_disturbing_the_rest(engine
         assert result.token_ids == greedy_reference(tiny_model, request.prompt_ids, 3, request.max_new_tokens)
 
 
-def test_depth_k_runs_only_k_layers_and_never_touches_the_config(engine, tiny_model, prompts):
-    calls = [0] * 4
-    hooks = [
-        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-        for i, layer in enumerate(tiny_model.model.layers)
-    ]
-    before = tiny_model.config.to_dict()
+@contextmanager
+def counting_layer_calls(engine) -> Iterator[list[int]]:
+    """Count the forward passes of each decoder layer of the engine's compact model (one per step)."""
+    calls = [0] * len(engine.compact.layers)
+    originals = [layer.qkv for layer in engine.compact.layers]
+
+    def counted(i: int, linear):
+        def call(x):
+            calls[i] += 1
+            return linear(x)
+
+        return call
+
+    for i, layer in enumerate(engine.compact.layers):
+        layer.qkv = counted(i, originals[i])
     try:
-        engine.run([greedy(prompt, 2, 5) for prompt in prompts])
+        yield calls
     finally:
-        for hook in hooks:
-            hook.remove()
+        for layer, original in zip(engine.compact.layers, originals, strict=True):
+            layer.qkv = original
+
+
+def test_depth_k_runs_only_k_layers_and_never_touches_the_config(engine, tiny_model, prompts):
+    before = tiny_model.config.to_dict()
+    with counting_layer_calls(engine) as calls:
+        engine.run([greedy(prompt, 2, 5) for prompt in prompts])
     assert calls == [5, 5, 0, 0]
     assert tiny_model.config.to_dict() == before
 
 
-def test_events_stream_as_tokens_are_produced(engine, tiny_model, prompts):
-    calls = []
-    hook = tiny_model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
-    try:
+def test_events_stream_as_tokens_are_produced(engine, prompts):
+    with counting_layer_calls(engine) as calls:
         events = engine.generate([greedy(prompts[0], 2, 4), greedy(prompts[1], 2, 4)])
         first = [next(events), next(events)]
-        assert len(calls) == 1
+        assert calls[0] == 1
         rest = list(events)
-    finally:
-        hook.remove()
     assert all(isinstance(event, TokenEvent) for event in first)
     assert {event.index for event in first} == {0, 1}
-    assert len(calls) == 4
+    assert calls[0] == 4
     for index in (0, 1):
         own = [event for event in first + rest if event.index == index]
         assert [type(event) for event in own] == [TokenEvent] * 4 + [FinishEvent]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import workers.generation.speculative as speculative
+from workers.early_exit.adapters import Affine, ExitAdapters
+from workers.generation.compact import CompactLlama
 from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationRequest, TokenEvent
 from workers.generation.reference import greedy_reference
 from workers.generation.speculative import _Decoder, speculative_events, speculative_generate
@@ -87,21 +88,39 @@ def test_identity_upper_layers_accept_every_draft(tiny_dir, chat_tokenizer, prom
 def test_cache_after_generation_equals_a_plain_prefill(near_exit_model, chat_tokenizer, prompts):
     prompt = prompts[2]
     request = GenerationRequest(prompt_ids=prompt, depth=4, max_new_tokens=13, ignore_eos=True)
-    decoder = _Decoder(near_exit_model, chat_tokenizer, request, 2, 3, [], torch.device("cpu"))
+    decoder = _Decoder(CompactLlama(near_exit_model), chat_tokenizer, request, 2, 3, [])
     tokens = [e.token_id for e in decoder.events() if isinstance(e, TokenEvent)]
     with torch.no_grad():
         plain = near_exit_model(torch.tensor([prompt + tokens[:-1]]), use_cache=True).past_key_values
-    assert len(decoder.cache.layers) == 4
-    for ours, theirs in zip(decoder.cache.layers, plain.layers, strict=True):
-        torch.testing.assert_close(ours.keys, theirs.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.values, theirs.values, rtol=1e-5, atol=1e-5)
+    n = len(prompt) + len(tokens) - 1  # the last token was never fed back
+    assert decoder.cache.depth == 4
+    for layer, theirs in enumerate(plain.layers):
+        torch.testing.assert_close(decoder.cache.keys[layer, :1, :, :n], theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            decoder.cache.values[layer, :1, :, :n], theirs.values, rtol=1e-5, atol=1e-5
+        )
 
 
-def test_mask_fallback_without_layer_idx(near_exit_model, chat_tokenizer, prompts, monkeypatch):
-    expected = speculative_generate(near_exit_model, chat_tokenizer, prompts[1], 2, 3, NEW, ignore_eos=True)
-    monkeypatch.setattr(speculative, "MASK_TAKES_LAYER_IDX", False)
-    again = speculative_generate(near_exit_model, chat_tokenizer, prompts[1], 2, 3, NEW, ignore_eos=True)
-    assert again.token_ids == expected.token_ids
+def test_drafts_come_from_the_adapted_exit_and_output_stays_full_depth_greedy(
+    near_exit_model, chat_tokenizer, prompts
+):
+    hidden = near_exit_model.config.hidden_size
+    generator = torch.Generator().manual_seed(5)
+    scrambled = Affine(torch.randn(hidden, hidden, generator=generator), torch.zeros(hidden))
+    adapters = ExitAdapters({2: scrambled}, 4, hidden)
+    plain = EarlyExitEngine(near_exit_model, chat_tokenizer, device="cpu")
+    adapted = EarlyExitEngine(near_exit_model, chat_tokenizer, device="cpu", adapters=adapters)
+    ours = speculative_generate(adapted, chat_tokenizer, prompts[1], 2, 4, NEW, ignore_eos=True)
+    theirs = speculative_generate(plain, chat_tokenizer, prompts[1], 2, 4, NEW, ignore_eos=True)
+    assert ours.token_ids == theirs.token_ids == greedy_reference(near_exit_model, prompts[1], 4, NEW)
+    assert ours.acceptance_rate < theirs.acceptance_rate  # a scrambling adapter drafts badly
+    request = GenerationRequest(prompt_ids=prompts[1], depth=4, max_new_tokens=NEW, ignore_eos=True)
+    finish = list(speculative_events(adapted, request, 2, 4))[-1]
+    assert finish.exit_adapter is True and finish.precision == "float32"
+    off = request.model_copy(update={"exit_adapter": False})
+    assert list(speculative_events(adapted, off, 2, 4))[-1].speculative["acceptance_rate"] == pytest.approx(
+        theirs.acceptance_rate
+    )
 
 
 def test_eos_stop_and_engine_events(near_exit_model, chat_tokenizer, prompts):

@@ -2,10 +2,12 @@
 
 For a request at depth k every step computes
 
-    h = Layer_k(... Layer_1(Embed(x_t); KV_1) ...; KV_k),   logits = LMHead(FinalNorm(h)),
+    h = Layer_k(... Layer_1(Embed(x_t); KV_1) ...; KV_k),   logits = LMHead(FinalNorm(A_k h + b_k)),
 
-with the shared final norm and LM head, and a cache holding exactly the k layers that ran (a config-free
-`DynamicCache`, which grows one slot per layer that writes to it). `model.config` is never touched.
+with the shared final norm and LM head, the exit's adapter (A_k, b_k) where the model has one and the request
+wants it (identity otherwise, and always at full depth), and a preallocated cache holding exactly the k layers
+that ran (`workers.generation.compact`: fused projections, weights in the engine's precision, caches reused
+across requests). `model.config` is never touched.
 
 Requests that arrive together at the same depth run as one batch: prompts are left-padded, the 2-D attention
 mask hides the padding, and position ids count only real tokens (p_t = sum(mask[:t+1]) - 1), so each row sees
@@ -26,11 +28,11 @@ from uuid import uuid4
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from workers.device import default_device
+from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import check_depth, decoder_stack, num_layers
+from workers.generation.compact import CompactLlama, KVCache, Precision
 from workers.generation.sampling import sample_token, seeded_generator
 from workers.generation.streaming import TextStream
 
@@ -88,6 +90,8 @@ class FinishEvent:
     prefill_ms: float
     decode_ms: float
     speculative: dict[str, float] | None = None  # draft statistics of a self-speculative request
+    precision: str = "float32"  # of the engine's weights
+    exit_adapter: bool = False  # whether the exit's adapter was applied
 
 
 GenerationEvent = TokenEvent | FinishEvent
@@ -106,53 +110,6 @@ def default_eos_ids(model: nn.Module, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def layer_mask_kinds(config, depth: int) -> list[str]:
-    """Attention kind of layers 1..depth: config.layer_types when present, else sliding iff sliding_window."""
-    kinds = getattr(config, "layer_types", None)
-    if kinds:
-        return list(kinds[:depth])
-    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-    return [kind] * depth
-
-
-def exit_step(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: DynamicCache,
-    depth: int,
-) -> torch.Tensor:
-    """Last-position logits LMHead(FinalNorm(h_depth)) for new tokens, appending their KV to `cache`.
-
-    `attention_mask` covers cached plus new tokens (B, past + q); `position_ids` covers new tokens (B, q).
-    """
-    inner = decoder_stack(model)
-    hidden = inner.embed_tokens(input_ids)
-    mask_args = dict(
-        config=inner.config,
-        inputs_embeds=hidden,
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        position_ids=position_ids,
-    )
-    kinds = layer_mask_kinds(inner.config, depth)
-    masks = {"full_attention": create_causal_mask(**mask_args)}
-    if "sliding_attention" in kinds:
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    for layer, kind in zip(inner.layers[:depth], kinds, strict=True):
-        hidden = layer(
-            hidden,
-            attention_mask=masks[kind],
-            position_embeddings=position_embeddings,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-    return model.lm_head(inner.norm(hidden[:, -1]))
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):
     """(ids, mask, positions) for left-padded prompts; positions p_t = max(sum(mask[:t+1]) - 1, 0)."""
     width = max(len(prompt) for prompt in prompts)
@@ -163,20 +120,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
         mask[row, width - len(prompt) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
-
-
-def keep_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Drop finished rows from the cache and mask, then the leading columns that are padding in every row."""
-    if len(keep) < mask.shape[0]:
-        index = torch.tensor(keep, device=mask.device)
-        cache.batch_select_indices(index)
-        mask = mask[index]
-    unused = int((mask.sum(0) == 0).long().cumprod(0).sum().item())
-    if unused:
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
-        mask = mask[:, unused:]
-    return mask
 
 
 @dataclass
@@ -199,8 +142,11 @@ class _DepthBatch:
         self.engine, self.rows = engine, rows
         self.depth = rows[0].request.depth
         self.batch_size = len(rows)
-        self.cache = DynamicCache()
+        adapters = engine.adapters
+        self.adapter = rows[0].request.exit_adapter and adapters is not None and adapters.has(self.depth)
+        self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None
+        self.padded = False
         self.positions: torch.Tensor | None = None
         self.prefill_ms = 0.0
 
@@ -220,19 +166,27 @@ class _DepthBatch:
                 row.decode_ms += elapsed
         return self._advance(chosen)
 
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = self.mask if self.padded else None
+        return self.engine.compact.forward(ids, self.positions, self.cache, self.depth, mask, self.adapter)
+
     @torch.inference_mode()
     def _prefill(self) -> torch.Tensor:
         prompts = [row.request.prompt_ids for row in self.rows]
-        ids, self.mask, positions = left_pad(prompts, self.engine.pad_id, self.engine.device)
-        self.positions = positions[:, -1:]
-        return exit_step(self.engine.model, ids, self.mask, positions, self.cache, self.depth)
+        ids, self.mask, self.positions = left_pad(prompts, self.engine.pad_id, self.engine.device)
+        self.padded = len({len(prompt) for prompt in prompts}) > 1
+        longest = max(len(p) + row.request.max_new_tokens for p, row in zip(prompts, self.rows, strict=True))
+        self.cache = self.engine.take_cache(self.depth, len(prompts), longest)
+        logits = self._forward(ids)
+        self.positions = self.positions[:, -1:]
+        return logits
 
     @torch.inference_mode()
     def _decode(self) -> torch.Tensor:
         ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.engine.device)
         self.positions = self.positions + 1
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        return exit_step(self.engine.model, ids, self.mask, self.positions, self.cache, self.depth)
+        return self._forward(ids)
 
     @torch.inference_mode()
     def _choose(self, logits: torch.Tensor) -> list[int]:
@@ -284,16 +238,26 @@ class _DepthBatch:
             batch_size=self.batch_size,
             prefill_ms=self.prefill_ms,
             decode_ms=row.decode_ms,
+            precision=self.engine.precision,
+            exit_adapter=self.adapter,
         )
 
     @torch.inference_mode()
     def _shrink(self, keep: list[int]) -> None:
+        """Drop finished rows, then the leading columns that are padding in every remaining row."""
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = DynamicCache()
+            self.engine.release_cache(self.cache)
+            self.cache = None
             return
-        self.positions = self.positions[torch.tensor(keep, device=self.positions.device)]
-        self.mask = keep_rows(self.cache, self.mask, keep)
+        index = torch.tensor(keep, device=self.mask.device)
+        self.positions, self.mask = self.positions[index], self.mask[index]
+        self.cache.keep_rows(keep)
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum().item())
+        if unused:
+            self.cache.drop_leading(unused)
+            self.mask = self.mask[:, unused:]
+        self.padded = self.padded and not bool(self.mask.all())
 
 
 class EarlyExitEngine:
@@ -309,9 +273,15 @@ class EarlyExitEngine:
         device: str | torch.device | None = None,
         max_batch_size: int = 8,
         eos_token_ids: Iterable[int] | None = None,
+        precision: Precision = "float32",
+        adapters: ExitAdapters | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.adapters = adapters
+        self.compact = CompactLlama(self.model, precision, adapters)
+        self._free_caches: dict[int, KVCache] = {}
         self.tokenizer = tokenizer
         self.num_layers = num_layers(model)
         self.max_batch_size = max_batch_size
@@ -328,6 +298,20 @@ class EarlyExitEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() * 1000.0
 
+    def take_cache(self, depth: int, rows: int, positions: int) -> KVCache:
+        """A KV cache for `rows` rows of up to `positions` positions at `depth`: the one kept from an earlier
+        batch at this depth when it is large enough, else a new one (capacity rounded up to 128)."""
+        cache = self._free_caches.pop(depth, None)
+        if cache is None or not cache.fits(depth, rows, positions, self.compact.dtype):
+            cache = self.compact.new_cache(depth, rows, -(-positions // 128) * 128)
+        cache.length = 0
+        return cache
+
+    def release_cache(self, cache: KVCache | None) -> None:
+        """Keep a finished batch's cache for the next batch at its depth (one per depth)."""
+        if cache is not None:
+            self._free_caches[cache.depth] = cache
+
     def validate(self, request: GenerationRequest) -> None:
         """Raise ValueError for a depth outside 1..L, unknown token ids, or a context beyond the model's."""
         check_depth(self.model, request.depth)
@@ -338,13 +322,15 @@ class EarlyExitEngine:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's {self.max_positions}")
 
     def plan(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        """Indices grouped by depth, sorted by prompt length (less padding), in chunks of max_batch_size."""
-        by_depth: dict[int, list[int]] = {}
+        """Indices grouped by (depth, exit adapter on/off), sorted by prompt length (less padding), in chunks
+        of max_batch_size."""
+        groups: dict[tuple[int, bool], list[int]] = {}
         for index, request in enumerate(requests):
-            by_depth.setdefault(request.depth, []).append(index)
+            adapted = request.exit_adapter and self.adapters is not None and self.adapters.has(request.depth)
+            groups.setdefault((request.depth, adapted), []).append(index)
         batches = []
-        for depth in sorted(by_depth):
-            ordered = sorted(by_depth[depth], key=lambda i: len(requests[i].prompt_ids))
+        for key in sorted(groups):
+            ordered = sorted(groups[key], key=lambda i: len(requests[i].prompt_ids))
             batches += [
                 ordered[i : i + self.max_batch_size] for i in range(0, len(ordered), self.max_batch_size)
             ]

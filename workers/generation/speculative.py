@@ -1,14 +1,16 @@
 """Self-speculative greedy decoding: the exit at depth k drafts, the full model verifies, one KV cache.
 
-One request, one `DynamicCache` for all L layers. With the next token x_t pending at position t (no layer
+One request, one preallocated KV cache for all L layers (`workers.generation.compact`, in the engine's weight
+precision). With the next token x_t pending at position t (no layer
 has its KV yet), an iteration
 
   1. drafts: feeds x_t, d_1, ..., d_m one at a time through layers 1..k only (appending their KV to those
-     k layers), with d_{i+1} = argmax LMHead(FinalNorm(h_k)) at each step (no head for d_m's pass);
+     k layers), with d_{i+1} = argmax LMHead(FinalNorm(A_k h_k + b_k)) at each step (the exit's adapter
+     where the model has one and the request keeps it; no head for d_m's pass);
   2. verifies: feeds the k-layer hidden states h_k of x_t, d_1..d_m through layers k+1..L in one pass
      (appending their KV to those layers), giving the full model's greedy choices f_1..f_{m+1};
-  3. accepts the longest prefix with d_i = f_i (a tokens), commits d_1..d_a and f_{a+1}, and crops every
-     layer's KV back to positions <= t + a (the rejected drafts' entries are dropped).
+  3. accepts the longest prefix with d_i = f_i (a tokens), commits d_1..d_a and f_{a+1}; every layer's KV
+     beyond position t + a (the rejected drafts' entries) is never attended to and is overwritten next.
 
 Layers 1..k compute each position exactly once, and layers k+1..L see exactly the inputs a plain full-depth
 decode would give them, so the output equals full-depth greedy decoding (up to floating-point differences
@@ -18,17 +20,15 @@ Drafting stops early at an EOS token, and m shrinks near max_new_tokens.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from workers.early_exit.forward import decoder_stack, num_layers
+from workers.generation.compact import CompactLlama
 from workers.generation.engine import (
     EarlyExitEngine,
     FinishEvent,
@@ -36,12 +36,8 @@ from workers.generation.engine import (
     GenerationRequest,
     TokenEvent,
     default_eos_ids,
-    layer_mask_kinds,
 )
 from workers.generation.streaming import TextStream
-
-# transformers >= 5.2x sizes masks against an explicit cache layer; older versions read layer 0 only.
-MASK_TAKES_LAYER_IDX = "layer_idx" in inspect.signature(create_causal_mask).parameters
 
 
 @dataclass(frozen=True)
@@ -69,60 +65,6 @@ class SpeculativeResult:
     tokens_per_iteration: float
 
 
-def _segment_masks(inner: nn.Module, hidden, position_ids, cache: DynamicCache, kinds, start: int) -> dict:
-    """Masks for layers start.. (whose cached lengths are all equal), sized against layer `start`."""
-    masks = {}
-    for kind, factory in (
-        ("full_attention", create_causal_mask),
-        ("sliding_attention", create_sliding_window_causal_mask),
-    ):
-        if kind not in kinds:
-            continue
-        args = dict(
-            config=inner.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=position_ids,
-        )
-        if MASK_TAKES_LAYER_IDX:
-            args["layer_idx"] = start
-        else:  # a view of the cache whose layer 0 is layer `start`, for sizing the mask only
-            view = DynamicCache()
-            view.layers = list(cache.layers[start:])
-            args["past_key_values"] = view
-        masks[kind] = factory(**args)
-    return masks
-
-
-def run_layers(
-    model: nn.Module, hidden: torch.Tensor, position: int, cache: DynamicCache, start: int, stop: int
-) -> torch.Tensor:
-    """Hidden states after layers start+1..stop for inputs at positions position.., appending their KV."""
-    inner = decoder_stack(model)
-    position_ids = torch.arange(position, position + hidden.shape[1], device=hidden.device).unsqueeze(0)
-    kinds = layer_mask_kinds(inner.config, stop)[start:]
-    masks = _segment_masks(inner, hidden, position_ids, cache, set(kinds), start)
-    position_embeddings = inner.rotary_emb(hidden, position_ids=position_ids)
-    for layer, kind in zip(inner.layers[start:stop], kinds, strict=True):
-        hidden = layer(
-            hidden,
-            attention_mask=masks[kind],
-            position_embeddings=position_embeddings,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-    return hidden
-
-
-def crop(cache: DynamicCache, length: int) -> None:
-    """Keep the first `length` positions of every cached layer."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
-
-
 @dataclass
 class _Stats:
     accepted: int = 0
@@ -144,17 +86,16 @@ class _Decoder:
 
     def __init__(
         self,
-        model: nn.Module,
+        compact: CompactLlama,
         tokenizer,
         request: GenerationRequest,
         draft_depth: int,
         num_draft_tokens: int,
         eos: Iterable[int],
-        device: torch.device,
         index: int = 0,
     ) -> None:
-        self.model, self.request, self.device, self.index = model, request, device, index
-        self.layers = num_layers(model)
+        self.compact, self.request, self.device, self.index = compact, request, compact.device, index
+        self.layers = compact.num_layers
         if not 1 <= draft_depth < self.layers:
             raise ValueError(f"draft_depth must be between 1 and {self.layers - 1}, got {draft_depth}")
         if num_draft_tokens < 1:
@@ -163,8 +104,8 @@ class _Decoder:
             raise ValueError("speculative decoding is greedy only (temperature 0)")
         self.k, self.m = draft_depth, num_draft_tokens
         self.eos = frozenset(eos)
-        self.inner = decoder_stack(model)
-        self.cache = DynamicCache()
+        capacity = len(request.prompt_ids) + request.max_new_tokens + num_draft_tokens + 1
+        self.cache = compact.new_cache(self.layers, 1, capacity)
         self.stream = TextStream(tokenizer, request.stop)
         self.tokens: list[int] = []
         self.stats = _Stats()
@@ -174,12 +115,17 @@ class _Decoder:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() * 1000.0
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Greedy token ids LMHead(FinalNorm(hidden)).argmax for every position of a (1, q, H) tensor."""
-        return self.model.lm_head(self.inner.norm(hidden[0])).argmax(-1)
+    def _head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """Greedy token ids of the exit at `depth` for every position of a (1, q, H) tensor."""
+        return self.compact.logits(hidden[0], depth, self.request.exit_adapter).argmax(-1)
+
+    def _layers(self, hidden: torch.Tensor, position: int, start: int, stop: int) -> torch.Tensor:
+        """Layers start+1..stop over inputs at positions position.., writing their KV at those columns."""
+        positions = torch.arange(position, position + hidden.shape[1], device=self.device)[None]
+        return self.compact.run_layers(hidden, positions, self.cache, start, stop, position)
 
     def _embed(self, token_ids: Sequence[int]) -> torch.Tensor:
-        return self.inner.embed_tokens(torch.tensor([list(token_ids)], device=self.device))
+        return self.compact.embed(torch.tensor([list(token_ids)], device=self.device))
 
     def _commit(self, new: Sequence[int]) -> tuple[list[TokenEvent], FinishReason | None]:
         """Commit tokens in order, as the engine does: EOS ends (not kept), a stop string or the length cap
@@ -199,8 +145,8 @@ class _Decoder:
 
     @torch.inference_mode()
     def _prefill(self) -> int:
-        hidden = run_layers(self.model, self._embed(self.request.prompt_ids), 0, self.cache, 0, self.layers)
-        return int(self._head(hidden[:, -1:])[0])
+        hidden = self._layers(self._embed(self.request.prompt_ids), 0, 0, self.layers)
+        return int(self._head(hidden[:, -1:], self.layers)[0])
 
     @torch.inference_mode()
     def _draft(self, pending: int, position: int, budget: int) -> tuple[list[int], torch.Tensor]:
@@ -210,11 +156,11 @@ class _Decoder:
         states = []
         token = pending
         for i in range(limit + 1):
-            hidden = run_layers(self.model, self._embed([token]), position + i, self.cache, 0, self.k)
+            hidden = self._layers(self._embed([token]), position + i, 0, self.k)
             states.append(hidden)
             if i == limit:
                 break
-            token = int(self._head(hidden)[0])
+            token = int(self._head(hidden, self.k)[0])
             drafts.append(token)
             if not self.request.ignore_eos and token in self.eos:
                 break
@@ -222,8 +168,8 @@ class _Decoder:
 
     @torch.inference_mode()
     def _verify(self, states: torch.Tensor, position: int) -> list[int]:
-        hidden = run_layers(self.model, states, position, self.cache, self.k, self.layers)
-        return self._head(hidden).tolist()
+        hidden = self._layers(states, position, self.k, self.layers)
+        return self._head(hidden, self.layers).tolist()
 
     def events(self) -> Iterator[TokenEvent | FinishEvent]:
         start = self.clock()
@@ -246,7 +192,6 @@ class _Decoder:
                 accepted += 1
             new = drafts[:accepted] + ([full[accepted]] if accepted < len(full) else [])
             position += min(accepted + 1, len(full))
-            crop(self.cache, position)
             self.stats.accepted += accepted
             self.stats.drafted += len(drafts)
             self.stats.iterations += 1
@@ -267,6 +212,8 @@ class _Decoder:
             batch_size=1,
             prefill_ms=self.stats.prefill_ms,
             decode_ms=self.stats.total_ms - self.stats.prefill_ms,
+            precision=self.compact.precision,
+            exit_adapter=self.request.exit_adapter and self.compact.has_adapter(self.k),
             speculative={
                 "draft_depth": self.k,
                 "num_draft_tokens": self.m,
@@ -279,12 +226,13 @@ class _Decoder:
 
 
 def _resolve(engine_or_model, tokenizer, eos):
+    """(model, compact model, eos ids, engine or None): an engine brings its own compact model (precision,
+    adapters); a bare model gets a float32 one."""
     if isinstance(engine_or_model, EarlyExitEngine):
         engine = engine_or_model
-        return engine.model, engine.device, (engine.eos_token_ids if eos is None else eos), engine
+        return engine.model, engine.compact, (engine.eos_token_ids if eos is None else eos), engine
     model = engine_or_model
-    device = next(model.parameters()).device
-    return model, device, (default_eos_ids(model, tokenizer) if eos is None else eos), None
+    return model, CompactLlama(model), (default_eos_ids(model, tokenizer) if eos is None else eos), None
 
 
 def _validate(model: nn.Module, engine: EarlyExitEngine | None, request: GenerationRequest) -> None:
@@ -308,9 +256,9 @@ def speculative_events(
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Engine-style events for one greedy request decoded self-speculatively (request.depth is ignored:
     the output is full-depth greedy). The FinishEvent reports depth = L and batch_size = 1."""
-    model, device, eos, engine = _resolve(engine, engine.tokenizer, None)
+    model, compact, eos, engine = _resolve(engine, engine.tokenizer, None)
     _validate(model, engine, request.model_copy(update={"depth": num_layers(model)}))
-    decoder = _Decoder(model, engine.tokenizer, request, draft_depth, num_draft_tokens, eos, device)
+    decoder = _Decoder(compact, engine.tokenizer, request, draft_depth, num_draft_tokens, eos)
     yield from decoder.events()
 
 
@@ -329,7 +277,7 @@ def speculative_generate(
 
     `eos`: token ids that end generation (default: the engine's, or the model's and tokenizer's).
     """
-    model, device, eos_ids, engine = _resolve(engine_or_model, tokenizer, eos)
+    model, compact, eos_ids, engine = _resolve(engine_or_model, tokenizer, eos)
     layers = num_layers(model)
     request = GenerationRequest(
         prompt_ids=list(prompt_ids),
@@ -339,7 +287,7 @@ def speculative_generate(
         ignore_eos=ignore_eos,
     )
     _validate(model, engine, request)
-    decoder = _Decoder(model, tokenizer, request, draft_depth, num_draft_tokens, eos_ids, device)
+    decoder = _Decoder(compact, tokenizer, request, draft_depth, num_draft_tokens, eos_ids)
     finish = None
     for event in decoder.events():
         if isinstance(event, FinishEvent):

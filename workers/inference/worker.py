@@ -17,6 +17,9 @@ import torch
 from redis import Redis
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.device import default_device
+from workers.early_exit.adapters import load_adapters
+from workers.generation.compact import PRECISIONS, Precision
 from workers.generation.engine import EarlyExitEngine, FinishEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
 from workers.generation.speculative import speculative_events
@@ -34,17 +37,43 @@ from workers.inference.protocol import (
 log = logging.getLogger("strata.infer")
 
 
-def load_engine(path: Path, device: torch.device | None = None, max_batch_size: int = 8) -> EarlyExitEngine:
-    """float32 on the CPU; bfloat16 on CUDA."""
-    dtype = torch.bfloat16 if (device or torch.device("cpu")).type == "cuda" else torch.float32
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """`auto`: int8 weights on the CPU (bandwidth-bound decoding), bfloat16 on CUDA."""
+    if precision == "auto":
+        return "bfloat16" if device.type == "cuda" else "int8"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def load_engine(
+    path: Path, device: torch.device | None = None, max_batch_size: int = 8, precision: str = "auto"
+) -> EarlyExitEngine:
+    """The model at `path` in an engine of the given weight precision, with its exit adapters if it has any.
+
+    Weights are read as stored (float32 on the CPU, bfloat16 on CUDA) and quantised at load."""
+    device = device or default_device()
+    chosen = resolve_precision(precision, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return EarlyExitEngine(model, tokenizer, device=device, max_batch_size=max_batch_size)
+    adapters = load_adapters(path, model.config.num_hidden_layers, model.config.hidden_size)
+    return EarlyExitEngine(
+        model, tokenizer, device=device, max_batch_size=max_batch_size, precision=chosen, adapters=adapters
+    )
 
 
 class InferenceWorker:
-    def __init__(self, redis: Redis, models_dir: Path, max_batch_size: int = 8, max_models: int = 2):
+    def __init__(
+        self,
+        redis: Redis,
+        models_dir: Path,
+        max_batch_size: int = 8,
+        max_models: int = 2,
+        precision: str = "auto",
+    ):
         self.redis = redis
+        self.precision = precision
         self.models_dir = models_dir
         self.max_batch_size = max_batch_size
         self.max_models = max_models
@@ -58,7 +87,9 @@ class InferenceWorker:
             self.engines.move_to_end(model_id)
             return self.engines[model_id]
         log.info("loading %s", model_id)
-        engine = load_engine(self.models_dir / model_id, max_batch_size=self.max_batch_size)
+        engine = load_engine(
+            self.models_dir / model_id, max_batch_size=self.max_batch_size, precision=self.precision
+        )
         self.engines[model_id] = engine
         while len(self.engines) > self.max_models:
             self.engines.popitem(last=False)

@@ -1,0 +1,331 @@
+"""A decode-oriented copy of a LLaMA-layout model: fused projections, one weight precision, static KV cache.
+
+For new tokens x (B rows, q positions each) at exit depth k, with the cache holding T columns already:
+
+    h_0 = Embed(x)
+    for i in 1..k:
+        a   = RMSNorm_i(h);  [Q K V] = a W_qkv^T (+ b_qkv);  Q, K = RoPE(Q, K; positions)
+        K_i[:, :, T:T+q], V_i[:, :, T:T+q] = K, V
+        h   = h + Attention(Q, K_i[.., :T+q], V_i[.., :T+q]; mask) W_o^T
+        a   = RMSNorm'_i(h);  [G U] = a W_gu^T;  h = h + (SiLU(G) * U) W_down^T
+    logits = LMHead(FinalNorm(A_k h + b_k))          (A_k, b_k: the exit adapter, where the model has one)
+
+which is what Hugging Face's LlamaDecoderLayer computes, with q/k/v and gate/up fused into one matmul each
+and the rotary embedding applied to Q and K together. Weights are taken from a loaded transformers model
+(Llama, Mistral, Qwen2) and kept in one precision:
+
+- float32: F.linear on float32 weights and activations (greedy output equals Hugging Face's);
+- bfloat16: bfloat16 weights and activations;
+- int8: weight-only int8, one scale per output channel (w = s_o * q_oi, q in [-127, 127]), bfloat16
+  activations; on the CPU the matmul is torch's int8 weight-only kernel, elsewhere the weights are
+  dequantised per call.
+
+The KV cache is preallocated for (depth, rows, capacity) and reused: a step writes its new columns in place
+and attends over the filled prefix. Nothing here knows about requests, batching policy or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.early_exit.adapters import ExitAdapters
+from workers.early_exit.forward import decoder_stack
+
+Precision = Literal["float32", "bfloat16", "int8", "int8_dynamic"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int8_dynamic")
+ACTIVATION_DTYPE = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.bfloat16,
+    "int8_dynamic": torch.float32,
+}
+
+
+def layer_mask_kinds(config, depth: int) -> list[str]:
+    """Attention kind of layers 1..depth: config.layer_types when present, else sliding iff sliding_window."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds[:depth])
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    return [kind] * depth
+
+
+def _has_int8_kernel(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+class QuantLinear:
+    """y = x W^T (+ b) with W stored in one precision; `bytes` is what one call reads of the weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, precision: Precision) -> None:
+        weight = weight.detach()
+        dtype = ACTIVATION_DTYPE[precision]
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.precision = precision
+        if precision == "int8_dynamic":
+            w = weight.float().cpu()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            qweight = torch.quantize_per_channel(
+                w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0, torch.qint8
+            )
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+            self.weight, self.scale = qweight, scale
+            self.bytes = w.numel() + scale.numel() * 4
+        elif precision == "int8":
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            self.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(dtype)
+            self.fast_int8 = _has_int8_kernel(weight.device)
+            self.bytes = self.weight.numel() + self.scale.numel() * self.scale.element_size()
+        else:
+            self.weight = weight.to(dtype).contiguous()
+            self.bytes = self.weight.numel() * self.weight.element_size()
+        if self.bias is not None:
+            self.bytes += self.bias.numel() * self.bias.element_size()
+
+    def dequantized(self) -> torch.Tensor:
+        """The weights this linear multiplies by, in float32."""
+        if self.precision == "int8":
+            return self.weight.float() * self.scale.float()[:, None]
+        return self.weight.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "int8_dynamic":
+            y = torch.ops.quantized.linear_dynamic(x, self.packed, True)
+            return y if self.bias is None else y + self.bias
+        if self.precision != "int8":
+            return F.linear(x, self.weight, self.bias)
+        if self.fast_int8:
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
+            y = y.view(*shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+@dataclass
+class CompactLayer:
+    input_norm: torch.Tensor
+    qkv: QuantLinear
+    o: QuantLinear
+    post_norm: torch.Tensor
+    gate_up: QuantLinear
+    down: QuantLinear
+
+
+def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
+    if all(linear.bias is None for linear in linears):
+        return None
+    return torch.cat(
+        [linear.bias if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
+    )
+
+
+class KVCache:
+    """Keys and values of `depth` layers for up to `rows` rows and `capacity` positions, preallocated.
+
+    `length` columns are filled (the same for every row: rows are left-padded to a common width).
+    """
+
+    def __init__(
+        self, depth: int, rows: int, kv_heads: int, capacity: int, head_dim: int, dtype, device
+    ) -> None:
+        shape = (depth, rows, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.depth, self.rows, self.capacity = depth, rows, capacity
+        self.length = 0
+
+    def fits(self, depth: int, rows: int, capacity: int, dtype: torch.dtype) -> bool:
+        roomy = self.rows >= rows and self.capacity >= capacity
+        return roomy and self.depth == depth and self.keys.dtype == dtype
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Move rows `keep` (in order) to the front; later rows become free."""
+        if keep == list(range(len(keep))):
+            return
+        index = torch.tensor(keep, device=self.keys.device)
+        n, t = len(keep), self.length
+        self.keys[:, :n, :, :t] = self.keys[:, index, :, :t]
+        self.values[:, :n, :, :t] = self.values[:, index, :, :t]
+
+    def drop_leading(self, columns: int) -> None:
+        """Forget the first `columns` positions (padding no row needs), shifting the rest left."""
+        if columns <= 0:
+            return
+        t = self.length
+        self.keys[:, :, :, : t - columns] = self.keys[:, :, :, columns:t].clone()
+        self.values[:, :, :, : t - columns] = self.values[:, :, :, columns:t].clone()
+        self.length = t - columns
+
+
+class CompactLlama:
+    """The weights of a LLaMA-layout causal LM in one precision, and its cached forward step at any exit."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        precision: Precision = "float32",
+        adapters: ExitAdapters | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        inner = decoder_stack(model)
+        config = inner.config
+        self.precision: Precision = precision
+        self.dtype = ACTIVATION_DTYPE[precision]
+        self.device = next(model.parameters()).device
+        self.num_layers = len(inner.layers)
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.eps = float(config.rms_norm_eps)
+        self.scale = getattr(inner.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        kinds = layer_mask_kinds(config, self.num_layers)
+        self.window = getattr(config, "sliding_window", None)
+        self.sliding = [kind == "sliding_attention" for kind in kinds[: self.num_layers]]
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"the compact engine supports SiLU MLPs, not {config.hidden_act!r}")
+        self.rotary = inner.rotary_emb
+        self.embed_weight = inner.embed_tokens.weight.detach()
+        self.final_norm = inner.norm.weight.detach().to(self.dtype)
+        head = model.lm_head
+        self.head = QuantLinear(head.weight, head.bias, precision)
+        self.layers = [self._layer(layer) for layer in inner.layers]
+        self.adapters = adapters.to(self.device, self.dtype) if adapters is not None else None
+
+    def _layer(self, layer: nn.Module) -> CompactLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        p = self.precision
+        return CompactLayer(
+            input_norm=layer.input_layernorm.weight.detach().to(self.dtype),
+            qkv=QuantLinear(qkv, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), p),
+            o=QuantLinear(attn.o_proj.weight, attn.o_proj.bias, p),
+            post_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
+            gate_up=QuantLinear(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), p),
+            down=QuantLinear(mlp.down_proj.weight, mlp.down_proj.bias, p),
+        )
+
+    def has_adapter(self, depth: int) -> bool:
+        return self.adapters is not None and self.adapters.has(depth)
+
+    def weight_bytes(self, depth: int) -> int:
+        """Weight bytes a decode step at `depth` reads: layers 1..k and the head (one embedding row aside)."""
+        per_layer = [lay.qkv.bytes + lay.o.bytes + lay.gate_up.bytes + lay.down.bytes for lay in self.layers]
+        return sum(per_layer[:depth]) + self.head.bytes
+
+    def new_cache(self, depth: int, rows: int, capacity: int) -> KVCache:
+        return KVCache(depth, rows, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _masks(
+        self, pad_mask: torch.Tensor | None, q: int, total: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(full, sliding) boolean masks (B, 1, q, total); None where plain causal attention is exact."""
+        needs_window = self.window is not None and any(self.sliding) and total > self.window
+        if pad_mask is None and q == 1 and not needs_window:
+            return None, None
+        device = self.device
+        query_pos = torch.arange(total - q, total, device=device)[:, None]
+        key_pos = torch.arange(total, device=device)[None, :]
+        causal = key_pos <= query_pos
+        full = causal[None, None]
+        if pad_mask is not None:
+            full = full & pad_mask[:, None, None, :total].bool()
+        sliding = full & (key_pos > query_pos - self.window)[None, None] if needs_window else full
+        return full, sliding
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_weight).to(self.dtype)
+
+    def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for RoPE at `positions` (B, q), shaped (B, q, 1, head_dim); sin carries the sign of
+        rotate_half, so RoPE(x) = x cos + roll(x, head_dim / 2) sin."""
+        cos, sin = self.rotary(hidden, position_ids=positions)
+        half = self.head_dim // 2
+        sin = sin.to(self.dtype)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos.to(self.dtype)[:, :, None, :], sin[:, :, None, :]
+
+    @torch.inference_mode()
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        stop: int,
+        column: int,
+        pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after layers start+1..stop for inputs (B, q, H) at `positions` (B, q), writing their
+        keys and values at cache columns column..column+q-1 and attending over columns < column + q.
+        `pad_mask` (B, column + q), 1 for real tokens, or None when no row is padded."""
+        rows, q = hidden.shape[:2]
+        total = column + q
+        if total > cache.capacity or rows > cache.rows or stop > cache.depth:
+            raise ValueError("the KV cache is too small for this step")
+        cos, sin = self.rope(hidden, positions)
+        full_mask, sliding_mask = self._masks(pad_mask, q, total)
+        causal = full_mask is None and q > 1 and column == 0
+        nh, kvh, hd, half = self.num_heads, self.kv_heads, self.head_dim, self.head_dim // 2
+        for i in range(start, stop):
+            layer = self.layers[i]
+            qkv = layer.qkv(self._norm(hidden, layer.input_norm)).view(rows, q, nh + 2 * kvh, hd)
+            qk = qkv[:, :, : nh + kvh]
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            keys, values = cache.keys[i, :rows], cache.values[i, :rows]
+            keys[:, :, column:total] = qk[:, :, nh:].transpose(1, 2)
+            values[:, :, column:total] = qkv[:, :, nh + kvh :].transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                qk[:, :, :nh].transpose(1, 2),
+                keys[:, :, :total],
+                values[:, :, :total],
+                attn_mask=sliding_mask if self.sliding[i] else full_mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=kvh != nh,
+            )
+            hidden = hidden + layer.o(attn.transpose(1, 2).reshape(rows, q, nh * hd))
+            gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
+            hidden = hidden + layer.down(F.silu(gate) * up)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, depth: int, exit_adapter: bool = True) -> torch.Tensor:
+        """float32 logits LMHead(FinalNorm(h)) of hidden states at exit `depth` (through its adapter first
+        when there is one and `exit_adapter`)."""
+        if exit_adapter and self.adapters is not None:
+            hidden = self.adapters.apply(hidden, depth)
+        return self.head(self._norm(hidden, self.final_norm)).float()
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        depth: int,
+        pad_mask: torch.Tensor | None = None,
+        exit_adapter: bool = True,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Logits for new tokens (B, q) at exit `depth`, appending their KV to `cache` at column
+        `cache.length`. `pad_mask` (B, cache.length + q), 1 for real tokens, or None when no row is padded.
+        Returns (B, vocab) logits of the last position, or (B, q, vocab) with `last_only=False`."""
+        hidden = self.run_layers(self.embed(input_ids), positions, cache, 0, depth, cache.length, pad_mask)
+        cache.length += input_ids.shape[1]
+        return self.logits(hidden[:, -1] if last_only else hidden, depth, exit_adapter)
