@@ -1,0 +1,58 @@
+"""Thread budgets: co-located workers split the cores, and `strata serve` starts each with its budget."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from tests.conftest import start_server, stop_server
+from tests.tiny_models import make_tiny_chat_llama
+from workers.threads import default_budgets, worker_environment
+
+
+@pytest.mark.parametrize(
+    "jobs, infer, cores, expected",
+    [
+        (1, 1, 2, (1, 1)),
+        (1, 1, 16, (8, 8)),
+        (2, 1, 16, (4, 8)),
+        (1, 2, 16, (8, 4)),
+        (1, 0, 4, (4, 0)),
+        (0, 1, 4, (0, 4)),
+        (3, 3, 2, (1, 1)),  # more workers than cores: one thread each, never zero
+    ],
+)
+def test_default_budgets_split_the_cores(jobs, infer, cores, expected):
+    assert default_budgets(jobs, infer, cores) == expected
+
+
+def test_worker_environment_holds_every_runtime_to_the_budget_and_waits_passively():
+    env = worker_environment(3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["STRATA_THREADS"] == "3"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    with pytest.raises(ValueError):
+        worker_environment(0)
+
+
+def test_serve_starts_workers_with_their_budgets_and_int8_engines(tmp_path, isolated_redis_url):
+    home = tmp_path / "home"
+    env = {"REDIS_URL": isolated_redis_url, "STRATA_INFER_PRECISION": "int8", "STRATA_JOB_THREADS": "2"}
+    server = start_server(home, {**env, "STRATA_INFER_THREADS": "1"})
+    try:
+        children = psutil.Process(server.process.pid).children()
+        roles = {}
+        for child in children:
+            role = child.cmdline()[-1]
+            roles[role] = child.environ()
+        assert roles["worker"]["OMP_NUM_THREADS"] == "2" and roles["infer"]["OMP_NUM_THREADS"] == "1"
+        assert roles["worker"]["OMP_WAIT_POLICY"] == roles["infer"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        make_tiny_chat_llama(tmp_path / "chatty", seed=11)
+        with server.client() as c:
+            imported = c.post("/v1/models/import", json={"id": "chatty", "path": str(tmp_path / "chatty")})
+            assert imported.status_code == 201, imported.text
+            r = c.post("/v1/generate", json={"model": "chatty", "prompt": "the cat", "max_new_tokens": 4})
+            assert r.status_code == 200, r.text
+            assert r.json()["strata"]["precision"] == "int8"
+            assert r.json()["strata"]["exit_adapter"] is False
+    finally:
+        stop_server(server)
