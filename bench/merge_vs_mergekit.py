@@ -156,7 +156,13 @@ with open(result, "w") as f:
 
 def measure(cmd: list[str], log: Path) -> Run:
     """Run `cmd` to completion: its wall time and its own peak RSS (ru_maxrss, KiB on Linux)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **MERGE_ENV,
+    }
     result = log.with_suffix(".json")
     subprocess.run(
         [sys.executable, "-c", LAUNCHER, str(result), str(log), *cmd], env=env, cwd=ROOT, check=True
@@ -187,6 +193,29 @@ def run_mergekit(mergekit: Path, config: Path, out: Path, log: Path) -> Run:
 
 
 FLUSH = True  # sync before each run (off in quick mode, whose timings mean little)
+MERGE_ENV: dict[str, str] = {}  # extra environment of both tools' runs (a job worker's thread budget)
+
+
+def start_generation_stream(model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """A generation stream beside the merges, as on a machine running `strata serve`: the inference worker
+    gets its thread budget, and both tools run with a job worker's (workers.threads)."""
+    from workers.threads import default_budgets, worker_environment
+
+    jobs, infer = default_budgets(1, 1)
+    MERGE_ENV.update(worker_environment(jobs))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "generation_stream.py"), str(model)],
+        env={**os.environ, **worker_environment(infer)},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "tok/s" not in log.read_text(errors="replace"):
+        if process.poll() is not None:
+            raise RuntimeError(f"the generation stream exited: {log.read_text()[-2000:]}")
+        time.sleep(1)
+    return process, f"{jobs} thread(s) per merge, {infer} for the generation stream, OMP_WAIT_POLICY=PASSIVE"
 
 
 def _clear(out: Path) -> None:
@@ -501,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mergekit", action="store_true", help="Strata only")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1x/2x/4x table")
     parser.add_argument("--keep-models", action="store_true", help="keep the scaling models (GBs)")
+    parser.add_argument(
+        "--beside-generation",
+        action="store_true",
+        help="run a generation stream (the engine, an inference worker's thread budget) beside the merges",
+    )
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     global FLUSH
@@ -527,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
             os.sync()
         warm_page_cache(inputs)
         floor = median([io_floor(inputs, work / "floor.out") for _ in range(3)])
+        stream, budgets = None, ""
+        if args.beside_generation:
+            stream, budgets = start_generation_stream(models["base"], work / "stream.log")
         results = [
             # quick mode skips mergekit where there is nothing to compare (random methods): it is a smoke test
             bench_method(
@@ -534,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             for method in args.methods
         ]
+        stream_line = ""
+        if stream is not None:
+            stream.terminate()
+            stream.wait(timeout=60)
+            rates = [line for line in (work / "stream.log").read_text().splitlines() if "tok/s" in line]
+            stream_line = f"beside a generation stream ({rates[-1] if rates else 'no rate'}); {budgets}"
         scale_lines = (
             [] if args.no_scaling else scaling(work, args.quick, 1 if args.quick else 2, args.keep_models)
         )
@@ -553,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{runs} run(s) per tool, medians; mergekit: {mergekit or 'not run'}",
         f"I/O floor: read {gb(sum(weight_bytes(m) for m in inputs)):.2f} GB + write {base_gb:.2f} GB "
         f"= {floor:.2f} s (median of 3)",
+        *([stream_line] if stream_line else []),
         "",
         *main_table(results, floor),
         *(["", *diff_notes(results)] if diff_notes(results) else []),
