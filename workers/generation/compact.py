@@ -18,7 +18,10 @@ and the rotary embedding applied to Q and K together. Weights are taken from a l
 - bfloat16: bfloat16 weights and activations;
 - int8: weight-only int8, one scale per output channel (w = s_o * q_oi, q in [-127, 127]), bfloat16
   activations; on the CPU the matmul is torch's int8 weight-only kernel, elsewhere the weights are
-  dequantised per call.
+  dequantised per call;
+- int4: weight-only, asymmetric, one scale and minimum per group of 32 inputs (w = s_g * q + m_g, q in
+  [0, 15]; the layout of GGUF's Q4_1), bfloat16 activations, torch's int4 CPU kernel;
+- int8_dynamic: int8 weights and activations quantised per call (fbgemm's dynamic linear), float32 outside.
 
 The KV cache is preallocated for (depth, rows, capacity) and reused: a step writes its new columns in place
 and attends over the filled prefix. Nothing here knows about requests, batching policy or Redis.
@@ -36,14 +39,16 @@ from torch import nn
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import decoder_stack
 
-Precision = Literal["float32", "bfloat16", "int8", "int8_dynamic"]
-PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int8_dynamic")
+Precision = Literal["float32", "bfloat16", "int8", "int4", "int8_dynamic"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int4", "int8_dynamic")
 ACTIVATION_DTYPE = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "int8": torch.bfloat16,
+    "int4": torch.bfloat16,
     "int8_dynamic": torch.float32,
 }
+INT4_GROUP = 32
 
 
 def layer_mask_kinds(config, depth: int) -> list[str]:
@@ -77,6 +82,8 @@ class QuantLinear:
             self.packed = torch.ops.quantized.linear_prepack(qweight, None)
             self.weight, self.scale = qweight, scale
             self.bytes = w.numel() + scale.numel() * 4
+        elif precision == "int4":
+            self._quantize_int4(weight.float(), dtype)
         elif precision == "int8":
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -90,8 +97,39 @@ class QuantLinear:
         if self.bias is not None:
             self.bytes += self.bias.numel() * self.bias.element_size()
 
+    def _quantize_int4(self, w: torch.Tensor, dtype: torch.dtype) -> None:
+        n, k = w.shape
+        if k % INT4_GROUP:
+            raise ValueError(f"int4 needs input sizes divisible by {INT4_GROUP}, got {k}")
+        groups = w.reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = ((groups - low) / scale).round().clamp(0, 15)
+        codes = q.reshape(n, k).to(torch.uint8)
+        # torch's kernel computes w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        params = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], dim=-1)  # (n, groups, 2)
+        self.scales_zeros = params.transpose(0, 1).contiguous().to(dtype)
+        self.fast_int4 = w.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        if self.fast_int4:
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        else:
+            self.weight = codes
+        self.bytes = n * k // 2 + self.scales_zeros.numel() * self.scales_zeros.element_size()
+
     def dequantized(self) -> torch.Tensor:
         """The weights this linear multiplies by, in float32."""
+        if self.precision == "int8_dynamic":
+            return self.weight.dequantize()
+        if self.precision == "int4" and self.fast_int4:  # the kernel applied to the identity: W^T
+            eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype, device=self.scales_zeros.device)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, self.weight, INT4_GROUP, self.scales_zeros
+            ).T.float()
+        if self.precision == "int4":
+            n, k = self.weight.shape
+            scale, zero = self.scales_zeros.float().transpose(0, 1).unbind(-1)  # (n, groups) each
+            codes = self.weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP) - 8
+            return (codes * scale[..., None] + zero[..., None]).reshape(n, k)
         if self.precision == "int8":
             return self.weight.float() * self.scale.float()[:, None]
         return self.weight.float()
@@ -100,9 +138,15 @@ class QuantLinear:
         if self.precision == "int8_dynamic":
             y = torch.ops.quantized.linear_dynamic(x, self.packed, True)
             return y if self.bias is None else y + self.bias
-        if self.precision != "int8":
+        if self.precision in ("float32", "bfloat16"):
             return F.linear(x, self.weight, self.bias)
-        if self.fast_int8:
+        if self.precision == "int4" and self.fast_int4:
+            shape = x.shape
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, shape[-1]), self.weight, INT4_GROUP, self.scales_zeros
+            )
+            y = y.view(*shape[:-1], self.out_features)
+        elif self.precision == "int8" and self.fast_int8:
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
