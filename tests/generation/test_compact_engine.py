@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.early_exit.adapters import Affine, ExitAdapters
-from workers.early_exit.forward import exit_logits
+from workers.early_exit.forward import exit_logits, residual_at_exits
 from workers.generation.compact import QuantLinear
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.reference import greedy_reference
@@ -120,3 +120,12 @@ def test_kv_cache_is_reused_across_requests_and_results_stay_exact(engine, tiny_
     assert engine._free_caches[3] is kept
     assert first.token_ids == greedy_reference(tiny_model, prompts[0], 3, 8)
     assert second.token_ids == greedy_reference(tiny_model, prompts[2], 3, 8)
+
+
+def test_residuals_at_exits_match_the_uncached_reference(engine, tiny_model, prompts):
+    ids = torch.tensor([prompts[3]])
+    ours = engine.compact.residuals(ids, [1, 3, 4])
+    theirs = residual_at_exits(tiny_model, ids, [1, 3, 4])
+    assert sorted(ours) == [1, 3, 4]
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5)

@@ -349,6 +349,22 @@ class CompactLlama:
         return hidden
 
     @torch.inference_mode()
+    def residuals(self, input_ids: torch.Tensor, exits: list[int]) -> dict[int, torch.Tensor]:
+        """The residual stream h_k after each exit k in `exits` for whole sequences (B, T), from one pass
+        (a scratch cache), in this model's precision: what per-precision quality is measured on."""
+        wanted = sorted(set(exits))
+        if not wanted or wanted[0] < 1 or wanted[-1] > self.num_layers:
+            raise ValueError(f"exits must lie in 1..{self.num_layers}, got {wanted}")
+        rows, length = input_ids.shape
+        cache = self.new_cache(wanted[-1], rows, length)
+        positions = torch.arange(length, device=self.device)[None].expand(rows, -1)
+        hidden, done, out = self.embed(input_ids), 0, {}
+        for depth in wanted:
+            hidden = self.run_layers(hidden, positions, cache, done, depth, 0)
+            out[depth], done = hidden, depth
+        return out
+
+    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, depth: int, exit_adapter: bool = True) -> torch.Tensor:
         """float32 logits LMHead(FinalNorm(h)) of hidden states at exit `depth` (through its adapter first
         when there is one and `exit_adapter`)."""
