@@ -102,6 +102,7 @@ def start_server(
         "STRATA_HOME": str(home),
         "STRATA_IMPORT_ROOTS": str(home.parent),
         "STRATA_DEFAULT_MODEL": "false",
+        "STRATA_PROFILE_ON_REGISTER": "false",  # tests that want background profiles turn it on
         **env_extra,
     }
     env = {k: v for k, v in env.items() if v is not None}  # None unsets (REDIS_URL: None = embedded Redis)
