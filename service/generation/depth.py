@@ -99,7 +99,7 @@ def plan_depth(
             on_infeasible=options.on_infeasible,
             meets_floor=good,
         )
-    except NoExitMeetsFloor as e:  # pragma: no cover - caught above
+    except NoExitMeetsFloor as e:
         raise HTTPException(422, str(e)) from e
     except InfeasibleBudget as e:
         at = f" at {_floor_text(options)}" if good is not None else ""
