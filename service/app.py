@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from rq import Worker
 from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
 from service.embedded_redis import EmbeddedRedis
+from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import generate, jobs, models, openai
@@ -41,9 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.redis = connect(url)
         app.state.aredis = connect_async(url)
+        profiling = asyncio.create_task(drain_profile_requests(app.state.redis, settings))
         try:
             yield
         finally:
+            profiling.cancel()
             app.state.redis.close()
             await app.state.aredis.aclose()
             if embedded:

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from service.schemas import (
+    FitExitsJobRequest,
     GrowJobRequest,
     MergeJobRequest,
     ProfileJobRequest,
@@ -25,6 +26,7 @@ from workers.merge.homology import HomologyError, check_homologous
 from workers.store.model_store import weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
+from workers.train.data import DataError, validate_record
 
 
 def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
@@ -160,7 +162,31 @@ def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path), settings)
 
 
+def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: Settings) -> None:
+    record = registry.get(request.model)
+    if record is None:
+        raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    layers = record.num_layers or 0
+    if layers < 2:
+        raise HTTPException(422, f"model {request.model!r} has no exit below full depth")
+    if request.exits and not all(1 <= k < layers for k in request.exits):
+        raise HTTPException(422, f"exits must lie in 1..{layers - 1} (full depth never has an adapter)")
+    if request.data and request.examples:
+        raise HTTPException(422, "give data or examples, not both")
+    for number, record in enumerate(request.examples or [], start=1):
+        try:
+            validate_record(record)
+        except DataError as e:
+            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
+    if request.data:
+        try:
+            resolve_path(request.data, settings.import_roots, directory=False)
+        except ModelReferenceError as e:
+            raise HTTPException(422, str(e)) from e
+
+
 PRECHECKS = {
+    "fit_exits": check_fit_exits,
     "sort": check_sort,
     "truncate": check_truncate,
     "merge": check_merge,

@@ -28,6 +28,7 @@ JOB_FUNCTIONS = {
     "grow": "workers.jobs.grow.grow_job",
     "sort": "workers.jobs.sort.sort_job",
     "truncate": "workers.jobs.truncate.truncate_job",
+    "fit_exits": "workers.jobs.fit_exits.fit_exits_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

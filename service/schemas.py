@@ -51,6 +51,7 @@ class ProfileJobRequest(BaseModel):
     model: str = Field(min_length=1)
     grid: list[int] | None = Field(default=None, description="Exit depths (default every 2 layers + full)")
     repeats: int = Field(default=2, ge=1, le=10)
+    if_unprofiled: bool = Field(default=False, description="Do nothing when the model has a profile already")
 
 
 class SparsifyJobRequest(BaseModel):
@@ -176,6 +177,30 @@ class SortJobRequest(BaseModel):
     _check_name = field_validator("name")(_slug)
 
 
+class FitExitsJobRequest(BaseModel):
+    """Exit adapters: per exit k an affine map A_k h_k + b_k ~ h_L fitted in closed form (identity-centred
+    ridge, lambda = ridge x mean diag X^T X) on the data, optionally refined by `distill_steps` of KL
+    distillation from full depth; stored with the model, then a fresh profile."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["fit_exits"]
+    model: str = Field(min_length=1, description="A registered model; the adapters are stored with it")
+    exits: list[int] | None = Field(default=None, min_length=1, description="Default: every depth below L")
+    data: str | None = Field(default=None, description="A JSONL file under an import root (default: bundled)")
+    examples: list[dict[str, Any]] | None = Field(
+        default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
+    )
+    max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
+    seq_len: int = Field(default=256, ge=8, le=8192, description="Tokens per forward window")
+    ridge: float = Field(
+        default=1e-4, ge=0, le=1e3, allow_inf_nan=False, description="lambda / mean diag of X^T X"
+    )
+    distill_steps: int = Field(default=0, ge=0, le=100_000, description="Adam steps of KL distillation each")
+    lr: float = Field(default=1e-4, gt=0, le=1, allow_inf_nan=False, description="Distillation learning rate")
+    distill_tokens: int = Field(default=8192, ge=16, le=1_000_000, description="Tokens cached to distil")
+    seed: int = Field(default=0, ge=0)
+
+
 class TruncateJobRequest(BaseModel):
     """Export exit n as a standalone model: layers 1..n + final norm + head, num_hidden_layers = n."""
 
@@ -196,6 +221,7 @@ JobRequest = Annotated[
     | PruneJobRequest
     | GrowJobRequest
     | SortJobRequest
+    | FitExitsJobRequest
     | TruncateJobRequest,
     Field(discriminator="kind"),
 ]

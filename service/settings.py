@@ -41,7 +41,16 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(default=4096, gt=0, description="Longest prompt accepted, in tokens")
     max_waiting: int = Field(default=64, gt=0, description="Generation requests waiting; beyond: 429")
     profile_wait_s: float = Field(
-        default=900, gt=0, description="How long a budgeted request waits for a profile"
+        default=900, gt=0, description="How long a model's background profile may take before it is retried"
+    )
+    profile_on_register: bool = Field(
+        default=True, description="Profile every newly registered model in the background"
+    )
+    default_gflops: float = Field(
+        default=5.0, gt=0, le=1e7, description="Throughput the conservative default latency model assumes"
+    )
+    reprofile_drift: float = Field(
+        default=2.0, gt=1, le=100, description="Re-profile when observed latency drifts beyond this factor"
     )
     job_threads: int | None = Field(
         default=None, ge=1, le=1024, description="Threads per job worker; unset: the cores left"

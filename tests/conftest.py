@@ -103,6 +103,7 @@ def start_server(
         "STRATA_IMPORT_ROOTS": str(home.parent),
         "STRATA_DEFAULT_MODEL": "false",
         "STRATA_INFER_PRECISION": "float32",  # exactness tests compare with float32 references
+        "STRATA_PROFILE_ON_REGISTER": "false",  # tests that want background profiles turn it on
         **env_extra,
     }
     env = {k: v for k, v in env.items() if v is not None}  # None unsets (REDIS_URL: None = embedded Redis)

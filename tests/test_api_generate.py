@@ -71,7 +71,9 @@ def test_streamed_tokens_add_up_to_the_final_text(server, chatty):
     assert again["text"] == done["text"]
 
 
-def test_first_budgeted_request_profiles_the_model_then_budgets_choose_depths(server, chatty):
+def test_first_budgeted_request_uses_a_default_while_the_model_is_profiled_then_budgets_choose_depths(
+    server, chatty
+):
     with server.client() as c:
         assert c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"] is None
         first = c.post(
@@ -79,16 +81,19 @@ def test_first_budgeted_request_profiles_the_model_then_budgets_choose_depths(se
             json={"model": MODEL, "prompt": "a", "max_new_tokens": 2, "latency_budget_ms": 60_000},
         )
         assert first.status_code == 200, first.text
+        assert first.json()["strata"]["latency_model"] == "default"  # it did not wait for the profile
+        profiles = [j for j in c.get("/v1/jobs").json()["data"] if j["kind"] == "profile"]
+        assert len(profiles) == 1
+        assert server.wait_job(profiles[0]["id"])["status"] == "finished"
         profile = c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"]
         assert profile["grid"] == [2, 4] and profile["num_layers"] == 4
         assert profile["quality"]["4"]["top1_agreement"] == 1.0
         assert set(profile["latency"]["depths"]) == {"2", "4"}
-        profiles = [j for j in c.get("/v1/jobs").json()["data"] if j["kind"] == "profile"]
-        assert len(profiles) == 1 and profiles[0]["status"] == "finished"
 
         base = {"model": MODEL, "prompt": "a b c", "max_new_tokens": 4}
         loose = c.post("/v1/generate", json={**base, "latency_budget_ms": 60_000}).json()
         assert loose["strata"]["depth"] == 4 and loose["strata"]["budget_met"] is True
+        assert loose["strata"]["latency_model"] == "profile"
         assert loose["strata"]["predicted_ms"] > 0
         tight = c.post("/v1/generate", json={**base, "latency_budget_ms": 0.001}).json()
         assert tight["strata"]["depth"] == 1 and tight["strata"]["budget_met"] is False

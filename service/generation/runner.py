@@ -3,7 +3,6 @@ events back. Shared by /v1/generate and the OpenAI-compatible endpoints."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -28,11 +27,11 @@ from service.generation.schemas import (
     StrataInfo,
     Usage,
 )
-from service.queue import JobQueue
-from service.schemas import ProfileJobRequest
+from service.profiling import request_profile
 from service.settings import Settings
 from workers.generation.engine import GenerationRequest
-from workers.generation.latency import LatencyProfile
+from workers.generation.latency import LatencyProfile, default_latency
+from workers.generation.quality import ServedQuality, quality_table
 from workers.inference.protocol import (
     QUEUE_KEY,
     SERVICE_MS_KEY,
@@ -63,6 +62,8 @@ class Prepared:
     predicted_ms: float | None
     budget_ms: float | None
     arrived: float  # time.monotonic() at arrival
+    quality: ServedQuality | None = None
+    latency_model: str | None = None
     queue_ms: float | None = None
     batch_size: int | None = None
     first_token_at: float | None = None
@@ -83,6 +84,8 @@ class Prepared:
             speculative=self.finish.get("speculative"),
             precision=self.finish.get("precision"),
             exit_adapter=self.finish.get("exit_adapter"),
+            quality=self.quality.model_dump() if self.quality is not None else None,
+            latency_model=self.latency_model,
         )
 
     def usage(self) -> Usage:
@@ -147,41 +150,19 @@ class Generation:
         service_ms = float(self.redis.get(SERVICE_MS_KEY) or 0.0)
         return math.ceil(waiting / (max(workers, 1) * 8)) * service_ms
 
-    async def latency(self, record: ModelRecord) -> LatencyProfile:
-        raw = self.redis.get(latency_key(record.id))
-        if raw:
-            return LatencyProfile.model_validate_json(raw)
-        record = record if record.profile else await self.profile(record)
-        latency = LatencyProfile.model_validate(record.profile["latency"])
-        self.redis.set(latency_key(record.id), latency.model_dump_json())
-        return latency
-
-    async def profile(self, record: ModelRecord) -> ModelRecord:
-        """Profile the model before its first budgeted request (one profile job, however many wait)."""
-        queue = JobQueue(self.redis, self.settings)
-        lock = f"strata:profiling:{record.id}"
-        job_id = self.redis.get(lock)
-        if job_id is None:
-            view = queue.submit(ProfileJobRequest(kind="profile", model=record.id))
-            if not self.redis.set(lock, view.id, nx=True, ex=int(self.settings.profile_wait_s)):
-                queue.cancel(queue.fetch(view.id))
-            job_id = self.redis.get(lock)
-        job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
-        deadline = time.monotonic() + self.settings.profile_wait_s
-        while time.monotonic() < deadline:
-            job = queue.fetch(job_id)
-            status = job.get_status() if job else None
-            if job is None or status in ("failed", "stopped", "canceled"):
-                self.redis.delete(lock)
-                reason = (job.meta.get("error") if job else None) or "profile job vanished"
-                raise HTTPException(503, f"profiling {record.id!r} failed: {reason}")
-            if status == "finished":
-                self.redis.delete(lock)
-                return self.record(record.id)
-            await asyncio.sleep(0.25)
-        raise HTTPException(
-            503, f"profiling {record.id!r} takes longer than {self.settings.profile_wait_s} s"
-        )
+    def latency(self, record: ModelRecord) -> tuple[LatencyProfile, str]:
+        """The model's latency model and where it comes from: "profile" (measured, kept up to date by the
+        workers), or "default" (conservative, while the model is profiled in the background; nobody waits).
+        A measured model whose online scale has drifted beyond STRATA_REPROFILE_DRIFT is re-profiled."""
+        latency = self._known_latency(record)
+        if latency is None:
+            request_profile(self.redis, self.settings, record.id)
+            layers, gflops = record.num_layers or 1, self.settings.default_gflops
+            return default_latency(layers, record.num_parameters, gflops), "default"
+        drift = self.settings.reprofile_drift
+        if not 1 / drift <= latency.scale <= drift:
+            request_profile(self.redis, self.settings, record.id, if_unprofiled=False)
+        return latency, "profile"
 
     # -- one request --------------------------------------------------------------------------------
     async def prepare(
@@ -222,11 +203,12 @@ class Generation:
                 raise HTTPException(422, "speculative decoding is greedy: use temperature 0")
             if speculative.draft_depth >= (record.num_layers or 1):
                 raise HTTPException(422, f"draft_depth must be below the model's {record.num_layers} layers")
-            depth = DepthOptions(depth=record.num_layers)  # its output is the full model's
-        needs_latency = depth.latency_budget_ms is not None and depth.depth is None
-        latency = await self.latency(record) if needs_latency else self._known_latency(record)
+            # its output is the full model's; the draft exit uses its adapter unless the request says not
+            depth = DepthOptions(depth=record.num_layers, exit_adapter=depth.exit_adapter)
+        latency, source = self.latency(record)
         wait = self.queue_wait_ms(workers)
-        plan = plan_depth(depth, record.num_layers or 1, latency, len(prompt_ids), new_tokens, wait)
+        quality = quality_table(record.profile)
+        plan = plan_depth(depth, record.num_layers or 1, latency, len(prompt_ids), new_tokens, wait, quality)
         request = GenerationRequest(
             prompt_ids=prompt_ids,
             depth=plan.depth,
@@ -236,6 +218,7 @@ class Generation:
             top_k=sampling.top_k,
             seed=sampling.seed,
             stop=sampling.stop_list(),
+            exit_adapter=depth.exit_adapter,
         )
         job = InferenceJob(
             model=model_id,
@@ -254,6 +237,8 @@ class Generation:
             plan.predicted_ms,
             depth.latency_budget_ms,
             arrived,
+            quality=plan.quality,
+            latency_model=source,
         )
 
     def _known_latency(self, record: ModelRecord) -> LatencyProfile | None:

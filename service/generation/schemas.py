@@ -25,7 +25,25 @@ class DepthOptions(BaseModel):
     exits: list[int] | None = Field(default=None, min_length=1, description="Allowed exit depths")
     depth: int | None = Field(default=None, ge=1, description="Explicit depth (overrides the budget)")
     on_infeasible: Literal["best_effort", "reject"] = Field(
-        default="best_effort", description="No exit fits: use the shallowest allowed, or answer 422"
+        default="best_effort",
+        description="No exit fits: use the shallowest allowed (meeting the quality floor), or answer 422",
+    )
+    max_perplexity_ratio: float | None = Field(
+        default=None,
+        ge=1,
+        le=1e12,
+        allow_inf_nan=False,
+        description="Quality floor: the exit's profiled held-out perplexity over full depth's at most this",
+    )
+    min_top1_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Quality floor: the exit's profiled top-1 agreement with full depth at least this",
+    )
+    exit_adapter: bool = Field(
+        default=True, description="Apply the model's exit adapter at the chosen exit (when it has one)"
     )
 
     @field_validator("exits")
@@ -90,9 +108,24 @@ class SpeculativeStats(BaseModel):
     iterations: int = Field(description="Full-depth verification passes")
 
 
+class ExitQualityInfo(BaseModel):
+    perplexity: float = Field(description="Profiled held-out perplexity of the exit as served")
+    perplexity_ratio: float = Field(description="That perplexity over the full model's")
+    top1_agreement: float = Field(description="Profiled fraction of next tokens equal to the full model's")
+    exit_adapter: bool = Field(description="Whether the exit's adapter is applied")
+
+
 class StrataInfo(BaseModel):
     depth: int = Field(description="Decoder layers the answer was computed with")
     num_layers: int
+    quality: ExitQualityInfo | None = Field(
+        default=None, description="The chosen exit's profile quality (null before the model is profiled)"
+    )
+    latency_model: Literal["profile", "default"] | None = Field(
+        default=None,
+        description="default: the model's profile is not ready yet (it is being measured in the background), "
+        "so a conservative default latency model chose the depth",
+    )
     predicted_ms: float | None = Field(description="Predicted latency at the chosen depth (queue + compute)")
     elapsed_ms: float = Field(description="From the request's arrival to its last token")
     budget_met: bool | None = Field(description="elapsed_ms <= latency_budget_ms (null without a budget)")

@@ -12,8 +12,10 @@ from workers.generation.latency import (
     DepthCoefficients,
     InfeasibleBudget,
     LatencyProfile,
+    NoExitMeetsFloor,
     PrefillSample,
     choose_depth,
+    default_latency,
     fit_latency,
 )
 
@@ -125,3 +127,73 @@ def test_choose_depth_when_nothing_fits():
     assert caught.value.min_latency_ms == pytest.approx(7.0 + 4 * 12)
     with pytest.raises(ValueError):
         choose_depth(profile, 100, 10, budget_ms=None, allowed_exits=[2], min_depth=3)
+
+
+def busy_machine_samples(seed: int = 0):
+    """Per-depth samples like a profile taken on a busy machine: true cost 40 + 10 k ms prefill (+0.1 k per
+    prompt token), 2 k ms per new token, but each depth's runs slowed by a random factor up to 2x, and a few
+    runs 10x slower."""
+    rng = np.random.default_rng(seed)
+    prefill, decode = [], []
+    for depth in range(2, 31, 2):
+        slow = 1 + rng.uniform(0, 1.0)
+        for prompt in (16, 96):
+            for _ in range(2):
+                spike = 10.0 if rng.uniform() < 0.08 else 1.0
+                ms = (40 + 10 * depth + 0.1 * depth * prompt) * slow * spike
+                prefill.append(PrefillSample(depth=depth, prompt_tokens=prompt, ms=ms))
+            decode.append(DecodeSample(depth=depth, new_tokens=8, ms=8 * 2 * depth * slow))
+    return prefill, decode
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fitted_latency_is_non_decreasing_in_depth_whatever_the_noise(seed):
+    profile = fit_latency(30, *busy_machine_samples(seed))
+    for prompt, new in ((1, 1), (16, 8), (500, 200)):
+        predictions = [profile.predict(k, prompt, new) for k in range(1, 31)]
+        assert all(a <= b for a, b in zip(predictions, predictions[1:], strict=False))
+    assert profile.linear is not None
+    assert min(profile.linear.model_dump().values()) >= 0
+
+
+def test_a_few_slow_samples_do_not_bend_the_fit():
+    prefill, decode = synthetic_samples(noise=0.0)
+    clean = fit_latency(8, prefill, decode)
+    spiked = [
+        PrefillSample(depth=s.depth, prompt_tokens=s.prompt_tokens, ms=s.ms * 10) if i % 13 == 0 else s
+        for i, s in enumerate(prefill)
+    ]
+    robust = fit_latency(8, spiked, decode)
+    for depth in (1, 4, 8):
+        assert robust.predict(depth, 128, 16) == pytest.approx(clean.predict(depth, 128, 16), rel=0.02)
+
+
+def test_default_latency_model_is_slower_per_layer_and_monotone():
+    profile = default_latency(num_layers=30, num_parameters=135_000_000, gflops=5.0)
+    predictions = [profile.predict(k, 32, 16) for k in range(1, 31)]
+    assert all(a < b for a, b in zip(predictions, predictions[1:], strict=False))
+    # 2 x 135e6 / 31 flops per layer-token at 5 GFLOP/s: about 1.74 ms per layer-token
+    assert profile.predict(30, 32, 16) == pytest.approx(50 + 48 * 31 * 2 * 135e6 / 31 / 5e9 * 1e3)
+
+
+def test_choose_depth_never_returns_an_exit_outside_the_quality_floor():
+    profile = linear_profile()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        good = {int(k) for k in rng.choice(np.arange(1, 9), size=rng.integers(1, 9), replace=False)}
+        budget = float(rng.uniform(1, 200))
+        mode = "best_effort" if rng.uniform() < 0.5 else "reject"
+        try:
+            depth = choose_depth(profile, 10, 10, budget, on_infeasible=mode, meets_floor=good)
+        except InfeasibleBudget as e:
+            assert mode == "reject" and e.floor and e.depth == min(good)
+            assert e.min_latency_ms == pytest.approx(profile.predict(min(good), 10, 10))
+            continue
+        assert depth in good
+        fitting = [k for k in good if profile.predict(k, 10, 10) <= budget]
+        assert depth == (max(fitting) if fitting else min(good))
+
+
+def test_no_exit_meeting_the_floor_is_an_error():
+    with pytest.raises(NoExitMeetsFloor):
+        choose_depth(linear_profile(), 10, 10, 100.0, allowed_exits=[1, 2], meets_floor={8})

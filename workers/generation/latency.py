@@ -7,8 +7,15 @@ For exit depth k, P prompt tokens and N new tokens the predicted latency in mill
 where a_k + b_k * P is the prefill (which also yields the first token), c_k the cost of one decode step
 (N is charged as N steps, one more than needed: a slightly conservative estimate), and s one global
 correction factor learnt online from served requests (load on the machine slows every depth alike).
-Depths between profiled depths are interpolated linearly in k (per-layer cost is uniform), and
-extrapolated from the two nearest beyond them.
+
+Profiles fitted here are linear in depth by construction, with every coefficient >= 0:
+
+    a_k = a0 + a1 k,   b_k = b0 + b1 k,   c_k = c0 + c1 k      (a fixed cost plus a per-layer cost),
+
+fitted jointly over all profiled depths by iteratively reweighted non-negative least squares on relative
+errors with Huber weights, so t is non-decreasing in k whatever the noise, and a few slow samples (a busy
+machine) cannot bend it. Older profiles stored per-depth coefficients only; for those, depths between
+profiled depths are interpolated linearly in k and extrapolated from the two nearest beyond them.
 """
 
 from __future__ import annotations
@@ -50,17 +57,42 @@ class DecodeSample(BaseModel):
     ms: float = Field(ge=0)
 
 
+class LinearInDepth(BaseModel):
+    """a_k = a0 + a1 k, b_k = b0 + b1 k, c_k = c0 + c1 k, all >= 0: non-decreasing in depth."""
+
+    model_config = ConfigDict(frozen=True)
+
+    a0_ms: float = Field(ge=0)
+    a1_ms_per_layer: float = Field(ge=0)
+    b0_ms_per_prompt_token: float = Field(ge=0)
+    b1_ms_per_prompt_token_layer: float = Field(ge=0)
+    c0_ms_per_new_token: float = Field(ge=0)
+    c1_ms_per_new_token_layer: float = Field(ge=0)
+
+    def at(self, depth: int) -> DepthCoefficients:
+        return DepthCoefficients(
+            a_ms=self.a0_ms + self.a1_ms_per_layer * depth,
+            b_ms_per_prompt_token=self.b0_ms_per_prompt_token + self.b1_ms_per_prompt_token_layer * depth,
+            c_ms_per_new_token=self.c0_ms_per_new_token + self.c1_ms_per_new_token_layer * depth,
+        )
+
+
 class LatencyProfile(BaseModel):
-    """Per-depth coefficients of t(k, P, N) for a model with `num_layers` layers, plus the online scale s."""
+    """Coefficients of t(k, P, N) for a model with `num_layers` layers, plus the online scale s: from the
+    joint linear-in-depth model when it has one (`linear`), else per profiled depth (`depths`)."""
 
     model_config = ConfigDict(frozen=True)
 
     num_layers: int = Field(ge=1)
     depths: dict[int, DepthCoefficients]
     scale: float = Field(default=1.0, gt=0)
+    linear: LinearInDepth | None = None
 
     def coefficients_at(self, depth: int) -> DepthCoefficients:
-        """Coefficients at `depth`: profiled, or linear in k through the two nearest profiled depths."""
+        """Coefficients at `depth`: from the linear-in-depth model, else profiled, else linear in k through
+        the two nearest profiled depths."""
+        if self.linear is not None:
+            return self.linear.at(depth)
         if depth in self.depths:
             return self.depths[depth]
         grid = sorted(self.depths)
@@ -108,60 +140,100 @@ class LatencyProfile(BaseModel):
         return self.model_copy(update={"scale": min(max(scale, scale_bounds[0]), scale_bounds[1])})
 
 
-def fit_prefill(samples: Sequence[PrefillSample]) -> tuple[float, float]:
-    """Least squares (a, b) = argmin sum (a + b P_i - ms_i)^2, kept >= 0; b = 0 with one prompt length."""
-    prompt = np.array([s.prompt_tokens for s in samples], dtype=float)
-    ms = np.array([s.ms for s in samples], dtype=float)
-    if len(set(prompt.tolist())) < 2:
-        return max(float(ms.mean()), 0.0), 0.0
-    design = np.stack([np.ones_like(prompt), prompt], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, ms, rcond=None)
-    if b < 0:
-        return max(float(ms.mean()), 0.0), 0.0
-    if a < 0:
-        return 0.0, float(np.dot(prompt, ms) / np.dot(prompt, prompt))
-    return float(a), float(b)
+def default_latency(
+    num_layers: int, num_parameters: int, gflops: float, overhead_ms: float = 50.0
+) -> LatencyProfile:
+    """A conservative latency model for a model not profiled yet: every token, prompt or new, costs
+    2 x parameters floating-point operations at `gflops` (no batching gain for the prompt), the parameters
+    split evenly between the L layers and one share for the embeddings and head, plus a fixed overhead."""
+    share_ms = 2.0 * num_parameters / (num_layers + 1) / (gflops * 1e9) * 1000.0
+    linear = LinearInDepth(
+        a0_ms=overhead_ms,
+        a1_ms_per_layer=0.0,
+        b0_ms_per_prompt_token=share_ms,
+        b1_ms_per_prompt_token_layer=share_ms,
+        c0_ms_per_new_token=share_ms,
+        c1_ms_per_new_token_layer=share_ms,
+    )
+    return LatencyProfile(num_layers=num_layers, depths={num_layers: linear.at(num_layers)}, linear=linear)
 
 
-def fit_decode(samples: Sequence[DecodeSample]) -> float:
-    """Least squares through the origin c = sum(N_i * ms_i) / sum(N_i^2)."""
-    new = np.array([s.new_tokens for s in samples], dtype=float)
-    ms = np.array([s.ms for s in samples], dtype=float)
-    return max(float(np.dot(new, ms) / np.dot(new, new)), 0.0)
+def _robust_nnls(design: np.ndarray, target: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """argmin_x>=0 sum_i w_i ((design x - target)_i / target_i)^2, Huber weights w_i recomputed from the
+    relative residuals (threshold 1.345 x their MAD-based scale) for a few rounds."""
+    from scipy.optimize import nnls
+
+    relative = 1.0 / np.maximum(np.abs(target), 1e-6)
+    weights = np.ones_like(target)
+    solution = np.zeros(design.shape[1])
+    for _ in range(iterations):
+        root = np.sqrt(weights) * relative
+        solution, _ = nnls(design * root[:, None], target * root, maxiter=50 * design.shape[1])
+        residual = (design @ solution - target) * relative
+        spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        threshold = 1.345 * max(spread, 1e-3)
+        new_weights = np.minimum(1.0, threshold / np.maximum(np.abs(residual), 1e-12))
+        if np.allclose(new_weights, weights, atol=1e-6):
+            break
+        weights = new_weights
+    return solution
+
+
+def fit_linear_in_depth(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> LinearInDepth:
+    """Fit (a0, a1, b0, b1) on prefill samples, ms ~ a0 + a1 k + (b0 + b1 k) P, and (c0, c1) on decode
+    samples, ms ~ N (c0 + c1 k), jointly over all depths, non-negative and robust to outliers."""
+    k = np.array([s.depth for s in prefill], dtype=float)
+    p = np.array([s.prompt_tokens for s in prefill], dtype=float)
+    ms = np.array([s.ms for s in prefill], dtype=float)
+    a0, a1, b0, b1 = _robust_nnls(np.stack([np.ones_like(k), k, p, k * p], axis=1), ms)
+    kd = np.array([s.depth for s in decode], dtype=float)
+    n = np.array([s.new_tokens for s in decode], dtype=float)
+    msd = np.array([s.ms for s in decode], dtype=float)
+    c0, c1 = _robust_nnls(np.stack([n, n * kd], axis=1), msd)
+    return LinearInDepth(
+        a0_ms=float(a0),
+        a1_ms_per_layer=float(a1),
+        b0_ms_per_prompt_token=float(b0),
+        b1_ms_per_prompt_token_layer=float(b1),
+        c0_ms_per_new_token=float(c0),
+        c1_ms_per_new_token_layer=float(c1),
+    )
 
 
 def fit_latency(
     num_layers: int, prefill: Iterable[PrefillSample], decode: Iterable[DecodeSample]
 ) -> LatencyProfile:
-    """Fit a_k, b_k from prefill samples and c_k from decode samples, for every depth that has both."""
-    prefill_by: dict[int, list[PrefillSample]] = {}
-    decode_by: dict[int, list[DecodeSample]] = {}
-    for sample in prefill:
-        prefill_by.setdefault(sample.depth, []).append(sample)
-    for sample in decode:
-        decode_by.setdefault(sample.depth, []).append(sample)
-    depths = {}
-    for depth in sorted(set(prefill_by) & set(decode_by)):
-        a, b = fit_prefill(prefill_by[depth])
-        depths[depth] = DepthCoefficients(
-            a_ms=a, b_ms_per_prompt_token=b, c_ms_per_new_token=fit_decode(decode_by[depth])
-        )
-    if not depths:
+    """The joint linear-in-depth model from prefill and decode samples (at least one depth with both);
+    `depths` lists its coefficients at the profiled depths."""
+    prefill = [s for s in prefill if math.isfinite(s.ms)]
+    decode = [s for s in decode if math.isfinite(s.ms)]
+    profiled = sorted({s.depth for s in prefill} & {s.depth for s in decode})
+    if not profiled:
         raise ValueError("need prefill and decode samples at one depth at least")
-    return LatencyProfile(num_layers=num_layers, depths=depths)
+    linear = fit_linear_in_depth(prefill, decode)
+    return LatencyProfile(
+        num_layers=num_layers, depths={k: linear.at(k) for k in profiled}, linear=linear
+    )
 
 
 class InfeasibleBudget(Exception):
-    """No allowed depth meets the budget; `min_latency_ms` is the best achievable, queue wait included."""
+    """No allowed depth meets the budget (at the required quality when there is a floor); `min_latency_ms`
+    is the best achievable at `depth`, queue wait included."""
 
-    def __init__(self, budget_ms: float, min_latency_ms: float, depth: int) -> None:
+    def __init__(self, budget_ms: float, min_latency_ms: float, depth: int, floor: bool = False) -> None:
+        quality = " at the required quality" if floor else ""
         super().__init__(
-            f"latency budget {budget_ms:.1f} ms cannot be met; the fastest allowed depth {depth} "
+            f"latency budget {budget_ms:.1f} ms cannot be met{quality}; the fastest allowed depth {depth} "
             f"needs about {min_latency_ms:.1f} ms"
         )
         self.budget_ms = budget_ms
         self.min_latency_ms = min_latency_ms
         self.depth = depth
+        self.floor = floor
+
+
+class NoExitMeetsFloor(ValueError):
+    """No allowed exit meets the requested quality floor."""
 
 
 def choose_depth(
@@ -173,16 +245,25 @@ def choose_depth(
     allowed_exits: Iterable[int] | None = None,
     min_depth: int = 1,
     on_infeasible: Literal["best_effort", "reject"] = "best_effort",
+    meets_floor: Iterable[int] | None = None,
 ) -> int:
-    """The deepest allowed k >= min_depth with queue_wait + t(k, P, N) <= budget.
+    """The deepest allowed k >= min_depth with queue_wait + t(k, P, N) <= budget that is in `meets_floor`
+    (the depths meeting a quality floor; None: no floor).
 
-    Without a budget: the deepest allowed depth (full depth by default). When no depth fits:
-    "best_effort" returns the shallowest allowed depth, "reject" raises InfeasibleBudget.
+    Without a budget: the deepest allowed depth meeting the floor (full depth by default). When no depth
+    fits: "best_effort" returns the shallowest allowed depth meeting the floor, "reject" raises
+    InfeasibleBudget with the smallest latency at that quality. No allowed depth meeting the floor raises
+    NoExitMeetsFloor.
     """
     exits = range(1, profile.num_layers + 1) if allowed_exits is None else allowed_exits
     candidates = sorted({k for k in exits if min_depth <= k <= profile.num_layers})
     if not candidates:
         raise ValueError(f"no allowed exit is between min_depth {min_depth} and {profile.num_layers}")
+    if meets_floor is not None:
+        good = set(meets_floor)
+        candidates = [k for k in candidates if k in good]
+        if not candidates:
+            raise NoExitMeetsFloor("no allowed exit meets the requested quality floor")
     if budget_ms is None:
         return candidates[-1]
     totals = {k: queue_wait_ms + profile.predict(k, prompt_tokens, max_new_tokens) for k in candidates}
@@ -192,4 +273,4 @@ def choose_depth(
     if on_infeasible == "best_effort":
         return candidates[0]
     fastest = min(candidates, key=totals.__getitem__)
-    raise InfeasibleBudget(budget_ms, totals[fastest], fastest)
+    raise InfeasibleBudget(budget_ms, totals[fastest], fastest, floor=meets_floor is not None)

@@ -6,7 +6,10 @@ tokens; medians over repeats give samples that `fit_latency` turns into t(k, P, 
 Quality on a held-out text x_1..x_T, all exits from one pass per window (`hidden_at_exits`):
 
     perplexity_k = exp(-(1/n) sum_t log p_k(x_{t+1} | x_<=t)),
-    agreement_k  = (1/n) sum_t [argmax p_k(. | x_<=t) == argmax p_L(. | x_<=t)].
+    agreement_k  = (1/n) sum_t [argmax p_k(. | x_<=t) == argmax p_L(. | x_<=t)],
+
+for every exit k without its adapter (p_k from LMHead(FinalNorm(h_k))) and, when the model has exit adapters,
+with it (p_k from LMHead(FinalNorm(A_k h_k + b_k))). Full depth never has an adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from workers.device import describe_device
-from workers.early_exit.forward import hidden_at_exits, num_layers
+from workers.early_exit.adapters import ExitAdapters
+from workers.early_exit.forward import decoder_stack, num_layers, residual_at_exits
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.latency import DecodeSample, LatencyProfile, PrefillSample, fit_latency
 
@@ -32,12 +36,22 @@ Progress = Callable[[str, float], None]
 
 
 class ExitQuality(BaseModel):
-    """Quality of the exit at `depth` over `tokens` next-token predictions."""
+    """Quality of the exit at `depth` over `tokens` next-token predictions: without an exit adapter, and
+    with the model's adapter at that exit when it has one (None otherwise)."""
 
     depth: int = Field(ge=1)
     perplexity: float
     top1_agreement: float = Field(ge=0, le=1)
     tokens: int = Field(ge=1)
+    adapter_perplexity: float | None = None
+    adapter_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+    def served(self, exit_adapter: bool = True) -> tuple[float, float]:
+        """(perplexity, top-1 agreement) of the exit as served: with its adapter when it has one and
+        `exit_adapter` is on, without otherwise."""
+        if exit_adapter and self.adapter_perplexity is not None and self.adapter_top1_agreement is not None:
+            return self.adapter_perplexity, self.adapter_top1_agreement
+        return self.perplexity, self.top1_agreement
 
 
 class ModelProfile(BaseModel):
@@ -109,8 +123,10 @@ def measure_quality(
     grid: Sequence[int],
     window: int = 256,
     progress: Progress | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> dict[int, ExitQuality]:
-    """Perplexity and top-1 agreement with full depth for every exit in `grid`.
+    """Perplexity and top-1 agreement with full depth for every exit in `grid` (and with each exit's adapter
+    where `adapters` has one).
 
     The text is cut into windows of `window` tokens overlapping by one, so each of its T - 1 next-token
     predictions is scored once (with the context available inside its window).
@@ -118,22 +134,36 @@ def measure_quality(
     layers = num_layers(model)
     exits = sorted(set(grid) | {layers})
     device = next(model.parameters()).device
+    norm = decoder_stack(model).norm
     if len(token_ids) < 2 or window < 2:
         raise ValueError("the held-out text needs at least two tokens and windows of two tokens")
+    adapted = [k for k in exits if adapters is not None and adapters.has(k) and k < layers]
     chunks = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
     nll = dict.fromkeys(exits, 0.0)
     agree = dict.fromkeys(exits, 0)
+    adapter_nll = dict.fromkeys(adapted, 0.0)
+    adapter_agree = dict.fromkeys(adapted, 0)
     count = 0
+
+    def score(hidden: torch.Tensor, targets: torch.Tensor, full_top1: torch.Tensor) -> tuple[float, int]:
+        logits = model.lm_head(norm(hidden)).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        return loss, int((logits.argmax(-1) == full_top1).sum().item())
+
     for step, chunk in enumerate(chunks):
         _report(progress, f"quality window {step + 1}/{len(chunks)}", step / len(chunks))
         ids = torch.tensor([list(chunk)], device=device)
-        hidden = hidden_at_exits(model, ids, exits)
+        residual = residual_at_exits(model, ids, exits)
         targets = ids[0, 1:]
-        full_top1 = model.lm_head(hidden[layers][0, :-1]).argmax(-1)
+        full_top1 = model.lm_head(norm(residual[layers][0, :-1])).argmax(-1)
         for depth in exits:
-            logits = model.lm_head(hidden[depth][0, :-1]).float()
-            nll[depth] += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            agree[depth] += int((logits.argmax(-1) == full_top1).sum().item())
+            loss, hits = score(residual[depth][0, :-1], targets, full_top1)
+            nll[depth] += loss
+            agree[depth] += hits
+        for depth in adapted:
+            loss, hits = score(adapters.apply(residual[depth][0, :-1], depth), targets, full_top1)
+            adapter_nll[depth] += loss
+            adapter_agree[depth] += hits
         count += targets.numel()
     _report(progress, "quality measured", 1.0)
     return {
@@ -142,6 +172,8 @@ def measure_quality(
             perplexity=math.exp(nll[depth] / count),
             top1_agreement=agree[depth] / count,
             tokens=count,
+            adapter_perplexity=math.exp(adapter_nll[depth] / count) if depth in adapter_nll else None,
+            adapter_top1_agreement=adapter_agree[depth] / count if depth in adapter_agree else None,
         )
         for depth in exits
         if depth in grid
@@ -158,6 +190,7 @@ def profile_model(
     repeats: int = 3,
     max_quality_tokens: int = 2048,
     progress: Progress | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> ModelProfile:
     """Latency (first 80% of progress) and quality (last 20%) of the engine's model over `grid`."""
     grid = sorted(set(grid or default_grid(engine.num_layers)))
@@ -169,7 +202,7 @@ def profile_model(
     latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
     token_ids = engine.tokenizer.encode(text)[:max_quality_tokens]
     window = min(256, engine.max_positions or 256)
-    quality = measure_quality(engine.model, token_ids, grid, window, scaled(0.8, 0.2))
+    quality = measure_quality(engine.model, token_ids, grid, window, scaled(0.8, 0.2), adapters)
     return ModelProfile(
         model_name=model_name,
         device=describe_device(engine.device),

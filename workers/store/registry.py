@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 from redis import Redis
 
 KEY = "strata:models"
+PROFILE_REQUESTS_KEY = "strata:profile:requests"  # models registered since; the API profiles them
+MAX_PROFILE_REQUESTS = 1000
 
 
 class ModelRecord(BaseModel):
@@ -22,6 +24,9 @@ class ModelRecord(BaseModel):
     recipe: dict[str, Any] | None = Field(default=None, description="The job spec that produced the model")
     created: float = Field(default_factory=time.time)
     profile: dict[str, Any] | None = Field(default=None, description="Measured per-depth latency and quality")
+    exit_adapters: dict[str, Any] | None = Field(
+        default=None, description="Exit adapters stored with the model: exits, recipe, data, fit report"
+    )
 
 
 class Registry:
@@ -40,8 +45,15 @@ class Registry:
         return sorted(records, key=lambda r: (r.created, r.id))
 
     def add(self, record: ModelRecord) -> bool:
-        """Register a new model; False if the id is taken."""
-        return bool(self.redis.hsetnx(KEY, record.id, record.model_dump_json()))
+        """Register a new model; False if the id is taken. A new model is also put on the list of models
+        to profile in the background (see service/profiling.py)."""
+        added = bool(self.redis.hsetnx(KEY, record.id, record.model_dump_json()))
+        if added:
+            pipe = self.redis.pipeline()
+            pipe.rpush(PROFILE_REQUESTS_KEY, record.id)
+            pipe.ltrim(PROFILE_REQUESTS_KEY, -MAX_PROFILE_REQUESTS, -1)
+            pipe.execute()
+        return added
 
     def update(self, record: ModelRecord) -> None:
         self.redis.hset(KEY, record.id, record.model_dump_json())

@@ -1,0 +1,111 @@
+"""Exit adapters: the closed-form streamed ridge fit, distillation, and full depth left untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_llama
+from workers.early_exit.adapters import Affine, ExitAdapters, load_adapters
+from workers.early_exit.fit import FitConfig, RidgeAccumulator, fit_exit_adapters, token_windows
+from workers.early_exit.forward import exit_logits, residual_at_exits
+from workers.generation.profiler import measure_quality
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("fit") / "tiny", seed=3)
+
+
+def random_windows(count: int, length: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (length,), generator=generator) for _ in range(count)]
+
+
+def test_streamed_ridge_recovers_a_known_affine_map_exactly_without_penalty():
+    generator = torch.Generator().manual_seed(0)
+    d = 16
+    weight = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    bias = torch.randn(d, generator=generator, dtype=torch.float64)
+    accumulator = RidgeAccumulator(d)
+    for _ in range(5):  # streamed in chunks: only the Gram matrices are kept
+        x = 3 * torch.randn(200, d, generator=generator, dtype=torch.float64) + 1
+        accumulator.add(x, x @ weight.T + bias)
+    fitted, mse = accumulator.solve(ridge=0.0)
+    torch.testing.assert_close(fitted.weight.double(), weight, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fitted.bias.double(), bias, atol=1e-4, rtol=1e-4)
+    assert accumulator.tokens == 1000 and mse < 1e-8
+
+
+def test_ridge_shrinks_towards_the_identity_not_towards_zero():
+    generator = torch.Generator().manual_seed(1)
+    d = 8
+    x = torch.randn(500, d, generator=generator)
+    y = x @ (2 * torch.eye(d)).T + 0.5
+    accumulator = RidgeAccumulator(d)
+    accumulator.add(x, y)
+    heavy, _ = accumulator.solve(ridge=1e6)
+    torch.testing.assert_close(heavy.weight, torch.eye(d), atol=1e-3, rtol=0)
+    assert heavy.bias.mean().item() == pytest.approx(float((y - x).mean()), abs=0.05)
+    light, _ = accumulator.solve(ridge=1e-8)
+    torch.testing.assert_close(light.weight, 2 * torch.eye(d), atol=1e-3, rtol=0)
+
+
+def test_model_fit_equals_a_dense_least_squares_on_the_collected_hidden_states(tiny):
+    windows = random_windows(6, 24)
+    config = FitConfig(ridge=0.0, batch_windows=4, skip_first=1)
+    result = fit_exit_adapters(tiny, windows, [1, 2], config)
+    assert result.report.tokens == 6 * 23 and result.adapters.depths == [1, 2]
+    with torch.no_grad():
+        states = residual_at_exits(tiny, torch.stack(windows), [2, 4])
+    x = states[2][:, 1:].reshape(-1, 64).double()
+    y = states[4][:, 1:].reshape(-1, 64).double()
+    z = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    dense = torch.linalg.lstsq(z, y).solution
+    torch.testing.assert_close(result.adapters.maps[2].weight.double(), dense[:64].T, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(result.adapters.maps[2].bias.double(), dense[64], atol=2e-3, rtol=2e-3)
+    assert result.report.ridge_mse[2] < result.report.identity_mse[2]
+
+
+def test_distillation_lowers_the_kl_to_full_depth_and_leaves_other_exits_at_the_ridge_fit(tiny):
+    windows = random_windows(8, 32, seed=4)
+    config = FitConfig(ridge=1e-2, distill_steps=40, lr=3e-3, distill_batch_tokens=64, distill_exits=(1,))
+    result = fit_exit_adapters(tiny, windows, [1, 2], config)
+    first, last = result.report.distill_kl[1]
+    assert last < first
+    assert 2 not in result.report.distill_kl
+    assert torch.equal(result.adapters.maps[2].weight, result.ridge.maps[2].weight)
+    assert not torch.equal(result.adapters.maps[1].weight, result.ridge.maps[1].weight)
+    assert all(p.requires_grad for p in tiny.parameters())  # the model is handed back as it came
+
+
+def test_full_depth_is_bit_identical_with_adapters_present(tiny, tmp_path):
+    result = fit_exit_adapters(tiny, random_windows(4, 16), [1, 2, 3], FitConfig())
+    result.adapters.save(tmp_path)
+    adapters = load_adapters(tmp_path, 4, 64)
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(exit_logits(tiny, ids, 4, adapters=adapters), exit_logits(tiny, ids, 4))
+        assert not torch.equal(exit_logits(tiny, ids, 2, adapters=adapters), exit_logits(tiny, ids, 2))
+    with pytest.raises(ValueError):
+        ExitAdapters({4: Affine(torch.eye(64), torch.zeros(64))}, 4, 64)
+
+
+def test_profile_quality_reports_each_exit_with_and_without_its_adapter(tiny):
+    windows = random_windows(8, 32, seed=5)
+    adapters = fit_exit_adapters(tiny, windows, [1, 2, 3], FitConfig()).adapters
+    text = torch.cat(random_windows(2, 40, seed=6)).tolist()
+    quality = measure_quality(tiny, text, [2, 3, 4], window=32, adapters=adapters.subset([2]))
+    assert quality[2].adapter_perplexity is not None and quality[2].adapter_top1_agreement is not None
+    assert quality[3].adapter_perplexity is None  # no adapter there
+    assert quality[4].adapter_perplexity is None and quality[4].top1_agreement == 1.0
+    plain = measure_quality(tiny, text, [2, 4], window=32)
+    assert plain[2].perplexity == pytest.approx(quality[2].perplexity)
+
+
+def test_token_windows_are_full_length_and_bounded_by_max_tokens():
+    windows = token_windows(list(range(1000)), 64, max_tokens=300)
+    assert [w.numel() for w in windows] == [64] * 4 and windows[1][0].item() == 64
+    assert [w.numel() for w in token_windows([5, 6, 7], 64)] == [3]
+    with pytest.raises(ValueError):
+        token_windows([5], 64)

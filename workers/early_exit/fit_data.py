@@ -1,0 +1,37 @@
+"""The text exit adapters are fitted on: chat or prompt/response records (the `sort` job's forms), rendered
+and tokenised as in fine-tuning, concatenated into one token stream.
+
+The bundled default is every JSONL file listed in `BUNDLED` (workers/data/, origins in
+workers/data/README.md); it never includes heldout.txt, on which exits are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from workers.train.data import encode_records, read_jsonl
+
+BUNDLED = ("sft.jsonl", "answers.jsonl")
+
+
+def bundled_paths() -> list[Path]:
+    """The bundled fitting files that are present."""
+    paths = [Path(str(files("workers").joinpath("data", name))) for name in BUNDLED]
+    return [path for path in paths if path.is_file()]
+
+
+def bundled_records() -> list[dict[str, Any]]:
+    return [record for path in bundled_paths() for record in read_jsonl(path)]
+
+
+def fitting_ids(tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
+    """All records as one token stream (prompts, answers and template tokens alike), cut at max_tokens."""
+    ids: list[int] = []
+    for example in encode_records(tokenizer, records):
+        ids.extend(example.input_ids)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            return ids[:max_tokens]
+    return ids

@@ -1,0 +1,93 @@
+"""RQ job: fit exit adapters for a registered model, store them with it, record them, profile it afresh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from workers.device import default_device, describe_device
+from workers.early_exit.adapters import FILENAME
+from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
+from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_ids
+from workers.jobs.context import JobContext
+from workers.jobs.models import load_model
+from workers.jobs.profile import profile_and_store
+from workers.store.references import UnknownModelError, resolve_path
+from workers.train.data import read_jsonl
+
+RECIPE_KEYS = ("exits", "max_tokens", "seq_len", "ridge", "distill_steps", "lr", "distill_tokens", "seed")
+
+
+def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The fitting records and a description of where they came from."""
+    if spec.get("examples"):
+        records = spec["examples"]
+        digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+        return records, {"source": "examples", "records": len(records), "sha256_16": digest}
+    if spec.get("data"):
+        path = resolve_path(spec["data"], ctx.settings.import_roots, directory=False)
+        records = read_jsonl(path)
+        return records, {"source": "file", "path": str(path), "records": len(records)}
+    records = bundled_records()
+    return records, {"source": "bundled", "files": [p.name for p in bundled_paths()], "records": len(records)}
+
+
+def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
+    ctx = JobContext.current()
+    model_id = spec["model"]
+    record = ctx.registry.get(model_id)
+    if record is None:
+        raise UnknownModelError(f"model {model_id!r} is not registered")
+    path = ctx.store.path(model_id)
+    records, data = _records(spec, ctx)
+    model, tokenizer = load_model(path)
+    device = default_device()
+    model.to(device)
+    ids = fitting_ids(tokenizer, records, spec.get("max_tokens", 65_536))
+    windows = token_windows(ids, spec.get("seq_len", 256))
+    exits = spec.get("exits") or default_fit_exits(record.num_layers or 0)
+    config = FitConfig(
+        ridge=spec.get("ridge", 1e-4),
+        distill_steps=spec.get("distill_steps", 0),
+        lr=spec.get("lr", 1e-4),
+        distill_tokens=spec.get("distill_tokens", 8192),
+        seed=spec.get("seed", 0),
+    )
+
+    def progress(message: str, fraction: float) -> None:  # fitting: 80% of the job, profiling: 20%
+        ctx.progress(int(fraction * 800), 1000, message)
+
+    fitted = fit_exit_adapters(model, windows, exits, config, progress)
+    adapters, report = fitted.adapters, fitted.report
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    recipe = {key: spec[key] for key in RECIPE_KEYS if key in spec}
+    data = {**data, "tokens": len(ids)}
+    adapters.save(path, {"recipe": recipe, "data": data})
+    record = ctx.registry.get(model_id) or record
+    record.exit_adapters = {
+        "file": FILENAME,
+        "exits": adapters.depths,
+        "recipe": recipe,
+        "data": data,
+        "device": describe_device(device),
+        "fit": report.as_dict(),
+    }
+    ctx.registry.update(record)
+
+    def profiling(message: str, fraction: float) -> None:
+        ctx.progress(800 + int(fraction * 200), 1000, f"profiling: {message}")
+
+    profile = profile_and_store(ctx, model_id, profiling, prompt_lengths=(16, 96), decode_tokens=8, repeats=1)
+    quality = {k: q.model_dump() for k, q in profile.quality.items()}
+    return {
+        "model": model_id,
+        "exits": adapters.depths,
+        "data": data,
+        "fit": report.as_dict(),
+        "quality": quality,
+    }
