@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from workers.generation.engine import EarlyExitEngine
 from workers.generation.profiler import (
     HELDOUT_PATH,
     ModelProfile,
@@ -59,3 +60,16 @@ def test_quality_matches_a_direct_perplexity(tiny_model):
     assert quality[4].tokens == 39
     assert math.isclose(quality[4].perplexity, math.exp(nll / 39), rel_tol=1e-5)
     assert sorted(quality) == [1, 4]
+
+
+def test_profile_of_an_int8_engine_shows_what_the_precision_costs(tiny_model, tokenizer):
+    engine = EarlyExitEngine(tiny_model, tokenizer, device="cpu", precision="int8")
+    profile = profile_model(
+        engine, prompt_lengths=(4, 16), decode_tokens=4, repeats=1, max_quality_tokens=256
+    )
+    assert profile.precision == "int8"
+    assert sorted(profile.quality_by_precision) == ["float32", "int8"]
+    assert profile.quality_by_precision["int8"] == profile.quality
+    full, quantised = profile.quality_by_precision["float32"][4], profile.quality[4]
+    assert quantised.perplexity != full.perplexity
+    assert abs(quantised.perplexity / full.perplexity - 1) < 0.1

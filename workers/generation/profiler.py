@@ -26,7 +26,7 @@ from torch import nn
 
 from workers.device import describe_device
 from workers.early_exit.adapters import ExitAdapters
-from workers.early_exit.forward import decoder_stack, num_layers, residual_at_exits
+from workers.generation.compact import CompactLlama
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.latency import DecodeSample, LatencyProfile, PrefillSample, fit_latency
 
@@ -63,7 +63,11 @@ class ModelProfile(BaseModel):
     num_layers: int
     grid: list[int]
     latency: LatencyProfile
-    quality: dict[int, ExitQuality]
+    quality: dict[int, ExitQuality] = Field(description="Per exit, in the precision the model is served in")
+    precision: str = Field(default="float32", description="Weight precision of the profiled engine")
+    quality_by_precision: dict[str, dict[int, ExitQuality]] = Field(
+        default_factory=dict, description="The same table at the served precision and at float32"
+    )
     created_at: datetime
 
 
@@ -118,7 +122,7 @@ def measure_latency(
 
 @torch.inference_mode()
 def measure_quality(
-    model: nn.Module,
+    model: nn.Module | CompactLlama,
     token_ids: Sequence[int],
     grid: Sequence[int],
     window: int = 256,
@@ -126,18 +130,18 @@ def measure_quality(
     adapters: ExitAdapters | None = None,
 ) -> dict[int, ExitQuality]:
     """Perplexity and top-1 agreement with full depth for every exit in `grid` (and with each exit's adapter
-    where `adapters` has one).
+    where the model has one), in the weight precision of `model`: a transformers model is measured in
+    float32 (with `adapters`), an engine's compact model in its own precision with its own adapters.
 
     The text is cut into windows of `window` tokens overlapping by one, so each of its T - 1 next-token
     predictions is scored once (with the context available inside its window).
     """
-    layers = num_layers(model)
+    compact = model if isinstance(model, CompactLlama) else CompactLlama(model, "float32", adapters)
+    layers = compact.num_layers
     exits = sorted(set(grid) | {layers})
-    device = next(model.parameters()).device
-    norm = decoder_stack(model).norm
     if len(token_ids) < 2 or window < 2:
         raise ValueError("the held-out text needs at least two tokens and windows of two tokens")
-    adapted = [k for k in exits if adapters is not None and adapters.has(k) and k < layers]
+    adapted = [k for k in exits if compact.has_adapter(k) and k < layers]
     chunks = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
     nll = dict.fromkeys(exits, 0.0)
     agree = dict.fromkeys(exits, 0)
@@ -145,23 +149,22 @@ def measure_quality(
     adapter_agree = dict.fromkeys(adapted, 0)
     count = 0
 
-    def score(hidden: torch.Tensor, targets: torch.Tensor, full_top1: torch.Tensor) -> tuple[float, int]:
-        logits = model.lm_head(norm(hidden)).float()
+    def score(logits: torch.Tensor, targets: torch.Tensor, full_top1: torch.Tensor) -> tuple[float, int]:
         loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         return loss, int((logits.argmax(-1) == full_top1).sum().item())
 
     for step, chunk in enumerate(chunks):
         _report(progress, f"quality window {step + 1}/{len(chunks)}", step / len(chunks))
-        ids = torch.tensor([list(chunk)], device=device)
-        residual = residual_at_exits(model, ids, exits)
+        ids = torch.tensor([list(chunk)], device=compact.device)
+        residual = compact.residuals(ids, exits)
         targets = ids[0, 1:]
-        full_top1 = model.lm_head(norm(residual[layers][0, :-1])).argmax(-1)
+        full_top1 = compact.logits(residual[layers][0, :-1], layers).argmax(-1)
         for depth in exits:
-            loss, hits = score(residual[depth][0, :-1], targets, full_top1)
+            loss, hits = score(compact.logits(residual[depth][0, :-1], depth, False), targets, full_top1)
             nll[depth] += loss
             agree[depth] += hits
         for depth in adapted:
-            loss, hits = score(adapters.apply(residual[depth][0, :-1], depth), targets, full_top1)
+            loss, hits = score(compact.logits(residual[depth][0, :-1], depth, True), targets, full_top1)
             adapter_nll[depth] += loss
             adapter_agree[depth] += hits
         count += targets.numel()
@@ -202,7 +205,17 @@ def profile_model(
     latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
     token_ids = engine.tokenizer.encode(text)[:max_quality_tokens]
     window = min(256, engine.max_positions or 256)
-    quality = measure_quality(engine.model, token_ids, grid, window, scaled(0.8, 0.2), adapters)
+    adapters = adapters if adapters is not None else engine.adapters
+    served = engine.compact
+    if adapters is not engine.adapters:
+        served = CompactLlama(engine.model, engine.precision, adapters)
+    reference = {}
+    if engine.precision != "float32":  # what the precision costs, per exit
+        reference["float32"] = measure_quality(
+            engine.model, token_ids, grid, window, scaled(0.8, 0.1), adapters
+        )
+    start, width = (0.9, 0.1) if reference else (0.8, 0.2)
+    quality = measure_quality(served, token_ids, grid, window, scaled(start, width))
     return ModelProfile(
         model_name=model_name,
         device=describe_device(engine.device),
@@ -211,5 +224,7 @@ def profile_model(
         grid=grid,
         latency=latency,
         quality=quality,
+        precision=engine.precision,
+        quality_by_precision={engine.precision: quality, **reference},
         created_at=datetime.now(UTC),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.early_exit.adapters import load_adapters
 from workers.generation.profiler import ModelProfile, Progress, profile_model
 from workers.inference.protocol import latency_key
 from workers.inference.worker import load_engine
@@ -22,11 +21,8 @@ def profile_and_store(
     record = ctx.registry.get(model_id)
     if record is None:
         raise UnknownModelError(f"model {model_id!r} is not registered")
-    path = ctx.store.path(model_id)
-    engine = load_engine(path)
-    config = engine.model.config
-    adapters = load_adapters(path, engine.num_layers, config.hidden_size)
-    profile = profile_model(engine, model_name=model_id, progress=progress, adapters=adapters, **options)
+    engine = load_engine(ctx.store.path(model_id), precision=ctx.settings.infer_precision)  # as served
+    profile = profile_model(engine, model_name=model_id, progress=progress, **options)
     record = ctx.registry.get(model_id) or record
     record.profile = profile.model_dump(mode="json")
     ctx.registry.update(record)

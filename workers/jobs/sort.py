@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.generation.engine import EarlyExitEngine
-from workers.generation.profiler import profile_model
-from workers.inference.protocol import latency_key
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model, save_model
+from workers.jobs.profile import profile_and_store
 from workers.jobs.publish import publish_model
 from workers.store.references import resolve_model, resolve_path
 from workers.train.data import read_jsonl, shipped_data_path
@@ -43,16 +41,6 @@ def sort_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     record = publish_model(ctx, spec["name"], build, parents=[spec["model"]], recipe=spec)
     ctx.progress(4, 5, "profiling the exits of the sorted model")
-    model, tokenizer = load_model(ctx.store.path(record.id))
-    profile = profile_model(
-        EarlyExitEngine(model, tokenizer),
-        model_name=record.id,
-        repeats=1,
-        prompt_lengths=(16, 96),
-        decode_tokens=8,
-    )
-    record.profile = profile.model_dump(mode="json")
-    ctx.registry.update(record)
-    ctx.redis.set(latency_key(record.id), profile.latency.model_dump_json())
+    profile = profile_and_store(ctx, record.id, repeats=1, prompt_lengths=(16, 96), decode_tokens=8)
     quality = {k: q.model_dump() for k, q in profile.quality.items()}
     return {"model": record.id, **report, "quality": quality}
