@@ -241,6 +241,9 @@ class MergeConfig(BaseModel):
                 else:
                     want = f"at least {low}" if high is None else f"{low} to {high}"
                 raise ValueError(f"{self.merge_method} takes {want} {what}, got {count}{where}")
+        for key, default in method.global_params.items():
+            if default is None and not any(key in p for p in (spec.parameters, self.parameters)):
+                raise ValueError(f"{self.merge_method} needs parameter {key!r}{where}")
         for source in spec.merged:
             for key, default in method.model_params.items():
                 if default is None and not any(key in p for p in self._settings(spec, source)):

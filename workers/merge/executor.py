@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,15 +60,15 @@ def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _group(
-    config: MergeConfig,
-    method: MergeMethod,
-    planned: OutputTensor,
-    base: torch.Tensor | None,
-    tensors: list[torch.Tensor],
-) -> TensorGroup:
-    """The method's view of one output tensor, with parameters resolved in mergekit's precedence: the
-    source's own settings (evaluated on its input tensor name), then the slice's, then the global ones."""
+class MissingParameterError(ValueError):
+    """A required parameter whose settings (filters) give no value for some tensor."""
+
+
+def tensor_parameters(
+    config: MergeConfig, method: MergeMethod, planned: OutputTensor
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The per-model and global parameters of one output tensor, in mergekit's precedence: the source's
+    own settings (evaluated on its input tensor's name), then the slice's, then the global ones."""
     spec, name, t = planned.slice, planned.name, planned.t
     input_name = dict(zip((s.model for s in spec.sources), planned.inputs, strict=True))
     model_params = [
@@ -89,13 +90,32 @@ def _group(
         key: resolve(key, method.global_params, spec.parameters, config.parameters, tensor_name=name, t=t)
         for key in method.global_params
     }
+    for values in (params, *model_params):
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            raise MissingParameterError(f"no value of parameter {missing[0]!r} applies to tensor {name!r}")
+    return model_params, params
+
+
+def _group(
+    config: MergeConfig,
+    method: MergeMethod,
+    planned: OutputTensor,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+) -> TensorGroup:
+    """The method's view of one output tensor."""
+    model_params, params = tensor_parameters(config, method, planned)
     params["tie_break"] = config.tie_break
     generators = (
-        [torch.Generator().manual_seed(tensor_seed(config.seed, name, i)) for i in range(len(tensors))]
+        [
+            torch.Generator().manual_seed(tensor_seed(config.seed, planned.name, i))
+            for i in range(len(tensors))
+        ]
         if method.random
         else []
     )
-    return TensorGroup(name, base, tensors, model_params, params, generators)
+    return TensorGroup(planned.name, base, tensors, model_params, params, generators)
 
 
 def _merged(method: MergeMethod, spec: SliceSpec) -> list[SliceSource]:

@@ -1,0 +1,20 @@
+"""NearSwap: take the other model's value where it is near the base's, keep the base's elsewhere.
+
+    w = clamp(t / max(|theta_base - theta_1|, 1e-6), 0, 1)
+    theta = w * theta_1 + (1 - w) * theta_base
+
+(entries closer than t are swapped in whole; farther ones move toward theta_1 by t / distance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.merge.registry import TensorGroup, register
+
+
+@register("nearswap", needs_base=True, model_params={}, global_params={"t": None}, min_inputs=2, max_inputs=2)
+def nearswap(group: TensorGroup) -> torch.Tensor:
+    a, b = group.base, group.tensors[0]
+    weight = (group.params["t"] / torch.abs(a - b).clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
