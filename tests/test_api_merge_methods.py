@@ -195,7 +195,7 @@ BAD = {
     ),
     "passthrough_of_two_models": (
         "merge_method: passthrough\nmodels: [{{model: {a}}}, {{model: {b}}}]\n",
-        "passthrough takes exactly 1 models (base included), got 2",
+        "passthrough takes exactly 1 model (base included), got 2",
     ),
     "models_and_slices": (
         "merge_method: passthrough\nmodels: [{{model: {a}}}]\n" + _slices("{a}", [(0, 2)]),

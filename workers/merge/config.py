@@ -232,14 +232,14 @@ class MergeConfig(BaseModel):
             raise ValueError(f"{self.merge_method} needs a base model among the sources{where}")
         non_base = len(spec.merged)
         for what, count, low, high in (
-            ("models (base included)", len(refs), method.min_inputs, method.max_inputs),
-            ("models besides the base", non_base, method.min_non_base, method.max_non_base),
+            ("(base included)", len(refs), method.min_inputs, method.max_inputs),
+            ("besides the base", non_base, method.min_non_base, method.max_non_base),
         ):
             if count < low or (high is not None and count > high):
                 if low == high:
-                    want = f"exactly {low}"
+                    want = f"exactly {low} model" + ("" if low == 1 else "s")
                 else:
-                    want = f"at least {low}" if high is None else f"{low} to {high}"
+                    want = f"at least {low} models" if high is None else f"{low} to {high} models"
                 raise ValueError(f"{self.merge_method} takes {want} {what}, got {count}{where}")
         for key, default in method.global_params.items():
             if default is None and not any(key in p for p in (spec.parameters, self.parameters)):
