@@ -90,7 +90,8 @@ class SliceSpec:
 
     @property
     def merged(self) -> list[SliceSource]:
-        """The inputs the method combines (every input but the base)."""
+        """The inputs the method combines, in order: every input but the base (all of them when the
+        method ignores bases: `base` is then None)."""
         return [s for s in self.sources if s.model != self.base]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from workers.device import default_device
-from workers.merge.config import MergeConfig, SliceSource, SliceSpec
+from workers.merge.config import MergeConfig
 from workers.merge.homology import read_config
 from workers.merge.parameters import resolve
 from workers.merge.plan import OutputTensor, output_config, plan_merge
@@ -84,7 +84,7 @@ def tensor_parameters(
             )
             for key in method.model_params
         }
-        for source in _merged(method, spec)
+        for source in spec.merged
     ]
     params = {
         key: resolve(key, method.global_params, spec.parameters, config.parameters, tensor_name=name, t=t)
@@ -118,11 +118,6 @@ def _group(
     return TensorGroup(planned.name, base, tensors, model_params, params, generators)
 
 
-def _merged(method: MergeMethod, spec: SliceSpec) -> list[SliceSource]:
-    """The inputs the method combines, in mergekit's order (for base "ignored": every input)."""
-    return spec.merged if method.uses_base else list(spec.sources)
-
-
 def merge_models(
     config: MergeConfig,
     paths: dict[str, Path],
@@ -152,15 +147,15 @@ def merge_models(
             spec = planned.slice
             input_name = dict(zip((s.model for s in spec.sources), planned.inputs, strict=True))
             if not planned.entry.dtype.is_floating_point:
-                first = spec.sources[0].model
+                first = reference if reference in input_name else spec.sources[0].model
                 return None, [readers[first].load(input_name[first])]
             dtype = compute_dtype or planned.entry.dtype
 
             def load(ref: str) -> torch.Tensor:
                 return readers[ref].map(input_name[ref]).to(device=device, dtype=dtype)
 
-            base = load(spec.base) if method.uses_base and spec.base else None
-            return base, [load(s.model) for s in _merged(method, spec)]
+            base = load(spec.base) if spec.base else None
+            return base, [load(s.model) for s in spec.merged]
 
         outputs = plan.tensors
         writer_plan = [PlannedTensor(p.name, target_dtype(p.entry), p.entry.shape) for p in outputs]
