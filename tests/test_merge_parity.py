@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.mergekit_parity import (
     num_layers,
     run_mergekit,
 )
+from tests.tiny_models import make_tiny_qwen2
 from workers.merge.config import load_merge_config
 from workers.merge.executor import merge_models
 
@@ -310,3 +312,23 @@ def test_non_layer_tensors_come_from_the_first_and_last_slices(family, tmp_path)
     assert torch.equal(ours["model.norm.weight"], last["model.norm.weight"])
     if "lm_head.weight" in ours:
         assert torch.equal(ours["lm_head.weight"], last["lm_head.weight"])
+
+
+def test_depth_up_scaling_a_qwen2_rebuilds_its_per_layer_config(tmp_path):
+    make_tiny_qwen2(seed=0, num_hidden_layers=4).save_pretrained(tmp_path / "qwen")
+    text = f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {tmp_path / "qwen"}, layer_range: [0, 3]}}]
+  - sources: [{{model: {tmp_path / "qwen"}, layer_range: [1, 4]}}]
+"""
+    config = load_merge_config(text)
+    (tmp_path / "out").mkdir()
+    merge_models(
+        config, {r: Path(r) for r in config.input_models}, tmp_path / "out", device=torch.device("cpu")
+    )
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 6 and len(written["layer_types"]) == 6
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
