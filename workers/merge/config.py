@@ -116,10 +116,11 @@ def _scalars(value: ParameterValue) -> list[bool | int | float]:
 
 
 def _check_values(method: MergeMethod, key: str, value: ParameterValue, where: str) -> None:
-    """Numbers finite and within the method's bounds; booleans where the default is a boolean."""
+    """Numbers finite and within the method's bounds; booleans (or 0/1) where the default is a boolean."""
     default = method.model_params.get(key, method.global_params.get(key))
     for scalar in _scalars(value):
-        if isinstance(default, bool) != isinstance(scalar, bool):
+        as_flag = isinstance(scalar, bool) or (isinstance(default, bool) and scalar in (0, 1))
+        if isinstance(default, bool) != as_flag:
             want = "true or false" if isinstance(default, bool) else "a number"
             raise ValueError(f"parameter {key!r} must be {want}{where}")
     numbers = _numbers(value)
