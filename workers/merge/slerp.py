@@ -66,22 +66,21 @@ def slerp_merge(group: TensorGroup) -> torch.Tensor:
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
-    """NuSLERP of two tensors along the last dimension (after the reshapes `row_wise`/`flatten` ask for)."""
+    """NuSLERP of two tensors along the last dimension (after the reshapes `row_wise`/`flatten` ask for):
+    the angles come from norms and dot products, then one pass writes c_0 v_0 + c_1 v_1 per vector."""
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
-    del u0, u1
+    dim = 0 if row_wise and not flatten else -1
+    n0 = torch.linalg.vector_norm(v0, dim=dim, keepdim=True).clamp(min=1e-7)
+    n1 = torch.linalg.vector_norm(v1, dim=dim, keepdim=True).clamp(min=1e-7)
+    cos_theta = (torch.linalg.vecdot(v0, v1, dim=dim).unsqueeze(dim) / (n0 * n1)).clamp(-1, 1)
     colinear = (1 - cos_theta.square()) <= NORM_EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos_theta))
-    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
-    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
-    if row_wise and not flatten:
-        result = result.transpose(0, -1)
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    result = (v0 * c0).addcmul_(v1, c1)
     return result.reshape(shape)
 
 
