@@ -16,5 +16,5 @@ from workers.merge.registry import TensorGroup, register
 @register("nearswap", needs_base=True, model_params={}, global_params={"t": None}, min_inputs=2, max_inputs=2)
 def nearswap(group: TensorGroup) -> torch.Tensor:
     a, b = group.base, group.tensors[0]
-    weight = (group.params["t"] / torch.abs(a - b).clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * b + (1 - weight) * a
+    weight = torch.sub(a, b).abs_().clamp_(min=1e-6).reciprocal_().mul_(group.params["t"]).clamp_(0, 1)
+    return torch.lerp(a, b, weight)  # one buffer for w, one for the result
