@@ -16,5 +16,7 @@ from workers.merge.registry import TensorGroup, register
 @register("nearswap", needs_base=True, model_params={}, global_params={"t": None}, min_inputs=2, max_inputs=2)
 def nearswap(group: TensorGroup) -> torch.Tensor:
     a, b = group.base, group.tensors[0]
+    # t / d as torch computes a number over a tensor: t * (1 / d)
     weight = torch.sub(a, b).abs_().clamp_(min=1e-6).reciprocal_().mul_(group.params["t"]).clamp_(0, 1)
-    return torch.lerp(a, b, weight)  # one buffer for w, one for the result
+    out = weight * b
+    return out.add_(weight.neg_().add_(1).mul_(a))  # w b + (1 - w) a, in two buffers
