@@ -20,10 +20,12 @@ QUANTILE_SAMPLE = 1_000_000
 
 
 def importance(params: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(params, dim=-1) + 1e-8
-    q = F.softmax(base, dim=-1) + 1e-8
-    kl = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    return (params - base).abs() * kl
+    """|params - base| times the row's KL divergence, mergekit's arithmetic in three buffers."""
+    p = F.softmax(params, dim=-1).add_(1e-8)
+    q = F.softmax(base, dim=-1).add_(1e-8)
+    kl = torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True)
+    del p, q
+    return torch.sub(params, base).abs_().mul_(kl)
 
 
 def quantiles(values: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
