@@ -273,8 +273,9 @@ def merge(
     import torch
 
     from workers.merge.config import MergeConfigError, load_merge_config
-    from workers.merge.executor import merge_models
+    from workers.merge.executor import MissingParameterError, merge_models
     from workers.merge.homology import HomologyError
+    from workers.merge.plan import SliceError
 
     try:
         recipe = load_merge_config(config.read_text())
@@ -308,8 +309,14 @@ def merge(
                 progress=progress,
             )
         tmp.rename(out_dir)
+    except SliceError as e:
+        console.print(f"[red]slices do not fit the models: {e}[/red]")
+        raise typer.Exit(2) from e
     except HomologyError as e:
         console.print(f"[red]models are not homologous: {e}[/red]")
+        raise typer.Exit(2) from e
+    except MissingParameterError as e:
+        console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
     finally:
         if tmp.exists():

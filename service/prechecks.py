@@ -21,8 +21,10 @@ from service.schemas import (
     VariantsJobRequest,
 )
 from service.settings import Settings
-from workers.merge.executor import DTYPES
+from workers.merge import METHODS
+from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
+from workers.merge.plan import SliceError, plan_merge
 from workers.store.model_store import weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
@@ -56,13 +58,21 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
 def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings) -> None:
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
     try:
-        check_homologous(paths)
+        plan = plan_merge(request, paths)
+        method = METHODS[request.merge_method]
+        for planned in plan.tensors:
+            if planned.entry.dtype.is_floating_point:
+                tensor_parameters(request, method, planned)
+    except SliceError as e:
+        raise HTTPException(422, f"slices do not fit the models: {e}") from e
     except HomologyError as e:
         raise HTTPException(422, f"models are not homologous: {e}") from e
+    except MissingParameterError as e:
+        raise HTTPException(422, str(e)) from e
     if request.name:
         ensure_free(request.name, registry)
     out_dtype = request.out_dtype or request.dtype
-    ensure_disk(weights_bytes(paths[request.reference_model], DTYPES.get(out_dtype)), settings)
+    ensure_disk(plan.output_bytes(DTYPES.get(out_dtype)), settings)
 
 
 def check_variants(request: VariantsJobRequest, registry: Registry, settings: Settings) -> None:

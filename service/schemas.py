@@ -18,7 +18,7 @@ def _slug(v: str | None) -> str | None:
 
 
 class MergeJobRequest(MergeConfig):
-    """A merge: mergekit's YAML schema (models form) as JSON, plus `name` and `seed`."""
+    """A merge: mergekit's YAML schema (models or slices form) as JSON, plus `name` and `seed`."""
 
     kind: Literal["merge"] = "merge"
 

@@ -170,14 +170,14 @@ def test_non_homologous_models_get_422_naming_the_tensor(server, imported, tmp_p
     assert "not homologous" in r.text and "mlp" in r.text and "shape" in r.text
 
 
-def test_yaml_endpoint_rejects_garbage_and_slices(server, imported):
+def test_yaml_endpoint_rejects_garbage_and_modules(server, imported):
     with server.client() as c:
         garbage = c.post(
             "/v1/merges", content="merge_method: [unclosed", headers={"Content-Type": "application/yaml"}
         )
-        slices = c.post(
+        modules = c.post(
             "/v1/merges",
-            content="slices: []\nmerge_method: linear\n",
+            content="modules: {}\nmerge_method: linear\n",
             headers={"Content-Type": "application/yaml"},
         )
         taken = c.post(
@@ -186,7 +186,7 @@ def test_yaml_endpoint_rejects_garbage_and_slices(server, imported):
             headers={"Content-Type": "application/yaml"},
         )
     assert garbage.status_code == 422 and "not valid YAML" in garbage.text
-    assert slices.status_code == 422 and "slices" in slices.text
+    assert modules.status_code == 422 and "modules" in modules.text
     assert taken.status_code == 409 and "already exists" in taken.text
 
 

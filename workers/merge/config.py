@@ -1,4 +1,4 @@
-"""The merge recipe: mergekit's YAML schema (the `models:` form), plus Strata's `name` and `seed`.
+"""The merge recipe: mergekit's YAML schema (`models:` or `slices:` form), plus Strata's `name` and `seed`.
 
 Only validation that needs no model files lives here; homology checks read the files
 (`workers.merge.homology`).
@@ -7,13 +7,15 @@ Only validation that needs no model files lives here; homology checks read the f
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.merge.registry import METHODS
+from workers.merge.registry import METHODS, MergeMethod
 
 Scalar = bool | int | float
 Gradient = list[float]
@@ -39,6 +41,60 @@ class InputModel(BaseModel):
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
+MAX_LAYER = 100_000
+
+
+class InputSlice(BaseModel):
+    """One source of an output slice: layers [start, end) of a model (half-open, as in mergekit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, description="A registered model id, or a directory under an import root")
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        start, end = v
+        if not 0 <= start < end <= MAX_LAYER:
+            raise ValueError(f"layer_range [{start}, {end}) must satisfy 0 <= start < end")
+        return v
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers merged from `sources` (each the same number of layers)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """A normalized input of one output slice; `layer_range` None means the whole model (models form)."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, ParameterValue]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """A normalized output slice: its inputs in mergekit's order, its base (if the method takes one and
+    it is among the inputs), and its own parameter settings."""
+
+    sources: tuple[SliceSource, ...]
+    base: str | None
+    parameters: dict[str, ParameterValue]
+
+    @property
+    def merged(self) -> list[SliceSource]:
+        """The inputs the method combines, in order: every input but the base (all of them when the
+        method ignores bases: `base` is then None)."""
+        return [s for s in self.sources if s.model != self.base]
+
+
 def _numbers(value: ParameterValue) -> list[float]:
     """Every number a parameter setting can evaluate to (gradient endpoints, filter values)."""
     if isinstance(value, bool):
@@ -50,14 +106,52 @@ def _numbers(value: ParameterValue) -> list[float]:
     return [n for item in value for n in _numbers(item)]
 
 
+def _scalars(value: ParameterValue) -> list[bool | int | float]:
+    """Every scalar a parameter setting holds (booleans included)."""
+    if isinstance(value, bool | int | float):
+        return [value]
+    if isinstance(value, ConditionalValue):
+        return _scalars(value.value)
+    return [n for item in value for n in _scalars(item)]
+
+
+def _check_values(method: MergeMethod, key: str, value: ParameterValue, where: str) -> None:
+    """Numbers finite and within the method's bounds; booleans (or 0/1) where the default is a boolean."""
+    default = method.model_params.get(key, method.global_params.get(key))
+    for scalar in _scalars(value):
+        as_flag = isinstance(scalar, bool) or (isinstance(default, bool) and scalar in (0, 1))
+        if isinstance(default, bool) != as_flag:
+            want = "true or false" if isinstance(default, bool) else "a number"
+            raise ValueError(f"parameter {key!r} must be {want}{where}")
+    numbers = _numbers(value)
+    if not all(math.isfinite(n) for n in numbers):
+        raise ValueError(f"parameter {key!r} must be finite{where}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not all(float(n).is_integer() for n in numbers):
+            raise ValueError(f"parameter {key!r} must be an integer{where}")
+    if key == "density" and not all(0 < d <= 1 for d in numbers):
+        bad = next(d for d in numbers if not 0 < d <= 1)
+        raise ValueError(f"density must be in (0, 1], got {bad}{where}")
+    if key in method.bounds:
+        low, high = method.bounds[key]
+        bad = [n for n in numbers if not low <= n <= high]
+        if bad:
+            raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {bad[0]:g}{where}")
+
+
 class MergeConfig(BaseModel):
-    """A merge recipe. Paste a mergekit YAML (models form) as it is; add `name` and `seed` if you like."""
+    """A merge recipe. Paste a mergekit YAML (models or slices form) as it is; add `name` and `seed`."""
 
     model_config = ConfigDict(extra="forbid")
 
     merge_method: str
     base_model: str | None = None
-    models: list[InputModel] = Field(min_length=1)
+    models: list[InputModel] | None = Field(default=None, min_length=1)
+    slices: list[OutputSlice] | None = Field(
+        default=None,
+        min_length=1,
+        description="mergekit's slices form: output layers stacked from [start, end) ranges of the sources",
+    )
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
     dtype: DType | None = None
     out_dtype: DType | None = None
@@ -91,53 +185,122 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_parameters(self) -> MergeConfig:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
         method = METHODS[self.merge_method]
-        if method.needs_base and not self.base_model:
+        if self.models is not None and method.base == "required" and not self.base_model:
             raise ValueError(f"{self.merge_method} needs a base_model")
-        if not method.needs_base and self.base_model and self.base_model not in self.input_models:
+        if (
+            self.models is not None
+            and method.base == "ignored"
+            and self.base_model
+            and self.base_model not in self.input_models[1:]
+            and any(default is None for default in method.model_params.values())
+        ):
             raise ValueError(
                 f"{self.merge_method} merges the listed models only: list base_model "
                 f"{self.base_model!r} under models with a weight, or drop it"
             )
-        for key in self.parameters:
-            if key not in method.global_params and key not in method.model_params:
-                raise ValueError(f"unknown parameter {key!r} for {self.merge_method}")
-        for entry in self.models:
-            for key in entry.parameters:
-                if key not in method.model_params and key not in method.global_params:
-                    raise ValueError(
-                        f"unknown parameter {key!r} for {self.merge_method} (model {entry.model})"
-                    )
-        for entry in self.merged_entries:
-            for key, default in method.model_params.items():
-                if default is None and key not in entry.parameters and key not in self.parameters:
-                    raise ValueError(f"model {entry.model!r} needs parameter {key!r} for {self.merge_method}")
-            density = entry.parameters.get("density", self.parameters.get("density"))
-            if density is not None:
-                bad = [d for d in _numbers(density) if not 0 < d <= 1]
-                if bad:
-                    raise ValueError(f"density must be in (0, 1], got {bad[0]} for model {entry.model!r}")
+        known = {**method.global_params, **method.model_params}
+        settings = [(self.parameters, "")]
+        for i, spec in enumerate(self.slices or []):
+            settings.append((spec.parameters, f" (slice {i})"))
+            settings += [(s.parameters, f" (slice {i}, model {s.model})") for s in spec.sources]
+        settings += [(m.parameters, f" (model {m.model})") for m in self.models or []]
+        for scope, where in settings:
+            for key, value in scope.items():
+                if key not in known:
+                    raise ValueError(f"unknown parameter {key!r} for {self.merge_method}{where}")
+                _check_values(method, key, value, where)
+        for i, spec in enumerate(self.slice_specs):
+            self._check_slice(method, i, spec)
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_models:
             raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the input models")
         return self
 
+    def _check_slice(self, method: MergeMethod, index: int, spec: SliceSpec) -> None:
+        """mergekit's input contract for one output slice, and every required parameter present."""
+        where = f" (slice {index})" if self.slices is not None else ""
+        refs = [s.model for s in spec.sources]
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"a model is listed twice{where}; each input may appear once per slice")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in spec.sources if s.layer_range}
+        if len(lengths) > 1:
+            raise ValueError(f"every source of a slice needs the same number of layers{where}")
+        slice_base = (self.slices[index].base_model if self.slices else None) or self.base_model
+        if method.base != "ignored" and slice_base and slice_base not in refs:
+            raise ValueError(f"base model {slice_base!r} is not among the sources{where}")
+        if method.base == "required" and spec.base is None:
+            raise ValueError(f"{self.merge_method} needs a base model among the sources{where}")
+        non_base = len(spec.merged)
+        for what, count, low, high in (
+            ("(base included)", len(refs), method.min_inputs, method.max_inputs),
+            ("besides the base", non_base, method.min_non_base, method.max_non_base),
+        ):
+            if count < low or (high is not None and count > high):
+                if low == high:
+                    want = f"exactly {low} model" + ("" if low == 1 else "s")
+                else:
+                    want = f"at least {low} models" if high is None else f"{low} to {high} models"
+                raise ValueError(f"{self.merge_method} takes {want} {what}, got {count}{where}")
+        for key, default in method.global_params.items():
+            if default is None and not any(key in p for p in (spec.parameters, self.parameters)):
+                raise ValueError(f"{self.merge_method} needs parameter {key!r}{where}")
+        for source in spec.merged:
+            for key, default in method.model_params.items():
+                if default is None and not any(key in p for p in self._settings(spec, source)):
+                    raise ValueError(
+                        f"model {source.model!r} needs parameter {key!r} for {self.merge_method}{where}"
+                    )
+
+    def _settings(self, spec: SliceSpec, source: SliceSource) -> list[dict[str, ParameterValue]]:
+        return [source.parameters, spec.parameters, self.parameters]
+
+    @property
+    def slice_specs(self) -> list[SliceSpec]:
+        """Both forms as mergekit normalizes them: the models form is one slice over whole models, with
+        the base model appended when it is not listed."""
+        method = METHODS[self.merge_method]
+        if self.slices is None:
+            sources = [SliceSource(m.model, None, m.parameters) for m in self.models or []]
+            if self.base_model and self.base_model not in [s.model for s in sources]:
+                sources.append(SliceSource(self.base_model, None, {}))
+            return [SliceSpec(tuple(sources), self._base_of(method, sources, self.base_model), {})]
+        specs = []
+        for out in self.slices:
+            sources = [SliceSource(s.model, s.layer_range, s.parameters) for s in out.sources]
+            base = self._base_of(method, sources, out.base_model or self.base_model)
+            specs.append(SliceSpec(tuple(sources), base, out.parameters))
+        return specs
+
+    @staticmethod
+    def _base_of(method: MergeMethod, sources: list[SliceSource], base: str | None) -> str | None:
+        if method.base == "ignored" or base not in [s.model for s in sources]:
+            return None
+        return base
+
     @property
     def input_models(self) -> list[str]:
         """Every referenced model, base first, without duplicates."""
-        refs = ([self.base_model] if self.base_model else []) + [m.model for m in self.models]
+        refs = [self.base_model] if self.base_model else []
+        refs += [m.model for m in self.models or []]
+        for out in self.slices or []:
+            refs += ([out.base_model] if out.base_model else []) + [s.model for s in out.sources]
         return list(dict.fromkeys(refs))
 
     @property
     def merged_entries(self) -> list[InputModel]:
         """The models whose tensors the method combines (the base is separate for task-vector methods)."""
-        if METHODS[self.merge_method].needs_base:
-            return [m for m in self.models if m.model != self.base_model]
-        return list(self.models)
+        if METHODS[self.merge_method].uses_base:
+            return [m for m in self.models or [] if m.model != self.base_model]
+        return list(self.models or [])
 
     @property
     def reference_model(self) -> str:
         """The model whose config, tensor layout and tokenizer the output follows."""
-        return self.base_model or self.models[0].model
+        if self.base_model:
+            return self.base_model
+        return self.models[0].model if self.models else self.slices[0].sources[0].model
 
 
 class MergeConfigError(ValueError):
@@ -151,8 +314,8 @@ def parse_yaml(text: str | bytes) -> dict[str, Any]:
         raise MergeConfigError(f"not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise MergeConfigError("a merge config must be a YAML mapping")
-    if "slices" in data or "modules" in data:
-        raise MergeConfigError("mergekit 'slices'/'modules' configs are not supported; use the 'models' form")
+    if "modules" in data:
+        raise MergeConfigError("mergekit 'modules' configs are not supported; use 'models' or 'slices'")
     return data
 
 

@@ -1,4 +1,4 @@
-"""Run a merge recipe tensor by tensor: read the same-named tensor from every input, merge, write.
+"""Run a merge recipe tensor by tensor: read each output tensor's inputs (workers.merge.plan), merge, write.
 
 Peak memory is a few tensors times the number of models, whatever the model size. Inputs are memory-
 mapped tensor by tensor (no read copy), and a background thread maps the next tensor group and writes
@@ -17,13 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from workers.device import default_device
 from workers.merge.config import MergeConfig
-from workers.merge.homology import check_homologous, read_config
-from workers.merge.parameters import layer_position, resolve
+from workers.merge.homology import read_config
+from workers.merge.parameters import resolve
+from workers.merge.plan import OutputTensor, output_config, plan_merge
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
@@ -58,33 +60,62 @@ def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class MissingParameterError(ValueError):
+    """A required parameter whose settings (filters) give no value for some tensor."""
+
+
+def tensor_parameters(
+    config: MergeConfig, method: MergeMethod, planned: OutputTensor
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The per-model and global parameters of one output tensor, in mergekit's precedence: the source's
+    own settings (evaluated on its input tensor's name), then the slice's, then the global ones."""
+    spec, name, t = planned.slice, planned.name, planned.t
+    input_name = dict(zip((s.model for s in spec.sources), planned.inputs, strict=True))
+    model_params = [
+        {
+            key: resolve(
+                key,
+                method.model_params,
+                source.parameters,
+                spec.parameters,
+                config.parameters,
+                tensor_name=input_name[source.model],
+                t=t,
+            )
+            for key in method.model_params
+        }
+        for source in spec.merged
+    ]
+    params = {
+        key: resolve(key, method.global_params, spec.parameters, config.parameters, tensor_name=name, t=t)
+        for key in method.global_params
+    }
+    for values in (params, *model_params):
+        missing = [key for key, value in values.items() if value is None]
+        if missing:
+            raise MissingParameterError(f"no value of parameter {missing[0]!r} applies to tensor {name!r}")
+    return model_params, params
+
+
 def _group(
     config: MergeConfig,
     method: MergeMethod,
-    name: str,
-    t: float,
+    planned: OutputTensor,
     base: torch.Tensor | None,
     tensors: list[torch.Tensor],
 ) -> TensorGroup:
-    entries = config.merged_entries
-    model_params = [
-        {
-            key: resolve(key, method.model_params, e.parameters, config.parameters, tensor_name=name, t=t)
-            for key in method.model_params
-        }
-        for e in entries
-    ]
-    params = {
-        key: resolve(key, method.global_params, config.parameters, tensor_name=name, t=t)
-        for key in method.global_params
-    }
+    """The method's view of one output tensor."""
+    model_params, params = tensor_parameters(config, method, planned)
     params["tie_break"] = config.tie_break
     generators = (
-        [torch.Generator().manual_seed(tensor_seed(config.seed, name, i)) for i in range(len(entries))]
+        [
+            torch.Generator().manual_seed(tensor_seed(config.seed, planned.name, i))
+            for i in range(len(tensors))
+        ]
         if method.random
         else []
     )
-    return TensorGroup(name, base, tensors, model_params, params, generators)
+    return TensorGroup(planned.name, base, tensors, model_params, params, generators)
 
 
 def merge_models(
@@ -100,55 +131,54 @@ def merge_models(
     start = time.perf_counter()
     device = device or default_device()
     method = METHODS[config.merge_method]
-    reference = config.reference_model
-    check_homologous({ref: paths[ref] for ref in config.input_models})  # reference first
-    ref_config = read_config(paths[reference])
-    num_layers = int(ref_config.get("num_hidden_layers", 1))
+    plan = plan_merge(config, paths)
+    reference = plan.reference
     compute_dtype = DTYPES[config.dtype] if config.dtype else None
     out_dtype = DTYPES[config.out_dtype or config.dtype] if (config.out_dtype or config.dtype) else None
 
     readers = {ref: TensorReader(paths[ref]) for ref in config.input_models}
     try:
-        entries = readers[reference].entries
 
         def target_dtype(e) -> torch.dtype:
             return out_dtype if out_dtype and e.dtype.is_floating_point else e.dtype
 
-        def load_group(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-            """The base tensor (when the method needs one) and the merged models' tensors."""
-            entry = entries[name]
-            if not entry.dtype.is_floating_point:
-                return None, [readers[reference].load(name)]
-            dtype = compute_dtype or entry.dtype
+        def load_group(planned: OutputTensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            """The base tensor (when the method takes one) and the merged models' tensors."""
+            spec = planned.slice
+            input_name = dict(zip((s.model for s in spec.sources), planned.inputs, strict=True))
+            if not planned.entry.dtype.is_floating_point:
+                first = reference if reference in input_name else spec.sources[0].model
+                return None, [readers[first].load(input_name[first])]
+            dtype = compute_dtype or planned.entry.dtype
 
             def load(ref: str) -> torch.Tensor:
-                return readers[ref].map(name).to(device=device, dtype=dtype)
+                return readers[ref].map(input_name[ref]).to(device=device, dtype=dtype)
 
-            base = load(config.base_model) if method.needs_base else None
-            return base, [load(e.model) for e in config.merged_entries]
+            base = load(spec.base) if spec.base else None
+            return base, [load(s.model) for s in spec.merged]
 
-        plan = [PlannedTensor(n, target_dtype(e), e.shape) for n, e in entries.items()]
-        writer = ShardedWriter(out_dir, plan, max_shard_bytes)
+        outputs = plan.tensors
+        writer_plan = [PlannedTensor(p.name, target_dtype(p.entry), p.entry.shape) for p in outputs]
+        writer = ShardedWriter(out_dir, writer_plan, max_shard_bytes)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io:
-                names = list(entries)
-                pending = io.submit(load_group, names[0]) if names else None
+                pending = io.submit(load_group, outputs[0]) if outputs else None
                 writes = []
-                for i, name in enumerate(names):
+                for i, planned in enumerate(outputs):
                     base, tensors = pending.result()
-                    if i + 1 < len(names):  # read the next group while this one is merged
-                        pending = io.submit(load_group, names[i + 1])
-                    if entries[name].dtype.is_floating_point:
-                        t = layer_position(name, num_layers)
-                        merged = method.fn(_group(config, method, name, t, base, tensors))
+                    if i + 1 < len(outputs):  # read the next group while this one is merged
+                        pending = io.submit(load_group, outputs[i + 1])
+                    if planned.entry.dtype.is_floating_point:
+                        merged = method.fn(_group(config, method, planned, base, tensors))
                     else:
                         merged = tensors[0]
                     del base, tensors
-                    writes.append(io.submit(writer.write, name, merged.to(target_dtype(entries[name]))))
-                    del merged
+                    out = merged.to(target_dtype(planned.entry))
+                    writes.append(io.submit(writer.write, planned.name, out))
+                    del merged, out
                     writes = _drain(writes, keep=1)
                     if progress:
-                        progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors merged")
+                        progress(i + 1, len(outputs), f"{i + 1}/{len(outputs)} tensors merged")
                 _drain(writes, keep=0)
             writer.close()
         except BaseException:
@@ -158,11 +188,12 @@ def merge_models(
         for reader in readers.values():
             reader.close()
 
-    _write_config(out_dir, ref_config, out_dtype)
+    configs = {ref: read_config(paths[ref]) for ref in {reference, *(ref for ref, _ in plan.layer_origin)}}
+    _write_config(out_dir, output_config(plan, configs), out_dtype)
     tokenizer_source = reference if config.tokenizer_source in (None, "base") else config.tokenizer_source
     copy_tokenizer(paths[tokenizer_source], out_dir)
     written = sum((out_dir / f).stat().st_size for f in writer.files)
-    return MergeResult(len(plan), written, time.perf_counter() - start, str(device))
+    return MergeResult(len(writer_plan), written, time.perf_counter() - start, str(device))
 
 
 def _drain(writes: list, keep: int) -> list:

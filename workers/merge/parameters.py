@@ -2,7 +2,8 @@
 
 - scalar: the value everywhere;
 - list of numbers (gradient): for decoder layer i of n, t = i / (n - 1) (t = 1 when n == 1), and the value is
-  the linear interpolation at position t * (len - 1); tensors outside the layers use t = 0;
+  the linear interpolation at position t * (len - 1); tensors outside the layers use t = 0; in the slices
+  form, i and n count the layers of the output slice; a list holding booleans picks entry int(t * (len - 1));
 - list of {filter, value}: the first entry whose filter is missing, "*", or a substring of the name wins.
 Per-model settings take precedence over global ones.
 """
@@ -41,6 +42,8 @@ def evaluate(setting: ParameterValue, tensor_name: str, t: float) -> Any:
     if not setting:
         return None
     if all(isinstance(v, bool | int | float) for v in setting):
+        if any(isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
         return interpolate([float(v) for v in setting], t)
     for cond in setting:
         if cond.filter in (None, "*") or cond.filter in tensor_name:
