@@ -23,7 +23,8 @@ import torch
 from workers.device import default_device
 from workers.merge.config import MergeConfig
 from workers.merge.homology import check_homologous, read_config
-from workers.merge.parameters import layer_position, resolve
+from workers.merge.parameters import layer_position
+from workers.merge.plan import tensor_parameters
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
@@ -67,18 +68,7 @@ def _group(
     tensors: list[torch.Tensor],
 ) -> TensorGroup:
     entries = config.merged_entries
-    model_params = [
-        {
-            key: resolve(key, method.model_params, e.parameters, config.parameters, tensor_name=name, t=t)
-            for key in method.model_params
-        }
-        for e in entries
-    ]
-    params = {
-        key: resolve(key, method.global_params, config.parameters, tensor_name=name, t=t)
-        for key in method.global_params
-    }
-    params["tie_break"] = config.tie_break
+    model_params, params = tensor_parameters(config, method, name, t)
     generators = (
         [torch.Generator().manual_seed(tensor_seed(config.seed, name, i)) for i in range(len(entries))]
         if method.random
