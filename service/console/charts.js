@@ -126,7 +126,7 @@ export function lineageGraph(models, { selected, onSelect } = {}) {
       const text = edgeLabel(m.strata);
       edges.append(s('g', { class: 'edge', 'data-parent': p, 'data-child': m.id, 'data-label': text },
         s('path', { d: `M${x1},${y1} C${mid},${y1} ${mid},${y2} ${x2},${y2}`, 'marker-end': 'url(#arrow)' }),
-        s('text', { x: x1 + (x2 - x1) * 0.62, y: y1 + (y2 - y1) * 0.62 - 4, class: 'edge-label', 'text-anchor': 'middle' }, text)));
+        s('text', { x: x1 + 8, y: y1 - 5, class: 'edge-label' }, text)));
     }
   }
   svg.append(s('defs', {}, s('marker', { id: 'arrow', viewBox: '0 0 10 10', refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: 'auto-start-reverse' },

@@ -44,12 +44,14 @@ async function show() {
   nav.hidden = false;
   logout.hidden = !auth.key;
   document.body.dataset.view = view;
+  delete document.body.dataset.ready;
   for (const link of nav.querySelectorAll('a')) link.classList.toggle('active', link.dataset.view === view);
   const params = pendingParams;
   pendingParams = {};
   clear(app, h('p', { class: 'muted' }, 'Loading…'));
   try {
     cleanup = (await VIEWS[view].render(app, { params, go })) || null;
+    document.body.dataset.ready = view; // rendered (tests wait for this)
   } catch (e) {
     if (e.status !== 401) clear(app, h('div', { class: 'error' }, e.message));
   }

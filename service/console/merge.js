@@ -72,7 +72,7 @@ export async function render(root, ctx) {
   }
 
   async function submit() {
-    clear(output);
+    if (output.querySelector('.error')) clear(output);
     try {
       const job = await (await request('/v1/merges', { method: 'POST', body: editor.value, type: 'application/yaml' })).json();
       drawJob(job);

@@ -117,7 +117,9 @@ export async function render(root) {
       } else {
         const record = await getJson(`/v1/models/${encodeURIComponent(payload.model)}`);
         const q = exitQuality(record.strata.profile, strata.depth);
-        quality = q ? `perplexity ${q.ratio.toFixed(2)}× full depth, top-1 agreement ${(100 * q.agreement).toFixed(0)}% (profile)` : 'not profiled at this depth';
+        const profiled = Object.keys((record.strata.profile || {}).quality || {}).join(', ');
+        quality = q ? `perplexity ${q.ratio.toFixed(2)}× full depth, top-1 agreement ${(100 * q.agreement).toFixed(0)}% (profile)`
+          : `not profiled at depth ${strata.depth}${profiled ? ` (profiled: ${profiled})` : ''}`;
       }
       drawStats(strata, quality);
       state.history.unshift({ model: payload.model, budget: payload.latency_budget_ms ?? null, depth: strata.depth, layers: strata.num_layers,
