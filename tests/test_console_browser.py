@@ -165,11 +165,11 @@ def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live,
         b.present("#login")
         assert b.find("#nav").get_attribute("hidden") is not None
         assert not b.find_all("#models-table")
+        b.shot("login", save)
         b.find("#api-key").send_keys("wrong-key")
         b.find("#login button[type=submit]").click()
         b.wait(lambda d: "refused" in d.find_element(By.ID, "login-message").text, 30, "key refused")
         assert not b.find_all("#models-table")
-        b.shot("login", save)
         b.find("#api-key").send_keys(KEY)
         b.find("#login button[type=submit]").click()
     else:

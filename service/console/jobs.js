@@ -3,6 +3,8 @@ import { followJob, getJson, request } from './api.js';
 import { clear, fmtTime, h } from './dom.js';
 
 const ENDED = new Set(['finished', 'failed', 'canceled']);
+// A browser opens at most 6 HTTP/1.1 connections to a host: follow a few jobs live, poll the rest.
+const MAX_FOLLOWED = 3;
 
 export function progressBar(view) {
   const percent = Math.round((view.progress || 0) * 100);
@@ -45,7 +47,7 @@ export async function render(root, ctx) {
   }
 
   function follow(id) {
-    if (followers.has(id) || stopped) return;
+    if (followers.has(id) || stopped || followers.size >= MAX_FOLLOWED) return;
     const controller = new AbortController();
     followers.set(id, controller);
     followJob(id, (view) => { views.set(id, view); draw(); }, controller.signal)
@@ -63,7 +65,7 @@ export async function render(root, ctx) {
   }
 
   clear(root, h('section', { class: 'card' }, h('h2', {}, 'Jobs'),
-    h('p', { class: 'muted' }, 'Active jobs update live from GET /v1/jobs/{id}/events; click a row for its spec, timings and result.'),
+    h('p', { class: 'muted' }, 'Active jobs update live from GET /v1/jobs/{id}/events (a few at a time; the list refreshes every 3 s); click a row for its spec, timings and result.'),
     note,
     h('table', { id: 'jobs-table' }, h('thead', {}, h('tr', {}, ['job', 'kind', 'status', 'progress', 'phase', 'created', 'time', 'result or error', ''].map((t) => h('th', {}, t)))), body)));
   await refresh();
