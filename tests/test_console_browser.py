@@ -250,3 +250,14 @@ def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live,
     assert any("/events" in u for u in b.requested)
     errors = [e for e in b.console if e["level"] == "SEVERE" and "401" not in e["message"]]
     assert not errors, errors
+
+
+def test_the_request_guard_catches_a_request_that_leaves_the_machine():
+    """The guard above can fail: a page that loads an image from a non-local address trips it."""
+    b = Browser("http://127.0.0.1")
+    try:
+        b.driver.get('data:text/html,<img src="http://192.0.2.1/pixel.png">')  # TEST-NET-1: never answers
+        with pytest.raises(AssertionError, match="non-local requests.*192.0.2.1"):
+            b.assert_only_local_requests()
+    finally:
+        b.quit()
