@@ -238,6 +238,18 @@ def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live,
     assert b.find('#pg-stats dd[data-field="budget met"]').text == "no"  # nothing runs in 1 ms
     b.shot("playground", save)
 
+    # Chat, without a budget, drafting with the first 2 layers: full depth, and the draft statistics.
+    b.set_value("#pg-mode", "chat")
+    b.set_value("#pg-input", "hello")
+    b.find("#pg-use-budget").click()
+    b.find("#pg-spec").click()
+    b.set_value("#pg-draft-depth", "2")
+    b.find("#pg-run").click()
+    b.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pg-history tbody tr")) == 3, 120, "chat run")
+    assert b.find("#pg-history tbody tr").get_attribute("data-depth") == "4"
+    assert "draft depth 2" in b.find('#pg-stats dd[data-field="speculative"]').text
+    assert [e.get_attribute("class") for e in b.find_all("#pg-chat .msg")] == ["msg user", "msg assistant"]
+
     # 6. Models: the merged model's recipe and its profile plotted over depth.
     b.view("models")
     b.find('#models-table tr[data-model="c-merged"]').click()
