@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import _real_redis, start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama, make_variant
@@ -204,7 +205,10 @@ def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live,
     for parent in ("c-base", "c-a", "c-b"):
         edge = b.find(f'#lineage g.edge[data-parent="{parent}"][data-child="c-merged"]')
         assert edge.find_element(By.CSS_SELECTOR, "text").text == "ties"
-    assert "merge_method: ties" in b.find("#recipe-yaml").text
+    headers = {"Authorization": f"Bearer {KEY}"} if keyed else {}
+    recipe = httpx.get(f"{server.url}/v1/models/c-merged", headers=headers).json()["strata"]["recipe"]
+    assert recipe.pop("kind") == "merge"
+    assert yaml.safe_load(b.find("#recipe-yaml").text) == recipe  # the YAML shown is the stored recipe
 
     # 4. Jobs: profile the merged model from its page and watch the job live until it finishes.
     b.find("#profile-model").click()

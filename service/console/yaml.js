@@ -20,11 +20,13 @@ function inline(value) {
   return `{${Object.entries(value).map(([k, v]) => `${scalar(k)}: ${inline(v)}`).join(', ')}}`;
 }
 
-function small(value) {
-  // Lists of scalars and flat mappings of scalars read best on one line, as mergekit examples write them.
+function small(value, depth = 0) {
+  // Short lists and mappings of scalars (or of short lists) read best on one line, as mergekit examples
+  // write them: `parameters: {weight: 0.5, density: [0.4, 0.8]}`.
   if (isScalar(value)) return true;
   const items = Array.isArray(value) ? value : Object.values(value);
-  return items.every(isScalar) && inline(value).length <= 72;
+  const simple = (item) => isScalar(item) || (depth === 0 && Array.isArray(item) && small(item, 1));
+  return items.every(simple) && inline(value).length <= 72;
 }
 
 export function toYaml(value, indent = '') {
