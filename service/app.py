@@ -20,7 +20,7 @@ from service.embedded_redis import EmbeddedRedis
 from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
-from service.routes import generate, jobs, models, openai
+from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
 from service.settings import Settings, get_settings
 from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    console.mount(app)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)

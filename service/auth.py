@@ -1,4 +1,5 @@
-"""API keys: with STRATA_API_KEYS set, every endpoint but /health needs `Authorization: Bearer <key>`."""
+"""API keys: with STRATA_API_KEYS set, every endpoint but /health (and the console's own page and static
+files, which hold no data) needs `Authorization: Bearer <key>`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import send_json_error
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PREFIXES = ("/console/",)  # the console's static files; everything they show still needs a key
 
 
 def load_keys(value: str | None) -> list[str]:
@@ -37,7 +39,8 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if scope["type"] != "http" or not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

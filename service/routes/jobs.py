@@ -1,14 +1,20 @@
-"""/v1/jobs: submit, watch and cancel jobs; /v1/merges also takes a mergekit YAML body."""
+"""/v1/jobs: submit, watch (also as server-sent events) and cancel jobs; /v1/merges also takes a mergekit
+YAML body, and /v1/merges/validate dry-runs one."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import deps
+from service.job_events import JobGone, follow_job
+from service.merge_plan import MergePlan, dry_run
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
@@ -47,14 +53,8 @@ MERGE_BODY = {
 }
 
 
-@router.post("/v1/merges", response_model=JobView, status_code=202, openapi_extra=MERGE_BODY)
-async def submit_merge(
-    request: Request,
-    queue: QueueDep,
-    registry: Annotated[Registry, Depends(deps.registry)],
-    settings: Annotated[Settings, Depends(deps.settings)],
-) -> JobView:
-    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
+async def read_merge(request: Request) -> MergeJobRequest:
+    """A merge from the body: a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
     raw = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
@@ -67,12 +67,35 @@ async def submit_merge(
         )
     data.setdefault("kind", "merge")
     try:
-        merge = TypeAdapter(MergeJobRequest).validate_python(data)
+        return TypeAdapter(MergeJobRequest).validate_python(data)
     except ValidationError as e:
         raise HTTPException(
             422, e.errors(include_url=False, include_context=False, include_input=False)
         ) from e
+
+
+@router.post("/v1/merges", response_model=JobView, status_code=202, openapi_extra=MERGE_BODY)
+async def submit_merge(
+    request: Request,
+    queue: QueueDep,
+    registry: Annotated[Registry, Depends(deps.registry)],
+    settings: Annotated[Settings, Depends(deps.settings)],
+) -> JobView:
+    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
+    merge = await read_merge(request)
     return await run_in_threadpool(_submit, merge, queue, registry, settings)
+
+
+@router.post("/v1/merges/validate", response_model=MergePlan, openapi_extra=MERGE_BODY)
+async def validate_merge(
+    request: Request,
+    registry: Annotated[Registry, Depends(deps.registry)],
+    settings: Annotated[Settings, Depends(deps.settings)],
+) -> MergePlan:
+    """Dry run: the checks of POST /v1/merges (same 4xx), then every tensor's resolved parameters
+    (per merged model and global, at the tensor's layer position); nothing is queued."""
+    merge = await read_merge(request)
+    return await run_in_threadpool(dry_run, merge, registry, settings)
 
 
 @router.get("/v1/jobs", response_model=JobList)
@@ -90,6 +113,29 @@ def _fetch(queue: JobQueue, job_id: str):
 @router.get("/v1/jobs/{job_id}", response_model=JobView)
 def get_job(job_id: str, queue: QueueDep) -> JobView:
     return job_view(_fetch(queue, job_id))
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+async def job_events(job_id: str, queue: QueueDep, request: Request) -> StreamingResponse:
+    """Server-sent events: `event: job` with the job's view (as GET /v1/jobs/{id}) at once and whenever
+    its status, progress or message change; the stream ends after the view with an ended status
+    (`finished`, `failed`, `canceled`). `curl -N` shows it as it happens."""
+    await run_in_threadpool(_fetch, queue, job_id)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            async for view in follow_job(queue, job_id):
+                if await request.is_disconnected():
+                    return
+                yield f"event: job\ndata: {view.model_dump_json()}\n\n"
+        except JobGone as e:
+            yield f"event: error\ndata: {json.dumps({'detail': str(e)})}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView)

@@ -1,0 +1,279 @@
+"""The console in a real headless Chromium against a live `strata serve` on tiny models, with API keys on
+and off: log in (keys on), submit a merge from the editor and follow it to the end, see the new lineage
+edge, watch a profile job live in the jobs view, and generate at a loose and a tight budget in the
+playground and get two depths. Every request the browser makes must go to the server itself; screenshots
+of each view go to docs/console/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import _real_redis, start_server, stop_server
+from tests.tiny_models import make_tiny_chat_llama, make_variant
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+KEY = "console-test-key"
+RECIPE = """merge_method: ties
+base_model: c-base
+models:
+  - model: c-a
+    parameters: {weight: 0.5, density: 0.6}
+  - model: c-b
+    parameters: {weight: 0.5, density: [0.4, 0.8]}
+parameters: {normalize: true}
+dtype: float32
+name: c-merged
+"""
+
+
+@pytest.fixture(scope="module", params=["keys-off", "keys-on"])
+def live(request, tmp_path_factory):
+    """A `strata serve` with three homologous tiny chat models imported, with or without API keys."""
+    root = tmp_path_factory.mktemp(f"console-{request.param}")
+    keyed = request.param == "keys-on"
+    for url in _real_redis(root / "redis"):
+        server = start_server(root / "home", {"REDIS_URL": url, "STRATA_API_KEYS": KEY if keyed else None})
+        try:
+            family = root / "family"
+            make_tiny_chat_llama(family / "base", seed=0)
+            make_variant(family / "base", family / "a", seed=1, scale=0.01)
+            make_variant(family / "base", family / "b", seed=2, scale=0.02)
+            headers = {"Authorization": f"Bearer {KEY}"} if keyed else {}
+            with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c:
+                for name in ("base", "a", "b"):
+                    r = c.post("/v1/models/import", json={"id": f"c-{name}", "path": str(family / name)})
+                    assert r.status_code == 201, r.text
+            yield server, keyed
+        finally:
+            stop_server(server)
+
+
+class Browser:
+    """Chromium through chromedriver, recording the URL of every request any page makes (CDP log)."""
+
+    def __init__(self, base_url: str):
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM or "/usr/bin/chromium"
+        for flag in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1360,1000",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-default-apps",
+            "--disable-sync",
+            "--disable-extensions",
+        ):
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+        service = webdriver.ChromeService(executable_path=CHROMEDRIVER or "/usr/bin/chromedriver")
+        self.driver = webdriver.Chrome(options=options, service=service)
+        self.base_url = base_url
+        self.requested: list[str] = []
+        self.console: list[dict] = []
+
+    def collect(self) -> None:
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                self.requested.append(message["params"]["request"]["url"])
+        self.console += self.driver.get_log("browser")
+
+    def assert_only_local_requests(self) -> None:
+        self.collect()
+        assert self.requested, "the request log is empty: CDP network logging is not working"
+        foreign = [u for u in self.requested if urlparse(u).hostname != "127.0.0.1"]
+        assert not foreign, f"the console made non-local requests: {foreign}"
+
+    def wait(self, condition: Callable, timeout: float = 120, what: str = "") -> object:
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(
+            lambda d: condition(d), message=what or "condition"
+        )
+
+    def find(self, css: str):
+        return self.driver.find_element(By.CSS_SELECTOR, css)
+
+    def find_all(self, css: str) -> list:
+        return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+    def present(self, css: str, timeout: float = 120):
+        return self.wait(lambda d: d.find_elements(By.CSS_SELECTOR, css), timeout, f"{css} present")[0]
+
+    def view(self, name: str) -> None:
+        self.find(f'#nav a[data-view="{name}"]').click()
+        ready = "return document.body.dataset.ready"
+        self.wait(lambda d: d.execute_script(ready) == name, 60, f"view {name}")
+
+    def set_value(self, css: str, value: str) -> None:
+        self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); e.value = arguments[1];"
+            "e.dispatchEvent(new Event('input')); e.dispatchEvent(new Event('change'));",
+            css,
+            value,
+        )
+
+    def shot(self, name: str, save: bool) -> None:
+        if save:
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            height = self.driver.execute_script("return document.documentElement.scrollHeight")
+            self.driver.set_window_size(1360, max(1000, min(height + 140, 2400)))  # the whole page
+            self.driver.save_screenshot(str(SHOTS / f"{name}.png"))
+            self.driver.set_window_size(1360, 1000)
+
+    def quit(self) -> None:
+        self.driver.quit()
+
+
+@pytest.fixture
+def browser(live):
+    server, _ = live
+    b = Browser(server.url)
+    yield b
+    b.quit()
+
+
+def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live, browser):
+    server, keyed = live
+    b = browser
+    save = keyed  # the keyed run also shows the login view; its screenshots go to docs/console/
+    b.driver.get(f"{server.url}/")
+
+    # 1. Login: with keys, nothing but the login view renders until a key the server accepts is given.
+    if keyed:
+        b.present("#login")
+        assert b.find("#nav").get_attribute("hidden") is not None
+        assert not b.find_all("#models-table")
+        b.shot("login", save)
+        b.find("#api-key").send_keys("wrong-key")
+        b.find("#login button[type=submit]").click()
+        b.wait(lambda d: "refused" in d.find_element(By.ID, "login-message").text, 30, "key refused")
+        assert not b.find_all("#models-table")
+        b.find("#api-key").send_keys(KEY)
+        b.find("#login button[type=submit]").click()
+    else:
+        assert not b.find_all("#login")
+    b.present('#models-table tr[data-model="c-b"]')
+
+    # 2. Merge editor: validate (per-tensor parameters, nothing queued), submit, follow to the end.
+    b.view("merge")
+    b.set_value("#merge-yaml", RECIPE)
+    b.find("#merge-validate").click()
+    b.present("#merge-valid")
+    rows = b.find_all("#plan-table tbody tr")
+    assert len(rows) == 4 * 9 + 3
+    name = "model.layers.3.mlp.up_proj.weight"
+    up = next(r for r in rows if r.find_element(By.CSS_SELECTOR, "td").text == name)
+    assert "density=0.8" in up.text and "density=0.6" in up.text and "normalize=true" in up.text
+    b.find("#merge-submit").click()
+
+    def finished(d) -> bool:  # read in the page: the panel is redrawn on every event
+        status = d.execute_script("return document.querySelector('#merge-job')?.dataset.status")
+        return status in ("finished", "failed")
+
+    b.wait(finished, 180, "the merge job ends")
+    assert b.find("#merge-job").get_attribute("data-status") == "finished", b.find("#merge-job").text
+    assert b.find("#merge-job .progress").get_attribute("aria-valuenow") == "100"
+    assert "Registered c-merged" in b.find("#merge-job").text
+    b.shot("merge", save)
+
+    # 3. Lineage: the new model's edges from each parent, labelled with the recipe's method.
+    b.find("#show-lineage").click()
+    b.present('#lineage g.node[data-model="c-merged"]')
+    for parent in ("c-base", "c-a", "c-b"):
+        edge = b.find(f'#lineage g.edge[data-parent="{parent}"][data-child="c-merged"]')
+        assert edge.find_element(By.CSS_SELECTOR, "text").text == "ties"
+    headers = {"Authorization": f"Bearer {KEY}"} if keyed else {}
+    recipe = httpx.get(f"{server.url}/v1/models/c-merged", headers=headers).json()["strata"]["recipe"]
+    assert recipe.pop("kind") == "merge"
+    assert yaml.safe_load(b.find("#recipe-yaml").text) == recipe  # the YAML shown is the stored recipe
+
+    # 4. Jobs: profile the merged model from its page and watch the job live until it finishes.
+    b.find("#profile-model").click()
+    b.wait(lambda d: d.execute_script("return document.body.dataset.ready") == "jobs", 30, "jobs view")
+    finished_kinds = (  # read in the page: the table is redrawn on every event
+        "return [...document.querySelectorAll('#jobs-table tr[data-job][data-status=finished]')]"
+        ".map((row) => row.cells[1].textContent).sort()"
+    )
+    b.wait(lambda d: d.execute_script(finished_kinds) == ["merge", "profile"], 300, "profile finished")
+    b.shot("jobs", save)
+
+    # 5. Playground: a loose and a tight budget on the merged model choose two different depths.
+    b.view("playground")
+    b.present('#pg-model option[value="c-merged"]')
+    b.set_value("#pg-model", "c-merged")
+    b.set_value("#pg-input", "the cat sat")
+    b.set_value("#pg-max-tokens", "6")
+    depths, qualities = [], []
+    for position in ("1000", "0"):  # 100 s, then 1 ms
+        b.set_value("#pg-budget", position)
+        b.find("#pg-run").click()
+        runs = len(depths) + 1
+        b.wait(lambda d, n=runs: len(d.find_elements(By.CSS_SELECTOR, "#pg-history tbody tr")) == n, 120)
+        depths.append(b.find("#pg-history tbody tr").get_attribute("data-depth"))
+        assert b.find('#pg-stats dd[data-field="budget met"]').text in ("yes", "no")
+        assert "ms" in b.find('#pg-stats dd[data-field="predicted latency"]').text
+        qualities.append(b.find('#pg-stats dd[data-field="exit quality"]').text)
+    assert depths == ["4", "1"], depths
+    assert "perplexity 1.00× full depth, top-1 agreement 100%" in qualities[0]
+    assert qualities[1] == "not profiled at depth 1 (profiled: 2, 4)"  # the default grid: every 2 + full
+    assert b.find('#pg-stats dd[data-field="budget met"]').text == "no"  # nothing runs in 1 ms
+    b.shot("playground", save)
+
+    # Chat, without a budget, drafting with the first 2 layers: full depth, and the draft statistics.
+    b.set_value("#pg-mode", "chat")
+    b.set_value("#pg-input", "hello")
+    b.find("#pg-use-budget").click()
+    b.find("#pg-spec").click()
+    b.set_value("#pg-draft-depth", "2")
+    b.find("#pg-run").click()
+    b.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pg-history tbody tr")) == 3, 120, "chat run")
+    assert b.find("#pg-history tbody tr").get_attribute("data-depth") == "4"
+    assert "draft depth 2" in b.find('#pg-stats dd[data-field="speculative"]').text
+    assert [e.get_attribute("class") for e in b.find_all("#pg-chat .msg")] == ["msg user", "msg assistant"]
+
+    # 6. Models: the merged model's recipe and its profile plotted over depth.
+    b.view("models")
+    b.find('#models-table tr[data-model="c-merged"]').click()
+    b.wait(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-detail svg.chart")) == 3, 30, "3 plots")
+    assert b.find_all("#model-detail svg.chart .series circle")
+    b.shot("models", save)
+
+    b.assert_only_local_requests()
+    assert any(u.endswith("/v1/merges/validate") for u in b.requested)
+    assert any("/events" in u for u in b.requested)
+    errors = [e for e in b.console if e["level"] == "SEVERE" and "401" not in e["message"]]
+    assert not errors, errors
+
+
+def test_the_request_guard_catches_a_request_that_leaves_the_machine():
+    """The guard above can fail: a page that loads an image from a non-local address trips it."""
+    b = Browser("http://127.0.0.1")
+    try:
+        b.driver.get('data:text/html,<img src="http://192.0.2.1/pixel.png">')  # TEST-NET-1: never answers
+        with pytest.raises(AssertionError, match="non-local requests.*192.0.2.1"):
+            b.assert_only_local_requests()
+    finally:
+        b.quit()
