@@ -94,6 +94,7 @@ def tensor_parameters(
         missing = [key for key, value in values.items() if value is None]
         if missing:
             raise MissingParameterError(f"no value of parameter {missing[0]!r} applies to tensor {name!r}")
+    params["tie_break"] = config.tie_break
     return model_params, params
 
 
@@ -106,7 +107,6 @@ def _group(
 ) -> TensorGroup:
     """The method's view of one output tensor."""
     model_params, params = tensor_parameters(config, method, planned)
-    params["tie_break"] = config.tie_break
     generators = (
         [
             torch.Generator().manual_seed(tensor_seed(config.seed, planned.name, i))
