@@ -7,6 +7,7 @@ Only validation that needs no model files lives here; homology checks read the f
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -48,6 +49,14 @@ def _numbers(value: ParameterValue) -> list[float]:
     if isinstance(value, ConditionalValue):
         return _numbers(value.value)
     return [n for item in value for n in _numbers(item)]
+
+
+def _check_bounds(bounds: dict[str, tuple[float, float]], settings: dict[str, ParameterValue], where: str):
+    """Every number a bounded parameter can take is finite and inside its method's [low, high]."""
+    for key, (low, high) in bounds.items():
+        for value in _numbers(settings[key]) if key in settings else []:
+            if not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {value}{where}")
 
 
 class MergeConfig(BaseModel):
@@ -117,6 +126,19 @@ class MergeConfig(BaseModel):
                 bad = [d for d in _numbers(density) if not 0 < d <= 1]
                 if bad:
                     raise ValueError(f"density must be in (0, 1], got {bad[0]} for model {entry.model!r}")
+        _check_bounds(method.bounds, self.parameters, "")
+        for entry in self.merged_entries:
+            _check_bounds(method.bounds, entry.parameters, f" for model {entry.model!r}")
+            if method.check is not None:
+
+                def numbers(key: str, entry: InputModel = entry) -> list[float]:
+                    setting = entry.parameters.get(key, self.parameters.get(key))
+                    default = {**method.global_params, **method.model_params}.get(key)
+                    return _numbers(setting) if setting is not None else _numbers(default)
+
+                problem = method.check(numbers)
+                if problem:
+                    raise ValueError(f"{problem} for model {entry.model!r}")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_models:
             raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the input models")
         return self

@@ -22,6 +22,10 @@ class TensorGroup:
 
 
 MethodFn = Callable[[TensorGroup], torch.Tensor]
+Bounds = dict[str, tuple[float, float]]  # parameter -> closed [low, high] every value must lie in
+# Given a parameter name, every number it can take for one merged model (its own setting, else the global
+# one, else the default); returns what is wrong with the combination, or None.
+EntryCheck = Callable[[Callable[[str], list[float]]], str | None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class MergeMethod:
     model_params: dict[str, float | None]  # name -> default (None: required)
     global_params: dict[str, Any]  # name -> default
     random: bool = False
+    bounds: Bounds = field(default_factory=dict)
+    check: EntryCheck | None = None
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -44,9 +50,13 @@ def register(
     model_params: dict[str, float | None],
     global_params: dict[str, Any],
     random: bool = False,
+    bounds: Bounds | None = None,
+    check: EntryCheck | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
-        METHODS[name] = MergeMethod(name, fn, needs_base, model_params, global_params, random)
+        METHODS[name] = MergeMethod(
+            name, fn, needs_base, model_params, global_params, random, bounds or {}, check
+        )
         return fn
 
     return wrap
