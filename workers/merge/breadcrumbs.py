@@ -77,8 +77,6 @@ def breadcrumbs(group: TensorGroup) -> torch.Tensor:
     return _breadcrumbs(group, consensus=False)
 
 
-@register(
-    "breadcrumbs_ties", needs_base=True, model_params=MODEL_PARAMS, global_params=COMMON, bounds=BOUNDS
-)
+@register("breadcrumbs_ties", needs_base=True, model_params=MODEL_PARAMS, global_params=COMMON, bounds=BOUNDS)
 def breadcrumbs_ties(group: TensorGroup) -> torch.Tensor:
     return _breadcrumbs(group, consensus=True)
