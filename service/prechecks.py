@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from service.schemas import (
+    ExtractLoraJobRequest,
     GrowJobRequest,
     MergeJobRequest,
     ProfileJobRequest,
@@ -22,7 +23,7 @@ from service.schemas import (
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
-from workers.store.model_store import weights_bytes
+from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
 
@@ -76,6 +77,8 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
     record = registry.get(request.model)
     if record is None:
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    if record.type == "adapter":
+        raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
 
@@ -160,6 +163,16 @@ def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path), settings)
 
 
+def check_extract_lora(request: ExtractLoraJobRequest, registry: Registry, settings: Settings) -> None:
+    paths = {ref: resolve_or_422(ref, registry, settings) for ref in (request.base, request.model)}
+    try:
+        check_homologous(paths)
+    except HomologyError as e:
+        raise HTTPException(422, f"model and base are not homologous: {e}") from e
+    _default_name(request, "lora", registry)
+    ensure_disk(lora_bytes(paths[request.model], request.max_rank), settings)
+
+
 PRECHECKS = {
     "sort": check_sort,
     "truncate": check_truncate,
@@ -169,4 +182,5 @@ PRECHECKS = {
     "sparsify": check_sparsify,
     "prune": check_prune,
     "grow": check_grow,
+    "extract_lora": check_extract_lora,
 }

@@ -28,6 +28,7 @@ JOB_FUNCTIONS = {
     "grow": "workers.jobs.grow.grow_job",
     "sort": "workers.jobs.sort.sort_job",
     "truncate": "workers.jobs.truncate.truncate_job",
+    "extract_lora": "workers.jobs.extract_lora.extract_lora_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -22,6 +22,10 @@ class ModelRecord(BaseModel):
     recipe: dict[str, Any] | None = Field(default=None, description="The job spec that produced the model")
     created: float = Field(default_factory=time.time)
     profile: dict[str, Any] | None = Field(default=None, description="Measured per-depth latency and quality")
+    type: Literal["model", "adapter"] = Field(
+        default="model", description="adapter: a PEFT LoRA adapter, applied on top of `base_model`"
+    )
+    base_model: str | None = Field(default=None, description="For an adapter: the model it applies to")
 
 
 class Registry:
