@@ -190,3 +190,14 @@ def test_bad_extract_lora_requests_are_refused_and_register_nothing(server, lora
         assert r.status_code in (409, 422), r.text
         assert message in r.text
         assert c.get("/v1/models/lx-never").status_code == 404
+
+
+def test_an_extraction_that_keeps_no_module_fails_and_registers_nothing(server, lora_models):
+    spec = {"kind": "extract_lora", "model": "lx-a", "base": "lx-base", "sv_epsilon": 1e6, "name": "lx-empty"}
+    with server.client() as c:
+        r = c.post("/v1/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        final = server.wait_job(r.json()["id"])
+        assert final["status"] == "failed" and "no linear layer differs" in final["error"]
+        assert c.get("/v1/models/lx-empty").status_code == 404
+    assert not (server.home / "models" / "lx-empty").exists()
