@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_merge_vs_mergekit import MERGEKIT, max_diff_to_mergekit
+from tests.test_merge_vs_mergekit import MERGEKIT, max_diff_to_mergekit, tied_family  # noqa: F401
 from tests.tiny_models import make_tiny_llama, make_variant
 
 pytestmark = pytest.mark.skipif(not MERGEKIT.exists(), reason="mergekit 0.1.5 (test extra) is not installed")
@@ -135,3 +135,11 @@ def test_method_matches_mergekit(family, tmp_path, recipe):
     text = RECIPES[recipe].format(base=family / "base", a=family / "a", b=family / "b")
     worst = max_diff_to_mergekit(text, family / "base", tmp_path)
     assert worst <= 1e-6, f"max |strata - mergekit| = {worst}"
+
+
+@pytest.mark.parametrize("recipe", ["sce_select", "breadcrumbs", "breadcrumbs_ties"])
+def test_entries_tied_at_the_selection_edges_are_the_ones_mergekit_keeps(tied_family, tmp_path, recipe):  # noqa: F811
+    """|delta| and the variance take a handful of values here, so ties straddle every selection edge."""
+    base = tied_family / "base"
+    text = RECIPES[recipe].format(base=base, a=tied_family / "a", b=tied_family / "b")
+    assert max_diff_to_mergekit(text, base, tmp_path) <= 1e-6

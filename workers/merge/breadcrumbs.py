@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from workers.merge.registry import TensorGroup, register
+from workers.merge.sparsify import top_k
 from workers.merge.task_arithmetic import COMMON
 from workers.merge.task_vectors import TaskVector, combine
 
@@ -25,14 +26,24 @@ BOUNDS = {"gamma": (0.0, 1.0)}
 def outlier_window(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """The flat 0/1 mask keeping sorted positions [n_bot, n_bot + k) of |delta| (ascending).
 
-    Sorted on the CPU in float32 with torch's sort, as mergekit does, so entries tied at either edge of
-    the window are kept or dropped exactly as mergekit keeps them.
+    The window is the top n - n_bot magnitudes less the top n - n_bot - k: two exact k-th value searches
+    (no sort) give it whenever no entries tied at either edge must be split. When they must, |delta| is
+    sorted on the CPU in float32 with torch's sort, as mergekit does, so the tied entries it keeps are kept.
     """
     n = delta.numel()
     k, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - k - n_top)
-    magnitude = delta.reshape(-1).abs().float().cpu()
-    order = torch.sort(magnitude, descending=False).indices
+    magnitude = delta.reshape(-1).abs().float()
+    if k == 0:
+        return torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    upper = top_k(magnitude, n - n_bot)
+    outliers = top_k(magnitude, n - n_bot - k) if n - n_bot > k else None
+    if upper.dropped == 0 and (outliers is None or outliers.dropped == 0):
+        keep = magnitude >= upper.threshold
+        if outliers is not None:
+            keep &= magnitude < outliers.threshold
+        return keep.to(delta.dtype)
+    order = torch.sort(magnitude.cpu(), descending=False).indices
     keep = torch.zeros(n, dtype=delta.dtype)
     keep[order[n_bot : n_bot + k]] = 1
     return keep.to(delta.device)

@@ -9,8 +9,9 @@ For task vectors d_i = theta_i - theta_base (i = 1..N, the base excluded even wh
 3. erase: c_i = [sign(d_i) == s], s = +1 where sum_i d_i >= 0 else -1 (unweighted TIES election)
 4. merge: theta = theta_base + sum_i c_i w_i d_i / max(sum_i c_i w_i, 1e-6)
 
-The whole-tensor steps (the variance's top k, the energies) use the same torch reductions as mergekit
-0.1.5, so the selection, ties included, is mergekit's.
+The variance and the energies use the same torch reductions as mergekit 0.1.5; the top k is an exact k-th
+value search, and where tied entries straddle the k-th value, torch.topk picks among them as in mergekit,
+so the selection, ties included, is mergekit's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from workers.merge.registry import TensorGroup, register
+from workers.merge.sparsify import top_k
 
 
 def select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor | None:
@@ -28,9 +30,14 @@ def select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor | None
         return torch.zeros_like(deltas[0])
     variance = torch.var(deltas, dim=0, unbiased=False)
     k = int(torch.count_nonzero(variance) * select_topk)  # a float32 product, as in mergekit
-    mask = torch.zeros_like(variance)
-    if k > 0:
-        mask.view(-1)[torch.topk(variance.abs().view(-1), k=k, largest=True).indices] = 1
+    if k == 0:
+        return torch.zeros_like(variance)
+    spread = variance.abs().view(-1)
+    top = top_k(spread, k)
+    if top.dropped == 0:  # no tie straddles the k-th value: the k largest are exactly those >= it
+        return (variance.abs() >= top.threshold).to(variance.dtype)
+    mask = torch.zeros_like(variance)  # which tied entries to keep: torch.topk's choice, as in mergekit
+    mask.view(-1)[torch.topk(spread, k=k, largest=True).indices] = 1
     return mask
 
 
