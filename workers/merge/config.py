@@ -51,7 +51,9 @@ def _numbers(value: ParameterValue) -> list[float]:
     return [n for item in value for n in _numbers(item)]
 
 
-def _check_bounds(bounds: dict[str, tuple[float, float]], settings: dict[str, ParameterValue], where: str):
+def _check_bounds(
+    bounds: dict[str, tuple[float, float]], settings: dict[str, ParameterValue], where: str
+) -> None:
     """Every number a bounded parameter can take is finite and inside its method's [low, high]."""
     for key, (low, high) in bounds.items():
         for value in _numbers(settings[key]) if key in settings else []:
