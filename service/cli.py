@@ -133,7 +133,8 @@ def worker(
     """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
     from rq import Queue
 
-    import workers.jobs.grow  # noqa: F401  (import torch & co once, before forking work-horses)
+    import workers.jobs.extract_lora  # noqa: F401  (import torch & co once, before forking work-horses)
+    import workers.jobs.grow  # noqa: F401
     import workers.jobs.merge  # noqa: F401
     import workers.jobs.profile  # noqa: F401
     import workers.jobs.prune  # noqa: F401

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from service.schemas import (
+    ExtractLoraJobRequest,
     FitExitsJobRequest,
     GrowJobRequest,
     MergeJobRequest,
@@ -25,7 +26,7 @@ from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
 from workers.merge.plan import SliceError, plan_merge
-from workers.store.model_store import weights_bytes
+from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
 from workers.train.data import DataError, validate_record
@@ -88,6 +89,8 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
     record = registry.get(request.model)
     if record is None:
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    if record.type == "adapter":
+        raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
 
@@ -195,6 +198,16 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
             raise HTTPException(422, str(e)) from e
 
 
+def check_extract_lora(request: ExtractLoraJobRequest, registry: Registry, settings: Settings) -> None:
+    paths = {ref: resolve_or_422(ref, registry, settings) for ref in (request.base, request.model)}
+    try:
+        check_homologous(paths)
+    except HomologyError as e:
+        raise HTTPException(422, f"model and base are not homologous: {e}") from e
+    _default_name(request, "lora", registry)
+    ensure_disk(lora_bytes(paths[request.model], request.max_rank), settings)
+
+
 PRECHECKS = {
     "fit_exits": check_fit_exits,
     "sort": check_sort,
@@ -205,4 +218,5 @@ PRECHECKS = {
     "sparsify": check_sparsify,
     "prune": check_prune,
     "grow": check_grow,
+    "extract_lora": check_extract_lora,
 }

@@ -29,6 +29,7 @@ JOB_FUNCTIONS = {
     "sort": "workers.jobs.sort.sort_job",
     "truncate": "workers.jobs.truncate.truncate_job",
     "fit_exits": "workers.jobs.fit_exits.fit_exits_job",
+    "extract_lora": "workers.jobs.extract_lora.extract_lora_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

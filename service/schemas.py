@@ -213,6 +213,22 @@ class TruncateJobRequest(BaseModel):
     _check_name = field_validator("name")(_slug)
 
 
+class ExtractLoraJobRequest(BaseModel):
+    """A PEFT LoRA adapter from a fine-tune and its base, as mergekit-extract-lora makes it: each linear
+    layer's delta as B @ A from a truncated SVD (rank <= max_rank, singular values <= sv_epsilon dropped);
+    embeddings, LM head and norms at full rank. Registered as an adapter of `base`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["extract_lora"]
+    model: str = Field(min_length=1, description="The fine-tuned model")
+    base: str = Field(min_length=1, description="The model it was fine-tuned from")
+    max_rank: int = Field(default=128, ge=1, le=8192)
+    sv_epsilon: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
 JobRequest = Annotated[
     MergeJobRequest
     | VariantsJobRequest
@@ -222,7 +238,8 @@ JobRequest = Annotated[
     | GrowJobRequest
     | SortJobRequest
     | FitExitsJobRequest
-    | TruncateJobRequest,
+    | TruncateJobRequest
+    | ExtractLoraJobRequest,
     Field(discriminator="kind"),
 ]
 
@@ -266,6 +283,18 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class ModelFile(BaseModel):
+    name: str
+    size_bytes: int
+
+
+class ModelFileList(BaseModel):
+    """The files of a stored model or adapter, each downloadable at /v1/models/{id}/files/{name}."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelFile]
 
 
 class ModelDeleted(BaseModel):

@@ -113,6 +113,8 @@ class Generation:
         record = self.registry.get(model_id)
         if record is None:
             raise HTTPException(404, f"model {model_id!r} is not registered (see GET /v1/models)")
+        if record.type == "adapter":
+            raise HTTPException(422, f"{model_id!r} is a LoRA adapter of {record.base_model!r}, not a model")
         return record
 
     def tokenizer(self, model_id: str):

@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import FileResponse
 
 from service import deps
-from service.schemas import ERROR_RESPONSES, ImportRequest, ModelDeleted, ModelList, ModelObject
+from service.schemas import (
+    ERROR_RESPONSES,
+    ImportRequest,
+    ModelDeleted,
+    ModelFile,
+    ModelFileList,
+    ModelList,
+    ModelObject,
+)
 from service.settings import Settings
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path
@@ -35,6 +44,39 @@ def list_models(registry: RegistryDep) -> ModelList:
 @router.get("/{model_id}", response_model=ModelObject)
 def get_model(model_id: str, registry: RegistryDep) -> ModelObject:
     return ModelObject.of(_get(registry, model_id))
+
+
+def _files(store: ModelStore, model_id: str) -> dict[str, Path]:
+    """The regular files directly in the model's directory (no links, no subdirectories)."""
+    directory = store.path(model_id)
+    if not directory.is_dir():
+        return {}
+    return {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and not p.is_symlink()}
+
+
+@router.get("/{model_id}/files", response_model=ModelFileList)
+def list_files(
+    model_id: str, registry: RegistryDep, store: Annotated[ModelStore, Depends(deps.store)]
+) -> ModelFileList:
+    """The files of a model or adapter (weights, config, tokenizer), to download one by one."""
+    _get(registry, model_id)
+    files = _files(store, model_id)
+    return ModelFileList(data=[ModelFile(name=n, size_bytes=p.stat().st_size) for n, p in files.items()])
+
+
+@router.get(
+    "/{model_id}/files/{filename}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}},
+)
+def download_file(
+    model_id: str, filename: str, registry: RegistryDep, store: Annotated[ModelStore, Depends(deps.store)]
+) -> FileResponse:
+    _get(registry, model_id)
+    files = _files(store, model_id)
+    if filename not in files:
+        raise HTTPException(404, f"model {model_id!r} has no file {filename!r} (see its /files)")
+    return FileResponse(files[filename], filename=filename, media_type="application/octet-stream")
 
 
 @router.delete("/{model_id}", response_model=ModelDeleted)

@@ -22,13 +22,18 @@ def publish_model(
     *,
     parents: list[str],
     recipe: dict[str, Any],
+    describe_with: Callable[[Path], dict[str, Any]] = describe,
+    **fields: Any,
 ) -> ModelRecord:
-    """Run `build(staging_dir)`; register the result as `model_id` only if it completes."""
+    """Run `build(staging_dir)`; register the result as `model_id` only if it completes. `describe_with`
+    reads the record's fields from the finished directory; `fields` adds others (type, base_model)."""
     if ctx.registry.exists(model_id):
         raise ModelIdTakenError(f"model {model_id!r} already exists")
     with ctx.store.staging(model_id) as tmp:
         build(tmp)
-    record = ModelRecord(id=model_id, parents=parents, recipe=recipe, **describe(ctx.store.path(model_id)))
+    record = ModelRecord(
+        id=model_id, parents=parents, recipe=recipe, **describe_with(ctx.store.path(model_id)), **fields
+    )
     if not ctx.registry.add(record):
         ctx.store.remove(model_id)
         raise ModelIdTakenError(f"model {model_id!r} was registered by another job meanwhile")

@@ -2,11 +2,15 @@
 
 from workers.merge import (  # noqa: F401  (registers the methods)
     arcee_fusion,
+    breadcrumbs,
     dare,
+    della,
     linear,
     model_stock,
     nearswap,
     passthrough,
+    ram,
+    sce,
     slerp,
     spherical_mean,
     task_arithmetic,

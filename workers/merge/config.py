@@ -214,6 +214,12 @@ class MergeConfig(BaseModel):
                 _check_values(method, key, value, where)
         for i, spec in enumerate(self.slice_specs):
             self._check_slice(method, i, spec)
+        if method.check is not None:
+            for spec in self.slice_specs:
+                for source in spec.merged:
+                    problem = method.check(self._setting_numbers(method, source.parameters, spec.parameters))
+                    if problem:
+                        raise ValueError(f"{problem} for model {source.model!r}")
         if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_models:
             raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the input models")
         return self
@@ -255,6 +261,19 @@ class MergeConfig(BaseModel):
 
     def _settings(self, spec: SliceSpec, source: SliceSource) -> list[dict[str, ParameterValue]]:
         return [source.parameters, spec.parameters, self.parameters]
+
+    def _setting_numbers(self, method: MergeMethod, *scopes: dict[str, ParameterValue]):
+        """A parameter's numbers as one merged input sees them: its own setting, then its slice's, then the
+        global one, then the method's default."""
+
+        def numbers(key: str) -> list[float]:
+            for scope in (*scopes, self.parameters):
+                if key in scope:
+                    return _numbers(scope[key])
+            default = {**method.global_params, **method.model_params}.get(key)
+            return [] if default is None else _numbers(default)
+
+        return numbers
 
     @property
     def slice_specs(self) -> list[SliceSpec]:

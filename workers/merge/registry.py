@@ -24,6 +24,10 @@ class TensorGroup:
 
 
 MethodFn = Callable[[TensorGroup], torch.Tensor]
+Bounds = dict[str, tuple[float, float]]  # parameter -> closed [low, high] every value must lie in
+# Given a parameter name, every number it can take for one merged model (its own setting, else the global
+# one, else the default); returns what is wrong with the combination, or None.
+EntryCheck = Callable[[Callable[[str], list[float]]], str | None]
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class MergeMethod:
     max_inputs: int | None = None
     min_non_base: int = 0
     max_non_base: int | None = None
-    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # closed ranges per parameter
+    bounds: Bounds = field(default_factory=dict)  # closed ranges per parameter
+    check: EntryCheck | None = None  # per merged input: a problem with its parameters, or None
 
     @property
     def uses_base(self) -> bool:
@@ -65,7 +70,8 @@ def register(
     max_inputs: int | None = None,
     min_non_base: int = 0,
     max_non_base: int | None = None,
-    bounds: dict[str, tuple[float, float]] | None = None,
+    bounds: Bounds | None = None,
+    check: EntryCheck | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     policy: BasePolicy = base or ("required" if needs_base else "ignored")
 
@@ -83,6 +89,7 @@ def register(
             min_non_base,
             max_non_base,
             bounds or {},
+            check,
         )
         return fn
 

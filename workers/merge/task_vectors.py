@@ -30,9 +30,11 @@ from workers.merge.sparsify import TopK, chunk_size, slices, uniform_draws
 class TaskVector:
     """Model i's sparsified delta d~_i = r * m * (theta_i - theta_base), produced slice by slice, in order.
 
-    m keeps the top k entries of |d| when `top` is set (TIES trim); m ~ Bernoulli(density), the next draws
-    of `generator`, when that is set (DARE drop); else m = 1. r = scale / divisor (mergekit's L1 rescale
-    multiplies, DARE's 1 / density divides).
+    m keeps the top k entries of |d| when `top` is set (TIES trim), or where the flat 0/1 mask `keep` is 1
+    (breadcrumbs); m ~ Bernoulli(density), the next draws of `generator`, when that is set (DARE drop), with
+    a per-entry probability instead when the flat `probs` is set (DELLA); else m = 1. r = scale / divisor
+    (mergekit's L1 rescale multiplies, DARE's 1 / density divides); with `divide_by_probs`, r = 1 / probs
+    entry by entry.
     """
 
     tensor: torch.Tensor  # theta_i
@@ -42,6 +44,9 @@ class TaskVector:
     density: float = 1.0
     scale: float = 1.0
     divisor: float = 1.0
+    keep: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    divide_by_probs: bool = False
 
     def __post_init__(self) -> None:
         if self.top is not None:
@@ -66,7 +71,15 @@ class TaskVector:
                 hardshrink(out[:split], self._at_least, out=out[:split])
             if split < out.numel():
                 hardshrink(out[split:], self._above, out=out[split:])
-        if self.generator is not None:
+        if self.keep is not None:
+            out.mul_(self.keep[s])
+        if self.generator is not None and self.probs is not None:
+            p = self.probs[s]
+            draws = uniform_draws(self.generator, out.numel())
+            out.mul_(torch.lt(draws, p.cpu(), out=draws).to(out.device, out.dtype))
+            if self.divide_by_probs:
+                out.div_(p)
+        elif self.generator is not None:
             draws = uniform_draws(self.generator, out.numel())
             out.mul_(torch.lt(draws, self.density, out=draws).to(out.device, out.dtype))
         if self.scale != 1:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from workers.processes import process_alive
-from workers.tensors.safetensors_io import TensorReader
+from workers.tensors.safetensors_io import TensorReader, read_header
 
 STAGING = ".staging"
 
@@ -97,10 +97,35 @@ def describe(directory: Path) -> dict[str, Any]:
     }
 
 
+def describe_adapter(directory: Path, architecture: str, num_layers: int | None) -> dict[str, Any]:
+    """The registry fields of a PEFT adapter directory (architecture and layers are its base model's)."""
+    entries = read_header(Path(directory) / "adapter_model.safetensors").values()
+    dtypes = sorted({str(e.dtype).removeprefix("torch.") for e in entries})
+    return {
+        "architecture": architecture,
+        "num_layers": num_layers,
+        "num_parameters": sum(e.numel for e in entries),
+        "dtype": ",".join(dtypes),
+        "size_bytes": directory_size(directory),
+    }
+
+
 def weights_bytes(directory: Path, float_dtype: torch.dtype | None = None) -> int:
     """Bytes of a model's weights, with floating tensors counted at `float_dtype` when given."""
     size = 0
     for entry in TensorReader(directory).entries.values():
         dtype = float_dtype if float_dtype is not None and entry.dtype.is_floating_point else entry.dtype
         size += entry.numel * dtype.itemsize
+    return size
+
+
+def lora_bytes(directory: Path, max_rank: int) -> int:
+    """At most the bytes of a LoRA adapter of this model: rank-r factors of every matrix, but whole
+    embeddings and LM head, and whole vectors."""
+    size = 0
+    for name, entry in TensorReader(directory).entries.items():
+        numel = entry.numel
+        if len(entry.shape) == 2 and "embed" not in name and "lm_head" not in name:
+            numel = min(numel, max_rank * sum(entry.shape))
+        size += numel * entry.dtype.itemsize
     return size

@@ -52,7 +52,10 @@ def resolve_path(path: str, import_roots: list[Path], directory: bool = True) ->
 def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: list[Path]) -> Path:
     """Registry ids win; anything with a path separator is a directory under an import root."""
     if "/" not in ref and not ref.startswith("."):
-        if registry.exists(ref):
+        record = registry.get(ref)
+        if record is not None and record.type == "adapter":
+            raise ModelReferenceError(f"{ref!r} is a LoRA adapter of {record.base_model!r}, not a model")
+        if record is not None:
             return store_root / ref
         raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
     return resolve_path(ref, import_roots)

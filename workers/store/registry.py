@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from redis import Redis
@@ -27,6 +27,10 @@ class ModelRecord(BaseModel):
     exit_adapters: dict[str, Any] | None = Field(
         default=None, description="Exit adapters stored with the model: exits, recipe, data, fit report"
     )
+    type: Literal["model", "adapter"] = Field(
+        default="model", description="adapter: a PEFT LoRA adapter, applied on top of `base_model`"
+    )
+    base_model: str | None = Field(default=None, description="For an adapter: the model it applies to")
 
 
 class Registry:

@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -255,3 +256,34 @@ class ShardedWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class AppendingWriter:
+    """Writes tensors whose shapes are known only as they arrive (e.g. ranks found by an SVD) into one
+    safetensors file: the data goes to a side file as each tensor comes, and `close` writes the header
+    followed by that data. Memory holds one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._body_path = self.path.with_name(self.path.name + ".data")
+        self._body = open(self._body_path, "wb")
+        self._planned: list[PlannedTensor] = []
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if any(item.name == name for item in self._planned):
+            raise SafetensorsError(f"tensor {name} written twice")
+        data = tensor.detach().to("cpu").contiguous().view(-1)
+        self._planned.append(PlannedTensor(name, tensor.dtype, tuple(tensor.shape)))
+        if data.numel():
+            self._body.write(memoryview(data.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        self._body.close()
+        with open(self.path, "wb") as out, open(self._body_path, "rb") as body:
+            out.write(_header_bytes(self._planned, {"format": "pt"}))
+            shutil.copyfileobj(body, out, 1 << 24)
+        self._body_path.unlink()
+
+    def abort(self) -> None:
+        self._body.close()
+        self._body_path.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""LoRA adapters: extraction from a fine-tune and its base (PEFT format)."""
