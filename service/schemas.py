@@ -191,6 +191,9 @@ class FitExitsJobRequest(BaseModel):
         default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
     )
     max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
+    fit_on: Literal["all", "responses"] = Field(
+        default="all", description="Fit on every token, or on response tokens only (all serve as context)"
+    )
     seq_len: int = Field(default=256, ge=8, le=8192, description="Tokens per forward window")
     ridge: float = Field(
         default=1e-4, ge=0, le=1e3, allow_inf_nan=False, description="lambda / mean diag of X^T X"

@@ -109,3 +109,20 @@ def test_token_windows_are_full_length_and_bounded_by_max_tokens():
     assert [w.numel() for w in token_windows([5, 6, 7], 64)] == [3]
     with pytest.raises(ValueError):
         token_windows([5], 64)
+
+
+def test_masks_restrict_the_fit_to_the_marked_positions(tiny):
+    windows = random_windows(4, 24, seed=7)
+    masks = [torch.arange(24) % 3 == 0 for _ in windows]  # 0, 3, 6, ...; position 0 is skipped anyway
+    result = fit_exit_adapters(tiny, windows, [2], FitConfig(ridge=0.0), masks=masks)
+    assert result.report.tokens == 4 * 7
+    with torch.no_grad():
+        states = residual_at_exits(tiny, torch.stack(windows), [2, 4])
+    keep = torch.stack(masks)
+    keep[:, 0] = False
+    x, y = states[2][keep].double(), states[4][keep].double()
+    z = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+    dense = torch.linalg.lstsq(z, y).solution  # 28 tokens < 65 unknowns: least-norm solutions differ, so
+    residual = z @ dense - y  # compare the fit residuals (both interpolate the 28 marked tokens)
+    fitted = x @ result.adapters.maps[2].weight.double().T + result.adapters.maps[2].bias.double()
+    assert float(residual.abs().max()) < 1e-6 and float((fitted - y).abs().max()) < 1e-3

@@ -148,18 +148,19 @@ class RidgeAccumulator:
         return float(self.residual_sq) / max(self.tokens * self.hidden_size, 1)
 
 
-def token_windows(ids: Sequence[int], seq_len: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+def token_windows(
+    ids: Sequence[int], seq_len: int, max_tokens: int | None = None, dtype: torch.dtype = torch.long
+) -> list[torch.Tensor]:
     """Consecutive non-overlapping windows of exactly seq_len tokens (1-D LongTensors) covering at most
     max_tokens tokens; a shorter tail is kept only when it is the whole text."""
     if seq_len < 2:
         raise ValueError("seq_len must be at least 2")
     ids = list(ids)[:max_tokens] if max_tokens is not None else list(ids)
     windows = [
-        torch.tensor(ids[i : i + seq_len], dtype=torch.long)
-        for i in range(0, len(ids) - seq_len + 1, seq_len)
+        torch.tensor(ids[i : i + seq_len], dtype=dtype) for i in range(0, len(ids) - seq_len + 1, seq_len)
     ]
     if not windows and len(ids) >= 2:
-        windows = [torch.tensor(ids, dtype=torch.long)]
+        windows = [torch.tensor(ids, dtype=dtype)]
     if not windows:
         raise ValueError("the fitting data has fewer than two tokens")
     return windows
@@ -191,6 +192,7 @@ def _distill_selection(windows: int, positions: int, budget: int, seed: int) -> 
 def _accumulate(
     model: nn.Module,
     windows: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor] | None,
     exits: Sequence[int],
     cached_exits: Sequence[int],
     config: FitConfig,
@@ -205,30 +207,32 @@ def _accumulate(
     cached: dict[int, list[torch.Tensor]] = {k: [] for k in cached_exits}
     cached_final: list[torch.Tensor] = []
     skip = config.skip_first
-    batches = [windows[i : i + config.batch_windows] for i in range(0, len(windows), config.batch_windows)]
-    index = 0
+    order = list(range(len(windows)))
+    batches = [order[i : i + config.batch_windows] for i in range(0, len(order), config.batch_windows)]
     for step, batch in enumerate(batches):
         _report(progress, f"forward pass {step + 1}/{len(batches)} (all exits)", step / len(batches))
-        lengths = {w.numel() for w in batch}
-        groups = [[w for w in batch if w.numel() == n] for n in sorted(lengths)]
-        for group in groups:
-            ids = torch.stack(group).to(device)
+        lengths = sorted({windows[i].numel() for i in batch})
+        for group in ([i for i in batch if windows[i].numel() == n] for n in lengths):
+            ids = torch.stack([windows[i] for i in group]).to(device)
             residual = residual_at_exits(model, ids, [*exits, layers])
             start = min(skip, ids.shape[1] - 1)
-            final = residual[layers][:, start:].float()
-            flat_final = final.reshape(-1, hidden_size)
+            keep = torch.ones(ids.shape, dtype=torch.bool, device=device)
+            if masks is not None:
+                keep = torch.stack([masks[i] for i in group]).to(device)
+            keep[:, :start] = False
+            final = residual[layers][keep].float()
             for k in exits:
-                accumulators[k].add(residual[k][:, start:].float().reshape(-1, hidden_size), flat_final)
+                accumulators[k].add(residual[k][keep].float(), final)
             if cache_for is not None:
-                for row in range(ids.shape[0]):
-                    positions = cache_for.get(index + row)
+                for row, window in enumerate(group):
+                    positions = cache_for.get(window)
                     if positions is None:
                         continue
-                    keep = positions[positions >= start].to(device)
-                    cached_final.append(residual[layers][row, keep].float().cpu())
+                    positions = positions.to(device)
+                    chosen = positions[keep[row, positions]]
+                    cached_final.append(residual[layers][row, chosen].float().cpu())
                     for k in cached_exits:
-                        cached[k].append(residual[k][row, keep].float().cpu())
-            index += ids.shape[0]
+                        cached[k].append(residual[k][row, chosen].float().cpu())
     return accumulators, cached, cached_final
 
 
@@ -298,9 +302,11 @@ def fit_exit_adapters(
     exits: Iterable[int] | None = None,
     config: FitConfig | None = None,
     progress: Progress | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> FitResult:
     """Fit an adapter for each exit in `exits` (default: every depth below L) on token `windows` (1-D
-    LongTensors, ideally of one length), on the model's device."""
+    LongTensors, ideally of one length), on the model's device. `masks` (bool, one per window) restrict the
+    fit to the positions marked True; every position still serves as context."""
     config = config or FitConfig()
     layers = num_layers(model)
     exits = sorted(set(exits if exits is not None else default_fit_exits(layers)))
@@ -308,6 +314,8 @@ def fit_exit_adapters(
         raise ValueError(f"exits must lie in 1..{layers - 1}, got {exits}")
     if not windows:
         raise ValueError("no fitting windows")
+    if masks is not None and [m.shape for m in masks] != [w.shape for w in windows]:
+        raise ValueError("masks must have the shapes of the windows")
     hidden_size = decoder_stack(model).norm.weight.shape[0]
     report = FitReport(exits=exits, tokens=0, windows=len(windows))
     distilled = [k for k in exits if config.distill_exits is None or k in config.distill_exits]
@@ -322,6 +330,7 @@ def fit_exit_adapters(
     accumulators, cached, cached_final = _accumulate(
         model,
         windows,
+        masks,
         exits,
         distilled,
         config,

@@ -12,7 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from workers.train.data import encode_records, read_jsonl
+from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
 BUNDLED = ("sft.jsonl", "answers.jsonl")
 
@@ -27,11 +27,21 @@ def bundled_records() -> list[dict[str, Any]]:
     return [record for path in bundled_paths() for record in read_jsonl(path)]
 
 
-def fitting_ids(tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
-    """All records as one token stream (prompts, answers and template tokens alike), cut at max_tokens."""
+def fitting_stream(
+    tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None
+) -> tuple[list[int], list[bool]]:
+    """All records as one token stream (prompts, answers and template tokens alike), cut at max_tokens, and
+    which of its tokens are response tokens (the ones a model produces)."""
     ids: list[int] = []
+    responses: list[bool] = []
     for example in encode_records(tokenizer, records):
         ids.extend(example.input_ids)
+        responses.extend(label != IGNORE_INDEX for label in example.labels)
         if max_tokens is not None and len(ids) >= max_tokens:
-            return ids[:max_tokens]
-    return ids
+            return ids[:max_tokens], responses[:max_tokens]
+    return ids, responses
+
+
+def fitting_ids(tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
+    """The token stream of `fitting_stream` alone."""
+    return fitting_stream(tokenizer, records, max_tokens)[0]

@@ -11,14 +11,24 @@ import torch
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
-from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_ids
+from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_stream
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
 from workers.store.references import UnknownModelError, resolve_path
 from workers.train.data import read_jsonl
 
-RECIPE_KEYS = ("exits", "max_tokens", "seq_len", "ridge", "distill_steps", "lr", "distill_tokens", "seed")
+RECIPE_KEYS = (
+    "exits",
+    "max_tokens",
+    "fit_on",
+    "seq_len",
+    "ridge",
+    "distill_steps",
+    "lr",
+    "distill_tokens",
+    "seed",
+)
 
 
 def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -46,8 +56,10 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(path)
     device = default_device()
     model.to(device)
-    ids = fitting_ids(tokenizer, records, spec.get("max_tokens", 65_536))
-    windows = token_windows(ids, spec.get("seq_len", 256))
+    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", 65_536))
+    seq_len = spec.get("seq_len", 256)
+    windows = token_windows(ids, seq_len)
+    masks = token_windows(responses, seq_len, dtype=torch.bool) if spec.get("fit_on") == "responses" else None
     exits = spec.get("exits") or default_fit_exits(record.num_layers or 0)
     config = FitConfig(
         ridge=spec.get("ridge", 1e-4),
@@ -60,7 +72,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     def progress(message: str, fraction: float) -> None:  # fitting: 80% of the job, profiling: 20%
         ctx.progress(int(fraction * 800), 1000, message)
 
-    fitted = fit_exit_adapters(model, windows, exits, config, progress)
+    fitted = fit_exit_adapters(model, windows, exits, config, progress, masks)
     adapters, report = fitted.adapters, fitted.report
     del model
     if device.type == "cuda":

@@ -1,0 +1,65 @@
+"""Background profiles from the serving side: an unprofiled model gets the conservative default and a
+profile job, a drifted latency model gets a re-profile, a fresh one neither."""
+
+from __future__ import annotations
+
+import redis as redis_lib
+
+from service.generation.runner import Generation
+from service.profiling import profile_pending
+from service.queue import JobQueue
+from service.settings import Settings
+from workers.generation.latency import LatencyProfile, LinearInDepth
+from workers.inference.protocol import latency_key
+from workers.store.registry import ModelRecord
+
+
+def record() -> ModelRecord:
+    return ModelRecord(
+        id="m",
+        architecture="LlamaForCausalLM",
+        num_layers=4,
+        num_parameters=10**6,
+        dtype="float32",
+        size_bytes=1,
+    )
+
+
+def measured(scale: float) -> LatencyProfile:
+    linear = LinearInDepth(
+        a0_ms=1,
+        a1_ms_per_layer=1,
+        b0_ms_per_prompt_token=0,
+        b1_ms_per_prompt_token_layer=0,
+        c0_ms_per_new_token=0,
+        c1_ms_per_new_token_layer=1,
+    )
+    return LatencyProfile(num_layers=4, depths={4: linear.at(4)}, linear=linear, scale=scale)
+
+
+def profile_jobs(redis, settings) -> list[dict]:
+    return [view.spec for view in JobQueue(redis, settings).list() if view.kind == "profile"]
+
+
+def test_unprofiled_drifted_and_fresh_models(tmp_path, isolated_redis_url):
+    settings = Settings(home=tmp_path, redis_url=isolated_redis_url, default_model=False, reprofile_drift=2.0)
+    redis = redis_lib.Redis.from_url(isolated_redis_url)
+    generation = Generation(redis, None, settings)
+
+    latency, source = generation.latency(record())
+    assert source == "default" and latency.linear is not None
+    assert profile_pending(redis, "m") and profile_jobs(redis, settings) == [
+        {"kind": "profile", "model": "m", "repeats": 2, "if_unprofiled": True}
+    ]
+    generation.latency(record())  # a second request queues nothing more
+    assert len(profile_jobs(redis, settings)) == 1
+
+    redis.delete("strata:profiling:m")
+    redis.set(latency_key("m"), measured(scale=1.5).model_dump_json())
+    assert generation.latency(record())[1] == "profile"
+    assert len(profile_jobs(redis, settings)) == 1  # within the drift factor: no re-profile
+
+    redis.set(latency_key("m"), measured(scale=2.5).model_dump_json())
+    assert generation.latency(record())[1] == "profile"
+    jobs = profile_jobs(redis, settings)
+    assert len(jobs) == 2 and jobs[0]["if_unprofiled"] is False  # newest first: a forced re-profile
