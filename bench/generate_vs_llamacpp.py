@@ -99,11 +99,12 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
 class LlamaCpp:
     """The driver process in llama.cpp's venv."""
 
-    def __init__(self, python: Path) -> None:
+    def __init__(self, python: Path, log: Path) -> None:
         self.process = subprocess.Popen(
             [str(python), str(ROOT / "bench" / "llamacpp_driver.py")],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=open(log, "w"),
             text=True,
         )
 
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         llama = None
         ggufs: dict[str, Path] = {}
         if not (args.quick or args.no_llamacpp):
-            llama = LlamaCpp(ensure_llamacpp_venv())
+            llama = LlamaCpp(ensure_llamacpp_venv(), work / "llamacpp.log")
             ggufs = gguf_models(llama, work)
         strata = {(p, d): Series() for p in args.precisions for d in depths}
         hf, cpp = Series(), {kind: Series() for kind in ggufs}

@@ -3,17 +3,21 @@
 Reads one JSON command per line on stdin and answers one JSON line on stdout:
 
     {"cmd": "quantize", "source": path, "target": path, "type": "f32" | "f16" | "q8_0" | "q4_1"}
-    {"cmd": "run", "model": path, "threads": n, "prompt": [ids], "new_tokens": n}
+    {"cmd": "run", "model": path, "threads": n, "prompt": [ids], "new_tokens": n, "extra_bufts": bool}
         -> {"ttft_ms", "decode_tok_s", "tokens"}: greedy decoding, the KV cache reset before the prompt
     {"cmd": "quit"}
 
 Models stay loaded between runs (one at a time), so alternating runs measure decoding, not loading.
+llama.cpp's logs go to stderr (verbose=False crashed llama-cpp-python 0.3.36 here at load). `extra_bufts`
+false loads without llama.cpp's extra CPU buffer types (AMX, repacked weights): with them, a build for a
+CPU with AMX segfaulted in llama_decode on Q8_0 weights on this virtual machine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import sys
 import time
 
@@ -34,18 +38,29 @@ def quantize(source: str, target: str, kind: str) -> dict:
     return {"ok": True}
 
 
-def model(path: str, threads: int) -> llama_cpp.Llama:
-    key = f"{path}:{threads}"
+def model(path: str, threads: int, extra_bufts: bool) -> llama_cpp.Llama:
+    key = f"{path}:{threads}:{extra_bufts}"
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = llama_cpp.Llama(
-            model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False
-        )
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def model_params():  # Llama() takes its model parameters from here and exposes no such option
+            params = defaults()
+            params.use_extra_bufts = extra_bufts
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = model_params
+        try:
+            _loaded[key] = llama_cpp.Llama(
+                model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=True
+            )
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
     return _loaded[key]
 
 
-def run(path: str, threads: int, prompt: list[int], new_tokens: int) -> dict:
-    llm = model(path, threads)
+def run(path: str, threads: int, prompt: list[int], new_tokens: int, extra_bufts: bool) -> dict:
+    llm = model(path, threads, extra_bufts)
     llm.reset()
     start = time.perf_counter()
     times, tokens = [], []
@@ -60,6 +75,9 @@ def run(path: str, threads: int, prompt: list[int], new_tokens: int) -> dict:
 
 
 def main() -> None:
+    # llama.cpp logs to the C stdout: answers go to a copy of it, everything else to stderr
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     for line in sys.stdin:
         command = json.loads(line)
         try:
@@ -68,10 +86,16 @@ def main() -> None:
             if command["cmd"] == "quantize":
                 answer = quantize(command["source"], command["target"], command["type"])
             else:
-                answer = run(command["model"], command["threads"], command["prompt"], command["new_tokens"])
+                answer = run(
+                    command["model"],
+                    command["threads"],
+                    command["prompt"],
+                    command["new_tokens"],
+                    command.get("extra_bufts", False),
+                )
         except Exception as e:  # reported to the bench, which stops
             answer = {"error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer), file=answers, flush=True)
 
 
 if __name__ == "__main__":

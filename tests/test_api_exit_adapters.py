@@ -39,6 +39,10 @@ def run_job(server, body: dict) -> dict:
 
 
 def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
+    shallow = {"model": MODEL, "prompt": "the sky", "max_new_tokens": 3, "depth": 2}
+    with server.client() as c:  # the inference worker loads the model before it has adapters
+        before = c.post("/v1/generate", json=shallow)
+        assert before.status_code == 200 and before.json()["strata"]["exit_adapter"] is False
     body = {"kind": "fit_exits", "model": MODEL, "examples": EXAMPLES, "seq_len": 32, "distill_steps": 3}
     result = run_job(server, body)
     assert result["exits"] == [1, 2, 3] and result["data"]["source"] == "examples"
@@ -54,6 +58,10 @@ def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
     quality = record["profile"]["quality"]
     assert quality["2"]["adapter_perplexity"] > 0 and quality["2"]["adapter_top1_agreement"] is not None
     assert quality["4"]["adapter_perplexity"] is None and quality["4"]["top1_agreement"] == 1.0
+    with server.client() as c:  # the loaded engine picks the new adapters up; full depth never uses one
+        after = c.post("/v1/generate", json=shallow).json()["strata"]
+        full = c.post("/v1/generate", json={**shallow, "depth": 4}).json()["strata"]
+    assert after["exit_adapter"] is True and full["exit_adapter"] is False
 
 
 def test_requests_with_a_quality_floor_get_an_exit_that_meets_it(server, lensed):

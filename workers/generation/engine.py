@@ -298,6 +298,11 @@ class EarlyExitEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() * 1000.0
 
+    def set_adapters(self, adapters: ExitAdapters | None) -> None:
+        """Serve with these exit adapters from the next batch on (None: none)."""
+        self.adapters = adapters
+        self.compact.adapters = adapters.to(self.device, self.compact.dtype) if adapters is not None else None
+
     def take_cache(self, depth: int, rows: int, positions: int) -> KVCache:
         """A KV cache for `rows` rows of up to `positions` positions at `depth`: the one kept from an earlier
         batch at this depth when it is large enough, else a new one (capacity rounded up to 128)."""

@@ -18,6 +18,7 @@ from redis import Redis
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.device import default_device
+from workers.early_exit.adapters import FILENAME as ADAPTERS_FILE
 from workers.early_exit.adapters import load_adapters
 from workers.generation.compact import PRECISIONS, Precision
 from workers.generation.engine import EarlyExitEngine, FinishEvent, TokenEvent
@@ -35,6 +36,15 @@ from workers.inference.protocol import (
 )
 
 log = logging.getLogger("strata.infer")
+
+
+def adapters_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a model directory's exit-adapter file, None without one."""
+    try:
+        stat = (path / ADAPTERS_FILE).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def resolve_precision(precision: str, device: torch.device) -> Precision:
@@ -79,14 +89,23 @@ class InferenceWorker:
         self.max_models = max_models
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
+        self.adapter_stamps: dict[str, tuple[int, int] | None] = {}
         self.stopping = threading.Event()
 
     def engine(self, model_id: str) -> EarlyExitEngine:
-        """The model's engine, loaded on first use; the least recently used is dropped beyond max_models."""
+        """The model's engine, loaded on first use; the least recently used is dropped beyond max_models.
+        Exit adapters written after the model was loaded (a `fit_exits` job) are picked up here."""
         if model_id in self.engines:
             self.engines.move_to_end(model_id)
-            return self.engines[model_id]
+            engine = self.engines[model_id]
+            stamp = adapters_stamp(self.models_dir / model_id)
+            if stamp != self.adapter_stamps.get(model_id):
+                path, config = self.models_dir / model_id, engine.model.config
+                engine.set_adapters(load_adapters(path, config.num_hidden_layers, config.hidden_size))
+                self.adapter_stamps[model_id] = stamp
+            return engine
         log.info("loading %s", model_id)
+        self.adapter_stamps[model_id] = adapters_stamp(self.models_dir / model_id)
         engine = load_engine(
             self.models_dir / model_id, max_batch_size=self.max_batch_size, precision=self.precision
         )
