@@ -44,7 +44,7 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.auth import load_keys
+    from service.auth import ApiKeysError, load_keys
     from service.default_model import ensure_default_model
     from service.embedded_redis import EmbeddedRedis
     from service.redis_client import connect
@@ -62,7 +62,12 @@ def serve(
     }
     settings = Settings(**overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
-    if not load_keys(settings.api_keys):
+    try:
+        keys = load_keys(settings.api_keys)
+    except ApiKeysError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    if not keys:
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]refusing to bind {settings.host} without API keys[/yellow]")
         settings.host = "127.0.0.1"

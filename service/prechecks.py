@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ from service.schemas import (
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
+from workers.store.model_files import read_config
 from workers.store.model_store import weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
@@ -87,7 +87,7 @@ def _default_name(request, suffix: str, registry: Registry) -> None:
 
 
 def _layers(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
+    return read_config(path)
 
 
 def check_sparsify(request: SparsifyJobRequest, registry: Registry, settings: Settings) -> None:

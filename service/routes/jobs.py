@@ -14,6 +14,7 @@ from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
 from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
+from workers.store.model_files import ModelFileError
 from workers.store.registry import Registry
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
@@ -22,7 +23,10 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 
 
 def _submit(request: MergeJobRequest, queue: JobQueue, registry: Registry, settings: Settings) -> JobView:
-    PRECHECKS[request.kind](request, registry, settings)
+    try:
+        PRECHECKS[request.kind](request, registry, settings)
+    except ModelFileError as e:  # a referenced model directory is malformed or leads outside itself
+        raise HTTPException(422, str(e)) from e
     return queue.submit(request)
 
 

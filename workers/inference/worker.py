@@ -30,12 +30,14 @@ from workers.inference.protocol import (
     events_key,
     latency_key,
 )
+from workers.store.model_store import verify_model
 
 log = logging.getLogger("strata.infer")
 
 
 def load_engine(path: Path, device: torch.device | None = None, max_batch_size: int = 8) -> EarlyExitEngine:
     """float32 on the CPU; bfloat16 on CUDA."""
+    verify_model(path)
     dtype = torch.bfloat16 if (device or torch.device("cpu")).type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

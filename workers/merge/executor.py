@@ -25,6 +25,7 @@ from workers.merge.config import MergeConfig
 from workers.merge.homology import check_homologous, read_config
 from workers.merge.parameters import layer_position, resolve
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
+from workers.store.model_files import contained
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 Progress = Callable[[int, int, str], None]
@@ -181,6 +182,7 @@ def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files there are; each must resolve inside `source`."""
     for name in TOKENIZER_FILES:
         if (source / name).exists():
-            shutil.copyfile(source / name, out_dir / name)
+            shutil.copyfile(contained(source, name), out_dir / name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from workers.store.model_files import ModelFileError, check_links
 from workers.store.registry import Registry
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -22,6 +23,10 @@ def check_model_directory(directory: Path) -> None:
     """A loadable HF directory: config.json and safetensors weights (pickled weights are never read)."""
     if not (directory / "config.json").is_file():
         raise ModelReferenceError(f"{directory} has no config.json")
+    try:
+        check_links(directory)
+    except ModelFileError as e:
+        raise ModelReferenceError(f"{directory}: {e}") from e
     if not any(directory.glob("*.safetensors")):
         pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
