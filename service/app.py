@@ -7,15 +7,18 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Worker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
 from service.embedded_redis import EmbeddedRedis
+from service.errors import short_detail, short_errors
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import generate, jobs, models, openai
@@ -67,6 +70,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
             {"detail": f"Redis is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": short_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"detail": short_detail(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(TooManyJobs)

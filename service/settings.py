@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     profile_wait_s: float = Field(
         default=900, gt=0, description="How long a budgeted request waits for a profile"
     )
+    max_merge_models: int = Field(default=64, gt=0, description="Models one merge recipe may list")
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
 
     @field_validator("home")

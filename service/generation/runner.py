@@ -43,6 +43,7 @@ from workers.inference.protocol import (
     events_key,
     latency_key,
 )
+from workers.store.model_files import read_config
 from workers.store.registry import ModelRecord, Registry
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -51,6 +52,12 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 @lru_cache(maxsize=16)
 def load_tokenizer(path: Path, mtime: float):  # mtime: a re-created model gets a fresh tokenizer
     return AutoTokenizer.from_pretrained(path)
+
+
+@lru_cache(maxsize=64)
+def vocab_size(path: Path, mtime: float) -> int | None:
+    """The model's vocabulary (rows of its embedding): token ids must stay below it."""
+    return read_config(path).get("vocab_size")
 
 
 @dataclass
@@ -115,24 +122,40 @@ class Generation:
         path = self.settings.models_dir / model_id
         try:
             return load_tokenizer(path, (path / "config.json").stat().st_mtime)
-        except (OSError, ValueError) as e:
-            raise HTTPException(422, f"model {model_id!r} has no usable tokenizer: {e}") from e
+        except Exception as e:  # a malformed tokenizer raises anything; the message would show the store
+            raise HTTPException(
+                422, f"model {model_id!r} has no usable tokenizer ({type(e).__name__})"
+            ) from e
 
     def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
+        """Token ids of the prompt (CPU-bound: routes call it off the event loop)."""
         tokenizer = self.tokenizer(model_id)
         if messages is not None:
             if not tokenizer.chat_template:
                 raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
-            text = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in messages],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.text()} for m in messages],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            except Exception as e:  # the template is the model's own code (jinja): any error is its fault
+                raise HTTPException(
+                    422, f"model {model_id!r}: its chat template failed ({type(e).__name__})"
+                ) from e
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(prompt)
         if not ids:
             raise HTTPException(422, "the prompt is empty after tokenization")
+        path = self.settings.models_dir / model_id
+        vocab = vocab_size(path, (path / "config.json").stat().st_mtime)
+        if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
+            raise HTTPException(
+                422,
+                f"model {model_id!r}: its tokenizer produced token id {max(ids)} but the model has only "
+                f"{vocab} embeddings (tokenizer and model do not match)",
+            )
         return ids
 
     # -- the inference fleet ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import deps
+from service.errors import short_errors
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
@@ -59,24 +60,27 @@ async def submit_merge(
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> JobView:
     """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
-    raw = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in (*YAML_TYPES, "application/json", ""):  # before parsing anything
+        raise HTTPException(
+            415, f"send the merge as application/yaml or application/json, not {content_type[:80]}"
+        )
+    raw = await request.body()
+    # Parsing and validation are CPU-bound (a large recipe takes seconds): off the event loop.
+    merge = await run_in_threadpool(_parse_merge, raw)
+    return await run_in_threadpool(_submit, merge, queue, registry, settings)
+
+
+def _parse_merge(raw: bytes) -> MergeJobRequest:
     try:
         data = parse_yaml(raw)  # YAML is a superset of JSON: one parser serves both
     except MergeConfigError as e:
         raise HTTPException(422, str(e)) from e
-    if content_type not in (*YAML_TYPES, "application/json", ""):
-        raise HTTPException(
-            415, f"send the merge as application/yaml or application/json, not {content_type}"
-        )
     data.setdefault("kind", "merge")
     try:
-        merge = TypeAdapter(MergeJobRequest).validate_python(data)
+        return TypeAdapter(MergeJobRequest).validate_python(data)
     except ValidationError as e:
-        raise HTTPException(
-            422, e.errors(include_url=False, include_context=False, include_input=False)
-        ) from e
-    return await run_in_threadpool(_submit, merge, queue, registry, settings)
+        raise HTTPException(422, short_errors(e.errors(include_url=False, include_input=False))) from e
 
 
 @router.get("/v1/jobs", response_model=JobList)

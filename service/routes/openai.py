@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.generation.runner import Prepared, new_id
 from service.generation.schemas import (
@@ -45,7 +46,7 @@ async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncI
 @router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
 async def completions(body: CompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = gen.encode(body.model, body.prompt_text(), None)
+    prompt_ids = await run_in_threadpool(gen.encode, body.model, body.prompt_text(), None)
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
@@ -75,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = gen.encode(body.model, None, body.messages)
+    prompt_ids = await run_in_threadpool(gen.encode, body.model, None, body.messages)
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:

@@ -33,6 +33,7 @@ def profile_job(spec: dict[str, Any]) -> dict[str, Any]:
     )
     record = ctx.registry.get(model_id) or record
     record.profile = profile.model_dump(mode="json")
-    ctx.registry.update(record)
+    if not ctx.registry.update(record):  # deleted meanwhile: never re-register it as a ghost
+        raise UnknownModelError(f"model {model_id!r} was deleted while it was profiled")
     ctx.redis.set(latency_key(model_id), profile.latency.model_dump_json())
     return {"model": model_id, "device": profile.device, "grid": profile.grid}

@@ -7,13 +7,40 @@ Only validation that needs no model files lives here; homology checks read the f
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from workers.merge.registry import METHODS
+
+MAX_ABS = 1e6
+
+
+def _finite(value: bool | int | float) -> bool | int | float:
+    """Numbers must be finite and bounded: NaN, inf, and overflowing literals (1e400, 10**400) are refused."""
+    if isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except OverflowError as e:
+        raise ValueError(f"numbers must lie within +-{MAX_ABS:g}") from e
+    if not math.isfinite(number):
+        raise ValueError("numbers must be finite (no NaN, inf or overflow)")
+    if abs(number) > MAX_ABS:
+        raise ValueError(f"numbers must lie within +-{MAX_ABS:g}")
+    return value
+
 
 Scalar = bool | int | float
 Gradient = list[float]
@@ -27,7 +54,15 @@ class ConditionalValue(BaseModel):
     value: Scalar | Gradient
 
 
-ParameterValue = Scalar | Gradient | ConditionalValue | list[ConditionalValue]
+def _all_finite(value: object) -> object:
+    for number in _numbers(value):
+        _finite(number)
+    return value
+
+
+ParameterValue = Annotated[
+    Scalar | Gradient | ConditionalValue | list[ConditionalValue], AfterValidator(_all_finite)
+]
 
 DType = Literal["float32", "float16", "bfloat16"]
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -39,12 +74,12 @@ class InputModel(BaseModel):
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
-def _numbers(value: ParameterValue) -> list[float]:
+def _numbers(value: object) -> list[int | float]:
     """Every number a parameter setting can evaluate to (gradient endpoints, filter values)."""
     if isinstance(value, bool):
         return []
     if isinstance(value, int | float):
-        return [float(value)]
+        return [value]
     if isinstance(value, ConditionalValue):
         return _numbers(value.value)
     return [n for item in value for n in _numbers(item)]
@@ -65,7 +100,7 @@ class MergeConfig(BaseModel):
         default=None, description='"base" (default) or one of the input models'
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
-    seed: int = Field(default=0, description="Seed for the random methods (dare_*)")
+    seed: int = Field(default=0, ge=-(2**63), lt=2**64, description="Seed for the random methods (dare_*)")
     tie_break: Literal["mergekit", "first"] = Field(
         default="mergekit",
         description="ties trim, among entries equal to the k-th largest |delta|: the ones mergekit 0.1.5 "
@@ -144,11 +179,34 @@ class MergeConfigError(ValueError):
     """A merge recipe that cannot be parsed or validated."""
 
 
+MAX_NODES = 200_000
+
+
+def _check_size(data: object, budget: int = MAX_NODES) -> None:
+    """Count the values of a parsed document as they expand (aliases count each time they are used), and
+    stop at `budget`: a YAML bomb of nested aliases is refused in milliseconds, not expanded."""
+    stack = [data]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise MergeConfigError(f"the document expands to more than {budget} values (YAML aliases?)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_yaml(text: str | bytes) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise MergeConfigError(f"not valid YAML: {e}") from e
+    except RecursionError as e:
+        raise MergeConfigError("not valid YAML: nested too deeply") from e
+    _check_size(data)
     if not isinstance(data, dict):
         raise MergeConfigError("a merge config must be a YAML mapping")
     if "slices" in data or "modules" in data:

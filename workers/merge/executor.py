@@ -121,9 +121,13 @@ def merge_models(
             if not entry.dtype.is_floating_point:
                 return None, [readers[reference].load(name)]
             dtype = compute_dtype or entry.dtype
+            loaded: dict[str, torch.Tensor] = {}
 
             def load(ref: str) -> torch.Tensor:
-                return readers[ref].map(name).to(device=device, dtype=dtype)
+                """Each model's tensor is mapped once, however often the recipe lists the model."""
+                if ref not in loaded:
+                    loaded[ref] = readers[ref].map(name).to(device=device, dtype=dtype)
+                return loaded[ref]
 
             base = load(config.base_model) if method.needs_base else None
             return base, [load(e.model) for e in config.merged_entries]

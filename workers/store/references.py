@@ -54,9 +54,14 @@ def resolve_path(path: str, import_roots: list[Path], directory: bool = True) ->
     return real
 
 
+def is_registry_id(ref: str) -> bool:
+    """Registry ids have no path separator and do not start with '.'; anything else is a directory."""
+    return "/" not in ref and not ref.startswith(".")
+
+
 def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: list[Path]) -> Path:
     """Registry ids win; anything with a path separator is a directory under an import root."""
-    if "/" not in ref and not ref.startswith("."):
+    if is_registry_id(ref):
         if registry.exists(ref):
             return store_root / ref
         raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
