@@ -62,6 +62,11 @@ def _error(job: Job) -> str | None:
 def job_view(job: Job) -> JobView:
     status = STATUS.get(job.get_status(refresh=False), "queued")
     started, ended = _utc(job.started_at), _utc(job.ended_at)
+    if ended is None and status in ("canceled", "failed") and job.meta.get("ended_at"):
+        ended = datetime.fromisoformat(job.meta["ended_at"])  # RQ leaves it unset for these
+    message = job.meta.get("message")
+    if status in ("finished", "canceled"):
+        message = status
     elapsed = None
     if started:
         elapsed = ((ended or datetime.now(UTC)) - started).total_seconds()
@@ -70,7 +75,7 @@ def job_view(job: Job) -> JobView:
         kind=job.meta.get("kind", "unknown"),
         status=status,
         progress=1.0 if status == "finished" else job.meta.get("progress", 0.0),
-        message=job.meta.get("message"),
+        message=message,
         created_at=_utc(job.created_at),
         started_at=started,
         ended_at=ended,
@@ -133,6 +138,10 @@ class JobQueue:
     def cancel(self, job: Job) -> JobView:
         """Cancel a queued job, or stop a running one (its work-horse is killed, nothing is registered)."""
         status = job.get_status()
+        if status in (JobStatus.STARTED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            job.meta["ended_at"] = datetime.now(UTC).isoformat()
+            job.meta["message"] = "canceled"
+            job.save_meta()
         if status == JobStatus.STARTED:
             try:
                 send_stop_job_command(self.redis, job.id)

@@ -184,6 +184,7 @@ def test_a_job_whose_output_is_not_finite_fails_and_registers_nothing(server, tm
         assert "model.layers.1.mlp.up_proj.weight" in final["error"] and "NaN or infinite" in final["error"]
         assert c.get("/v1/models/inf-merge").status_code == 404
     assert not (server.home / "models" / "inf-merge").exists()
+    assert not any((server.home / "models" / ".staging").iterdir())
 
 
 def test_an_input_model_deleted_mid_merge_fails_the_job_and_registers_nothing(server):

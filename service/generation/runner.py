@@ -8,7 +8,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,9 +16,12 @@ from pathlib import Path
 from fastapi import HTTPException
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from transformers import AutoTokenizer
 
 from service import metrics
+from service.fleet import inference_worker_alive, inference_worker_heartbeat, live_inference_workers
 from service.generation.depth import plan_depth
 from service.generation.schemas import (
     ChatMessage,
@@ -34,12 +37,12 @@ from service.settings import Settings
 from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile
 from workers.inference.protocol import (
+    EVENTS_TTL_S,
     QUEUE_KEY,
     SERVICE_MS_KEY,
-    WORKER_TTL_S,
-    WORKERS_KEY,
     InferenceJob,
     Speculation,
+    cancel_key,
     events_key,
     latency_key,
 )
@@ -47,6 +50,8 @@ from workers.store.model_files import read_config
 from workers.store.registry import ModelRecord, Registry
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+POLL_S = 1.0  # how often a waiting request checks on its worker
+NO_WORKER_GRACE_S = 15.0  # a queued request waits this long for a (restarted) worker before its 503
 
 
 @lru_cache(maxsize=16)
@@ -160,7 +165,7 @@ class Generation:
 
     # -- the inference fleet ------------------------------------------------------------------------
     def live_workers(self) -> int:
-        return self.redis.zcount(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf")
+        return len(live_inference_workers(self.redis))
 
     def queue_wait_ms(self, workers: int) -> float:
         """(batches ahead of this request) x (mean service time of a request)."""
@@ -286,41 +291,90 @@ class Generation:
         return None
 
     async def events(
-        self, prepared: Prepared, idle_timeout_s: float = 300
+        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncIterator[tuple[str, dict]]:
-        """(kind, data) as the worker emits them: started, token..., then finish (or error)."""
+        """(kind, data) as the worker emits them: started, token..., then finish (or error).
+
+        Watched while waiting: a request whose worker dies gets a 503 error at once (this host) or within
+        WORKER_TTL_S, a request with no live worker to take it a 503 after NO_WORKER_GRACE_S (long enough
+        for `strata serve` to restart one), a started request with no event for STRATA_GENERATION_STALL_S
+        a 504. Whenever the request ends without its finish (error, client gone), it is cancelled in the
+        worker so it is not generated to the end for nobody."""
         key = events_key(prepared.request_id)
         last_id = "0-0"
         model = prepared.record.id
-        while True:
-            reply = await self.aredis.xread({key: last_id}, count=64, block=int(idle_timeout_s * 1000))
-            if not reply:
-                yield "error", {"error": f"no progress from the inference worker in {idle_timeout_s:.0f} s"}
-                return
-            for entry_id, fields in reply[0][1]:
-                last_id = entry_id
-                kind = fields[b"type"].decode()
-                data = json.loads(fields[b"data"])
-                now = time.monotonic()
-                if kind == "started":
-                    prepared.queue_ms = data["queue_ms"]
-                    prepared.batch_size = data["batch_size"]
-                    metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
-                elif kind == "token":
-                    if prepared.first_token_at is None:
-                        prepared.first_token_at = now
-                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
-                    else:
-                        metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
-                    prepared.last_token_at = now
-                elif kind == "finish":
-                    prepared.finish = data
-                    prepared.last_token_at = now
-                    self._record_outcome(prepared)
-                yield kind, data
-                if kind in ("finish", "error"):
-                    await self.aredis.delete(key)
-                    return
+        worker: str | None = None
+        last_event = time.monotonic()
+        ended = False
+        try:
+            while True:
+                reply = await self.aredis.xread({key: last_id}, count=64, block=int(POLL_S * 1000))
+                if not reply:
+                    if is_disconnected is not None and await is_disconnected():
+                        return
+                    problem = self._watch(worker, last_event)
+                    if problem is not None:
+                        yield "error", problem
+                        return
+                    continue
+                last_event = time.monotonic()
+                for entry_id, fields in reply[0][1]:
+                    last_id = entry_id
+                    kind = fields[b"type"].decode()
+                    data = json.loads(fields[b"data"])
+                    now = time.monotonic()
+                    if kind == "started":
+                        worker = data.get("worker")
+                        prepared.queue_ms = data["queue_ms"]
+                        prepared.batch_size = data["batch_size"]
+                        metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
+                    elif kind == "token":
+                        if prepared.first_token_at is None:
+                            prepared.first_token_at = now
+                            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
+                        else:
+                            metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
+                        prepared.last_token_at = now
+                    elif kind == "finish":
+                        prepared.finish = data
+                        prepared.last_token_at = now
+                        self._record_outcome(prepared)
+                    if kind in ("finish", "error"):
+                        ended = True
+                    yield kind, data
+                    if ended:
+                        return
+        finally:  # synchronous calls: an async one would be cancelled with the client's task
+            if not ended:
+                self.cancel(prepared.request_id)
+            try:
+                self.redis.delete(key)
+            except (RedisConnectionError, RedisTimeoutError):
+                pass
+
+    def _watch(self, worker: str | None, last_event: float) -> dict | None:
+        """Why waiting longer is pointless (an error event with its HTTP status), or None."""
+        quiet = time.monotonic() - last_event
+        if worker is None:  # still queued
+            if quiet > NO_WORKER_GRACE_S and self.live_workers() == 0:
+                return {"error": "no live inference worker took the request", "status": 503}
+            return None
+        if not inference_worker_alive(worker, inference_worker_heartbeat(self.redis, worker)):
+            return {"error": "the inference worker died while generating; retry the request", "status": 503}
+        if quiet > self.settings.generation_stall_s:
+            return {
+                "error": f"no progress from the inference worker in {quiet:.0f} s "
+                "(STRATA_GENERATION_STALL_S); the request was cancelled",
+                "status": 504,
+            }
+        return None
+
+    def cancel(self, request_id: str) -> None:
+        """Tell the workers to drop the request (skipped if still queued, removed from its batch if not)."""
+        try:
+            self.redis.set(cancel_key(request_id), 1, ex=EVENTS_TTL_S)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass  # Redis is gone: so is the request
 
     def _record_outcome(self, prepared: Prepared) -> None:
         info = prepared.info()
@@ -329,11 +383,15 @@ class Generation:
         if info.budget_met is not None:
             metrics.BUDGET.labels(model, "met" if info.budget_met else "missed").inc()
 
-    async def complete(self, prepared: Prepared) -> str:
+    async def complete(
+        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> str:
         """Run to the end; the whole text."""
-        async for kind, data in self.events(prepared):
+        async for kind, data in self.events(prepared, is_disconnected):
             if kind == "error":
-                raise HTTPException(500, f"generation failed: {data['error']}")
+                status = data.get("status", 500)
+                headers = {"Retry-After": "5"} if status == 503 else None
+                raise HTTPException(status, f"generation failed: {data['error']}", headers=headers)
         return prepared.finish["text"]
 
 

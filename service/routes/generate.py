@@ -48,7 +48,7 @@ async def generate(body: GenerateRequest, request: Request):
     prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative)
     response_id = new_id("gen")
     if not body.stream:
-        await gen.complete(prepared)
+        await gen.complete(prepared, request.is_disconnected)
         return respond(prepared, response_id, body.model)
 
     async def stream() -> AsyncIterator[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -95,9 +97,24 @@ def _fetch(queue: JobQueue, job_id: str):
     return job
 
 
+ENDED = ("finished", "failed", "canceled")
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobView)
-def get_job(job_id: str, queue: QueueDep) -> JobView:
-    return job_view(_fetch(queue, job_id))
+async def get_job(
+    job_id: str,
+    queue: QueueDep,
+    wait: Annotated[
+        float, Query(ge=0, le=600, description="Seconds to wait for the job to end before answering")
+    ] = 0,
+) -> JobView:
+    """The job now, or (with `wait`) as soon as it has ended, or when `wait` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        view = job_view(_fetch(queue, job_id))
+        if view.status in ENDED or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobView)

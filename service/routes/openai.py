@@ -50,7 +50,7 @@ async def completions(body: CompletionRequest, request: Request):
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
-        text = await gen.complete(prepared)
+        text = await gen.complete(prepared, request.is_disconnected)
         return Completion(
             id=response_id,
             created=created,
@@ -80,7 +80,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
-        text = await gen.complete(prepared)
+        text = await gen.complete(prepared, request.is_disconnected)
         return ChatCompletion(
             id=response_id,
             created=created,

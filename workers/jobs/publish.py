@@ -35,7 +35,7 @@ def publish_model(
         raise ModelIdTakenError(f"model {model_id!r} already exists")
     with ctx.store.staging(model_id) as tmp:
         build(tmp)
-        ctx.progress(0, 1, "checking the output for NaN and inf")
+        ctx.note("checking the output for NaN and inf")
         bad = first_non_finite(tmp)
         if bad is not None:
             raise NonFiniteOutputError(

@@ -202,8 +202,11 @@ def _check_size(data: object, budget: int = MAX_NODES) -> None:
 def parse_yaml(text: str | bytes) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeConfigError(f"not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # one line, and no quote of the document
+        problem = getattr(e, "problem", None) or "cannot be parsed"
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise MergeConfigError(f"not valid YAML: {problem}{where}") from e
     except RecursionError as e:
         raise MergeConfigError("not valid YAML: nested too deeply") from e
     _check_size(data)
@@ -225,7 +228,12 @@ def parse_json(text: str | bytes) -> dict[str, Any]:
 
 
 def load_merge_config(text: str | bytes) -> MergeConfig:
+    """Parse and validate a recipe; MergeConfigError with a one-line reason (the first error)."""
     try:
         return MergeConfig.model_validate(parse_yaml(text))
     except ValidationError as e:
-        raise MergeConfigError(str(e)) from e
+        errors = e.errors(include_url=False, include_input=False)
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MergeConfigError(f"{where}: {first['msg']}{more}" if where else first["msg"] + more) from e
