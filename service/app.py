@@ -70,7 +70,9 @@ def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0,
     @app.exception_handler(RedisTimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"Redis is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+            {"detail": f"Redis is unavailable ({type(exc).__name__}); retry shortly"},  # no socket path
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(RequestValidationError)

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         default=900, gt=0, description="How long a budgeted request waits for a profile"
     )
     generation_stall_s: float = Field(
-        default=60, gt=0, le=86400, description="A started generation with no event this long: 504"
+        default=60, gt=0, le=86400, description="A generation with no new token this long: 504"
     )
     max_merge_models: int = Field(default=64, gt=0, description="Models one merge recipe may list")
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")

@@ -146,6 +146,45 @@ def test_an_abandoned_stream_is_cancelled_in_the_worker(supervised):
     assert not conn.exists(events_key(request_id))
 
 
+def test_a_generation_whose_worker_stalls_gets_a_504_and_is_cancelled(tmp_path, isolated_redis_url):
+    redis_url = isolated_redis_url
+    server = start_server(
+        tmp_path / "home", {"REDIS_URL": redis_url, "STRATA_GENERATION_STALL_S": "4"}, workers=0
+    )
+    try:
+        make_endless_model(tmp_path / "endless")
+        with server.client() as c:
+            r = c.post("/v1/models/import", json={"id": "endless", "path": str(tmp_path / "endless")})
+            assert r.status_code == 201, r.text
+            warm = c.post("/v1/generate", json={**ENDLESS, "max_new_tokens": 2})  # the model is loaded
+            assert warm.status_code == 200, warm.text
+            outcome = {}
+
+            def ask() -> None:
+                outcome["response"] = c.post("/v1/generate", json=ENDLESS, timeout=300)
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            conn = redis.Redis.from_url(redis_url)
+            keys = wait_for(lambda: conn.keys(events_key("*")), 60, 0.02)
+            assert keys, "generation never started"
+            assert wait_for(lambda: conn.xlen(keys[0]) >= 3, 60, 0.02)  # started, then tokens
+            (worker,) = children(server, "service.cli infer")
+            os.kill(worker.pid, signal.SIGSTOP)  # alive, heartbeat and all, but producing nothing
+            stopped_at = time.monotonic()
+            try:
+                asker.join(60)
+                waited = time.monotonic() - stopped_at
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+        response = outcome["response"]
+        assert response.status_code == 504 and "STRATA_GENERATION_STALL_S" in response.json()["detail"]
+        assert 3 < waited < 15
+        (key,) = conn.keys(cancel_key("*"))  # and the worker was told to drop it
+    finally:
+        stop_server(server)
+
+
 def test_engine_drops_a_cancelled_request_between_steps_and_the_others_continue(tmp_path):
     model = make_tiny_chat_llama(tmp_path / "m", seed=2)
     engine = EarlyExitEngine(model, character_tokenizer(), device="cpu")

@@ -4,6 +4,7 @@ events back. Shared by /v1/generate and the OpenAI-compatible endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -297,7 +298,7 @@ class Generation:
 
         Watched while waiting: a request whose worker dies gets a 503 error at once (this host) or within
         WORKER_TTL_S, a request with no live worker to take it a 503 after NO_WORKER_GRACE_S (long enough
-        for `strata serve` to restart one), a started request with no event for STRATA_GENERATION_STALL_S
+        for `strata serve` to restart one), a request with no new token for STRATA_GENERATION_STALL_S
         a 504. Whenever the request ends without its finish (error, client gone), it is cancelled in the
         worker so it is not generated to the end for nobody."""
         key = events_key(prepared.request_id)
@@ -312,8 +313,9 @@ class Generation:
                 if not reply:
                     if is_disconnected is not None and await is_disconnected():
                         return
-                    problem = self._watch(worker, last_event)
+                    problem = self._watch(worker, last_event, prepared.first_token_at is not None)
                     if problem is not None:
+                        self.cancel(prepared.request_id)  # before the caller hears of it
                         yield "error", problem
                         return
                     continue
@@ -352,21 +354,22 @@ class Generation:
             except (RedisConnectionError, RedisTimeoutError):
                 pass
 
-    def _watch(self, worker: str | None, last_event: float) -> dict | None:
-        """Why waiting longer is pointless (an error event with its HTTP status), or None."""
+    def _watch(self, worker: str | None, last_event: float, streaming: bool) -> dict | None:
+        """Why waiting longer is pointless (an error event with its HTTP status), or None. The stall clock
+        runs between tokens only: before the first one the worker may be loading the model."""
         quiet = time.monotonic() - last_event
         if worker is None:  # still queued
             if quiet > NO_WORKER_GRACE_S and self.live_workers() == 0:
                 return {"error": "no live inference worker took the request", "status": 503}
             return None
-        if not inference_worker_alive(worker, inference_worker_heartbeat(self.redis, worker)):
-            return {"error": "the inference worker died while generating; retry the request", "status": 503}
-        if quiet > self.settings.generation_stall_s:
+        if streaming and quiet > self.settings.generation_stall_s:  # alive or not: it stopped producing
             return {
                 "error": f"no progress from the inference worker in {quiet:.0f} s "
                 "(STRATA_GENERATION_STALL_S); the request was cancelled",
                 "status": 504,
             }
+        if not inference_worker_alive(worker, inference_worker_heartbeat(self.redis, worker)):
+            return {"error": "the inference worker died while generating; retry the request", "status": 503}
         return None
 
     def cancel(self, request_id: str) -> None:
@@ -387,11 +390,12 @@ class Generation:
         self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> str:
         """Run to the end; the whole text."""
-        async for kind, data in self.events(prepared, is_disconnected):
-            if kind == "error":
-                status = data.get("status", 500)
-                headers = {"Retry-After": "5"} if status == 503 else None
-                raise HTTPException(status, f"generation failed: {data['error']}", headers=headers)
+        async with contextlib.aclosing(self.events(prepared, is_disconnected)) as events:
+            async for kind, data in events:
+                if kind == "error":
+                    status = data.get("status", 500)
+                    headers = {"Retry-After": "5"} if status == 503 else None
+                    raise HTTPException(status, f"generation failed: {data['error']}", headers=headers)
         return prepared.finish["text"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -52,17 +53,18 @@ async def generate(body: GenerateRequest, request: Request):
         return respond(prepared, response_id, body.model)
 
     async def stream() -> AsyncIterator[str]:
-        async for kind, data in gen.events(prepared):
-            if kind == "token" and data["delta"]:
-                yield sse({"type": "token", "text": data["delta"]})
-            elif kind == "finish":
-                if data["delta"]:
+        async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
+            async for kind, data in events:
+                if kind == "token" and data["delta"]:
                     yield sse({"type": "token", "text": data["delta"]})
-                yield sse(
-                    {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
-                )
-            elif kind == "error":
-                yield sse({"type": "error", "error": data["error"]})
+                elif kind == "finish":
+                    if data["delta"]:
+                        yield sse({"type": "token", "text": data["delta"]})
+                    yield sse(
+                        {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
+                    )
+                elif kind == "error":
+                    yield sse({"type": "error", "error": data["error"]})
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream")

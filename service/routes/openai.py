@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -29,17 +30,18 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
 
 async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncIterator[str]:
     """OpenAI chunks: deltas, a last chunk with finish_reason (and `strata`), usage if asked, [DONE]."""
-    async for kind, data in gen.events(prepared):
-        if kind == "token" and data["delta"]:
-            yield sse(chunk(data["delta"], None))
-        elif kind == "finish":
-            last = chunk(data["delta"], prepared.finish_reason)
-            last["strata"] = prepared.info().model_dump(mode="json")
-            yield sse(last)
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
-        elif kind == "error":
-            yield sse({"error": {"message": data["error"], "type": "server_error"}})
+    async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
+        async for kind, data in events:
+            if kind == "token" and data["delta"]:
+                yield sse(chunk(data["delta"], None))
+            elif kind == "finish":
+                last = chunk(data["delta"], prepared.finish_reason)
+                last["strata"] = prepared.info().model_dump(mode="json")
+                yield sse(last)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
+            elif kind == "error":
+                yield sse({"error": {"message": data["error"], "type": "server_error"}})
     yield sse("[DONE]")
 
 
