@@ -19,6 +19,7 @@ from workers.jobs.recovery import fail_abandoned
 
 QUEUE_NAME = "strata"
 INDEX = "strata:jobs"
+CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
     "variants": "workers.jobs.variants.variants_job",
@@ -62,8 +63,10 @@ def _error(job: Job) -> str | None:
 def job_view(job: Job) -> JobView:
     status = STATUS.get(job.get_status(refresh=False), "queued")
     started, ended = _utc(job.started_at), _utc(job.ended_at)
-    if ended is None and status in ("canceled", "failed") and job.meta.get("ended_at"):
-        ended = datetime.fromisoformat(job.meta["ended_at"])  # RQ leaves it unset for these
+    if ended is None and status in ("canceled", "failed"):  # RQ leaves it unset for these
+        raw = job.connection.get(CANCELED_AT + job.id) if status == "canceled" else None
+        moment = raw.decode() if raw else job.meta.get("ended_at")
+        ended = datetime.fromisoformat(moment) if moment else None
     message = job.meta.get("message")
     if status in ("finished", "canceled"):
         message = status
@@ -139,9 +142,8 @@ class JobQueue:
         """Cancel a queued job, or stop a running one (its work-horse is killed, nothing is registered)."""
         status = job.get_status()
         if status in (JobStatus.STARTED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-            job.meta["ended_at"] = datetime.now(UTC).isoformat()
-            job.meta["message"] = "canceled"
-            job.save_meta()
+            # its own key: a running job's worker rewrites the job's meta until it is stopped
+            self.redis.set(CANCELED_AT + job.id, datetime.now(UTC).isoformat(), ex=self.settings.job_ttl_s)
         if status == JobStatus.STARTED:
             try:
                 send_stop_job_command(self.redis, job.id)

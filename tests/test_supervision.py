@@ -14,6 +14,7 @@ import psutil
 import pytest
 import redis
 
+from tests.conftest import _real_redis as real_redis
 from tests.conftest import start_server, stop_server
 from tests.tiny_models import character_tokenizer, make_tiny_chat_llama, make_tiny_llama
 from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationRequest, TokenEvent
@@ -61,10 +62,16 @@ def make_endless_model(path) -> None:
 
 
 @pytest.fixture(scope="module")
-def supervised(tmp_path_factory, redis_url):
+def own_redis_url(tmp_path_factory):
+    """A Redis database of this module's own: no other server's workers may take its requests."""
+    yield from real_redis(tmp_path_factory.mktemp("supervised-redis"))
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory, own_redis_url):
     root = tmp_path_factory.mktemp("supervised")
-    server = start_server(root / "home", {"REDIS_URL": redis_url})
-    server.redis_url = redis_url
+    server = start_server(root / "home", {"REDIS_URL": own_redis_url})
+    server.redis_url = own_redis_url
     make_endless_model(root / "endless")
     with server.client() as c:
         r = c.post("/v1/models/import", json={"id": "endless", "path": str(root / "endless")})
@@ -92,7 +99,7 @@ def _stream_until_first_token(client: httpx.Client, body: dict):
     response = stream.__enter__()
     lines = response.iter_lines()
     for line in lines:
-        if line.startswith("data: ") and json.loads(line[6:]).get("type") == "token":
+        if line.startswith("data: {") and json.loads(line[6:]).get("type") == "token":
             return stream, lines
     raise AssertionError("no token streamed")
 
