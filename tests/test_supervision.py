@@ -153,6 +153,31 @@ def test_an_abandoned_stream_is_cancelled_in_the_worker(supervised):
     assert not conn.exists(events_key(request_id))
 
 
+def test_a_request_whose_client_gives_up_is_cancelled_in_the_worker(supervised):
+    conn = redis.Redis.from_url(supervised.redis_url)
+    assert wait_for(lambda: httpx.get(f"{supervised.url}/health").status_code == 200, 180, 0.5)
+    outcome = {}
+
+    def ask() -> None:
+        with httpx.Client(base_url=supervised.url, timeout=httpx.Timeout(300, read=2)) as c:
+            try:
+                outcome["response"] = c.post("/v1/generate", json=ENDLESS)  # not streamed
+            except httpx.ReadTimeout:
+                outcome["gave_up"] = time.monotonic()
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    keys = wait_for(lambda: conn.keys(events_key("*")), 60, 0.02)
+    assert keys, "generation never started"
+    request_id = keys[0].decode().removeprefix(events_key(""))
+    asker.join(60)
+    assert "gave_up" in outcome, outcome  # still generating when the client left
+    assert wait_for(lambda: conn.exists(cancel_key(request_id)), 10)
+    assert wait_for(lambda: not conn.exists(events_key(request_id)), 10)
+    time.sleep(2)  # a worker still generating would append to the events stream again
+    assert not conn.exists(events_key(request_id))
+
+
 def test_a_generation_whose_worker_stalls_gets_a_504_and_is_cancelled(tmp_path, isolated_redis_url):
     redis_url = isolated_redis_url
     server = start_server(

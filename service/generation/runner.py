@@ -305,14 +305,16 @@ class Generation:
         last_id = "0-0"
         model = prepared.record.id
         worker: str | None = None
-        last_event = time.monotonic()
+        last_event = last_check = time.monotonic()
         ended = False
         try:
             while True:
                 reply = await self.aredis.xread({key: last_id}, count=64, block=int(POLL_S * 1000))
-                if not reply:
-                    if is_disconnected is not None and await is_disconnected():
+                if is_disconnected is not None and time.monotonic() - last_check >= POLL_S:
+                    last_check = time.monotonic()
+                    if await is_disconnected():  # the client is gone (or gave up): stop for nobody
                         return
+                if not reply:
                     problem = self._watch(worker, last_event, prepared.first_token_at is not None)
                     if problem is not None:
                         self.cancel(prepared.request_id)  # before the caller hears of it
