@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -184,6 +185,17 @@ def _worker_redis(settings):
     return Redis.from_url(url)
 
 
+@contextlib.contextmanager
+def _server(url: str, timeout: float = 60) -> Iterator[httpx.Client]:
+    """A client of a running server; one that cannot be reached is a one-line error, not a traceback."""
+    try:
+        with httpx.Client(base_url=url, timeout=timeout) as client:
+            yield client
+    except httpx.TransportError as e:
+        _error(f"cannot reach a Strata server at {url} ({type(e).__name__}); is `strata serve` running?")
+        raise typer.Exit(1) from None
+
+
 def _fail(response: httpx.Response) -> None:
     try:
         detail = response.json().get("detail", response.text)
@@ -232,8 +244,11 @@ def submit(
 ) -> None:
     """Submit a job to a running server: a mergekit YAML, or any job spec with a `kind`."""
     text = file.read_text()
-    data = yaml.safe_load(text)
-    with httpx.Client(base_url=server, timeout=60) as client:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None  # sent as it is: the server answers with a one-line reason
+    with _server(server) as client:
         if isinstance(data, dict) and data.get("kind", "merge") != "merge":
             response = client.post("/v1/jobs", json=data)
         else:
@@ -369,7 +384,7 @@ def make_variants(
         "seed": seed,
         "prefix": prefix,
     }
-    with httpx.Client(base_url=server, timeout=60) as client:
+    with _server(server) as client:
         response = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
         if response.status_code >= 400:
             _fail(response)
@@ -379,7 +394,7 @@ def make_variants(
 @app.command()
 def models(server: ServerOpt = DEFAULT_SERVER) -> None:
     """List the registered models."""
-    with httpx.Client(base_url=server, timeout=30) as client:
+    with _server(server) as client:
         response = client.get("/v1/models")
         if response.status_code >= 400:
             _fail(response)

@@ -112,3 +112,16 @@ def test_bad_input_to_local_merge_gets_one_line_and_no_traceback(tmp_path, pair,
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert time.monotonic() - start < 60
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_submit_without_a_server_or_with_invalid_yaml_prints_one_line(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: [unclosed\n")
+    for args in (
+        ("submit", str(bad), "--server", "http://127.0.0.1:9"),
+        ("models", "--server", "http://127.0.0.1:9"),
+    ):
+        code, err = run(*args, timeout=120)
+        assert code == 1, err
+        assert "Traceback" not in err and "cannot reach a Strata server" in err
+        assert len(err.strip().splitlines()) == 1, err
