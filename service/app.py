@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq import Worker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
 from service.embedded_redis import EmbeddedRedis
+from service.errors import short_detail, short_errors
+from service.fleet import live_inference_workers, live_job_workers
 from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
 from service.settings import Settings, get_settings
-from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
 
 log = logging.getLogger("strata")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0, 0)) -> FastAPI:
+    """The API. `expected`: the (job, inference) workers that must be alive for /health to say ok
+    (`strata serve` passes what it supervises; an API-only deployment expects none)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -53,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if embedded:
                 embedded.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from this server, not a CDN
         title="Strata",
         version="0.1.0",
         description="Merge, prune and serve homologous LLMs.",
@@ -71,22 +75,47 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RedisTimeoutError)
     async def redis_down(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(
-            {"detail": f"Redis is unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"}
+            {"detail": f"Redis is unavailable ({type(exc).__name__}); retry shortly"},  # no socket path
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": short_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"detail": short_detail(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(TooManyJobs)
     async def too_many_jobs(request: Request, exc: TooManyJobs) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "30"})
 
-    @app.get("/health", response_model=Health, tags=["health"])
-    def health(request: Request) -> Health:
+    @app.get(
+        "/health",
+        response_model=Health,
+        tags=["health"],
+        responses={503: {"model": Health, "description": "Redis or an expected worker is down"}},
+    )
+    def health(request: Request) -> JSONResponse:
+        """Redis reachable and the live workers (dead processes are not counted); 503 when degraded."""
         try:
             request.app.state.redis.ping()
-            workers = Worker.count(connection=request.app.state.redis)
-            inference = request.app.state.redis.zcount(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf")
+            workers = len(live_job_workers(request.app.state.redis))
+            inference = len(live_inference_workers(request.app.state.redis))
         except (RedisConnectionError, RedisTimeoutError):
-            return Health(status="degraded", redis=False, workers=0)
-        return Health(status="ok", redis=True, workers=workers, inference_workers=inference)
+            report = Health(status="degraded", redis=False, workers=0)
+        else:
+            ok = workers >= expected[0] and inference >= expected[1]
+            report = Health(
+                status="ok" if ok else "degraded", redis=True, workers=workers, inference_workers=inference
+            )
+        return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def prometheus_metrics() -> Response:

@@ -14,14 +14,38 @@ OPEN_PATHS = frozenset({"/health", "/"})
 OPEN_PREFIXES = ("/console/",)  # the console's static files; everything they show still needs a key
 
 
+class ApiKeysError(ValueError):
+    """STRATA_API_KEYS names a key file that cannot be used: the server must not start."""
+
+
+def looks_like_path(value: str) -> bool:
+    """A single value starting with '/', '~' or '.' is a file path, never a key."""
+    return "," not in value and value.strip().startswith(("/", "~", "."))
+
+
 def load_keys(value: str | None) -> list[str]:
-    """Comma-separated keys, or the path of a file with one key per line (# comments allowed)."""
+    """Comma-separated keys, or the path of a file with one key per line (# comments allowed).
+
+    A value that looks like a path must name a readable file holding at least one key: the path itself
+    never becomes a key, and a missing or empty file never leaves the API open."""
     if not value:
         return []
-    path = Path(value).expanduser()
+    path = Path(value.strip()).expanduser()
     if path.is_file():
-        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-        return [line for line in lines if line]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ApiKeysError(f"STRATA_API_KEYS: cannot read the key file {path}") from e
+        lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        keys = [line for line in lines if line]
+        if not keys:
+            raise ApiKeysError(f"STRATA_API_KEYS: the key file {path} holds no keys")
+        return keys
+    if looks_like_path(value):
+        raise ApiKeysError(
+            f"STRATA_API_KEYS names a key file that does not exist or is not a file: {path} "
+            "(give the keys themselves, comma-separated, or an existing file with one key per line)"
+        )
     return [k.strip() for k in value.split(",") if k.strip()]
 
 

@@ -8,9 +8,8 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -46,12 +45,12 @@ def serve(
     import uvicorn
 
     from service.app import create_app
-    from service.auth import load_keys
+    from service.auth import ApiKeysError, load_keys
     from service.default_model import ensure_default_model
     from service.embedded_redis import EmbeddedRedis
     from service.redis_client import connect
     from service.settings import Settings
-    from workers.processes import die_with_parent
+    from service.supervisor import Supervisor
     from workers.store.model_store import ModelStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -64,7 +63,12 @@ def serve(
     }
     settings = Settings(**overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
-    if not load_keys(settings.api_keys):
+    try:
+        keys = load_keys(settings.api_keys)
+    except ApiKeysError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    if not keys:
         if settings.host not in ("127.0.0.1", "localhost", "::1"):
             console.print(f"[yellow]refusing to bind {settings.host} without API keys[/yellow]")
         settings.host = "127.0.0.1"
@@ -77,7 +81,7 @@ def serve(
     removed = ModelStore(settings.models_dir).clean_stale_staging()
     if removed:
         console.print(f"removed {len(removed)} unfinished model directories left by a previous run")
-    procs: list[subprocess.Popen] = []
+    supervisor = None
     try:
         if settings.default_model:
             try:
@@ -94,34 +98,24 @@ def serve(
         job_threads, infer_threads = default_budgets(settings.workers, settings.infer_workers)
         job_threads = settings.job_threads or job_threads
         infer_threads = settings.infer_threads or infer_threads
-        commands = [("worker", job_threads)] * settings.workers
-        commands += [("infer", infer_threads)] * settings.infer_workers
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "service.cli", cmd],
-                env={**env, **worker_environment(threads)},
-                preexec_fn=die_with_parent,
-            )
-            for cmd, threads in commands
-        ]
+        commands = ["worker"] * settings.workers + ["infer"] * settings.infer_workers
+        budgets = {"worker": worker_environment(job_threads), "infer": worker_environment(infer_threads)}
+        supervisor = Supervisor(commands, env, embedded, budgets)  # restarts whichever of them dies
+        supervisor.start()
         console.print(
             f"{settings.workers} job worker(s) x {job_threads} thread(s), {settings.infer_workers} inference "
-            f"worker(s) x {infer_threads} thread(s); API on http://{settings.host}:{settings.port}"
+            f"worker(s) x {infer_threads} thread(s), supervised; API on http://{settings.host}:{settings.port}"
         )
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port))
+        app_ = create_app(settings, expected=(settings.workers, settings.infer_workers))
+        server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))
         # Own the signals: a graceful stop on SIGINT/SIGTERM, then `finally` stops workers and Redis.
         server.capture_signals = contextlib.nullcontext
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
         server.run()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if supervisor is not None:
+            supervisor.stop()
         if embedded:
             embedded.stop()
 
@@ -202,6 +196,17 @@ def _worker_redis(settings):
     return Redis.from_url(url)
 
 
+@contextlib.contextmanager
+def _server(url: str, timeout: float = 60) -> Iterator[httpx.Client]:
+    """A client of a running server; one that cannot be reached is a one-line error, not a traceback."""
+    try:
+        with httpx.Client(base_url=url, timeout=timeout) as client:
+            yield client
+    except httpx.TransportError as e:
+        _error(f"cannot reach a Strata server at {url} ({type(e).__name__}); is `strata serve` running?")
+        raise typer.Exit(1) from None
+
+
 def _fail(response: httpx.Response) -> None:
     try:
         detail = response.json().get("detail", response.text)
@@ -250,8 +255,11 @@ def submit(
 ) -> None:
     """Submit a job to a running server: a mergekit YAML, or any job spec with a `kind`."""
     text = file.read_text()
-    data = yaml.safe_load(text)
-    with httpx.Client(base_url=server, timeout=60) as client:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None  # sent as it is: the server answers with a one-line reason
+    with _server(server) as client:
         if isinstance(data, dict) and data.get("kind", "merge") != "merge":
             response = client.post("/v1/jobs", json=data)
         else:
@@ -270,31 +278,74 @@ def merge(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
     max_shard_bytes: Annotated[int, typer.Option(help="Largest output shard")] = 2 << 30,
 ) -> None:
-    """Merge locally, without a server (like mergekit-yaml): model references are directories."""
+    """Merge locally, without a server (like mergekit-yaml): model references are directories.
+
+    The output is written to `.<out>.partial` beside it and renamed when complete; an interrupted run
+    (Ctrl-C, SIGTERM) removes it, and a leftover of a killed run is removed at the next start. Bad input
+    gets a one-line error, never a traceback."""
+    out_dir = out_dir.expanduser()
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = _merge_locally(config, out_dir, tmp, device, max_shard_bytes)
+    except KeyboardInterrupt:
+        _error(f"interrupted; removed the partial output {tmp}")
+        raise typer.Exit(130) from None
+    except LocalMergeError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    done = f"{result.tensors} tensors, {result.bytes_written:,} bytes"
+    console.print(f"{done} in {result.seconds:.2f} s on {result.device}")
+
+
+def _error(message: str) -> None:
+    """One line on stderr, in red, never wrapped, with no markup read from the message."""
+    console.print(message, style="red", markup=False, soft_wrap=True, highlight=False)
+
+
+class LocalMergeError(Exception):
+    """A reason, in one line, that `strata merge` could not merge."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, max_shard_bytes: int):
     import torch
 
+    from service.settings import get_settings
     from workers.merge.config import MergeConfigError, load_merge_config
     from workers.merge.executor import MissingParameterError, merge_models
     from workers.merge.homology import HomologyError
     from workers.merge.plan import SliceError
+    from workers.store.model_files import ModelFileError
+    from workers.store.references import ModelReferenceError, check_model_directory
+    from workers.tensors.finite import first_non_finite
 
     try:
-        recipe = load_merge_config(config.read_text())
+        recipe = load_merge_config(config.read_bytes())
     except MergeConfigError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from e
+        raise LocalMergeError(f"{config}: {e}") from e
+    limit = get_settings().max_merge_models
+    if len(recipe.models) > limit:
+        raise LocalMergeError(f"the recipe lists {len(recipe.models)} models; at most {limit}")
     paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
-    missing = [ref for ref, path in paths.items() if not (path / "config.json").exists()]
-    if missing:
-        console.print(f"[red]not a model directory: {missing[0]}[/red]")
-        raise typer.Exit(2)
     if out_dir.exists():
-        console.print(f"[red]{out_dir} exists[/red]")
-        raise typer.Exit(2)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    tmp.mkdir(parents=True)
+        raise LocalMergeError(f"{out_dir} exists")
+    if tmp.exists():  # left by a run that was killed: ours by its name, never a finished model
+        console.print(f"removing {tmp}, left by an interrupted run")
+        shutil.rmtree(tmp)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
+        for ref, path in paths.items():
+            if not path.is_dir():
+                raise LocalMergeError(f"not a model directory: {ref}")
+            check_model_directory(path)
+        tmp.mkdir(parents=True)
         with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
             task = bar.add_task(recipe.merge_method, total=1)
 
@@ -309,21 +360,23 @@ def merge(
                 max_shard_bytes=max_shard_bytes,
                 progress=progress,
             )
+        bad = first_non_finite(tmp)
+        if bad is not None:
+            raise LocalMergeError(f"tensor {bad!r} of the output holds NaN or infinite values; not written")
         tmp.rename(out_dir)
     except SliceError as e:
-        console.print(f"[red]slices do not fit the models: {e}[/red]")
-        raise typer.Exit(2) from e
+        raise LocalMergeError(f"slices do not fit the models: {e}") from e
     except HomologyError as e:
-        console.print(f"[red]models are not homologous: {e}[/red]")
-        raise typer.Exit(2) from e
+        raise LocalMergeError(f"models are not homologous: {e}") from e
     except MissingParameterError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    done = f"{result.tensors} tensors, {result.bytes_written:,} bytes"
-    console.print(f"{done} in {result.seconds:.2f} s on {result.device}")
+        raise LocalMergeError(str(e)) from e
+    except (ModelReferenceError, ModelFileError) as e:
+        raise LocalMergeError(str(e)) from e
+    except OSError as e:
+        raise LocalMergeError(f"{e.strerror or 'cannot read or write a file'}: {e.filename or ''}") from e
+    except RuntimeError as e:  # torch: e.g. an unknown device, out of memory
+        raise LocalMergeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    return result
 
 
 @app.command("make-variants")
@@ -347,7 +400,7 @@ def make_variants(
         "seed": seed,
         "prefix": prefix,
     }
-    with httpx.Client(base_url=server, timeout=60) as client:
+    with _server(server) as client:
         response = client.post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
         if response.status_code >= 400:
             _fail(response)
@@ -357,7 +410,7 @@ def make_variants(
 @app.command()
 def models(server: ServerOpt = DEFAULT_SERVER) -> None:
     """List the registered models."""
-    with httpx.Client(base_url=server, timeout=30) as client:
+    with _server(server) as client:
         response = client.get("/v1/models")
         if response.status_code >= 400:
             _fail(response)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
 from workers.merge.plan import SliceError, plan_merge
+from workers.store.model_files import read_config
 from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
@@ -57,6 +57,12 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
 
 
 def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings) -> None:
+    if len(request.models) > settings.max_merge_models:
+        raise HTTPException(
+            422,
+            f"the recipe lists {len(request.models)} models; at most {settings.max_merge_models} "
+            "(STRATA_MAX_MERGE_MODELS)",
+        )
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
     try:
         plan = plan_merge(request, paths)
@@ -102,7 +108,7 @@ def _default_name(request, suffix: str, registry: Registry) -> None:
 
 
 def _layers(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
+    return read_config(path)
 
 
 def check_sparsify(request: SparsifyJobRequest, registry: Registry, settings: Settings) -> None:

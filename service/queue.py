@@ -19,6 +19,7 @@ from workers.jobs.recovery import fail_abandoned
 
 QUEUE_NAME = "strata"
 INDEX = "strata:jobs"
+CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
     "variants": "workers.jobs.variants.variants_job",
@@ -64,6 +65,13 @@ def _error(job: Job) -> str | None:
 def job_view(job: Job) -> JobView:
     status = STATUS.get(job.get_status(refresh=False), "queued")
     started, ended = _utc(job.started_at), _utc(job.ended_at)
+    if ended is None and status in ("canceled", "failed"):  # RQ leaves it unset for these
+        raw = job.connection.get(CANCELED_AT + job.id) if status == "canceled" else None
+        moment = raw.decode() if raw else job.meta.get("ended_at")
+        ended = datetime.fromisoformat(moment) if moment else None
+    message = job.meta.get("message")
+    if status in ("finished", "canceled"):
+        message = status
     elapsed = None
     if started:
         elapsed = ((ended or datetime.now(UTC)) - started).total_seconds()
@@ -72,7 +80,7 @@ def job_view(job: Job) -> JobView:
         kind=job.meta.get("kind", "unknown"),
         status=status,
         progress=1.0 if status == "finished" else job.meta.get("progress", 0.0),
-        message=job.meta.get("message"),
+        message=message,
         created_at=_utc(job.created_at),
         started_at=started,
         ended_at=ended,
@@ -135,6 +143,9 @@ class JobQueue:
     def cancel(self, job: Job) -> JobView:
         """Cancel a queued job, or stop a running one (its work-horse is killed, nothing is registered)."""
         status = job.get_status()
+        if status in (JobStatus.STARTED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+            # its own key: a running job's worker rewrites the job's meta until it is stopped
+            self.redis.set(CANCELED_AT + job.id, datetime.now(UTC).isoformat(), ex=self.settings.job_ttl_s)
         if status == JobStatus.STARTED:
             try:
                 send_stop_job_command(self.redis, job.id)

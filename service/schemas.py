@@ -26,7 +26,7 @@ class MergeJobRequest(MergeConfig):
 class VariantsJobRequest(BaseModel):
     """Fine-tune-like variants `<prefix>-1..count`: theta + delta, rms(delta) = scale * rms(theta)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["variants"]
     base: str = Field(min_length=1)
     count: int = Field(default=2, ge=1, le=16)
@@ -46,7 +46,7 @@ class ProfileJobRequest(BaseModel):
     """Measure per-depth latency (prefill and decode) and quality (perplexity, top-1 agreement) on the
     worker's hardware; stored with the model and used to pick depths for latency budgets."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["profile"]
     model: str = Field(min_length=1)
     grid: list[int] | None = Field(default=None, description="Exit depths (default every 2 layers + full)")
@@ -59,7 +59,7 @@ class SparsifyJobRequest(BaseModel):
     the top `density` of |delta| per tensor) applied to model - base; reports delta statistics and held-out
     perplexity before and after."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["sparsify"]
     model: str = Field(min_length=1, description="The fine-tuned model")
     base: str = Field(min_length=1, description="The model it was fine-tuned from")
@@ -73,7 +73,7 @@ class SparsifyJobRequest(BaseModel):
 
 
 class PruneTargetRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     num_hidden_layers: int | None = Field(default=None, ge=1)
     intermediate_size: int | None = Field(default=None, ge=1)
     num_key_value_heads: int | None = Field(default=None, ge=1, description="Query heads follow their group")
@@ -95,11 +95,11 @@ class PruneTargetRequest(BaseModel):
 class HealOptions(BaseModel):
     """Knowledge-distillation healing: (1-a) CE + a t^2 KL(teacher || student), a decaying linearly to 0."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(default=30, ge=1, le=100_000)
     lr: float = Field(default=3e-5, gt=0, le=1)
     alpha0: float = Field(default=1.0, ge=0, le=1)
-    temperature: float = Field(default=2.0, gt=0)
+    temperature: float = Field(default=2.0, gt=0, le=100)
     data: Literal["calibration", "instructions"] = Field(
         default="calibration",
         description="calibration: the pruning calibration text; instructions: the bundled instruction set "
@@ -111,7 +111,7 @@ class PruneJobRequest(BaseModel):
     """Structured pruning to a target architecture: layers by block influence, MLP channels and KV groups by
     activation importance on calibration text (mode=random: seeded random choices at the same target)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["prune"]
     model: str = Field(min_length=1)
     target: PruneTargetRequest
@@ -130,7 +130,7 @@ class GrowJobRequest(BaseModel):
     """Function-preserving growth: identity copies of layers (o_proj and down_proj zeroed) inserted after
     the given layers, and/or MLP widened by duplicating channels (down_proj divided by the copy count)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["grow"]
     model: str = Field(min_length=1)
     insert_after: list[int] | None = Field(default=None, description="0-based layer indices")
@@ -151,7 +151,7 @@ class SortJobRequest(BaseModel):
     """Sorted Fine-Tuning: loss = mean over `exits` of CE(LMHead(FinalNorm(h_n))), shared norm and head,
     loss on response tokens only; then a fresh profile with perplexity per exit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["sort"]
     model: str = Field(min_length=1)
     exits: list[int] | None = Field(default=None, description="Default: evenly spaced from 40% to full depth")
@@ -207,7 +207,7 @@ class FitExitsJobRequest(BaseModel):
 class TruncateJobRequest(BaseModel):
     """Export exit n as a standalone model: layers 1..n + final norm + head, num_hidden_layers = n."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["truncate"]
     model: str = Field(min_length=1)
     num_layers: int = Field(ge=1)
@@ -307,7 +307,7 @@ class ModelDeleted(BaseModel):
 
 
 class ImportRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     id: str = Field(description="The id to register the model under")
     path: str = Field(description="A Hugging Face directory (config.json + safetensors) under an import root")
 

@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         default="auto",
         description="Weights of loaded models in inference workers; auto: int8 on the CPU, bfloat16 on CUDA",
     )
+    generation_stall_s: float = Field(
+        default=60, gt=0, le=86400, description="A generation with no new token this long: 504"
+    )
+    max_merge_models: int = Field(default=64, gt=0, description="Models one merge recipe may list")
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
 
     @field_validator("home")

@@ -190,7 +190,7 @@ def test_yaml_endpoint_rejects_garbage_and_modules(server, imported):
     assert taken.status_code == 409 and "already exists" in taken.text
 
 
-def test_a_failing_job_reports_why_and_registers_nothing(server, imported):
+def test_a_truncated_input_is_refused_at_submission_naming_the_tensor(server, imported):
     broken = server.home.parent / "broken"
     shutil.copytree(imported["fam-b"], broken)
     weights = broken / "model.safetensors"
@@ -198,13 +198,10 @@ def test_a_failing_job_reports_why_and_registers_nothing(server, imported):
     yaml_text = TIES_YAML.replace("model: fam-b\n", f"model: {broken}\n").replace("fam-ties", "fam-broken")
     with server.client() as c:
         r = c.post("/v1/merges", content=yaml_text, headers={"Content-Type": "application/yaml"})
-        assert r.status_code == 202, r.text
-        final = server.wait_job(r.json()["id"])
-        assert final["status"] == "failed"
-        assert "truncated" in final["error"]
+        assert r.status_code == 422, r.text
+        assert "tensor 'model." in r.json()["detail"] and "outside the file's data" in r.json()["detail"]
         assert c.get("/v1/models/fam-broken").status_code == 404
     assert not (server.home / "models" / "fam-broken").exists()
-    assert not any((server.home / "models" / ".staging").iterdir())
 
 
 def test_delete_model_and_unknown_ids_404(server, imported):

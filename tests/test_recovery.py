@@ -45,8 +45,8 @@ def test_killed_worker_fails_its_job_and_a_restart_cleans_up_and_keeps_the_regis
             registered = {m["id"] for m in c.get("/v1/models").json()["data"]}
         staging = home / "models" / ".staging"
         half_written = [p.name for p in staging.iterdir()]
-        assert len(half_written) == 1  # the killed horse's directory, never registered
-        assert not any(name.startswith(half_written[0].split(".")[0] + ".") for name in registered)
+        assert len(half_written) <= 1  # the killed horse's (or none: its restarted worker cleaned up)
+        assert not any(name.startswith(h.split(".")[0] + ".") for h in half_written for name in registered)
     finally:
         stop_server(server)
 

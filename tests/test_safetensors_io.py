@@ -39,9 +39,11 @@ def test_mapped_tensor_is_private_to_the_process(tmp_path):
 def test_map_of_a_truncated_file_says_so(tmp_path):
     save_file({"w": torch.randn(1000)}, tmp_path / "model.safetensors")
     path = tmp_path / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:-100])
     with TensorReader(tmp_path) as reader, pytest.raises(SafetensorsError, match="truncated"):
+        path.write_bytes(path.read_bytes()[:-100])  # shrinks after its header was checked
         reader.map("w")
+    with pytest.raises(SafetensorsError, match="tensor 'w'.*outside the file's data"):
+        TensorReader(tmp_path)  # already short: refused before any tensor is read
 
 
 def test_sharded_writer_output_loads_with_safetensors_and_is_indexed(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from workers.merge.executor import copy_tokenizer, tensor_seed
+from workers.store.model_files import contained
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 
@@ -54,5 +55,5 @@ def make_variant(
             if progress:
                 progress(i + 1, len(entries), f"{i + 1}/{len(entries)} tensors")
         writer.close()
-    shutil.copyfile(source / "config.json", out_dir / "config.json")
+    shutil.copyfile(contained(source, "config.json"), out_dir / "config.json")
     copy_tokenizer(source, out_dir)

@@ -3,11 +3,12 @@ events back. Shared by /v1/generate and the OpenAI-compatible endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 from fastapi import HTTPException
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from transformers import AutoTokenizer
 
 from service import metrics
+from service.fleet import inference_worker_alive, inference_worker_heartbeat, live_inference_workers
 from service.generation.depth import plan_depth
 from service.generation.schemas import (
     ChatMessage,
@@ -33,23 +37,32 @@ from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile, default_latency
 from workers.generation.quality import ServedQuality, quality_table
 from workers.inference.protocol import (
+    EVENTS_TTL_S,
     QUEUE_KEY,
     SERVICE_MS_KEY,
-    WORKER_TTL_S,
-    WORKERS_KEY,
     InferenceJob,
     Speculation,
+    cancel_key,
     events_key,
     latency_key,
 )
+from workers.store.model_files import read_config
 from workers.store.registry import ModelRecord, Registry
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+POLL_S = 1.0  # how often a waiting request checks on its worker
+NO_WORKER_GRACE_S = 15.0  # a queued request waits this long for a (restarted) worker before its 503
 
 
 @lru_cache(maxsize=16)
 def load_tokenizer(path: Path, mtime: float):  # mtime: a re-created model gets a fresh tokenizer
     return AutoTokenizer.from_pretrained(path)
+
+
+@lru_cache(maxsize=64)
+def vocab_size(path: Path, mtime: float) -> int | None:
+    """The model's vocabulary (rows of its embedding): token ids must stay below it."""
+    return read_config(path).get("vocab_size")
 
 
 @dataclass
@@ -122,29 +135,45 @@ class Generation:
         path = self.settings.models_dir / model_id
         try:
             return load_tokenizer(path, (path / "config.json").stat().st_mtime)
-        except (OSError, ValueError) as e:
-            raise HTTPException(422, f"model {model_id!r} has no usable tokenizer: {e}") from e
+        except Exception as e:  # a malformed tokenizer raises anything; the message would show the store
+            raise HTTPException(
+                422, f"model {model_id!r} has no usable tokenizer ({type(e).__name__})"
+            ) from e
 
     def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
+        """Token ids of the prompt (CPU-bound: routes call it off the event loop)."""
         tokenizer = self.tokenizer(model_id)
         if messages is not None:
             if not tokenizer.chat_template:
                 raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
-            text = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in messages],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.text()} for m in messages],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+            except Exception as e:  # the template is the model's own code (jinja): any error is its fault
+                raise HTTPException(
+                    422, f"model {model_id!r}: its chat template failed ({type(e).__name__})"
+                ) from e
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(prompt)
         if not ids:
             raise HTTPException(422, "the prompt is empty after tokenization")
+        path = self.settings.models_dir / model_id
+        vocab = vocab_size(path, (path / "config.json").stat().st_mtime)
+        if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
+            raise HTTPException(
+                422,
+                f"model {model_id!r}: its tokenizer produced token id {max(ids)} but the model has only "
+                f"{vocab} embeddings (tokenizer and model do not match)",
+            )
         return ids
 
     # -- the inference fleet ------------------------------------------------------------------------
     def live_workers(self) -> int:
-        return self.redis.zcount(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf")
+        return len(live_inference_workers(self.redis))
 
     def queue_wait_ms(self, workers: int) -> float:
         """(batches ahead of this request) x (mean service time of a request)."""
@@ -252,41 +281,94 @@ class Generation:
         return None
 
     async def events(
-        self, prepared: Prepared, idle_timeout_s: float = 300
+        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]] | None = None
     ) -> AsyncIterator[tuple[str, dict]]:
-        """(kind, data) as the worker emits them: started, token..., then finish (or error)."""
+        """(kind, data) as the worker emits them: started, token..., then finish (or error).
+
+        Watched while waiting: a request whose worker dies gets a 503 error at once (this host) or within
+        WORKER_TTL_S, a request with no live worker to take it a 503 after NO_WORKER_GRACE_S (long enough
+        for `strata serve` to restart one), a request with no new token for STRATA_GENERATION_STALL_S
+        a 504. Whenever the request ends without its finish (error, client gone), it is cancelled in the
+        worker so it is not generated to the end for nobody."""
         key = events_key(prepared.request_id)
         last_id = "0-0"
         model = prepared.record.id
-        while True:
-            reply = await self.aredis.xread({key: last_id}, count=64, block=int(idle_timeout_s * 1000))
-            if not reply:
-                yield "error", {"error": f"no progress from the inference worker in {idle_timeout_s:.0f} s"}
-                return
-            for entry_id, fields in reply[0][1]:
-                last_id = entry_id
-                kind = fields[b"type"].decode()
-                data = json.loads(fields[b"data"])
-                now = time.monotonic()
-                if kind == "started":
-                    prepared.queue_ms = data["queue_ms"]
-                    prepared.batch_size = data["batch_size"]
-                    metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
-                elif kind == "token":
-                    if prepared.first_token_at is None:
-                        prepared.first_token_at = now
-                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
-                    else:
-                        metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
-                    prepared.last_token_at = now
-                elif kind == "finish":
-                    prepared.finish = data
-                    prepared.last_token_at = now
-                    self._record_outcome(prepared)
-                yield kind, data
-                if kind in ("finish", "error"):
-                    await self.aredis.delete(key)
-                    return
+        worker: str | None = None
+        last_event = last_check = time.monotonic()
+        ended = False
+        try:
+            while True:
+                reply = await self.aredis.xread({key: last_id}, count=64, block=int(POLL_S * 1000))
+                if is_disconnected is not None and time.monotonic() - last_check >= POLL_S:
+                    last_check = time.monotonic()
+                    if await is_disconnected():  # the client is gone (or gave up): stop for nobody
+                        return
+                if not reply:
+                    problem = self._watch(worker, last_event, prepared.first_token_at is not None)
+                    if problem is not None:
+                        self.cancel(prepared.request_id)  # before the caller hears of it
+                        yield "error", problem
+                        return
+                    continue
+                last_event = time.monotonic()
+                for entry_id, fields in reply[0][1]:
+                    last_id = entry_id
+                    kind = fields[b"type"].decode()
+                    data = json.loads(fields[b"data"])
+                    now = time.monotonic()
+                    if kind == "started":
+                        worker = data.get("worker")
+                        prepared.queue_ms = data["queue_ms"]
+                        prepared.batch_size = data["batch_size"]
+                        metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
+                    elif kind == "token":
+                        if prepared.first_token_at is None:
+                            prepared.first_token_at = now
+                            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
+                        else:
+                            metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
+                        prepared.last_token_at = now
+                    elif kind == "finish":
+                        prepared.finish = data
+                        prepared.last_token_at = now
+                        self._record_outcome(prepared)
+                    if kind in ("finish", "error"):
+                        ended = True
+                    yield kind, data
+                    if ended:
+                        return
+        finally:  # synchronous calls: an async one would be cancelled with the client's task
+            if not ended:
+                self.cancel(prepared.request_id)
+            try:
+                self.redis.delete(key)
+            except (RedisConnectionError, RedisTimeoutError):
+                pass
+
+    def _watch(self, worker: str | None, last_event: float, streaming: bool) -> dict | None:
+        """Why waiting longer is pointless (an error event with its HTTP status), or None. The stall clock
+        runs between tokens only: before the first one the worker may be loading the model."""
+        quiet = time.monotonic() - last_event
+        if worker is None:  # still queued
+            if quiet > NO_WORKER_GRACE_S and self.live_workers() == 0:
+                return {"error": "no live inference worker took the request", "status": 503}
+            return None
+        if streaming and quiet > self.settings.generation_stall_s:  # alive or not: it stopped producing
+            return {
+                "error": f"no progress from the inference worker in {quiet:.0f} s "
+                "(STRATA_GENERATION_STALL_S); the request was cancelled",
+                "status": 504,
+            }
+        if not inference_worker_alive(worker, inference_worker_heartbeat(self.redis, worker)):
+            return {"error": "the inference worker died while generating; retry the request", "status": 503}
+        return None
+
+    def cancel(self, request_id: str) -> None:
+        """Tell the workers to drop the request (skipped if still queued, removed from its batch if not)."""
+        try:
+            self.redis.set(cancel_key(request_id), 1, ex=EVENTS_TTL_S)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass  # Redis is gone: so is the request
 
     def _record_outcome(self, prepared: Prepared) -> None:
         info = prepared.info()
@@ -295,11 +377,16 @@ class Generation:
         if info.budget_met is not None:
             metrics.BUDGET.labels(model, "met" if info.budget_met else "missed").inc()
 
-    async def complete(self, prepared: Prepared) -> str:
+    async def complete(
+        self, prepared: Prepared, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> str:
         """Run to the end; the whole text."""
-        async for kind, data in self.events(prepared):
-            if kind == "error":
-                raise HTTPException(500, f"generation failed: {data['error']}")
+        async with contextlib.aclosing(self.events(prepared, is_disconnected)) as events:
+            async for kind, data in events:
+                if kind == "error":
+                    status = data.get("status", 500)
+                    headers = {"Retry-After": "5"} if status == 503 else None
+                    raise HTTPException(status, f"generation failed: {data['error']}", headers=headers)
         return prepared.finish["text"]
 
 

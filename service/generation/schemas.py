@@ -20,6 +20,8 @@ class ChatMessage(BaseModel):
 class DepthOptions(BaseModel):
     """Strata's dynamic-depth controls (extra body fields for OpenAI clients)."""
 
+    model_config = ConfigDict(allow_inf_nan=False)
+
     latency_budget_ms: float | None = Field(default=None, gt=0, description="Deepest exit predicted to fit")
     min_depth: int | None = Field(default=None, ge=1, description="Never exit shallower than this")
     exits: list[int] | None = Field(default=None, min_length=1, description="Allowed exit depths")
@@ -55,11 +57,19 @@ class DepthOptions(BaseModel):
 
 
 class SamplingOptions(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
     temperature: float = Field(default=0.0, ge=0, le=2, description="0: greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings")
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, v: float) -> float:
+        if 0 < v < 0.01:  # logits / t would overflow to inf
+            raise ValueError("temperature must be 0 (greedy) or at least 0.01")
+        return v
 
     @field_validator("stop")
     @classmethod

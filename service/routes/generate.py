@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.generation.runner import Generation, Prepared, new_id
 from service.generation.schemas import GenerateRequest, GenerateResponse
@@ -43,25 +45,26 @@ def respond(prepared: Prepared, response_id: str, model: str) -> GenerateRespons
 async def generate(body: GenerateRequest, request: Request):
     """Generate at the deepest exit whose predicted latency fits `latency_budget_ms` (full depth without)."""
     gen = generation(request)
-    prompt_ids = gen.encode(body.model, body.prompt, body.messages)
+    prompt_ids = await run_in_threadpool(gen.encode, body.model, body.prompt, body.messages)
     prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative)
     response_id = new_id("gen")
     if not body.stream:
-        await gen.complete(prepared)
+        await gen.complete(prepared, request.is_disconnected)
         return respond(prepared, response_id, body.model)
 
     async def stream() -> AsyncIterator[str]:
-        async for kind, data in gen.events(prepared):
-            if kind == "token" and data["delta"]:
-                yield sse({"type": "token", "text": data["delta"]})
-            elif kind == "finish":
-                if data["delta"]:
+        async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
+            async for kind, data in events:
+                if kind == "token" and data["delta"]:
                     yield sse({"type": "token", "text": data["delta"]})
-                yield sse(
-                    {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
-                )
-            elif kind == "error":
-                yield sse({"type": "error", "error": data["error"]})
+                elif kind == "finish":
+                    if data["delta"]:
+                        yield sse({"type": "token", "text": data["delta"]})
+                    yield sse(
+                        {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
+                    )
+                elif kind == "error":
+                    yield sse({"type": "error", "error": data["error"]})
         yield sse("[DONE]")
 
     return StreamingResponse(stream(), media_type="text/event-stream")

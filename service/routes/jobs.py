@@ -3,16 +3,19 @@ YAML body, and /v1/merges/validate dry-runs one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import deps
+from service.errors import short_errors
 from service.job_events import JobGone, follow_job
 from service.merge_plan import MergePlan, dry_run
 from service.prechecks import PRECHECKS
@@ -20,6 +23,7 @@ from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
 from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
+from workers.store.model_files import ModelFileError
 from workers.store.registry import Registry
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
@@ -28,7 +32,10 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 
 
 def _submit(request: MergeJobRequest, queue: JobQueue, registry: Registry, settings: Settings) -> JobView:
-    PRECHECKS[request.kind](request, registry, settings)
+    try:
+        PRECHECKS[request.kind](request, registry, settings)
+    except ModelFileError as e:  # a referenced model directory is malformed or leads outside itself
+        raise HTTPException(422, str(e)) from e
     return queue.submit(request)
 
 
@@ -55,23 +62,26 @@ MERGE_BODY = {
 
 async def read_merge(request: Request) -> MergeJobRequest:
     """A merge from the body: a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
-    raw = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in (*YAML_TYPES, "application/json", ""):  # before parsing anything
+        raise HTTPException(
+            415, f"send the merge as application/yaml or application/json, not {content_type[:80]}"
+        )
+    raw = await request.body()
+    # Parsing and validation are CPU-bound (a large recipe takes seconds): off the event loop.
+    return await run_in_threadpool(_parse_merge, raw)
+
+
+def _parse_merge(raw: bytes) -> MergeJobRequest:
     try:
         data = parse_yaml(raw)  # YAML is a superset of JSON: one parser serves both
     except MergeConfigError as e:
         raise HTTPException(422, str(e)) from e
-    if content_type not in (*YAML_TYPES, "application/json", ""):
-        raise HTTPException(
-            415, f"send the merge as application/yaml or application/json, not {content_type}"
-        )
     data.setdefault("kind", "merge")
     try:
         return TypeAdapter(MergeJobRequest).validate_python(data)
     except ValidationError as e:
-        raise HTTPException(
-            422, e.errors(include_url=False, include_context=False, include_input=False)
-        ) from e
+        raise HTTPException(422, short_errors(e.errors(include_url=False, include_input=False))) from e
 
 
 @router.post("/v1/merges", response_model=JobView, status_code=202, openapi_extra=MERGE_BODY)
@@ -110,9 +120,24 @@ def _fetch(queue: JobQueue, job_id: str):
     return job
 
 
+ENDED = ("finished", "failed", "canceled")
+
+
 @router.get("/v1/jobs/{job_id}", response_model=JobView)
-def get_job(job_id: str, queue: QueueDep) -> JobView:
-    return job_view(_fetch(queue, job_id))
+async def get_job(
+    job_id: str,
+    queue: QueueDep,
+    wait: Annotated[
+        float, Query(ge=0, le=600, description="Seconds to wait for the job to end before answering")
+    ] = 0,
+) -> JobView:
+    """The job now, or (with `wait`) as soon as it has ended, or when `wait` seconds have passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        view = job_view(_fetch(queue, job_id))
+        if view.status in ENDED or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
 @router.get(

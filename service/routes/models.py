@@ -21,6 +21,7 @@ from service.schemas import (
     ModelObject,
 )
 from service.settings import Settings
+from workers.store.model_files import ModelFileError
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import ModelRecord, Registry
@@ -122,8 +123,10 @@ def import_model(
             info = describe(tmp)
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
-    except (ValueError, KeyError, OSError) as e:
+    except ModelFileError as e:  # names the file or tensor, relative to the model directory
         raise HTTPException(422, f"cannot import {body.path}: {e}") from e
+    except OSError as e:  # no path in the message: it would show the store's staging directory
+        raise HTTPException(422, f"cannot import {body.path}: {e.strerror or 'a file cannot be read'}") from e
     record = ModelRecord(id=body.id, recipe={"kind": "import", "path": str(source)}, **info)
     if not registry.add(record):
         store.remove(body.id)

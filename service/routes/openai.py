@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.generation.runner import Prepared, new_id
 from service.generation.schemas import (
@@ -28,28 +30,29 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
 
 async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncIterator[str]:
     """OpenAI chunks: deltas, a last chunk with finish_reason (and `strata`), usage if asked, [DONE]."""
-    async for kind, data in gen.events(prepared):
-        if kind == "token" and data["delta"]:
-            yield sse(chunk(data["delta"], None))
-        elif kind == "finish":
-            last = chunk(data["delta"], prepared.finish_reason)
-            last["strata"] = prepared.info().model_dump(mode="json")
-            yield sse(last)
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
-        elif kind == "error":
-            yield sse({"error": {"message": data["error"], "type": "server_error"}})
+    async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
+        async for kind, data in events:
+            if kind == "token" and data["delta"]:
+                yield sse(chunk(data["delta"], None))
+            elif kind == "finish":
+                last = chunk(data["delta"], prepared.finish_reason)
+                last["strata"] = prepared.info().model_dump(mode="json")
+                yield sse(last)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
+            elif kind == "error":
+                yield sse({"error": {"message": data["error"], "type": "server_error"}})
     yield sse("[DONE]")
 
 
 @router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
 async def completions(body: CompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = gen.encode(body.model, body.prompt_text(), None)
+    prompt_ids = await run_in_threadpool(gen.encode, body.model, body.prompt_text(), None)
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
-        text = await gen.complete(prepared)
+        text = await gen.complete(prepared, request.is_disconnected)
         return Completion(
             id=response_id,
             created=created,
@@ -75,11 +78,11 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = gen.encode(body.model, None, body.messages)
+    prompt_ids = await run_in_threadpool(gen.encode, body.model, None, body.messages)
     prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
-        text = await gen.complete(prepared)
+        text = await gen.complete(prepared, request.is_disconnected)
         return ChatCompletion(
             id=response_id,
             created=created,

@@ -242,6 +242,16 @@ class _DepthBatch:
             exit_adapter=self.adapter,
         )
 
+    def drop(self, request_ids: set[str]) -> None:
+        """Remove the rows of these requests (abandoned by their clients) without finishing them."""
+        keep = [i for i, row in enumerate(self.rows) if row.request.request_id not in request_ids]
+        if len(keep) == len(self.rows):
+            return
+        if self.mask is None:  # not prefilled yet: nothing cached
+            self.rows = [self.rows[i] for i in keep]
+        else:
+            self._shrink(keep)
+
     @torch.inference_mode()
     def _shrink(self, keep: list[int]) -> None:
         """Drop finished rows, then the leading columns that are padding in every remaining row."""
@@ -348,10 +358,15 @@ class EarlyExitEngine:
         generator = seeded_generator(seed) if request.temperature > 0 else None
         return _Row(index, request, seed, TextStream(self.tokenizer, request.stop), generator)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[GenerationEvent]:
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        cancelled: Callable[[], set[str]] | None = None,
+    ) -> Iterator[GenerationEvent]:
         """Yield a TokenEvent per token as it is produced and one FinishEvent per request.
 
         All requests are validated before any work starts. Batches run round-robin, one step each.
+        Before each step, the requests whose ids `cancelled()` returns leave their batch without events.
         """
         for request in requests:
             self.validate(request)
@@ -360,6 +375,10 @@ class EarlyExitEngine:
         )
         while pending:
             batch = pending.popleft()
+            if cancelled is not None:
+                batch.drop(cancelled())
+                if batch.done:
+                    continue
             yield from batch.step()
             if not batch.done:
                 pending.append(batch)

@@ -2,7 +2,9 @@
 
 - requests: a list (RPUSH by the API, BLPOP by workers), bounded by the API;
 - events: one Redis stream per request (token, finish or error entries), expiring after a while;
-- liveness: a sorted set of worker ids scored by their last heartbeat;
+- liveness: a sorted set of worker ids (`host:pid:nonce`) scored by their last heartbeat;
+- cancellation: a key per request the API has given up on (client gone, worker stalled); workers skip
+  such requests, or drop them from their batch between steps;
 - the live latency model of each model, updated by workers after every request.
 """
 
@@ -22,6 +24,7 @@ LATENCY_PREFIX = "strata:latency:"
 HEARTBEAT_S = 2.0
 WORKER_TTL_S = 10.0
 EVENTS_TTL_S = 600
+CANCEL_PREFIX = "strata:infer:cancel:"
 
 
 class Speculation(BaseModel):
@@ -39,6 +42,10 @@ class InferenceJob(BaseModel):
 
 def events_key(request_id: str) -> str:
     return EVENTS_PREFIX + request_id
+
+
+def cancel_key(request_id: str) -> str:
+    return CANCEL_PREFIX + request_id
 
 
 def latency_key(model_id: str) -> str:

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -31,9 +32,11 @@ from workers.inference.protocol import (
     SERVICE_MS_KEY,
     WORKERS_KEY,
     InferenceJob,
+    cancel_key,
     events_key,
     latency_key,
 )
+from workers.store.model_store import verify_model
 
 log = logging.getLogger("strata.infer")
 
@@ -62,6 +65,7 @@ def load_engine(
     """The model at `path` in an engine of the given weight precision, with its exit adapters if it has any.
 
     Weights are read as stored (float32 on the CPU, bfloat16 on CUDA) and quantised at load."""
+    verify_model(path)
     device = device or default_device()
     chosen = resolve_precision(precision, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -71,6 +75,17 @@ def load_engine(
     return EarlyExitEngine(
         model, tokenizer, device=device, max_batch_size=max_batch_size, precision=chosen, adapters=adapters
     )
+
+
+CANCEL_CHECK_S = 0.2
+
+
+def _unless_cancelled(events: Iterator, request_id: str, cancelled: Callable[[], set[str]]) -> Iterator:
+    """A one-request event stream that stops as soon as the request is cancelled."""
+    for event in events:
+        if request_id in cancelled():
+            return
+        yield event
 
 
 class InferenceWorker:
@@ -123,13 +138,45 @@ class InferenceWorker:
             self.stopping.wait(HEARTBEAT_S)
 
     def _take_batch(self) -> list[InferenceJob]:
+        """Up to max_batch_size waiting requests, less those the API has given up on meanwhile."""
         item = self.redis.blpop([QUEUE_KEY], timeout=1)
         if item is None:
             return []
         raw = [item[1]]
         more = self.redis.lpop(QUEUE_KEY, self.max_batch_size - 1) or []
         raw += more
-        return [InferenceJob.model_validate_json(r) for r in raw]
+        jobs = [InferenceJob.model_validate_json(r) for r in raw]
+        gone = self._cancelled_among([job.request.request_id for job in jobs])
+        for request_id in gone:
+            log.info("skipping request %s: cancelled while queued", request_id)
+        return [job for job in jobs if job.request.request_id not in gone]
+
+    def _cancelled_among(self, request_ids: list[str]) -> set[str]:
+        if not request_ids:
+            return set()
+        with self.redis.pipeline() as pipe:
+            for request_id in request_ids:
+                pipe.exists(cancel_key(request_id))
+            flags = pipe.execute()
+        return {request_id for request_id, flag in zip(request_ids, flags, strict=True) if flag}
+
+    def _cancel_watch(self, request_ids: list[str]):
+        """A `cancelled()` for the engine: the abandoned ones among `request_ids`, asked of Redis at most
+        every CANCEL_CHECK_S (once a step would cost a round trip per token)."""
+        state = {"at": 0.0, "gone": set()}
+
+        def cancelled() -> set[str]:
+            now = time.monotonic()
+            if now - state["at"] >= CANCEL_CHECK_S:
+                state["at"] = now
+                gone = self._cancelled_among(request_ids)
+                for request_id in gone - state["gone"]:
+                    log.info("dropping request %s: its client is gone", request_id)
+                    self.redis.delete(events_key(request_id))  # nobody reads what was emitted meanwhile
+                state["gone"] = gone
+            return state["gone"]
+
+        return cancelled
 
     def _emit(self, request_id: str, kind: str, data: dict) -> None:
         key = events_key(request_id)
@@ -159,11 +206,16 @@ class InferenceWorker:
             )
         try:
             engine = self.engine(model_id)
+            cancelled = self._cancel_watch([job.request.request_id for job in jobs])
             plain = [job for job in jobs if job.speculative is None]
-            streams = [engine.generate([job.request for job in plain])] if plain else []
+            streams = [engine.generate([job.request for job in plain], cancelled)] if plain else []
             streams += [
-                speculative_events(
-                    engine, job.request, job.speculative.draft_depth, job.speculative.num_draft_tokens
+                _unless_cancelled(
+                    speculative_events(
+                        engine, job.request, job.speculative.draft_depth, job.speculative.num_draft_tokens
+                    ),
+                    job.request.request_id,
+                    cancelled,
                 )
                 for job in jobs
                 if job.speculative is not None

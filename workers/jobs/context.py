@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -40,12 +41,31 @@ class JobContext:
     def store(self) -> ModelStore:
         return ModelStore(self.settings.models_dir)
 
-    def progress(self, done: int, total: int, message: str) -> None:
-        """Record progress in the job's meta, at most every `min_interval_s` (and always at the end)."""
+    def progress(self, done: int, total: int, message: str, force: bool = False) -> None:
+        """Record progress in the job's meta, at most every `min_interval_s` (always at the end, and when
+        `force`d: a new phase must show at once)."""
         now = time.monotonic()
-        if self.job is None or (done < total and now - self._last < self.min_interval_s):
+        throttled = done < total and now - self._last < self.min_interval_s
+        if self.job is None or (throttled and not force):
             return
         self._last = now
         self.job.meta["progress"] = round(done / total, 4) if total else 1.0
         self.job.meta["message"] = message
         self.job.save_meta()
+
+    def note(self, message: str) -> None:
+        """Say what runs now, keeping the progress where it is."""
+        if self.job is None:
+            return
+        self.job.meta["message"] = message
+        self.job.save_meta()
+
+    def phase(self, start: float, end: float, name: str) -> Callable[[int, int, str], None]:
+        """A progress reporter for one phase of the job: its 0..1 maps onto start..end of the whole, and
+        messages are prefixed with the phase's name."""
+
+        def report(done: int, total: int, message: str) -> None:
+            fraction = done / total if total else 1.0
+            self.progress(round((start + (end - start) * fraction) * 10_000), 10_000, f"{name}: {message}")
+
+        return report

@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.eval.perplexity import perplexity
 from workers.eval.texts import heldout_text
+from workers.store.model_store import verify_model
 from workers.tensors.safetensors_io import TensorReader
 
 
 def load_model(path: Path) -> tuple[nn.Module, object]:
     """A float32 model on the CPU, in eval mode, and its tokenizer (safetensors only, no remote code)."""
+    verify_model(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
     return model, AutoTokenizer.from_pretrained(path)
 

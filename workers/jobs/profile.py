@@ -25,7 +25,8 @@ def profile_and_store(
     profile = profile_model(engine, model_name=model_id, progress=progress, **options)
     record = ctx.registry.get(model_id) or record
     record.profile = profile.model_dump(mode="json")
-    ctx.registry.update(record)
+    if not ctx.registry.update(record):  # deleted meanwhile: never re-register it as a ghost
+        raise UnknownModelError(f"model {model_id!r} was deleted while it was profiled")
     ctx.redis.set(latency_key(model_id), profile.latency.model_dump_json())
     return profile
 

@@ -25,7 +25,12 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
     def build(out_dir) -> None:
         model, tokenizer = load_model(source_dir)
         calibration = calibration_windows(tokenizer, spec["seq_len"], spec["calibration_windows"])
-        result = prune(model, target, calibration, spec["mode"], spec["seed"], ctx.progress)
+        healing = dict(spec.get("heal") or {})
+        prune_end = 0.4 if healing else 0.8
+        result = prune(
+            model, target, calibration, spec["mode"], spec["seed"], ctx.phase(0, prune_end, "pruning")
+        )
+        ctx.progress(round(prune_end * 100), 100, "measuring held-out perplexity", force=True)
         ppl = {
             "source": heldout_perplexity(model, tokenizer),
             "pruned": heldout_perplexity(result.model, tokenizer),
@@ -33,11 +38,11 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["compare_random"] and spec["mode"] != "random":
             baseline = prune(model, target, calibration, "random", spec["seed"])
             ppl["random"] = heldout_perplexity(baseline.model, tokenizer)
-        healing = dict(spec.get("heal") or {})
         if healing:
             data = healing.pop("data", "calibration")
             texts = instruction_windows(tokenizer, spec["seq_len"]) if data == "instructions" else calibration
-            healed = heal(result.model, model, texts, progress=ctx.progress, **healing)
+            healed = heal(result.model, model, texts, progress=ctx.phase(0.5, 0.9, "healing"), **healing)
+            ctx.progress(90, 100, "measuring held-out perplexity after healing", force=True)
             ppl["healed"] = heldout_perplexity(result.model, tokenizer)
             report["heal"] = {
                 "steps": healed.steps,
@@ -51,6 +56,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
             removed_layers=result.removed_layers,
             perplexity=ppl,
         )
+        ctx.progress(95, 100, "saving the pruned model", force=True)
         save_model(result.model, tokenizer, out_dir)
 
     record = publish_model(ctx, spec["name"], build, parents=[spec["model"]], recipe=spec)

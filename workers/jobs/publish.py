@@ -8,10 +8,16 @@ from typing import Any
 
 from workers.jobs.context import JobContext
 from workers.store.model_store import describe
-from workers.store.registry import ModelRecord
+from workers.store.references import is_registry_id
+from workers.store.registry import ModelRecord, ParentGoneError
+from workers.tensors.finite import first_non_finite
 
 
 class ModelIdTakenError(ValueError):
+    pass
+
+
+class NonFiniteOutputError(ValueError):
     pass
 
 
@@ -25,16 +31,28 @@ def publish_model(
     describe_with: Callable[[Path], dict[str, Any]] = describe,
     **fields: Any,
 ) -> ModelRecord:
-    """Run `build(staging_dir)`; register the result as `model_id` only if it completes. `describe_with`
-    reads the record's fields from the finished directory; `fields` adds others (type, base_model)."""
+    """Run `build(staging_dir)`; register the result as `model_id` only if it completes, holds only finite
+    numbers, and every registered parent is still registered at that moment. `describe_with` reads the
+    record's fields from the finished directory; `fields` adds others (type, base_model)."""
     if ctx.registry.exists(model_id):
         raise ModelIdTakenError(f"model {model_id!r} already exists")
     with ctx.store.staging(model_id) as tmp:
         build(tmp)
+        ctx.note("checking the output for NaN and inf")
+        bad = first_non_finite(tmp)
+        if bad is not None:
+            raise NonFiniteOutputError(
+                f"tensor {bad!r} of the output holds NaN or infinite values; nothing was registered"
+            )
     record = ModelRecord(
         id=model_id, parents=parents, recipe=recipe, **describe_with(ctx.store.path(model_id)), **fields
     )
-    if not ctx.registry.add(record):
+    try:
+        added = ctx.registry.add(record, require=[p for p in parents if is_registry_id(p)])
+    except ParentGoneError:
+        ctx.store.remove(model_id)
+        raise
+    if not added:
         ctx.store.remove(model_id)
         raise ModelIdTakenError(f"model {model_id!r} was registered by another job meanwhile")
     return record

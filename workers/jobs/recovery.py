@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from datetime import UTC, datetime
 
 from redis import Redis
 from rq import Queue, Worker
@@ -31,6 +32,7 @@ def fail_abandoned(redis: Redis, job: Job) -> bool:
     reason = f"worker {job.worker_name} died while running the job (killed or lost); nothing was registered"
     job.meta["error"] = f"AbandonedJobError: {reason}"
     job.meta["message"] = "failed"
+    job.meta["ended_at"] = datetime.now(UTC).isoformat()
     job.save_meta()
     queue = Queue(job.origin, connection=redis)
     with redis.pipeline() as pipe:

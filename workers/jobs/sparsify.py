@@ -10,6 +10,7 @@ from workers.jobs.models import LazyTensors, heldout_perplexity, load_model
 from workers.jobs.publish import publish_model
 from workers.merge.executor import copy_tokenizer
 from workers.sparsify.delta import DARE_SAFE_DELTA, sparsify
+from workers.store.model_files import contained
 from workers.store.references import resolve_model
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
@@ -36,7 +37,7 @@ def sparsify_job(spec: dict[str, Any]) -> dict[str, Any]:
         for item in plan:
             writer.write(item.name, result.tensors[item.name])
         writer.close()
-        shutil.copyfile(tuned_dir / "config.json", out_dir / "config.json")
+        shutil.copyfile(contained(tuned_dir, "config.json"), out_dir / "config.json")
         copy_tokenizer(tuned_dir, out_dir)
         stats = result.stats
         report.update(

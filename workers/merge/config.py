@@ -10,12 +10,38 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from workers.merge.registry import METHODS, MergeMethod
+
+MAX_ABS = 1e6
+
+
+def _finite(value: bool | int | float) -> bool | int | float:
+    """Numbers must be finite and bounded: NaN, inf, and overflowing literals (1e400, 10**400) are refused."""
+    if isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except OverflowError as e:
+        raise ValueError(f"numbers must lie within +-{MAX_ABS:g}") from e
+    if not math.isfinite(number):
+        raise ValueError("numbers must be finite (no NaN, inf or overflow)")
+    if abs(number) > MAX_ABS:
+        raise ValueError(f"numbers must lie within +-{MAX_ABS:g}")
+    return value
+
 
 Scalar = bool | int | float
 Gradient = list[float]
@@ -29,7 +55,15 @@ class ConditionalValue(BaseModel):
     value: Scalar | Gradient
 
 
-ParameterValue = Scalar | Gradient | ConditionalValue | list[ConditionalValue]
+def _all_finite(value: object) -> object:
+    for number in _numbers(value):
+        _finite(number)
+    return value
+
+
+ParameterValue = Annotated[
+    Scalar | Gradient | ConditionalValue | list[ConditionalValue], AfterValidator(_all_finite)
+]
 
 DType = Literal["float32", "float16", "bfloat16"]
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -95,12 +129,12 @@ class SliceSpec:
         return [s for s in self.sources if s.model != self.base]
 
 
-def _numbers(value: ParameterValue) -> list[float]:
+def _numbers(value: object) -> list[int | float]:
     """Every number a parameter setting can evaluate to (gradient endpoints, filter values)."""
     if isinstance(value, bool):
         return []
     if isinstance(value, int | float):
-        return [float(value)]
+        return [value]
     if isinstance(value, ConditionalValue):
         return _numbers(value.value)
     return [n for item in value for n in _numbers(item)]
@@ -159,7 +193,7 @@ class MergeConfig(BaseModel):
         default=None, description='"base" (default) or one of the input models'
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
-    seed: int = Field(default=0, description="Seed for the random methods (dare_*)")
+    seed: int = Field(default=0, ge=-(2**63), lt=2**64, description="Seed for the random methods (dare_*)")
     tie_break: Literal["mergekit", "first"] = Field(
         default="mergekit",
         description="ties trim, among entries equal to the k-th largest |delta|: the ones mergekit 0.1.5 "
@@ -326,11 +360,37 @@ class MergeConfigError(ValueError):
     """A merge recipe that cannot be parsed or validated."""
 
 
+MAX_NODES = 200_000
+
+
+def _check_size(data: object, budget: int = MAX_NODES) -> None:
+    """Count the values of a parsed document as they expand (aliases count each time they are used), and
+    stop at `budget`: a YAML bomb of nested aliases is refused in milliseconds, not expanded."""
+    stack = [data]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise MergeConfigError(f"the document expands to more than {budget} values (YAML aliases?)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_yaml(text: str | bytes) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeConfigError(f"not valid YAML: {e}") from e
+    except yaml.YAMLError as e:  # one line, and no quote of the document
+        problem = getattr(e, "problem", None) or "cannot be parsed"
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise MergeConfigError(f"not valid YAML: {problem}{where}") from e
+    except RecursionError as e:
+        raise MergeConfigError("not valid YAML: nested too deeply") from e
+    _check_size(data)
     if not isinstance(data, dict):
         raise MergeConfigError("a merge config must be a YAML mapping")
     if "modules" in data:
@@ -349,7 +409,12 @@ def parse_json(text: str | bytes) -> dict[str, Any]:
 
 
 def load_merge_config(text: str | bytes) -> MergeConfig:
+    """Parse and validate a recipe; MergeConfigError with a one-line reason (the first error)."""
     try:
         return MergeConfig.model_validate(parse_yaml(text))
     except ValidationError as e:
-        raise MergeConfigError(str(e)) from e
+        errors = e.errors(include_url=False, include_input=False)
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MergeConfigError(f"{where}: {first['msg']}{more}" if where else first["msg"] + more) from e

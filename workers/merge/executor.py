@@ -27,6 +27,7 @@ from workers.merge.homology import read_config
 from workers.merge.parameters import resolve
 from workers.merge.plan import OutputTensor, output_config, plan_merge
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
+from workers.store.model_files import contained
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 Progress = Callable[[int, int, str], None]
@@ -150,9 +151,13 @@ def merge_models(
                 first = reference if reference in input_name else spec.sources[0].model
                 return None, [readers[first].load(input_name[first])]
             dtype = compute_dtype or planned.entry.dtype
+            loaded: dict[str, torch.Tensor] = {}
 
             def load(ref: str) -> torch.Tensor:
-                return readers[ref].map(input_name[ref]).to(device=device, dtype=dtype)
+                """Each model's tensor is mapped once, however often the recipe lists the model."""
+                if ref not in loaded:
+                    loaded[ref] = readers[ref].map(input_name[ref]).to(device=device, dtype=dtype)
+                return loaded[ref]
 
             base = load(spec.base) if spec.base else None
             return base, [load(s.model) for s in spec.merged]
@@ -212,6 +217,7 @@ def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None
 
 
 def copy_tokenizer(source: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files there are; each must resolve inside `source`."""
     for name in TOKENIZER_FILES:
         if (source / name).exists():
-            shutil.copyfile(source / name, out_dir / name)
+            shutil.copyfile(contained(source, name), out_dir / name)

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
+from workers.store.model_files import read_config
 from workers.tensors.safetensors_io import TensorReader
 
 
 class HomologyError(ValueError):
     """Models that cannot be merged tensor by tensor."""
-
-
-def read_config(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise HomologyError(f"{directory} has no config.json")
-    return json.loads(path.read_text())
 
 
 def check_homologous(models: dict[str, Path]) -> None:

@@ -6,7 +6,6 @@ holds a half-written model. Staging directories of dead processes are removed at
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from workers.processes import process_alive
+from workers.store.model_files import check_links, read_config
 from workers.tensors.safetensors_io import TensorReader, read_header
 
 STAGING = ".staging"
@@ -83,9 +83,18 @@ def directory_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
+def verify_model(directory: Path) -> None:
+    """Check what a job is about to read: links stay inside, config.json is sane, every safetensors header
+    is consistent with its file (ModelFileError naming the file or tensor otherwise)."""
+    check_links(directory)
+    read_config(Path(directory))
+    TensorReader(directory).close()
+
+
 def describe(directory: Path) -> dict[str, Any]:
     """What the registry records about a model directory, read from its config and safetensors headers."""
-    config = json.loads((Path(directory) / "config.json").read_text())
+    check_links(directory)
+    config = read_config(Path(directory))
     reader = TensorReader(directory)
     dtypes = sorted({str(e.dtype).removeprefix("torch.") for e in reader.entries.values()})
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from workers.store.model_files import ModelFileError, check_links
 from workers.store.registry import Registry
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -22,6 +23,10 @@ def check_model_directory(directory: Path) -> None:
     """A loadable HF directory: config.json and safetensors weights (pickled weights are never read)."""
     if not (directory / "config.json").is_file():
         raise ModelReferenceError(f"{directory} has no config.json")
+    try:
+        check_links(directory)
+    except ModelFileError as e:
+        raise ModelReferenceError(f"{directory}: {e}") from e
     if not any(directory.glob("*.safetensors")):
         pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
@@ -49,9 +54,14 @@ def resolve_path(path: str, import_roots: list[Path], directory: bool = True) ->
     return real
 
 
+def is_registry_id(ref: str) -> bool:
+    """Registry ids have no path separator and do not start with '.'; anything else is a directory."""
+    return "/" not in ref and not ref.startswith(".")
+
+
 def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: list[Path]) -> Path:
     """Registry ids win; anything with a path separator is a directory under an import root."""
-    if "/" not in ref and not ref.startswith("."):
+    if is_registry_id(ref):
         record = registry.get(ref)
         if record is not None and record.type == "adapter":
             raise ModelReferenceError(f"{ref!r} is a LoRA adapter of {record.base_model!r}, not a model")

@@ -12,6 +12,25 @@ KEY = "strata:models"
 PROFILE_REQUESTS_KEY = "strata:profile:requests"  # models registered since; the API profiles them
 MAX_PROFILE_REQUESTS = 1000
 
+# Atomically: every required parent is still registered, then HSETNX. Returns "" when added, the first
+# missing parent's id, or false when the id is taken.
+ADD_WITH_PARENTS = """
+for i = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return ARGV[i] end
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return '' end
+return false
+"""
+REPLACE_IF_PRESENT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+class ParentGoneError(ValueError):
+    """A model was deleted while a job built a model from it: the new one is not registered."""
+
 
 class ModelRecord(BaseModel):
     id: str
@@ -48,19 +67,27 @@ class Registry:
         records = [ModelRecord.model_validate_json(v) for v in self.redis.hvals(KEY)]
         return sorted(records, key=lambda r: (r.created, r.id))
 
-    def add(self, record: ModelRecord) -> bool:
-        """Register a new model; False if the id is taken. A new model is also put on the list of models
-        to profile in the background (see service/profiling.py)."""
-        added = bool(self.redis.hsetnx(KEY, record.id, record.model_dump_json()))
-        if added:
-            pipe = self.redis.pipeline()
-            pipe.rpush(PROFILE_REQUESTS_KEY, record.id)
-            pipe.ltrim(PROFILE_REQUESTS_KEY, -MAX_PROFILE_REQUESTS, -1)
-            pipe.execute()
-        return added
+    def add(self, record: ModelRecord, require: list[str] | tuple[str, ...] = ()) -> bool:
+        """Register a new model; False if the id is taken. ParentGoneError (and nothing registered) if any
+        id in `require` is no longer registered, checked in the same atomic step. A new model is also put
+        on the list of models to profile in the background (see service/profiling.py)."""
+        reply = self.redis.eval(ADD_WITH_PARENTS, 1, KEY, record.id, record.model_dump_json(), *require)
+        if reply is None:
+            return False
+        missing = reply.decode() if isinstance(reply, bytes) else reply
+        if missing:
+            raise ParentGoneError(
+                f"model {missing!r} was deleted while {record.id!r} was built from it; nothing was registered"
+            )
+        pipe = self.redis.pipeline()
+        pipe.rpush(PROFILE_REQUESTS_KEY, record.id)
+        pipe.ltrim(PROFILE_REQUESTS_KEY, -MAX_PROFILE_REQUESTS, -1)
+        pipe.execute()
+        return True
 
-    def update(self, record: ModelRecord) -> None:
-        self.redis.hset(KEY, record.id, record.model_dump_json())
+    def update(self, record: ModelRecord) -> bool:
+        """Replace a registered model's record; False (and nothing written) if it was deleted meanwhile."""
+        return bool(self.redis.eval(REPLACE_IF_PRESENT, 1, KEY, record.id, record.model_dump_json()))
 
     def remove(self, model_id: str) -> bool:
         return bool(self.redis.hdel(KEY, model_id))

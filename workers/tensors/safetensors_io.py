@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from workers.store.model_files import ModelFileError, contained, read_json, shown
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -41,7 +43,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ModelFileError):
     """A safetensors file or model directory is missing, malformed or unsupported."""
 
 
@@ -63,42 +65,99 @@ class TensorEntry:
         return self.end - self.begin
 
 
+MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 16
+MAX_DIM = 1 << 48
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(path: Path, name: str, info: object, data_start: int, data_bytes: int) -> TensorEntry:
+    """One header entry, checked: known dtype, non-negative shape, offsets inside the data that hold
+    exactly numel x itemsize bytes."""
+    where = f"{path.name}: tensor {shown(name)}"
+    if not isinstance(info, dict):
+        raise SafetensorsError(f"{where}: entry is not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{where}: unsupported dtype {shown(dtype, 20)}")
+    shape = info.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(_int(d) and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        raise SafetensorsError(f"{where}: shape must be a list of at most {MAX_DIMS} non-negative sizes")
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int(o) for o in offsets)):
+        raise SafetensorsError(f"{where}: data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_bytes:
+        raise SafetensorsError(f"{where}: data_offsets lie outside the file's data or are reversed")
+    if end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+        raise SafetensorsError(f"{where}: data_offsets do not span shape x dtype size")
+    return TensorEntry(name, path, DTYPES[dtype], tuple(shape), data_start + begin, data_start + end)
+
+
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """The tensor entries of one safetensors file, in file order."""
+    """The tensor entries of one safetensors file, in file order, after checking every entry against the
+    file: a lying header is refused here, naming the tensor, before any tensor is read."""
     with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise SafetensorsError(f"{path.name}: not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise SafetensorsError(f"{path.name}: header of {size} bytes is not plausible")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"{path.name}: unreadable header ({e})") from e
+        if size > min(MAX_HEADER_BYTES, file_size - 8):  # the length itself is not echoed: it is file bytes
+            raise SafetensorsError(f"{path.name}: not a safetensors file (header length beyond the file)")
+        text = f.read(size)
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:  # no detail: it could quote the file
+        raise SafetensorsError(f"{path.name}: unreadable header (not JSON)") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path.name}: header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{path.name}: __metadata__ is not an object")
     data_start = 8 + size
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(
-            name, path, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin, data_start + end
-        )
-    return dict(sorted(entries.items(), key=lambda kv: kv[1].begin))
+    data_bytes = file_size - data_start
+    entries = {
+        name: _entry(path, name, info, data_start, data_bytes)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    ordered = dict(sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)))
+    previous: TensorEntry | None = None
+    for entry in ordered.values():
+        if previous is not None and entry.begin < previous.end:
+            raise SafetensorsError(f"{path.name}: tensor {shown(entry.name)} overlaps {shown(previous.name)}")
+        if entry.nbytes:
+            previous = entry
+    return ordered
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model directory (from its index when sharded)."""
-    index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in dict.fromkeys(weight_map.values())]
-    files = sorted(directory.glob("*.safetensors"))
+    """The safetensors files of a model directory (from its index when sharded), each resolved inside
+    the directory: an index entry or a symlink that leads out of it is refused."""
+    directory = Path(directory)
+    if (directory / INDEX_FILE).exists():
+        index = read_json(directory, INDEX_FILE)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SafetensorsError(f"{INDEX_FILE} has no weight_map object")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            file = contained(directory, name)
+            if not file.is_file():
+                raise SafetensorsError(f"{INDEX_FILE} names a shard that is missing: {shown(name)}")
+            files.append(file)
+        return files
+    files = [contained(directory, p.name) for p in sorted(directory.glob("*.safetensors"))]
     if not files:
-        raise SafetensorsError(f"{directory} has no .safetensors weights")
+        raise SafetensorsError("no .safetensors weights")
     return files
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from workers.store.model_files import contained, read_config
 from workers.tensors.safetensors_io import PlannedTensor, SafetensorsError, ShardedWriter, TensorReader
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -56,7 +57,7 @@ def truncated_config(config: dict, n: int) -> dict:
 def truncate_model(source_dir: str | Path, out_dir: str | Path, n: int) -> Path:
     """Write layers 1..n + final norm + head of the model in `source_dir` to `out_dir`; returns out_dir."""
     source, out = Path(source_dir), Path(out_dir)
-    config = json.loads((source / "config.json").read_text())
+    config = read_config(source)
     new_config = truncated_config(config, n)
     out.mkdir(parents=True, exist_ok=True)
     with TensorReader(source) as reader:
@@ -75,5 +76,5 @@ def truncate_model(source_dir: str | Path, out_dir: str | Path, n: int) -> Path:
     (out / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     for name in COPIED_FILES:
         if (source / name).exists():
-            shutil.copyfile(source / name, out / name)
+            shutil.copyfile(contained(source, name), out / name)
     return out

@@ -1,0 +1,44 @@
+"""Which job and inference workers are alive right now.
+
+A registration alone is not proof: a worker killed with SIGKILL leaves its RQ registration (for minutes)
+and its last heartbeat (for WORKER_TTL_S). Workers of this host are also checked by process id, so a
+dead one stops counting at once; workers elsewhere count while their registration or heartbeat is fresh.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from redis import Redis
+from rq import Worker
+
+from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
+from workers.processes import process_alive
+
+
+def _alive(hostname: str | None, pid: int | None) -> bool:
+    return hostname != socket.gethostname() or pid is None or process_alive(pid)
+
+
+def live_job_workers(redis: Redis) -> list[Worker]:
+    return [w for w in Worker.all(connection=redis) if _alive(w.hostname, w.pid)]
+
+
+def inference_worker_alive(worker_id: str, heartbeat: float | None) -> bool:
+    """Ids are `host:pid:nonce` (see InferenceWorker); the heartbeat must be younger than WORKER_TTL_S."""
+    if heartbeat is None or heartbeat < time.time() - WORKER_TTL_S:
+        return False
+    host, _, rest = worker_id.partition(":")
+    pid = rest.partition(":")[0]
+    return _alive(host, int(pid)) if pid.isdigit() else True
+
+
+def live_inference_workers(redis: Redis) -> list[str]:
+    beats = redis.zrangebyscore(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf", withscores=True)
+    ids = [(raw.decode() if isinstance(raw, bytes) else raw, score) for raw, score in beats]
+    return [worker_id for worker_id, score in ids if inference_worker_alive(worker_id, score)]
+
+
+def inference_worker_heartbeat(redis: Redis, worker_id: str) -> float | None:
+    return redis.zscore(WORKERS_KEY, worker_id)

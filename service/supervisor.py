@@ -1,0 +1,114 @@
+"""Keep the processes `strata serve` runs alive: the embedded redis-server, job workers, inference workers.
+
+A thread checks them every CHECK_S; one that has exited is started again at once, or after a short
+back-off (at most MAX_BACKOFF_S) when it keeps dying within seconds of starting, so a dead worker or
+Redis is back within 10 s. Redis comes back first (from its append-only file), then the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from service.embedded_redis import EmbeddedRedis
+from workers.processes import die_with_parent
+
+log = logging.getLogger("strata.supervisor")
+CHECK_S = 0.5
+MAX_BACKOFF_S = 4.0
+HEALTHY_AFTER_S = 10.0  # a process that ran this long and then died is restarted without delay
+
+
+@dataclass
+class Child:
+    command: str  # a `strata` subcommand: worker or infer
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0  # consecutive quick deaths
+    restart_at: float = field(default=0.0)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        commands: list[str],
+        env: dict[str, str],
+        embedded: EmbeddedRedis | None = None,
+        command_env: dict[str, dict[str, str]] | None = None,
+    ):
+        self.children = [Child(command) for command in commands]
+        self.env = env
+        self.command_env = command_env or {}  # per subcommand, on top of env (its thread budget)
+        self.embedded = embedded
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="strata-supervisor", daemon=True)
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+        self._thread.start()
+
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", child.command],
+            env={**self.env, **self.command_env.get(child.command, {})},
+            preexec_fn=die_with_parent,
+        )
+        child.started = time.monotonic()
+
+    def _backoff(self, failures: int) -> float:
+        return 0.0 if failures <= 1 else min(MAX_BACKOFF_S, 0.5 * 2 ** (failures - 2))
+
+    def check(self) -> None:
+        """One round: restart Redis if it died, then every child that has exited."""
+        now = time.monotonic()
+        if self.embedded is not None and self.embedded.process is not None:
+            code = self.embedded.process.poll()
+            if code is not None:
+                log.warning("embedded redis-server exited (code %s): restarting it", code)
+                try:
+                    self.embedded.start()
+                    self.restarts += 1
+                except RuntimeError as e:
+                    log.error("embedded redis-server did not restart: %s", e)
+        for child in self.children:
+            code = child.process.poll() if child.process is not None else 0
+            if code is None:
+                continue
+            if child.restart_at == 0.0:  # just noticed
+                quick = now - child.started < HEALTHY_AFTER_S
+                child.failures = child.failures + 1 if quick else 1
+                child.restart_at = now + self._backoff(child.failures)
+                log.warning(
+                    "%s process %s exited (code %s): restarting it", child.command, child.process.pid, code
+                )
+            if now >= child.restart_at:
+                child.restart_at = 0.0
+                self._spawn(child)
+                self.restarts += 1
+
+    def _watch(self) -> None:
+        while not self._stop.wait(CHECK_S):
+            try:
+                self.check()
+            except Exception:  # the supervisor itself must not die
+                log.exception("supervisor round failed")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop watching, then terminate every child (killed if it does not exit in time)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        running = [c.process for c in self.children if c.process is not None]
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
