@@ -12,6 +12,7 @@ from fastapi import HTTPException
 from service.schemas import (
     GrowJobRequest,
     MergeJobRequest,
+    MoeJobRequest,
     ProfileJobRequest,
     PruneJobRequest,
     SortJobRequest,
@@ -22,6 +23,9 @@ from service.schemas import (
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
+from workers.moe.build import check_moe_inputs, output_bytes
+from workers.moe.layouts import LayoutError
+from workers.moe.routers import RouterError
 from workers.store.model_store import weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
@@ -61,6 +65,19 @@ def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings
         ensure_free(request.name, registry)
     out_dtype = request.out_dtype or request.dtype
     ensure_disk(weights_bytes(paths[request.reference_model], DTYPES.get(out_dtype)), settings)
+
+
+def check_moe(request: MoeJobRequest, registry: Registry, settings: Settings) -> None:
+    paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
+    try:
+        check_moe_inputs(request, paths)
+    except HomologyError as e:
+        raise HTTPException(422, f"experts are not homologous: {e}") from e
+    except (LayoutError, RouterError) as e:
+        raise HTTPException(422, str(e)) from e
+    if request.name:
+        ensure_free(request.name, registry)
+    ensure_disk(output_bytes(request, paths[request.base_model]), settings)
 
 
 def check_variants(request: VariantsJobRequest, registry: Registry, settings: Settings) -> None:
@@ -164,6 +181,7 @@ PRECHECKS = {
     "sort": check_sort,
     "truncate": check_truncate,
     "merge": check_merge,
+    "moe": check_moe,
     "variants": check_variants,
     "profile": check_profile,
     "sparsify": check_sparsify,

@@ -11,9 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from service import deps
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
-from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
+from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest, MoeJobRequest
 from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
+from workers.moe.config import is_moe_recipe
 from workers.store.registry import Registry
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
@@ -21,7 +22,9 @@ QueueDep = Annotated[JobQueue, Depends(deps.job_queue)]
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
-def _submit(request: MergeJobRequest, queue: JobQueue, registry: Registry, settings: Settings) -> JobView:
+def _submit(
+    request: MergeJobRequest | MoeJobRequest, queue: JobQueue, registry: Registry, settings: Settings
+) -> JobView:
     PRECHECKS[request.kind](request, registry, settings)
     return queue.submit(request)
 
@@ -40,8 +43,17 @@ MERGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/MergeJobRequest"}},
-            "application/yaml": {"schema": {"type": "string", "description": "A mergekit YAML config"}},
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/MergeJobRequest"},
+                        {"$ref": "#/components/schemas/MoeJobRequest"},
+                    ]
+                }
+            },
+            "application/yaml": {
+                "schema": {"type": "string", "description": "A mergekit or mergekit-moe YAML config"}
+            },
         },
     }
 }
@@ -54,7 +66,8 @@ async def submit_merge(
     registry: Annotated[Registry, Depends(deps.registry)],
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> JobView:
-    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
+    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent; a
+    mergekit-moe config (recognised by `experts`, `gate_mode`, ...) becomes a `moe` job."""
     raw = await request.body()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
@@ -65,9 +78,10 @@ async def submit_merge(
         raise HTTPException(
             415, f"send the merge as application/yaml or application/json, not {content_type}"
         )
-    data.setdefault("kind", "merge")
+    data.setdefault("kind", "moe" if is_moe_recipe(data) else "merge")
+    request_type = MoeJobRequest if data["kind"] == "moe" else MergeJobRequest
     try:
-        merge = TypeAdapter(MergeJobRequest).validate_python(data)
+        merge = TypeAdapter(request_type).validate_python(data)
     except ValidationError as e:
         raise HTTPException(
             422, e.errors(include_url=False, include_context=False, include_input=False)
