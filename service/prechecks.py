@@ -23,6 +23,7 @@ from service.schemas import (
 from service.settings import Settings
 from workers.merge.executor import DTYPES
 from workers.merge.homology import HomologyError, check_homologous
+from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_vocabulary
 from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
@@ -57,10 +58,16 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
 
 def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings) -> None:
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
+    own_vocabulary = builds_vocabulary(request)
     try:
-        check_homologous(paths)
+        check_homologous(paths, vocabulary_rows_may_differ=own_vocabulary)
     except HomologyError as e:
         raise HTTPException(422, f"models are not homologous: {e}") from e
+    if own_vocabulary:
+        try:
+            build_vocabulary(request, paths)
+        except VocabularyError as e:
+            raise HTTPException(422, str(e)) from e
     if request.name:
         ensure_free(request.name, registry)
     out_dtype = request.out_dtype or request.dtype

@@ -50,6 +50,45 @@ def _numbers(value: ParameterValue) -> list[float]:
     return [n for item in value for n in _numbers(item)]
 
 
+class ModelTokenSource(BaseModel):
+    """A token's row taken from a model's row for another token (`token`) or row index (`token_id`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: int | None = Field(default=None, ge=0, lt=1 << 31)
+    token: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """Where a token's embedding / LM-head row comes from: a model (its row for the token), another
+    model token, or zeros; `force` uses it even for models that have the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(default="union", description='"base", "union", or "model:<id>"')
+    tokens: dict[str, TokenEmbedding] | None = Field(default=None, max_length=4096)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=1 << 16)
+
+
 class MergeConfig(BaseModel):
     """A merge recipe. Paste a mergekit YAML (models form) as it is; add `name` and `seed` if you like."""
 
@@ -62,7 +101,15 @@ class MergeConfig(BaseModel):
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: str | None = Field(
-        default=None, description='"base" (default) or one of the input models'
+        default=None,
+        description='"base", "union" or "model:<id>": build the output vocabulary and move embedding and '
+        "LM-head rows onto it, as mergekit does (unset: copy the base's tokenizer as it is)",
+    )
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = Field(
+        default=None,
+        max_length=65536,
+        description='A Jinja chat template for the output, or "auto" (the one most input models have)',
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, description="Seed for the random methods (dare_*)")
@@ -117,9 +164,29 @@ class MergeConfig(BaseModel):
                 bad = [d for d in _numbers(density) if not 0 < d <= 1]
                 if bad:
                     raise ValueError(f"density must be in (0, 1], got {bad[0]} for model {entry.model!r}")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_models:
-            raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the input models")
+        self._check_tokenizer()
         return self
+
+    def _check_tokenizer(self) -> None:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer block, not both")
+        source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        if source is not None and source not in ("base", "union"):
+            ref = source.removeprefix("model:")
+            if ref not in self.input_models:
+                raise ValueError(f"tokenizer source {source!r} is not one of the input models")
+        for token, embedding in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            source = embedding.source
+            model = source.model if isinstance(source, ModelTokenSource) else source
+            if isinstance(model, str) and model not in self.input_models:
+                raise ValueError(f"token {token!r} takes its row from {model!r}, which is not an input model")
+            if embedding.force and embedding.source is None:
+                raise ValueError(f"token {token!r} is forced but has no source")
+        template = self.chat_template
+        if template is not None and template != "auto" and (len(template) < 20 or "{" not in template):
+            raise ValueError(
+                'chat_template must be "auto" or a Jinja template (named templates are not bundled)'
+            )
 
     @property
     def input_models(self) -> list[str]:

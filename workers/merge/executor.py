@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,21 +24,12 @@ from workers.merge.config import MergeConfig
 from workers.merge.homology import check_homologous, read_config
 from workers.merge.parameters import layer_position, resolve
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
+from workers.merge.tokenizer_output import TOKENIZER_FILES, copy_tokenizer, write_tokenizer  # noqa: F401
+from workers.merge.vocabulary import build_vocabulary, is_vocabulary_tensor
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 Progress = Callable[[int, int, str], None]
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -101,7 +91,8 @@ def merge_models(
     device = device or default_device()
     method = METHODS[config.merge_method]
     reference = config.reference_model
-    check_homologous({ref: paths[ref] for ref in config.input_models})  # reference first
+    vocabulary = build_vocabulary(config, paths)  # None: the reference model's vocabulary as it is
+    check_homologous({ref: paths[ref] for ref in config.input_models}, vocabulary is not None)
     ref_config = read_config(paths[reference])
     num_layers = int(ref_config.get("num_hidden_layers", 1))
     compute_dtype = DTYPES[config.dtype] if config.dtype else None
@@ -124,10 +115,23 @@ def merge_models(
             def load(ref: str) -> torch.Tensor:
                 return readers[ref].map(name).to(device=device, dtype=dtype)
 
+            if vocabulary is not None and is_vocabulary_tensor(name):  # rows moved onto the output vocabulary
+                rows = vocabulary.align({ref: load(ref) for ref in gathered})
+                base = rows[config.base_model] if method.needs_base else None
+                return base, [rows[e.model] for e in config.merged_entries]
             base = load(config.base_model) if method.needs_base else None
             return base, [load(e.model) for e in config.merged_entries]
 
-        plan = [PlannedTensor(n, target_dtype(e), e.shape) for n, e in entries.items()]
+        # mergekit's order of the models a tensor is gathered from: those listed, then an unlisted base
+        listed = [m.model for m in config.models]
+        gathered = list(dict.fromkeys(listed + ([config.base_model] if method.needs_base else [])))
+
+        def shape(name: str, entry) -> tuple[int, ...]:
+            if vocabulary is not None and is_vocabulary_tensor(name):
+                return (vocabulary.size, *entry.shape[1:])
+            return entry.shape
+
+        plan = [PlannedTensor(n, target_dtype(e), shape(n, e)) for n, e in entries.items()]
         writer = ShardedWriter(out_dir, plan, max_shard_bytes)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io:
@@ -158,9 +162,8 @@ def merge_models(
         for reader in readers.values():
             reader.close()
 
-    _write_config(out_dir, ref_config, out_dtype)
-    tokenizer_source = reference if config.tokenizer_source in (None, "base") else config.tokenizer_source
-    copy_tokenizer(paths[tokenizer_source], out_dir)
+    _write_config(out_dir, ref_config, out_dtype, vocabulary.size if vocabulary else None)
+    write_tokenizer(config, paths, out_dir, vocabulary)
     written = sum((out_dir / f).stat().st_size for f in writer.files)
     return MergeResult(len(plan), written, time.perf_counter() - start, str(device))
 
@@ -172,15 +175,13 @@ def _drain(writes: list, keep: int) -> list:
     return writes
 
 
-def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None) -> None:
+def _write_config(
+    out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None, vocab_size: int | None = None
+) -> None:
     config = dict(ref_config)
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     if out_dtype is not None:
         config["dtype"] = DTYPE_NAMES[out_dtype]
         config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def copy_tokenizer(source: Path, out_dir: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copyfile(source / name, out_dir / name)
