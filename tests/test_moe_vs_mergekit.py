@@ -244,3 +244,36 @@ def test_failed_build_leaves_no_complete_model(experts, tmp_path):
             device=torch.device("cpu"),
         )
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_qwen_moe_takes_the_shared_expert_from_any_model(experts, tmp_path):
+    """mergekit-moe 0.1.5 can read a shared expert only when it is also the base or an expert; Strata reads
+    it from its own model."""
+    text = recipe(SHARED, experts, "cheap_embed").replace(
+        f"shared_experts:\n  - source_model: {experts / 'base'}",
+        f"shared_experts:\n  - source_model: {experts / 'c'}",
+    )
+    config = build(text, tmp_path / "qwen")
+    assert config.shared_experts[0].source_model == str(experts / "c")
+    ours, c = tensors(tmp_path / "qwen"), tensors(experts / "c")
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        name = f"model.layers.3.mlp.{projection}.weight"
+        assert torch.equal(ours[f"model.layers.3.mlp.shared_expert.{projection}.weight"], c[name])
+    assert ours["model.layers.3.mlp.shared_expert_gate.weight"].shape == (1, 64)
+    assert not ours["model.layers.0.self_attn.q_proj.bias"].any()  # a LLaMA base has no q/k/v biases
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen").eval()
+    assert model.generate(torch.tensor([[1, 30]]), max_new_tokens=2, do_sample=False).shape == (1, 4)
+
+
+def test_uniform_random_gates_and_noise_are_seeded(experts, tmp_path):
+    text = recipe(EXPERTS, experts, "uniform_random").replace(
+        "    residual_scale: 0.5", "    noise_scale: 0.01"
+    )
+    build(text, tmp_path / "one")
+    build(text, tmp_path / "two")
+    one, two, c = tensors(tmp_path / "one"), tensors(tmp_path / "two"), tensors(experts / "c")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    rows = one["model.layers.1.mlp.gate.weight"]
+    assert rows.abs().max() <= 1 / 64**0.5 and rows.std() > 0.05  # U(-1/sqrt(H), 1/sqrt(H))
+    noise = one["model.layers.1.mlp.experts.down_proj"][2] - c["model.layers.1.mlp.down_proj.weight"]
+    assert 0.008 < noise.std().item() < 0.012
