@@ -67,6 +67,14 @@ def test_moe_yaml_at_merges_registers_a_mixtral_with_the_experts_as_parents(serv
         weights["model.layers.2.mlp.experts.down_proj"][1], b["model.layers.2.mlp.down_proj.weight"]
     )
     assert json.loads((stored / "config.json").read_text())["num_experts_per_tok"] == 2
+    with server.client() as c:  # Strata's inference workers serve it too, at any exit depth
+        for depth in (2, 4):
+            r = c.post(
+                "/v1/generate",
+                json={"model": "moe-mix", "prompt": "the cat", "max_new_tokens": 4, "depth": depth},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["strata"]["depth"] == depth and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_moe_as_a_json_job(server, moe_experts):
