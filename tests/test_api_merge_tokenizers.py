@@ -55,7 +55,7 @@ def test_merge_with_a_models_tokenizer_registers_its_larger_vocabulary(server, v
     [
         ("", "set tokenizer_source"),
         ("tokenizer_source: model:tok-nowhere\n", "not one of the input models"),
-        ("chat_template: chatml\n", "chat_template"),
+        ("chat_template: vicuna\n", "chat_template"),
     ],
 )
 def test_bad_tokenizer_recipes_get_422_and_register_nothing(server, vocab_family, extra, message):

@@ -173,6 +173,22 @@ def test_chat_template_given_as_text_is_saved_without_a_tokenizer_source(family,
     assert AutoTokenizer.from_pretrained(ours).chat_template == template.replace("\\n", "\n")
 
 
+@needs_mergekit
+def test_chatml_by_name_renders_as_mergekits(family, tmp_path):
+    ours, theirs = run_both(fill(SAME_VOCABULARY, family) + "chat_template: chatml\n", tmp_path)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    for prompt in (False, True):
+        rendered = [
+            AutoTokenizer.from_pretrained(d).apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=prompt
+            )
+            for d in (ours, theirs)
+        ]
+        assert rendered[0] == rendered[1] and rendered[0].startswith(
+            "<|im_start|>system\nBe brief.<|im_end|>\n"
+        )
+
+
 def test_union_rows_come_from_the_model_that_has_the_token(family, tmp_path):
     """<|im_start|> exists in a only: every model's row for it is a's, so the merged row is
     base + 0.6 (a - a) + 0.3 (a - a) = a's row; shared tokens merge as usual."""
@@ -206,7 +222,7 @@ def test_without_tokenizer_settings_the_base_tokenizer_is_copied_as_it_is(family
     [
         ("tokenizer_source: nowhere\n", "not one of the input models"),
         ("tokenizer_source: union\ntokenizer: {source: base}\n", "not both"),
-        ("chat_template: chatml\n", "chat_template"),
+        ("chat_template: vicuna\n", "chat_template"),
         (
             "tokenizer:\n  tokens: {x: {source: {kind: model_token, model: elsewhere, token_id: 1}}}\n",
             "not an input model",

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.merge.chat_templates import NAMED_TEMPLATES
 from workers.merge.registry import METHODS
 
 Scalar = bool | int | float
@@ -109,7 +110,7 @@ class MergeConfig(BaseModel):
     chat_template: str | None = Field(
         default=None,
         max_length=65536,
-        description='A Jinja chat template for the output, or "auto" (the one most input models have)',
+        description='A Jinja chat template for the output, "chatml", or "auto" (the one most inputs have)',
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, description="Seed for the random methods (dare_*)")
@@ -183,9 +184,10 @@ class MergeConfig(BaseModel):
             if embedding.force and embedding.source is None:
                 raise ValueError(f"token {token!r} is forced but has no source")
         template = self.chat_template
-        if template is not None and template != "auto" and (len(template) < 20 or "{" not in template):
+        named = template in NAMED_TEMPLATES or template == "auto"
+        if template is not None and not named and (len(template) < 20 or "{" not in template):
             raise ValueError(
-                'chat_template must be "auto" or a Jinja template (named templates are not bundled)'
+                f'chat_template must be "auto", one of {sorted(NAMED_TEMPLATES)} or a Jinja template'
             )
 
     @property

@@ -2,7 +2,7 @@
 built (`workers.merge.vocabulary`), with the recipe's chat template.
 
 `chat_template: auto` picks the template most input models carry (first seen wins a tie, base first);
-any other value is a Jinja template used as given.
+`chatml` names ChatML (`workers.merge.chat_templates`); any other value is a Jinja template used as given.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from workers.merge.chat_templates import NAMED_TEMPLATES
 from workers.merge.config import MergeConfig
 from workers.merge.vocabulary import VocabularyPlan
 
@@ -46,6 +47,8 @@ def chat_template_of(directory: Path) -> str | None:
 
 
 def resolve_chat_template(config: MergeConfig, paths: dict[str, Path]) -> str | None:
+    if config.chat_template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[config.chat_template]
     if config.chat_template != "auto":
         return config.chat_template
     templates = [t for ref in config.input_models if (t := chat_template_of(paths[ref]))]
