@@ -122,20 +122,26 @@ class VocabularyPlan:
             elif config is not None:
                 defaults[token] = self._configured_row(token, index, config, tensors)
 
+        count = len(self.vocab)
+        token_at = {index: token for token, index in self.vocab.items()}
+        forced = torch.zeros(count, dtype=torch.bool)
+        for token, config in configs.items():
+            if config.force and token in self.vocab:
+                forced[self.vocab[token]] = True
         out = {}
         for m in models:
+            source = torch.tensor(self.sources[m], dtype=torch.long)
+            own = (source >= 0) & ~forced
             rows = torch.zeros((self.size, *row_shape), dtype=dtype, device=first.device)
-            for token, index in self.vocab.items():
-                forced = token in configs and configs[token].force
-                source = self.sources[m][index]
-                if source >= 0 and not forced:
-                    rows[index] = tensors[m][source]
-                elif token in defaults:
-                    rows[index] = defaults[token]
-                else:
+            kept = own.nonzero().flatten()
+            rows[kept.to(first.device)] = tensors[m][source[kept].to(first.device)].to(dtype)
+            for index in (~own).nonzero().flatten().tolist():
+                token = token_at[index]
+                if token not in defaults:
                     raise VocabularyError(f"no row for token {token!r} in model {m!r}")
-            if self.size > len(self.vocab):
-                rows[len(self.vocab) :] = rows[: len(self.vocab)].mean(dim=0)
+                rows[index] = defaults[token]
+            if self.size > count:
+                rows[count:] = rows[:count].mean(dim=0)
             out[m] = rows
         return out
 
