@@ -122,9 +122,9 @@ class VocabularyPlan:
             elif config is not None:
                 defaults[token] = self._configured_row(token, index, config, tensors)
 
-        count = len(self.vocab)
+        real = len(self.vocab)
         token_at = {index: token for token, index in self.vocab.items()}
-        forced = torch.zeros(count, dtype=torch.bool)
+        forced = torch.zeros(real, dtype=torch.bool)
         for token, config in configs.items():
             if config.force and token in self.vocab:
                 forced[self.vocab[token]] = True
@@ -140,8 +140,8 @@ class VocabularyPlan:
                 if token not in defaults:
                     raise VocabularyError(f"no row for token {token!r} in model {m!r}")
                 rows[index] = defaults[token]
-            if self.size > count:
-                rows[count:] = rows[:count].mean(dim=0)
+            if self.size > real:  # padding rows: the mean of the real ones
+                rows[real:] = rows[:real].mean(dim=0)
             out[m] = rows
         return out
 
