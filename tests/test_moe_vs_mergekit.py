@@ -16,7 +16,13 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny_models import CHAT_TEMPLATE, character_tokenizer, make_tiny_chat_llama, make_variant
+from tests.tiny_models import (
+    CHAT_TEMPLATE,
+    character_tokenizer,
+    make_tiny_chat_llama,
+    make_tiny_qwen2,
+    make_variant,
+)
 from workers.merge.homology import HomologyError
 from workers.moe.build import build_moe, check_moe_inputs
 from workers.moe.config import MoeConfig, is_moe_recipe
@@ -277,3 +283,34 @@ def test_uniform_random_gates_and_noise_are_seeded(experts, tmp_path):
     assert rows.abs().max() <= 1 / 64**0.5 and rows.std() > 0.05  # U(-1/sqrt(H), 1/sqrt(H))
     noise = one["model.layers.1.mlp.experts.down_proj"][2] - c["model.layers.1.mlp.down_proj.weight"]
     assert 0.008 < noise.std().item() < 0.012
+
+
+@pytest.fixture(scope="module")
+def qwen_experts(tmp_path_factory) -> Path:
+    """Tiny Qwen2 models (q/k/v biases) with the character tokenizer: a base and two perturbed copies."""
+    root = tmp_path_factory.mktemp("qwen-experts")
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        model = make_tiny_qwen2(seed=0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * seed * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(root / name)
+        character_tokenizer().save_pretrained(root / name)
+    return root
+
+
+@needs_mergekit
+def test_qwen2_experts_make_a_qwen2_moe_like_mergekits(qwen_experts, tmp_path):
+    text = recipe(SHARED, qwen_experts, "hidden")
+    build(text, tmp_path / "strata")
+    ours, theirs = tensors(tmp_path / "strata"), tensors(mergekit_moe(text, tmp_path))
+    assert ours.keys() == theirs.keys() and "model.layers.0.self_attn.q_proj.bias" in ours
+    worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours)
+    assert worst <= 1e-5, f"max |strata - mergekit-moe| = {worst}"
+    base = tensors(qwen_experts / "base")
+    assert torch.equal(
+        ours["model.layers.0.self_attn.q_proj.bias"], base["model.layers.0.self_attn.q_proj.bias"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "strata").eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"

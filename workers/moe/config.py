@@ -76,6 +76,11 @@ class MoeConfig(BaseModel):
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, ge=0, lt=2**63, description="Seed of the random gate modes and noise_scale")
 
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v  # mergekit matches the name case-insensitively
+
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str | None) -> str | None:
