@@ -21,6 +21,7 @@ QUEUE_NAME = "strata"
 INDEX = "strata:jobs"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
+    "moe": "workers.jobs.moe.moe_job",
     "variants": "workers.jobs.variants.variants_job",
     "profile": "workers.jobs.profile.profile_job",
     "sparsify": "workers.jobs.sparsify.sparsify_job",
