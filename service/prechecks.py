@@ -13,6 +13,7 @@ from service.schemas import (
     FitExitsJobRequest,
     GrowJobRequest,
     MergeJobRequest,
+    MoeJobRequest,
     ProfileJobRequest,
     PruneJobRequest,
     SortJobRequest,
@@ -25,6 +26,10 @@ from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
 from workers.merge.plan import SliceError, plan_merge
+from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_vocabulary
+from workers.moe.build import check_moe_inputs, output_bytes
+from workers.moe.layouts import LayoutError
+from workers.moe.routers import RouterError
 from workers.store.model_files import read_config
 from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
@@ -64,8 +69,9 @@ def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings
             "(STRATA_MAX_MERGE_MODELS)",
         )
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
+    own_vocabulary = builds_vocabulary(request)
     try:
-        plan = plan_merge(request, paths)
+        plan = plan_merge(request, paths)  # embedding / LM-head rows may differ when own_vocabulary
         method = METHODS[request.merge_method]
         for planned in plan.tensors:
             if planned.entry.dtype.is_floating_point:
@@ -76,10 +82,29 @@ def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings
         raise HTTPException(422, f"models are not homologous: {e}") from e
     except MissingParameterError as e:
         raise HTTPException(422, str(e)) from e
+    vocab_rows = None
+    if own_vocabulary:
+        try:
+            vocab_rows = build_vocabulary(request, paths).size
+        except VocabularyError as e:
+            raise HTTPException(422, str(e)) from e
     if request.name:
         ensure_free(request.name, registry)
     out_dtype = request.out_dtype or request.dtype
-    ensure_disk(plan.output_bytes(DTYPES.get(out_dtype)), settings)
+    ensure_disk(plan.output_bytes(DTYPES.get(out_dtype), vocab_rows), settings)
+
+
+def check_moe(request: MoeJobRequest, registry: Registry, settings: Settings) -> None:
+    paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
+    try:
+        check_moe_inputs(request, paths)
+    except HomologyError as e:
+        raise HTTPException(422, f"experts are not homologous: {e}") from e
+    except (LayoutError, RouterError) as e:
+        raise HTTPException(422, str(e)) from e
+    if request.name:
+        ensure_free(request.name, registry)
+    ensure_disk(output_bytes(request, paths[request.base_model]), settings)
 
 
 def check_variants(request: VariantsJobRequest, registry: Registry, settings: Settings) -> None:
@@ -219,6 +244,7 @@ PRECHECKS = {
     "sort": check_sort,
     "truncate": check_truncate,
     "merge": check_merge,
+    "moe": check_moe,
     "variants": check_variants,
     "profile": check_profile,
     "sparsify": check_sparsify,

@@ -22,6 +22,7 @@ INDEX = "strata:jobs"
 CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
+    "moe": "workers.jobs.moe.moe_job",
     "variants": "workers.jobs.variants.variants_job",
     "profile": "workers.jobs.profile.profile_job",
     "sparsify": "workers.jobs.sparsify.sparsify_job",

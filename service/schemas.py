@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workers.merge.config import MODEL_ID, MergeConfig
+from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
 
 
@@ -21,6 +22,12 @@ class MergeJobRequest(MergeConfig):
     """A merge: mergekit's YAML schema (models or slices form) as JSON, plus `name` and `seed`."""
 
     kind: Literal["merge"] = "merge"
+
+
+class MoeJobRequest(MoeConfig):
+    """A mixture of experts from dense models: mergekit-moe's YAML schema as JSON, plus `name` and `seed`."""
+
+    kind: Literal["moe"] = "moe"
 
 
 class VariantsJobRequest(BaseModel):
@@ -234,6 +241,7 @@ class ExtractLoraJobRequest(BaseModel):
 
 JobRequest = Annotated[
     MergeJobRequest
+    | MoeJobRequest
     | VariantsJobRequest
     | ProfileJobRequest
     | SparsifyJobRequest

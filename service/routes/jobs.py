@@ -20,9 +20,10 @@ from service.job_events import JobGone, follow_job
 from service.merge_plan import MergePlan, dry_run
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
-from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest
+from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest, MoeJobRequest
 from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
+from workers.moe.config import is_moe_recipe
 from workers.store.model_files import ModelFileError
 from workers.store.registry import Registry
 
@@ -31,7 +32,9 @@ QueueDep = Annotated[JobQueue, Depends(deps.job_queue)]
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 
 
-def _submit(request: MergeJobRequest, queue: JobQueue, registry: Registry, settings: Settings) -> JobView:
+def _submit(
+    request: MergeJobRequest | MoeJobRequest, queue: JobQueue, registry: Registry, settings: Settings
+) -> JobView:
     try:
         PRECHECKS[request.kind](request, registry, settings)
     except ModelFileError as e:  # a referenced model directory is malformed or leads outside itself
@@ -53,15 +56,25 @@ MERGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/MergeJobRequest"}},
-            "application/yaml": {"schema": {"type": "string", "description": "A mergekit YAML config"}},
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/MergeJobRequest"},
+                        {"$ref": "#/components/schemas/MoeJobRequest"},
+                    ]
+                }
+            },
+            "application/yaml": {
+                "schema": {"type": "string", "description": "A mergekit or mergekit-moe YAML config"}
+            },
         },
     }
 }
 
 
-async def read_merge(request: Request) -> MergeJobRequest:
-    """A merge from the body: a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
+async def read_merge(request: Request) -> MergeJobRequest | MoeJobRequest:
+    """A merge from the body: a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent;
+    a mergekit-moe config (recognised by `experts`, `gate_mode`, ...) becomes a `moe` job."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in (*YAML_TYPES, "application/json", ""):  # before parsing anything
         raise HTTPException(
@@ -72,14 +85,15 @@ async def read_merge(request: Request) -> MergeJobRequest:
     return await run_in_threadpool(_parse_merge, raw)
 
 
-def _parse_merge(raw: bytes) -> MergeJobRequest:
+def _parse_merge(raw: bytes) -> MergeJobRequest | MoeJobRequest:
     try:
         data = parse_yaml(raw)  # YAML is a superset of JSON: one parser serves both
     except MergeConfigError as e:
         raise HTTPException(422, str(e)) from e
-    data.setdefault("kind", "merge")
+    data.setdefault("kind", "moe" if is_moe_recipe(data) else "merge")
+    request_type = MoeJobRequest if data["kind"] == "moe" else MergeJobRequest
     try:
-        return TypeAdapter(MergeJobRequest).validate_python(data)
+        return TypeAdapter(request_type).validate_python(data)
     except ValidationError as e:
         raise HTTPException(422, short_errors(e.errors(include_url=False, include_input=False))) from e
 
@@ -91,7 +105,8 @@ async def submit_merge(
     registry: Annotated[Registry, Depends(deps.registry)],
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> JobView:
-    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent."""
+    """A merge from a mergekit YAML (`Content-Type: application/yaml`) or its JSON equivalent; a
+    mergekit-moe config (recognised by `experts`, `gate_mode`, ...) becomes a `moe` job."""
     merge = await read_merge(request)
     return await run_in_threadpool(_submit, merge, queue, registry, settings)
 
@@ -103,8 +118,11 @@ async def validate_merge(
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> MergePlan:
     """Dry run: the checks of POST /v1/merges (same 4xx), then every tensor's resolved parameters
-    (per merged model and global, at the tensor's layer position); nothing is queued."""
+    (per merged model and global, at the tensor's layer position); nothing is queued. MoE recipes
+    are not covered (422): POST /v1/merges checks them before queueing."""
     merge = await read_merge(request)
+    if isinstance(merge, MoeJobRequest):
+        raise HTTPException(422, "the dry run covers merge recipes; submit a MoE recipe to POST /v1/merges")
     return await run_in_threadpool(dry_run, merge, registry, settings)
 
 

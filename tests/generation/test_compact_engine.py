@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from workers.early_exit.adapters import Affine, ExitAdapters
 from workers.early_exit.forward import exit_logits, residual_at_exits
@@ -129,3 +130,28 @@ def test_residuals_at_exits_match_the_uncached_reference(engine, tiny_model, pro
     assert sorted(ours) == [1, 3, 4]
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_moe_layers_give_the_uncached_reference_logits_at_every_depth(tokenizer, prompts):
+    """A Mixtral's MoE MLPs run as transformers' own blocks inside the compact step."""
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    model = MixtralForCausalLM(config).eval()
+    compact = EarlyExitEngine(model, tokenizer, device="cpu").compact
+    ids = torch.tensor([prompts[3]])
+    for depth in (1, 3):
+        ours = compact.forward(
+            ids, torch.arange(ids.shape[1])[None], compact.new_cache(depth, 1, 32), depth, last_only=False
+        )
+        torch.testing.assert_close(ours, exit_logits(model, ids, depth), rtol=1e-4, atol=1e-4)
+    assert compact.weight_bytes(3) > compact.weight_bytes(1)

@@ -23,12 +23,16 @@ and the rotary embedding applied to Q and K together. Weights are taken from a l
   [0, 15]; the layout of GGUF's Q4_1), bfloat16 activations, torch's int4 CPU kernel;
 - int8_dynamic: int8 weights and activations quantised per call (fbgemm's dynamic linear), float32 outside.
 
+A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE) runs as transformers' own module, unquantised, in
+the activation dtype.
+
 The KV cache is preallocated for (depth, rows, capacity) and reused: a step writes its new columns in place
 and attends over the filled prefix. Nothing here knows about requests, batching policy or Redis.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -161,8 +165,16 @@ class CompactLayer:
     qkv: QuantLinear
     o: QuantLinear
     post_norm: torch.Tensor
-    gate_up: QuantLinear
-    down: QuantLinear
+    gate_up: QuantLinear | None
+    down: QuantLinear | None
+    moe: nn.Module | None = None  # a sparse mixture-of-experts MLP, in place of gate_up and down
+
+    @property
+    def mlp_bytes(self) -> int:
+        if self.moe is not None:
+            return sum(p.numel() * p.element_size() for p in self.moe.parameters())
+        assert self.gate_up is not None and self.down is not None
+        return self.gate_up.bytes + self.down.bytes
 
 
 def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
@@ -250,15 +262,23 @@ class CompactLlama:
     def _layer(self, layer: nn.Module) -> CompactLayer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         p = self.precision
+        moe, gate_up, down = None, None, None
+        if hasattr(mlp, "gate_proj"):
+            weights = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            gate_up = QuantLinear(weights, _cat_bias(mlp.gate_proj, mlp.up_proj), p)
+            down = QuantLinear(mlp.down_proj.weight, mlp.down_proj.bias, p)
+        else:  # a sparse MoE block (Mixtral, Qwen2-MoE): transformers' own module, unquantised, in the
+            # activation dtype (a copy when that differs, so the loaded model is left as it is)
+            moe = mlp if next(mlp.parameters()).dtype == self.dtype else copy.deepcopy(mlp).to(self.dtype)
         return CompactLayer(
             input_norm=layer.input_layernorm.weight.detach().to(self.dtype),
             qkv=QuantLinear(qkv, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj), p),
             o=QuantLinear(attn.o_proj.weight, attn.o_proj.bias, p),
             post_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-            gate_up=QuantLinear(gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj), p),
-            down=QuantLinear(mlp.down_proj.weight, mlp.down_proj.bias, p),
+            gate_up=gate_up,
+            down=down,
+            moe=moe,
         )
 
     def has_adapter(self, depth: int) -> bool:
@@ -266,7 +286,7 @@ class CompactLlama:
 
     def weight_bytes(self, depth: int) -> int:
         """Weight bytes a decode step at `depth` reads: layers 1..k and the head (one embedding row aside)."""
-        per_layer = [lay.qkv.bytes + lay.o.bytes + lay.gate_up.bytes + lay.down.bytes for lay in self.layers]
+        per_layer = [lay.qkv.bytes + lay.o.bytes + lay.mlp_bytes for lay in self.layers]
         return sum(per_layer[:depth]) + self.head.bytes
 
     def new_cache(self, depth: int, rows: int, capacity: int) -> KVCache:
@@ -344,8 +364,13 @@ class CompactLlama:
                 enable_gqa=kvh != nh,
             )
             hidden = hidden + layer.o(attn.transpose(1, 2).reshape(rows, q, nh * hd))
-            gate, up = layer.gate_up(self._norm(hidden, layer.post_norm)).chunk(2, dim=-1)
-            hidden = hidden + layer.down(F.silu(gate) * up)
+            mlp_in = self._norm(hidden, layer.post_norm)
+            if layer.moe is not None:
+                out = layer.moe(mlp_in)
+                hidden = hidden + (out[0] if isinstance(out, tuple) else out)
+            else:
+                gate, up = layer.gate_up(mlp_in).chunk(2, dim=-1)
+                hidden = hidden + layer.down(F.silu(gate) * up)
         return hidden
 
     @torch.inference_mode()

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from workers.merge.chat_templates import NAMED_TEMPLATES
 from workers.merge.registry import METHODS, MergeMethod
 
 MAX_ABS = 1e6
@@ -173,6 +174,45 @@ def _check_values(method: MergeMethod, key: str, value: ParameterValue, where: s
             raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {bad[0]:g}{where}")
 
 
+class ModelTokenSource(BaseModel):
+    """A token's row taken from a model's row for another token (`token`) or row index (`token_id`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1)
+    token_id: int | None = Field(default=None, ge=0, lt=1 << 31)
+    token: str | None = Field(default=None, min_length=1, max_length=1024)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id and token")
+        return self
+
+
+class ZeroSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """Where a token's embedding / LM-head row comes from: a model (its row for the token), another
+    model token, or zeros; `force` uses it even for models that have the token."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelTokenSource | ZeroSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's `tokenizer:` block."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(default="union", description='"base", "union", or "model:<id>"')
+    tokens: dict[str, TokenEmbedding] | None = Field(default=None, max_length=4096)
+    pad_to_multiple_of: int | None = Field(default=None, ge=1, le=1 << 16)
+
+
 class MergeConfig(BaseModel):
     """A merge recipe. Paste a mergekit YAML (models or slices form) as it is; add `name` and `seed`."""
 
@@ -190,7 +230,15 @@ class MergeConfig(BaseModel):
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: str | None = Field(
-        default=None, description='"base" (default) or one of the input models'
+        default=None,
+        description='"base", "union" or "model:<id>": build the output vocabulary and move embedding and '
+        "LM-head rows onto it, as mergekit does (unset: copy the base's tokenizer as it is)",
+    )
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = Field(
+        default=None,
+        max_length=65536,
+        description='A Jinja chat template for the output, "chatml", or "auto" (the one most inputs have)',
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, ge=-(2**63), lt=2**64, description="Seed for the random methods (dare_*)")
@@ -254,8 +302,7 @@ class MergeConfig(BaseModel):
                     problem = method.check(self._setting_numbers(method, source.parameters, spec.parameters))
                     if problem:
                         raise ValueError(f"{problem} for model {source.model!r}")
-        if self.tokenizer_source not in (None, "base") and self.tokenizer_source not in self.input_models:
-            raise ValueError(f"tokenizer_source {self.tokenizer_source!r} is not one of the input models")
+        self._check_tokenizer()
         return self
 
     def _check_slice(self, method: MergeMethod, index: int, spec: SliceSpec) -> None:
@@ -331,6 +378,28 @@ class MergeConfig(BaseModel):
         if method.base == "ignored" or base not in [s.model for s in sources]:
             return None
         return base
+
+    def _check_tokenizer(self) -> None:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer block, not both")
+        source = self.tokenizer.source if self.tokenizer else self.tokenizer_source
+        if source is not None and source not in ("base", "union"):
+            ref = source.removeprefix("model:")
+            if ref not in self.input_models:
+                raise ValueError(f"tokenizer source {source!r} is not one of the input models")
+        for token, embedding in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            source = embedding.source
+            model = source.model if isinstance(source, ModelTokenSource) else source
+            if isinstance(model, str) and model not in self.input_models:
+                raise ValueError(f"token {token!r} takes its row from {model!r}, which is not an input model")
+            if embedding.force and embedding.source is None:
+                raise ValueError(f"token {token!r} is forced but has no source")
+        template = self.chat_template
+        named = template in NAMED_TEMPLATES or template == "auto"
+        if template is not None and not named and (len(template) < 20 or "{" not in template):
+            raise ValueError(
+                f'chat_template must be "auto", one of {sorted(NAMED_TEMPLATES)} or a Jinja template'
+            )
 
     @property
     def input_models(self) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,22 +26,12 @@ from workers.merge.homology import read_config
 from workers.merge.parameters import resolve
 from workers.merge.plan import OutputTensor, output_config, plan_merge
 from workers.merge.registry import METHODS, MergeMethod, TensorGroup
-from workers.store.model_files import contained
+from workers.merge.tokenizer_output import TOKENIZER_FILES, copy_tokenizer, write_tokenizer  # noqa: F401
+from workers.merge.vocabulary import build_vocabulary, is_vocabulary_tensor
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 Progress = Callable[[int, int, str], None]
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -132,6 +121,7 @@ def merge_models(
     start = time.perf_counter()
     device = device or default_device()
     method = METHODS[config.merge_method]
+    vocabulary = build_vocabulary(config, paths)  # None: the reference model's vocabulary as it is
     plan = plan_merge(config, paths)
     reference = plan.reference
     compute_dtype = DTYPES[config.dtype] if config.dtype else None
@@ -159,11 +149,20 @@ def merge_models(
                     loaded[ref] = readers[ref].map(input_name[ref]).to(device=device, dtype=dtype)
                 return loaded[ref]
 
+            if vocabulary is not None and is_vocabulary_tensor(planned.name):
+                # rows moved onto the output vocabulary, for every source of the tensor's slice
+                rows = vocabulary.align({s.model: load(s.model) for s in spec.sources})
+                return (rows[spec.base] if spec.base else None), [rows[s.model] for s in spec.merged]
             base = load(spec.base) if spec.base else None
             return base, [load(s.model) for s in spec.merged]
 
+        def shape(planned: OutputTensor) -> tuple[int, ...]:
+            if vocabulary is not None and is_vocabulary_tensor(planned.name):
+                return (vocabulary.size, *planned.entry.shape[1:])
+            return planned.entry.shape
+
         outputs = plan.tensors
-        writer_plan = [PlannedTensor(p.name, target_dtype(p.entry), p.entry.shape) for p in outputs]
+        writer_plan = [PlannedTensor(p.name, target_dtype(p.entry), shape(p)) for p in outputs]
         writer = ShardedWriter(out_dir, writer_plan, max_shard_bytes)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="merge-io") as io:
@@ -194,9 +193,8 @@ def merge_models(
             reader.close()
 
     configs = {ref: read_config(paths[ref]) for ref in {reference, *(ref for ref, _ in plan.layer_origin)}}
-    _write_config(out_dir, output_config(plan, configs), out_dtype)
-    tokenizer_source = reference if config.tokenizer_source in (None, "base") else config.tokenizer_source
-    copy_tokenizer(paths[tokenizer_source], out_dir)
+    _write_config(out_dir, output_config(plan, configs), out_dtype, vocabulary.size if vocabulary else None)
+    write_tokenizer(config, paths, out_dir, vocabulary)
     written = sum((out_dir / f).stat().st_size for f in writer.files)
     return MergeResult(len(writer_plan), written, time.perf_counter() - start, str(device))
 
@@ -208,16 +206,13 @@ def _drain(writes: list, keep: int) -> list:
     return writes
 
 
-def _write_config(out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None) -> None:
+def _write_config(
+    out_dir: Path, ref_config: dict, out_dtype: torch.dtype | None, vocab_size: int | None = None
+) -> None:
     config = dict(ref_config)
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     if out_dtype is not None:
         config["dtype"] = DTYPE_NAMES[out_dtype]
         config.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def copy_tokenizer(source: Path, out_dir: Path) -> None:
-    """Copy the tokenizer files there are; each must resolve inside `source`."""
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copyfile(contained(source, name), out_dir / name)

@@ -8,6 +8,9 @@
   architecture split: embeddings (names holding "embed") come before the layers, from the first slice's
   sources; the rest (final norm, lm_head) come after, from the last slice's sources; both with t = 0.
 
+A recipe that builds its own vocabulary (tokenizer_source / tokenizer:) may have inputs whose embedding
+and LM-head tensors differ in rows; the executor moves those rows onto the output vocabulary.
+
 Only headers and config.json are read, so the plan doubles as the pre-queue check of a recipe.
 """
 
@@ -20,8 +23,9 @@ from typing import Any
 import torch
 
 from workers.merge.config import MergeConfig, SliceSource, SliceSpec
-from workers.merge.homology import HomologyError, check_homologous, read_config
+from workers.merge.homology import VOCABULARY_TENSORS, HomologyError, check_homologous, read_config
 from workers.merge.parameters import LAYER, layer_position
+from workers.merge.vocabulary import builds_vocabulary
 from workers.tensors.safetensors_io import TensorEntry, TensorReader
 
 
@@ -47,12 +51,16 @@ class MergePlan:
     num_layers: int  # of the output
     layer_origin: list[tuple[str, int]]  # per output layer: (model, its layer index there)
 
-    def output_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of the output, floating tensors counted at `dtype` when given."""
+    def output_bytes(self, dtype: torch.dtype | None = None, vocab_rows: int | None = None) -> int:
+        """Bytes of the output, floating tensors counted at `dtype` when given, and embedding / LM-head
+        tensors at `vocab_rows` rows when the recipe builds its own vocabulary."""
         total = 0
         for t in self.tensors:
             floating = dtype is not None and t.entry.dtype.is_floating_point
-            total += t.entry.numel * (dtype.itemsize if floating else t.entry.dtype.itemsize)
+            numel, rows = t.entry.numel, (t.entry.shape or (0,))[0]
+            if vocab_rows is not None and t.name.endswith(VOCABULARY_TENSORS) and rows:
+                numel = numel // rows * vocab_rows
+            total += numel * (dtype.itemsize if floating else t.entry.dtype.itemsize)
         return total
 
 
@@ -72,7 +80,9 @@ def plan_merge(config: MergeConfig, paths: dict[str, Path]) -> MergePlan:
 
 def _plan_models(config: MergeConfig, paths: dict[str, Path]) -> MergePlan:
     reference = config.reference_model
-    check_homologous({ref: paths[ref] for ref in config.input_models})  # reference first
+    # reference first; a recipe that builds its own vocabulary (workers.merge.vocabulary) lets the
+    # embedding and LM-head tensors differ in their number of rows
+    check_homologous({ref: paths[ref] for ref in config.input_models}, builds_vocabulary(config))
     num_layers = int(read_config(paths[reference]).get("num_hidden_layers", 1))
     (spec,) = config.slice_specs
     with TensorReader(paths[reference]) as reader:
@@ -130,8 +140,9 @@ def _plan_slices(config: MergeConfig, paths: dict[str, Path]) -> MergePlan:
                 raise SliceError(f"model {source.model!r} has no tensor {tensor!r} (for output {name!r})")
             shapes.append((source.model, tensor, entry))
         (ref0, tensor0, entry0), *others = shapes
+        rows_may_differ = builds_vocabulary(config) and name.endswith(VOCABULARY_TENSORS)
         for ref, tensor, entry in others:
-            if entry.shape != entry0.shape:
+            if entry.shape != entry0.shape and not (rows_may_differ and entry.shape[1:] == entry0.shape[1:]):
                 raise SliceError(
                     f"tensor {tensor!r} has shape {list(entry.shape)} in {ref!r} "
                     f"but {list(entry0.shape)} ({tensor0!r}) in {ref0!r}"
