@@ -1,5 +1,6 @@
 """RQ job: prune a model to a target architecture, with held-out perplexity before and after, against a
-random selection at the same target, and after optional distillation healing."""
+random selection at the same target, and after optional distillation healing. With `replace`, depth is cut
+by block replacement and the report also holds plain layer removal at the same target, healed the same way."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from workers.jobs.context import JobContext
 from workers.jobs.models import heldout_perplexity, load_model, save_model
 from workers.jobs.publish import publish_model
 from workers.prune.heal import heal
+from workers.prune.layers import Progress
 from workers.prune.prune import prune
+from workers.prune.replace import FitOptions
 from workers.prune.target import PruneTarget
 from workers.store.references import resolve_model
 
@@ -22,27 +25,59 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
     target = PruneTarget.model_validate(spec["target"])
     report: dict[str, Any] = {}
 
+    def labelled(label: str) -> Progress:
+        return lambda done, total, message: ctx.progress(done, total, f"{label}: {message}")
+
     def build(out_dir) -> None:
         model, tokenizer = load_model(source_dir)
         calibration = calibration_windows(tokenizer, spec["seq_len"], spec["calibration_windows"])
-        result = prune(model, target, calibration, spec["mode"], spec["seed"], ctx.progress)
+
+        def windows_of(data: str):
+            return instruction_windows(tokenizer, spec["seq_len"]) if data == "instructions" else calibration
+
+        replace = dict(spec.get("replace") or {})
+        fit_options = (
+            FitOptions.model_validate({k: v for k, v in replace.items() if k in FitOptions.model_fields})
+            if replace
+            else None
+        )
+        fitting = windows_of(replace.get("data", "calibration")) if replace else None
+        mode, seed = spec["mode"], spec["seed"]
+        result = prune(model, target, calibration, mode, seed, labelled("prune"), fit_options, fitting)
         ppl = {
             "source": heldout_perplexity(model, tokenizer),
             "pruned": heldout_perplexity(result.model, tokenizer),
         }
-        if spec["compare_random"] and spec["mode"] != "random":
-            baseline = prune(model, target, calibration, "random", spec["seed"])
+        if spec["compare_random"] and mode != "random":
+            baseline = prune(
+                model, target, calibration, "random", seed, labelled("random"), fit_options, fitting
+            )
             ppl["random"] = heldout_perplexity(baseline.model, tokenizer)
+        removal = None
+        if replace and replace.get("compare_removal", True):
+            removal = prune(model, target, calibration, mode, seed, labelled("plain removal"))
+            ppl["removed"] = heldout_perplexity(removal.model, tokenizer)
+            report["removed_layers_plain"] = removal.removed_layers
         healing = dict(spec.get("heal") or {})
         if healing:
-            data = healing.pop("data", "calibration")
-            texts = instruction_windows(tokenizer, spec["seq_len"]) if data == "instructions" else calibration
-            healed = heal(result.model, model, texts, progress=ctx.progress, **healing)
+            texts = windows_of(healing.pop("data", "calibration"))
+            healed = heal(result.model, model, texts, progress=labelled("heal"), **healing)
             ppl["healed"] = heldout_perplexity(result.model, tokenizer)
             report["heal"] = {
                 "steps": healed.steps,
                 "kd_before": healed.kd_before,
                 "kd_after": healed.kd_after,
+            }
+            if removal is not None:
+                heal(removal.model, model, texts, progress=labelled("heal plain removal"), **healing)
+                ppl["removed_healed"] = heldout_perplexity(removal.model, tokenizer)
+        if result.replaced is not None and result.fit is not None:
+            report["replaced"] = {
+                "block": result.replaced.layers,
+                "init_layer": result.replaced.init,
+                "steps": result.fit.steps,
+                "relative_mse_before": result.fit.mse_before,
+                "relative_mse_after": result.fit.mse_after,
             }
         report.update(
             config=result.plan.model_dump(),

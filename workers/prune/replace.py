@@ -41,7 +41,7 @@ class FitOptions(BaseModel):
 
     block_start: int | None = Field(default=None, ge=0, description="Cut this block (0-based first layer)")
     steps: int = Field(default=300, ge=0, le=100_000)
-    lr: float = Field(default=1e-4, gt=0, le=1)
+    lr: float = Field(default=1e-3, gt=0, le=1)
     kl_weight: float = Field(default=0.0, ge=0, le=100)
     temperature: float = Field(default=2.0, gt=0, le=100)
 
