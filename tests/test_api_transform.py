@@ -118,6 +118,17 @@ def test_prune_by_block_replacement_compares_with_removal_and_random_healed_or_n
     source = AutoModelForCausalLM.from_pretrained(talker / "base")
     first_two = {n: p.shape for n, p in source.named_parameters() if not any(f".{i}." in n for i in (2, 3))}
     assert {n: p.shape for n, p in model.named_parameters()} == first_two
+    # Its exits can be profiled and served like any model's.
+    with server.client() as c:
+        r = c.post(
+            "/v1/jobs", json={"kind": "profile", "model": "talker-streamlined", "grid": [1, 2], "repeats": 1}
+        )
+        assert r.status_code == 202, r.text
+        assert server.wait_job(r.json()["id"])["status"] == "finished"
+        body = {"model": "talker-streamlined", "prompt": "ab", "depth": 1, "max_new_tokens": 3}
+        served = c.post("/v1/generate", json=body)
+    assert served.status_code == 200, served.text
+    assert served.json()["strata"]["depth"] == 1 and served.json()["strata"]["num_layers"] == 2
 
 
 def test_grow_is_function_preserving(server, talker):
