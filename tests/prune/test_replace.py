@@ -111,7 +111,12 @@ def test_the_final_kl_term_pulls_the_output_distribution_toward_the_source(tiny,
 @pytest.mark.parametrize("which", ["tiny", "tiny_qwen2"])
 def test_replaced_model_is_a_plain_model_of_n_minus_1_fewer_layers(which, request, calibration, tmp_path):
     source = request.getfixturevalue(which)
-    done = replace_block(source, calibration, 3, options=FitOptions(steps=5), device="cpu")
+    seen = []
+    progress = lambda done, total, message: seen.append((done / total, message))  # noqa: E731
+    done = replace_block(source, calibration, 3, options=FitOptions(steps=5), progress=progress, device="cpu")
+    phases = [m.split(":")[0] for _, m in seen]
+    assert phases[0] == "replace 1/3" and phases[-1] == "replace 3/3" and "replace 2/3" in phases
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
     model = done.model
     assert model.config.num_hidden_layers == 2 and len(decoder_layers(model)) == 2
     assert [layer.self_attn.layer_idx for layer in decoder_layers(model)] == [0, 1]

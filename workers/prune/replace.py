@@ -287,34 +287,38 @@ def replace_block(
 
     The block is the one of lowest BI_size on `calibration` (or `options.block_start`; or, with
     `random_seed`, a seeded random block and initial layer: the baseline). The replacement is fitted on
-    `fitting` (default: the calibration windows).
+    `fitting` (default: the calibration windows). Runs on CUDA when available (or on `device`); both
+    models end where the source was.
     """
     options = options or FitOptions()
     n = len(decoder_layers(source))
     check_block(n, size, options.block_start)
     fitting = calibration if fitting is None else fitting
     stage = _stages(progress, 3)
-    result_bi: tuple[list[float], list[float]] | None = None
-    if random_seed is not None:
-        block = random_block(n, size, random_seed)
-    else:
-        result_bi = block_influences(source, calibration, size, stage(0))
-        block_bi, layer_bi = result_bi
-        if options.block_start is not None:
-            inside = range(options.block_start, options.block_start + size)
-            block = Block(options.block_start, size, max(inside, key=lambda j: (layer_bi[j], -j)))
-        else:
-            block = choose_block(block_bi, layer_bi, size)
-    pruned = cut_block(source, block)
     device = torch.device(device) if device is not None else default_device()
-    pairs = collect_pairs(source, fitting, block, options.kl_weight > 0, device, stage(1))
+    home = next(source.parameters()).device
+    source.to(device)
+    try:
+        if random_seed is not None:
+            block, bi = random_block(n, size, random_seed), None
+        else:
+            bi = block_influences(source, calibration, size, stage(0))
+            if options.block_start is not None:
+                inside = range(options.block_start, options.block_start + size)
+                block = Block(options.block_start, size, max(inside, key=lambda j: (bi[1][j], -j)))
+            else:
+                block = choose_block(bi[0], bi[1], size)
+        pairs = collect_pairs(source, fitting, block, options.kl_weight > 0, device, stage(1))
+    finally:
+        source.to(home)
+    pruned = cut_block(source, block)
     fit = fit_replacement(pruned, block.start, pairs, options, device, stage(2))
     return Replacement(
         model=pruned,
         block=block,
         fit=fit,
-        block_influence=result_bi[0] if result_bi else None,
-        layer_influence=result_bi[1] if result_bi else None,
+        block_influence=bi[0] if bi else None,
+        layer_influence=bi[1] if bi else None,
     )
 
 
