@@ -160,8 +160,39 @@ def check_prune(request: PruneJobRequest, registry: Registry, settings: Settings
             raise HTTPException(
                 422, f"target {key}={want} exceeds the source's {have}; use a grow job to grow"
             )
+    if request.replace is not None:
+        _check_replace(request, source["num_hidden_layers"])
     _default_name(request, "pruned", registry)
     ensure_disk(weights_bytes(path), settings)
+
+
+def _check_replace(request: PruneJobRequest, layers: int | None) -> None:
+    """Block replacement needs a depth cut (a block of at least 2 layers), and a block_start whose block
+    of L0 - L + 1 layers ends inside the L0-layer stack."""
+    target = request.target
+    if not layers:
+        return
+    if target.num_hidden_layers is not None:
+        size = layers - target.num_hidden_layers + 1
+        if size < 2:
+            raise HTTPException(
+                422,
+                f"replace needs a depth cut: target num_hidden_layers={target.num_hidden_layers} keeps "
+                f"all {layers} layers",
+            )
+    elif target.param_budget is not None and "depth" in target.axes:
+        size = 2  # the planner decides how many; at least two layers make a block
+    else:
+        raise HTTPException(
+            422, "replace needs a depth cut: give num_hidden_layers, or a param_budget with depth in axes"
+        )
+    start = request.replace.block_start if request.replace is not None else None
+    if start is not None and start + size > layers:
+        raise HTTPException(
+            422,
+            f"replace.block_start={start}: a block of {size} layers from there crosses the end of the "
+            f"{layers}-layer stack (last start: {layers - size})",
+        )
 
 
 def check_grow(request: GrowJobRequest, registry: Registry, settings: Settings) -> None:

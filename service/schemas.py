@@ -114,6 +114,23 @@ class HealOptions(BaseModel):
     )
 
 
+class ReplaceOptions(BaseModel):
+    """Depth by block replacement (LLM-Streamline): cut n + 1 contiguous layers (the block whose output is
+    most like its input) and fit one layer, a copy of the block's most important one, to map the block's
+    input hidden states to its output (relative MSE, plus kl_weight * the final KL), all else frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+    block_start: int | None = Field(default=None, ge=0, description="Cut the block starting at this layer")
+    steps: int = Field(default=300, ge=0, le=100_000)
+    lr: float = Field(default=1e-3, gt=0, le=1)
+    kl_weight: float = Field(default=0.0, ge=0, le=100)
+    temperature: float = Field(default=2.0, gt=0, le=100)
+    data: Literal["calibration", "instructions"] = Field(default="calibration", description="Fitting text")
+    compare_removal: bool = Field(
+        default=True, description="Also report plain layer removal at the same target (healed the same way)"
+    )
+
+
 class PruneJobRequest(BaseModel):
     """Structured pruning to a target architecture: layers by block influence, MLP channels and KV groups by
     activation importance on calibration text (mode=random: seeded random choices at the same target)."""
@@ -125,6 +142,7 @@ class PruneJobRequest(BaseModel):
     mode: Literal["activation", "random"] = "activation"
     compare_random: bool = Field(default=True, description="Also report a random selection's perplexity")
     heal: HealOptions | None = None
+    replace: ReplaceOptions | None = Field(default=None, description="Cut depth by block replacement")
     seq_len: int = Field(default=256, ge=8, le=4096)
     calibration_windows: int = Field(default=8, ge=1, le=256)
     seed: int = 0

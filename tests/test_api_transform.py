@@ -94,6 +94,43 @@ def test_prune_hits_the_target_config_exactly_and_compares_with_random(server, t
     assert model.num_parameters() == result["config"]["params"]
 
 
+def test_prune_by_block_replacement_compares_with_removal_and_random_healed_or_not(server, talker):
+    result = run_job(
+        server,
+        {
+            "kind": "prune",
+            "model": "talker-base",
+            "name": "talker-streamlined",
+            "target": {"num_hidden_layers": 2},
+            "calibration_windows": 2,
+            "replace": {"steps": 4},
+            "heal": {"steps": 1},
+        },
+    )
+    keys = {"source", "pruned", "random", "removed", "healed", "removed_healed"}
+    assert set(result["perplexity"]) == keys and all(v > 0 for v in result["perplexity"].values())
+    replaced = result["replaced"]
+    assert len(replaced["block"]) == 3 and replaced["init_layer"] in replaced["block"]
+    assert result["removed_layers"] == replaced["block"] and len(result["removed_layers_plain"]) == 2
+    assert replaced["steps"] == 4 and replaced["relative_mse_after"] >= 0
+    model = AutoModelForCausalLM.from_pretrained(server.home / "models" / "talker-streamlined")
+    assert model.config.num_hidden_layers == 2 and model.num_parameters() == result["config"]["params"]
+    source = AutoModelForCausalLM.from_pretrained(talker / "base")
+    first_two = {n: p.shape for n, p in source.named_parameters() if not any(f".{i}." in n for i in (2, 3))}
+    assert {n: p.shape for n, p in model.named_parameters()} == first_two
+    # Its exits can be profiled and served like any model's.
+    with server.client() as c:
+        r = c.post(
+            "/v1/jobs", json={"kind": "profile", "model": "talker-streamlined", "grid": [1, 2], "repeats": 1}
+        )
+        assert r.status_code == 202, r.text
+        assert server.wait_job(r.json()["id"])["status"] == "finished"
+        body = {"model": "talker-streamlined", "prompt": "ab", "depth": 1, "max_new_tokens": 3}
+        served = c.post("/v1/generate", json=body)
+    assert served.status_code == 200, served.text
+    assert served.json()["strata"]["depth"] == 1 and served.json()["strata"]["num_layers"] == 2
+
+
 def test_grow_is_function_preserving(server, talker):
     result = run_job(
         server,
@@ -119,6 +156,36 @@ def test_grow_is_function_preserving(server, talker):
     [
         ({"kind": "prune", "model": "talker-base", "target": {"num_hidden_layers": 9}}, "exceeds the source"),
         ({"kind": "prune", "model": "talker-base", "target": {}}, "give one of"),
+        (
+            {"kind": "prune", "model": "talker-base", "target": {"num_hidden_layers": 0}, "replace": {}},
+            "greater than or equal to 1",
+        ),
+        (
+            {"kind": "prune", "model": "talker-base", "target": {"num_hidden_layers": 4}, "replace": {}},
+            "replace needs a depth cut",
+        ),
+        (
+            {"kind": "prune", "model": "talker-base", "target": {"param_budget": 10**6}, "replace": {}},
+            "replace needs a depth cut",
+        ),
+        (
+            {
+                "kind": "prune",
+                "model": "talker-base",
+                "target": {"num_hidden_layers": 2},
+                "replace": {"block_start": 2},
+            },
+            "crosses the end of the 4-layer stack",
+        ),
+        (
+            {
+                "kind": "prune",
+                "model": "talker-base",
+                "target": {"param_budget": 10**6, "axes": ["depth"]},
+                "replace": {"block_start": 3},
+            },
+            "crosses the end",
+        ),
         ({"kind": "grow", "model": "talker-base", "insert_after": [7]}, "insert_after indices"),
         ({"kind": "grow", "model": "talker-base", "intermediate_size": 8}, "below the current"),
         (

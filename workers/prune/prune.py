@@ -3,6 +3,8 @@
 Depth goes first (layers ranked by block influence on the source model); widths are ranked afterwards,
 on the depth-pruned model, so the activation statistics describe the layers that remain.
 mode="random" replaces both rankings by seeded uniform draws at the same target, as a baseline.
+With `replace`, the depth cut of n layers removes a block of n + 1 contiguous layers and puts one fitted
+layer in its place (`workers.prune.replace`): the same parameter count as dropping n layers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from workers.prune.depth import drop_layers, least_influential, random_layers
 from workers.prune.influence import block_influence
 from workers.prune.layers import Progress
+from workers.prune.replace import Block, FitOptions, FitReport, replace_block
 from workers.prune.target import PrunePlan, PruneTarget, costs, plan
 from workers.prune.width import activation_scores, prune_width_, random_scores
 
@@ -30,6 +33,8 @@ class PruneResult:
     source_params: int
     removed_layers: list[int] = field(default_factory=list)
     influence: list[float] | None = None
+    replaced: Block | None = None  # with `replace`: the block cut and the layer its replacement started from
+    fit: FitReport | None = None
 
     @property
     def removed_fraction(self) -> float:
@@ -50,21 +55,35 @@ def prune(
     mode: Mode = "activation",
     seed: int = 0,
     progress: Progress | None = None,
+    replace: FitOptions | None = None,
+    fitting: Sequence[torch.Tensor] | None = None,
 ) -> PruneResult:
-    """A pruned copy of `model` whose config equals the planned sizes exactly; the source is untouched."""
+    """A pruned copy of `model` whose config equals the planned sizes exactly; the source is untouched.
+
+    `replace`: cut the depth by block replacement, the layer fitted on `fitting` (default: calibration).
+    """
     if mode not in ("activation", "random"):
         raise ValueError(f"mode must be 'activation' or 'random', got {mode!r}")
     the_plan = plan(model, target)
     c = costs(model)
     result = PruneResult(model=model, plan=the_plan, source_params=model.num_parameters())
     n_remove = c.layers - the_plan.num_hidden_layers
-    if n_remove:
-        if mode == "random":
+    if replace is not None and not n_remove:
+        raise ValueError("replace needs a depth cut: the target keeps every layer")
+    if replace is not None:
+        seed_or_none = seed if mode == "random" else None
+        stage = _stage(progress, 0, 2, "depth")
+        done = replace_block(model, calibration, n_remove + 1, fitting, replace, seed_or_none, stage)
+        result.replaced, result.fit, result.influence = done.block, done.fit, done.layer_influence
+        result.removed_layers = done.block.layers
+        pruned = done.model
+    else:
+        if n_remove and mode == "random":
             result.removed_layers = random_layers(c.layers, n_remove, seed)
-        else:
+        elif n_remove:
             result.influence = block_influence(model, calibration, _stage(progress, 0, 2, "depth"))
             result.removed_layers = least_influential(result.influence, n_remove)
-    pruned = drop_layers(model, result.removed_layers)
+        pruned = drop_layers(model, result.removed_layers)
     if (the_plan.intermediate_size, the_plan.num_key_value_heads) != (c.intermediate, c.kv_heads):
         if mode == "random":
             scores = random_scores(pruned, seed)
