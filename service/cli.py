@@ -99,7 +99,10 @@ def serve(
         job_threads = settings.job_threads or job_threads
         infer_threads = settings.infer_threads or infer_threads
         commands = ["worker"] * settings.workers + ["infer"] * settings.infer_workers
-        budgets = {"worker": worker_environment(job_threads), "infer": worker_environment(infer_threads)}
+        budgets = {
+            "worker": worker_environment(max(1, job_threads)),
+            "infer": worker_environment(max(1, infer_threads)),
+        }
         supervisor = Supervisor(commands, env, embedded, budgets)  # restarts whichever of them dies
         supervisor.start()
         console.print(

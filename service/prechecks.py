@@ -62,10 +62,11 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
 
 
 def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings) -> None:
-    if len(request.models) > settings.max_merge_models:
+    listed = len(request.models or []) + sum(len(s.sources) for s in request.slices or [])
+    if listed > settings.max_merge_models:
         raise HTTPException(
             422,
-            f"the recipe lists {len(request.models)} models; at most {settings.max_merge_models} "
+            f"the recipe lists {listed} models; at most {settings.max_merge_models} "
             "(STRATA_MAX_MERGE_MODELS)",
         )
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}

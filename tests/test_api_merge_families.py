@@ -136,4 +136,4 @@ def test_non_finite_yaml_parameters_get_422(server, f14):
     text = "merge_method: ram\nbase_model: f14-base\nmodels:\n  - model: f14-a\nparameters: {epsilon: .nan}\n"
     with server.client() as c:
         r = c.post("/v1/merges", content=text, headers={"Content-Type": "application/yaml"})
-    assert r.status_code == 422 and "epsilon must be in [0, 1000], got nan" in r.text, r.text
+    assert r.status_code == 422 and "epsilon" in r.text and "must be finite" in r.text, r.text

@@ -175,7 +175,7 @@ BAD = {
     ),
     "karcher_too_many_iterations": (
         "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
-        "parameters: {{max_iter: 100000000}}\n",
+        "parameters: {{max_iter: 5000}}\n",
         "max_iter must be in [0, 1000]",
     ),
     "layer_range_past_the_model": (

@@ -11,15 +11,11 @@ export const budgetAt = (position) => Math.round(MIN_MS * (MAX_MS / MIN_MS) ** (
 
 const state = { model: null, mode: 'prompt', chat: [], history: [] };
 
-function qualityFields(strata) {
-  // Quality the server reports for the chosen exit (field names vary with the features a server has).
-  return Object.entries(strata).filter(([k, v]) => /perplexity|agreement|quality/.test(k) && v !== null && v !== undefined);
-}
-
-function fmtValue(v) {
-  if (typeof v === 'number') return Number(v.toPrecision(4)).toString();
-  if (typeof v === 'object') return Object.entries(v).map(([k, x]) => `${k} ${fmtValue(x)}`).join(', ');
-  return String(v);
+// The exit's quality as the server reports it (strata.quality), or null when the model is not profiled yet.
+function describeQuality(q) {
+  if (!q) return null;
+  const adapter = q.exit_adapter ? 'exit adapter applied' : 'no exit adapter';
+  return `perplexity ${q.perplexity_ratio.toFixed(2)}× full depth, top-1 agreement ${(100 * q.top1_agreement).toFixed(0)}%, ${adapter}`;
 }
 
 export async function render(root) {
@@ -83,6 +79,7 @@ export async function render(root) {
       ['queue wait', fmtMs(strata.queue_ms)],
       ['batch size', strata.batch_size ?? '—'],
       ['exit quality', quality],
+      ['precision', strata.precision ?? '—'],
     ];
     if (strata.speculative) {
       const sp = strata.speculative;
@@ -110,11 +107,8 @@ export async function render(root) {
       }
       if (!done) throw new Error('the stream ended without a result');
       const strata = done.strata;
-      const reported = qualityFields(strata);
-      let quality;
-      if (reported.length) {
-        quality = reported.map(([k, v]) => `${k} ${fmtValue(v)}`).join('; ');
-      } else {
+      let quality = describeQuality(strata.quality);
+      if (!quality) {
         const record = await getJson(`/v1/models/${encodeURIComponent(payload.model)}`);
         const q = exitQuality(record.strata.profile, strata.depth);
         const profiled = Object.keys((record.strata.profile || {}).quality || {}).join(', ');

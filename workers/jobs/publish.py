@@ -37,7 +37,16 @@ def publish_model(
     if ctx.registry.exists(model_id):
         raise ModelIdTakenError(f"model {model_id!r} already exists")
     with ctx.store.staging(model_id) as tmp:
-        build(tmp)
+        try:
+            build(tmp)
+        except Exception as e:  # a parent deleted meanwhile explains it better than a missing file
+            gone = [p for p in parents if is_registry_id(p) and not ctx.registry.exists(p)]
+            if gone:
+                raise ParentGoneError(
+                    f"model {gone[0]!r} was deleted while {model_id!r} was built from it; "
+                    "nothing was registered"
+                ) from e
+            raise
         ctx.note("checking the output for NaN and inf")
         bad = first_non_finite(tmp)
         if bad is not None:
