@@ -267,6 +267,8 @@ def _serve(model_dir: Path, precision: str, threads: int, home: Path):
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"strata serve exited with {process.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=1).json().get("inference_workers", 0) >= 1:
                 break

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     infer_threads: int | None = Field(
         default=None, ge=1, le=1024, description="Threads per inference worker; unset: half the cores"
     )
-    infer_precision: Literal["auto", "float32", "bfloat16", "int8", "int8_dynamic"] = Field(
+    infer_precision: Literal["auto", "float32", "bfloat16", "int8", "int4", "int8_dynamic"] = Field(
         default="auto",
         description="Weights of loaded models in inference workers; auto: int8 on the CPU, bfloat16 on CUDA",
     )
