@@ -61,7 +61,7 @@ LLAMACPP_CMAKE_ARGS = (
     "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 )
 QUANTS = ("q8_0", "f32")
-HTTP_PROMPT = "Write a long story about a dragon who learns to cook. Use many details."
+HTTP_MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
 
 @dataclass
@@ -313,7 +313,8 @@ def http_rows(
     import httpx
 
     layers = engine.num_layers
-    ids = engine.tokenizer.encode(HTTP_PROMPT)
+    text = engine.tokenizer.apply_chat_template(HTTP_MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)  # as the service encodes messages
     home = Path(tempfile.mkdtemp(prefix="http-home-", dir=work))
     process, url = _serve(model_dir, precision, threads, home)
     rows, overhead = [], {}
@@ -321,7 +322,7 @@ def http_rows(
         with httpx.Client(base_url=url, timeout=300) as client:
             for stream in (False, True):
                 for n in (1, new_tokens):
-                    body = {"model": "bench", "prompt": HTTP_PROMPT, "depth": layers, "max_new_tokens": n}
+                    body = {"model": "bench", "messages": HTTP_MESSAGES, "depth": layers, "max_new_tokens": n}
                     _http_once(client, body, stream)  # warm-up: the worker loads the model
                     http, alone, produced = [], [], n
                     for _ in range(rounds * 2):

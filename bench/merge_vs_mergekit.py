@@ -215,7 +215,7 @@ def start_generation_stream(model: Path, log: Path) -> tuple[subprocess.Popen, s
         if process.poll() is not None:
             raise RuntimeError(f"the generation stream exited: {log.read_text()[-2000:]}")
         time.sleep(1)
-    return process, f"{jobs} thread(s) per merge, {infer} for the generation stream, OMP_WAIT_POLICY=PASSIVE"
+    return process, f"{jobs} thread(s) per merge, {infer} for the generation stream, GOMP_SPINCOUNT=20000"
 
 
 def _clear(out: Path) -> None:
