@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from workers.device import describe_device
+from workers.device import default_device, describe_device
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
 from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_stream
 from workers.early_exit.forward import exit_logits, num_layers
 from workers.generation.profiler import HELDOUT_PATH, measure_quality
 from workers.jobs.models import load_model
+from workers.train.data import read_jsonl
 
 PROMPTS = ["What is the capital of Japan?", "Give me two tips for sleeping better."]
 START = time.perf_counter()
@@ -56,6 +57,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-tokens", type=int, default=65_536)
+    parser.add_argument(
+        "--data", type=Path, nargs="*", default=[], help="more JSONL records, after the bundled"
+    )
+    parser.add_argument("--distill-tokens", type=int, default=8192)
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--fit-on", choices=("all", "responses"), default="all")
     parser.add_argument("--distill-exits", default="")
@@ -74,11 +79,13 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     model, tokenizer = load_model(args.model)
+    model.to(default_device())  # CUDA when there is one, like the fit_exits job
     layers = num_layers(model)
-    ids, responses = fitting_stream(tokenizer, bundled_records(), args.max_tokens)
+    extra = [record for path in args.data for record in read_jsonl(path)]
+    ids, responses = fitting_stream(tokenizer, bundled_records() + extra, args.max_tokens)
     masks = token_windows(responses, 256, dtype=torch.bool) if args.fit_on == "responses" else None
     results["data"] = {
-        "files": [p.name for p in bundled_paths()],
+        "files": [p.name for p in bundled_paths()] + [str(p) for p in args.data],
         "tokens": len(ids),
         "fit_on": args.fit_on,
         "response_tokens": sum(responses),
@@ -90,6 +97,7 @@ def main() -> None:
         distill_steps=args.distill_steps if distill_exits else 0,
         lr=args.lr,
         distill_batch_tokens=args.distill_batch_tokens,
+        distill_tokens=args.distill_tokens,
         distill_exits=distill_exits or None,
     )
     last = [0.0]

@@ -224,16 +224,24 @@ def strata_run(engine: EarlyExitEngine, prompt: list[int], depth: int, new_token
     return (new_tokens - 1) / result.decode_ms * 1000, result.prefill_ms, result.token_ids
 
 
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def hf_run(model, prompt: list[int], new_tokens: int) -> tuple:
-    ids = torch.tensor([prompt])
+    """(decode tok/s, time to first token ms, tokens) of HF `generate` (eager, its default cache), batch 1."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
     with torch.inference_mode():
-        start = time.perf_counter()
+        start = _now(device)
         model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        first = time.perf_counter()
+        first = _now(device)
         out = model.generate(
             ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
         )
-        end = time.perf_counter()
+        end = _now(device)
     ttft = (first - start) * 1000
     return (new_tokens - 1) / max(1e-9, (end - first) - (first - start)), ttft, out[0, len(prompt) :].tolist()
 

@@ -32,6 +32,8 @@ import torch
 from bench.sft_prompts import sft_prompts
 from bench.speculative import chat_ids
 from workers.device import describe_device
+from workers.early_exit.adapters import FILENAME as ADAPTERS_FILE
+from workers.early_exit.adapters import ExitAdapters, load_adapters
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.profiler import measure_quality
 from workers.train.sorted_ft import SortConfig, default_exits, train_sorted
@@ -134,12 +136,18 @@ def heldout_ids(tokenizer) -> list[int]:
 QUALITY_STEP = 3
 
 
-def quality(model, tokenizer) -> dict:
-    """Perplexity and top-1 agreement on the held-out text at every QUALITY_STEP-th exit and full depth."""
+def quality(model, tokenizer, adapters: ExitAdapters | None = None) -> dict:
+    """Perplexity and top-1 agreement on the held-out text at every QUALITY_STEP-th exit and full depth
+    (also through each exit's adapter, where `adapters` has one)."""
     layers = model.config.num_hidden_layers
     grid = sorted(set(range(QUALITY_STEP, layers + 1, QUALITY_STEP)) | set(default_exits(layers)) | {layers})
-    measured = measure_quality(model, heldout_ids(tokenizer), grid, window=256)
+    measured = measure_quality(model, heldout_ids(tokenizer), grid, window=256, adapters=adapters)
     return {str(k): v.model_dump() for k, v in measured.items()}
+
+
+def served_ppl(entry: dict) -> float:
+    """The perplexity a request at this exit gets: through its adapter when it has one."""
+    return entry.get("adapter_perplexity") or entry["perplexity"]
 
 
 def stage_before(args, device, results) -> None:
@@ -150,12 +158,13 @@ def stage_before(args, device, results) -> None:
 
 
 def target(before: dict, after: dict, layers: int) -> dict:
-    """Exits >= L/2 within 3x of the full model's perplexity (before and after SoFT); full depth <= +15%."""
+    """Exits >= L/2 within 3x of the full model's perplexity (before and after SoFT; through the exit's
+    adapter where it has one); full depth <= +15%."""
     full_before = before[str(layers)]["perplexity"]
     full_after = after[str(layers)]["perplexity"]
     upper = [k for k in default_exits(layers) if k >= layers / 2]
-    ratio_before = max(after[str(k)]["perplexity"] / full_before for k in upper)
-    ratio_after = max(after[str(k)]["perplexity"] / full_after for k in upper)
+    ratio_before = max(served_ppl(after[str(k)]) / full_before for k in upper)
+    ratio_after = max(served_ppl(after[str(k)]) / full_after for k in upper)
     rise = full_after / full_before - 1
     return {
         "exits_checked": upper,
@@ -201,7 +210,7 @@ def stage_train(args, device, results) -> None:
 
         log(f"run {index}: {config.model_dump(exclude_none=True)}")
         report = train_sorted(model, tokenizer, examples, config, progress=progress, device=device)
-        after = quality(model, tokenizer)
+        after = quality(model, tokenizer, report.adapters)
         verdict = target(results["before"], after, model.config.num_hidden_layers)
         run = {
             "config": overrides,
@@ -221,6 +230,9 @@ def stage_train(args, device, results) -> None:
             best = (score, index)
             model.to("cpu").save_pretrained(args.work / "sorted")
             tokenizer.save_pretrained(args.work / "sorted")
+            (args.work / "sorted" / ADAPTERS_FILE).unlink(missing_ok=True)
+            if report.adapters is not None:
+                report.adapters.save(args.work / "sorted", {"bench": "soft_run", "run": index})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -231,8 +243,10 @@ def stage_train(args, device, results) -> None:
 
 
 def samples(model_dir: Path, device, depths: list[int], max_new: int) -> dict:
+    """Greedy answers per exit (through the exit adapters stored with the model, if any)."""
     model, tokenizer = load(model_dir, device)
-    engine = EarlyExitEngine(model, tokenizer, device=device, max_batch_size=64)
+    adapters = load_adapters(model_dir, model.config.num_hidden_layers, model.config.hidden_size)
+    engine = EarlyExitEngine(model, tokenizer, device=device, max_batch_size=64, adapters=adapters)
     prompts = [chat_ids(tokenizer, p) for p in SAMPLE_PROMPTS]
     requests = [
         GenerationRequest(prompt_ids=list(ids), depth=d, max_new_tokens=max_new)

@@ -173,8 +173,9 @@ class GrowJobRequest(BaseModel):
 
 
 class SortJobRequest(BaseModel):
-    """Sorted Fine-Tuning: loss = mean over `exits` of CE(LMHead(FinalNorm(h_n))), shared norm and head,
-    loss on response tokens only; then a fresh profile with perplexity per exit."""
+    """Sorted Fine-Tuning: loss = mean over `exits` of CE(LMHead(FinalNorm(h_n))) (FinalNorm(A_n h_n + b_n)
+    with `exit_adapters`), shared norm and head, loss on response tokens only; then a fresh profile with
+    perplexity per exit."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["sort"]
@@ -195,6 +196,15 @@ class SortJobRequest(BaseModel):
         default=False, description="Targets: the source model's full-depth distribution, not the data tokens"
     )
     freeze_embeddings: bool = Field(default=False, description="Keep the embeddings and shared LM head fixed")
+    exit_adapters: bool = Field(
+        default=False,
+        description="Train an affine exit adapter per exit below full depth jointly with the model; stored "
+        "with the sorted model and served at those exits",
+    )
+    adapter_init: Literal["ridge", "identity"] = Field(
+        default="ridge", description="Adapters start from the ridge fit on the training data, or at identity"
+    )
+    adapter_lr: float = Field(default=1e-4, gt=0, le=1, description="Learning rate of the exit adapters")
     bf16_on_cpu: bool = Field(default=False, description="bfloat16 autocast on CPU too (always on CUDA)")
     seed: int = 0
     name: str | None = None

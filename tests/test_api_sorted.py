@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.tiny_models import make_tiny_chat_llama
+from workers.early_exit.adapters import load_adapters
 from workers.early_exit.forward import exit_logits
 
 EXAMPLES = [
@@ -65,6 +66,23 @@ def test_sort_trains_every_exit_and_profiles_the_result(server, sorter):
     with server.client() as c:
         record = c.get("/v1/models/sorter-soft").json()["strata"]
     assert record["parents"] == ["sorter"] and record["profile"]["grid"] == [2, 4]
+
+
+def test_sort_with_exit_adapters_stores_records_and_serves_them(server, sorter):
+    body = {"kind": "sort", "model": "sorter", "examples": EXAMPLES, "exits": [2, 4], "steps": 3}
+    result = run_job(
+        server, {**body, "batch_size": 2, "seq_len": 64, "exit_adapters": True, "name": "sorted-lens"}
+    )
+    assert result["exit_adapters"] == [2]
+    adapters = load_adapters(server.home / "models" / "sorted-lens", 4, 64)
+    assert adapters is not None and adapters.depths == [2]
+    with server.client() as c:
+        record = c.get("/v1/models/sorted-lens").json()["strata"]
+        shallow = c.post("/v1/generate", json={"model": "sorted-lens", "prompt": "the sky", "depth": 2})
+    assert record["exit_adapters"]["exits"] == [2]
+    assert record["exit_adapters"]["recipe"]["trained_with"] == "sort"
+    assert record["profile"]["quality"]["2"]["adapter_perplexity"] > 0
+    assert shallow.status_code == 200 and shallow.json()["strata"]["exit_adapter"] is True
 
 
 def test_self_speculative_generation_equals_full_depth_greedy(server, sorter):

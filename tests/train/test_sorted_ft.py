@@ -150,3 +150,38 @@ def test_distill_with_frozen_embeddings_trains_exits_keeps_head(fresh_model, cha
     assert report.final_losses[2] < report.first_losses[2]
     assert torch.equal(fresh_model.get_output_embeddings().weight, head)
     assert all(param.requires_grad for param in fresh_model.parameters())
+
+
+def adapted_loss(model, tokenizer, records, adapters) -> dict[int, float]:
+    batch = collate(encode_records(tokenizer, records))
+    with torch.no_grad():
+        losses = exit_losses(
+            model, batch.input_ids, batch.labels, EXITS, batch.attention_mask, adapters=adapters
+        )
+    return {depth: value.item() for depth, value in losses.items()}
+
+
+def test_exit_adapters_train_jointly_below_full_depth(fresh_model, chat_tokenizer, records):
+    config = SortConfig(steps=8, lr=3e-3, batch_size=4, exit_adapters=True, adapter_lr=3e-3)
+    report = train_sorted(fresh_model, chat_tokenizer, records, config, device="cpu")
+    adapters = report.adapters
+    assert adapters is not None and adapters.depths == [2, 3]  # every trained exit but full depth
+    assert "adapters" not in report.model_dump()
+    with_adapters = adapted_loss(fresh_model, chat_tokenizer, records, adapters)
+    without = per_exit_loss(fresh_model, chat_tokenizer, records)
+    assert with_adapters[4] == pytest.approx(without[4])  # full depth is never adapted
+    assert with_adapters[2] < without[2] and with_adapters[3] < without[3], (with_adapters, without)
+    assert not any(a.weight.requires_grad for a in adapters.maps.values())
+
+
+def test_ridge_initialised_adapters_start_the_exits_closer_to_full_depth(tiny_dir, chat_tokenizer, records):
+    def first_losses(init: str) -> dict[int, float]:  # distill: CE against the full-depth distribution
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        config = SortConfig(
+            steps=1, lr=1e-9, batch_size=8, distill=True, exit_adapters=True, adapter_init=init
+        )
+        return train_sorted(model, chat_tokenizer, records, config, device="cpu").first_losses
+
+    ridge, identity = first_losses("ridge"), first_losses("identity")
+    assert ridge[2] < identity[2] and ridge[3] < identity[3], (ridge, identity)
+    assert ridge[4] == pytest.approx(identity[4])

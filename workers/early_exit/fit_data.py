@@ -14,7 +14,7 @@ from typing import Any
 
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
-BUNDLED = ("sft.jsonl", "answers.jsonl")
+BUNDLED = ("sft.jsonl", "answers.jsonl", "answers_long.jsonl")
 
 
 def bundled_paths() -> list[Path]:

@@ -33,6 +33,7 @@ and attends over the filled prefix. Nothing here knows about requests, batching 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -345,33 +346,89 @@ class CompactLlama:
         cos, sin = self.rope(hidden, positions)
         full_mask, sliding_mask = self._masks(pad_mask, q, total)
         causal = full_mask is None and q > 1 and column == 0
-        nh, kvh, hd, half = self.num_heads, self.kv_heads, self.head_dim, self.head_dim // 2
         for i in range(start, stop):
-            layer = self.layers[i]
-            qkv = layer.qkv(self._norm(hidden, layer.input_norm)).view(rows, q, nh + 2 * kvh, hd)
-            qk = qkv[:, :, : nh + kvh]
-            qk = qk * cos + qk.roll(half, dims=-1) * sin
             keys, values = cache.keys[i, :rows], cache.values[i, :rows]
-            keys[:, :, column:total] = qk[:, :, nh:].transpose(1, 2)
-            values[:, :, column:total] = qkv[:, :, nh + kvh :].transpose(1, 2)
-            attn = F.scaled_dot_product_attention(
-                qk[:, :, :nh].transpose(1, 2),
-                keys[:, :, :total],
-                values[:, :, :total],
-                attn_mask=sliding_mask if self.sliding[i] else full_mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=kvh != nh,
-            )
-            hidden = hidden + layer.o(attn.transpose(1, 2).reshape(rows, q, nh * hd))
-            mlp_in = self._norm(hidden, layer.post_norm)
-            if layer.moe is not None:
-                out = layer.moe(mlp_in)
-                hidden = hidden + (out[0] if isinstance(out, tuple) else out)
-            else:
-                gate, up = layer.gate_up(mlp_in).chunk(2, dim=-1)
-                hidden = hidden + layer.down(F.silu(gate) * up)
+
+            def store(new_keys: torch.Tensor, new_values: torch.Tensor, keys=keys, values=values):
+                keys[:, :, column:total] = new_keys
+                values[:, :, column:total] = new_values
+                return keys[:, :, :total], values[:, :, :total]
+
+            mask = sliding_mask if self.sliding[i] else full_mask
+            hidden = self._block(i, hidden, cos, sin, store, mask, causal)
         return hidden
+
+    def _block(
+        self,
+        i: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        store: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor:
+        """Decoder layer i on hidden (B, q, H); `store(keys, values)` ((B, kv_heads, q, head_dim) each) writes
+        the new keys and values to the cache and returns the keys and values to attend over."""
+        layer = self.layers[i]
+        rows, q = hidden.shape[:2]
+        nh, kvh, hd, half = self.num_heads, self.kv_heads, self.head_dim, self.head_dim // 2
+        qkv = layer.qkv(self._norm(hidden, layer.input_norm)).view(rows, q, nh + 2 * kvh, hd)
+        qk = qkv[:, :, : nh + kvh]
+        qk = qk * cos + qk.roll(half, dims=-1) * sin
+        keys, values = store(qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + kvh :].transpose(1, 2))
+        attn = F.scaled_dot_product_attention(
+            qk[:, :, :nh].transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=kvh != nh,
+        )
+        hidden = hidden + layer.o(attn.transpose(1, 2).reshape(rows, q, nh * hd))
+        mlp_in = self._norm(hidden, layer.post_norm)
+        if layer.moe is not None:
+            out = layer.moe(mlp_in)
+            return hidden + (out[0] if isinstance(out, tuple) else out)
+        gate, up = layer.gate_up(mlp_in).chunk(2, dim=-1)
+        return hidden + layer.down(F.silu(gate) * up)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether `static_step` computes this model exactly: no sliding-window layers, no MoE (its routing
+        depends on data in a way a captured graph cannot follow)."""
+        no_window = self.window is None or not any(self.sliding)
+        return no_window and all(layer.moe is None for layer in self.layers)
+
+    def static_step(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        column: torch.Tensor,
+        valid: torch.Tensor,
+        cache: KVCache,
+        depth: int,
+        exit_adapter: bool,
+    ) -> torch.Tensor:
+        """One decode step with every size fixed, for capture in a CUDA graph: logits (B, vocab) of tokens
+        (B, 1) at `positions` (B, 1); their keys and values go to cache column `column` (a one-element long
+        tensor, so the same graph serves every column), and attention runs over the whole cache capacity with
+        `valid` (B, 1, 1, capacity), True for filled non-padding columns (the new one included). Does not
+        advance `cache.length`."""
+        rows = input_ids.shape[0]
+        hidden = self.embed(input_ids)
+        cos, sin = self.rope(hidden, positions)
+        for i in range(depth):
+            keys, values = cache.keys[i, :rows], cache.values[i, :rows]
+
+            def store(new_keys: torch.Tensor, new_values: torch.Tensor, keys=keys, values=values):
+                keys.index_copy_(2, column, new_keys)
+                values.index_copy_(2, column, new_values)
+                return keys, values
+
+            hidden = self._block(i, hidden, cos, sin, store, valid, False)
+        return self.logits(hidden[:, -1], depth, exit_adapter)
 
     @torch.inference_mode()
     def residuals(self, input_ids: torch.Tensor, exits: list[int]) -> dict[int, torch.Tensor]:

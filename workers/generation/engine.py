@@ -13,6 +13,9 @@ Requests that arrive together at the same depth run as one batch: prompts are le
 mask hides the padding, and position ids count only real tokens (p_t = sum(mask[:t+1]) - 1), so each row sees
 exactly what it would see alone. Rows leave the batch as they finish; padding columns that no remaining row
 needs are trimmed. Batches at different depths are stepped round-robin so all of them stream.
+
+On CUDA each one-token decode step is replayed from a CUDA graph captured per (depth, rows, adapter)
+(`workers.generation.cuda_graphs`); prefill, and models with sliding-window or MoE layers, run eagerly.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from workers.device import default_device
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import check_depth, decoder_stack, num_layers
 from workers.generation.compact import CompactLlama, KVCache, Precision
+from workers.generation.cuda_graphs import GraphedDecoder
 from workers.generation.sampling import sample_token, seeded_generator
 from workers.generation.streaming import TextStream
 
@@ -168,6 +172,9 @@ class _DepthBatch:
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = self.mask if self.padded else None
+        graphs = self.engine.graphs
+        if graphs is not None and ids.shape[1] == 1:
+            return graphs.step(ids, self.positions, self.cache, self.depth, mask, self.adapter)
         return self.engine.compact.forward(ids, self.positions, self.cache, self.depth, mask, self.adapter)
 
     @torch.inference_mode()
@@ -285,12 +292,15 @@ class EarlyExitEngine:
         eos_token_ids: Iterable[int] | None = None,
         precision: Precision = "float32",
         adapters: ExitAdapters | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.adapters = adapters
         self.compact = CompactLlama(self.model, precision, adapters)
+        use_graphs = cuda_graphs and self.device.type == "cuda" and self.compact.graphable
+        self.graphs = GraphedDecoder(self.compact) if use_graphs else None
         self._free_caches: dict[int, KVCache] = {}
         self.tokenizer = tokenizer
         self.num_layers = num_layers(model)
@@ -312,20 +322,28 @@ class EarlyExitEngine:
         """Serve with these exit adapters from the next batch on (None: none)."""
         self.adapters = adapters
         self.compact.adapters = adapters.to(self.device, self.compact.dtype) if adapters is not None else None
+        if self.graphs is not None:
+            self.graphs.clear()
 
     def take_cache(self, depth: int, rows: int, positions: int) -> KVCache:
         """A KV cache for `rows` rows of up to `positions` positions at `depth`: the one kept from an earlier
         batch at this depth when it is large enough, else a new one (capacity rounded up to 128)."""
         cache = self._free_caches.pop(depth, None)
         if cache is None or not cache.fits(depth, rows, positions, self.compact.dtype):
+            if cache is not None and self.graphs is not None:
+                self.graphs.forget(cache)
             cache = self.compact.new_cache(depth, rows, -(-positions // 128) * 128)
         cache.length = 0
         return cache
 
     def release_cache(self, cache: KVCache | None) -> None:
         """Keep a finished batch's cache for the next batch at its depth (one per depth)."""
-        if cache is not None:
-            self._free_caches[cache.depth] = cache
+        if cache is None:
+            return
+        replaced = self._free_caches.get(cache.depth)
+        if replaced is not None and replaced is not cache and self.graphs is not None:
+            self.graphs.forget(replaced)
+        self._free_caches[cache.depth] = cache
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise ValueError for a depth outside 1..L, unknown token ids, or a context beyond the model's."""

@@ -211,9 +211,7 @@ def fit_latency(
     if not profiled:
         raise ValueError("need prefill and decode samples at one depth at least")
     linear = fit_linear_in_depth(prefill, decode)
-    return LatencyProfile(
-        num_layers=num_layers, depths={k: linear.at(k) for k in profiled}, linear=linear
-    )
+    return LatencyProfile(num_layers=num_layers, depths={k: linear.at(k) for k in profiled}, linear=linear)
 
 
 class InfeasibleBudget(Exception):

@@ -11,6 +11,12 @@ full-depth distribution q_t (a frozen copy taken before training), CE_n = -(1/|R
 p_n(v | t): every exit learns the whole distribution of the original model, and the full-depth term starts
 at its minimum instead of pulling the model towards the data's tokens.
 
+With `exit_adapters`, every exit n < L gets its own affine adapter (A_n, b_n) trained jointly with the model,
+CE_n then scoring LMHead(FinalNorm(A_n h_n + b_n)) (the exit adapters of workers.early_exit.adapters; full
+depth never has one). The adapters start from the closed-form ridge fit on the training rows
+(`adapter_init="ridge"`, workers.early_exit.fit) or from the identity, and train at their own learning rate
+`adapter_lr`; the trained adapters come back in the report (`TrainReport.adapters`, not serialised).
+
 All exits come from one pass through max(E) layers (`hidden_at_exits`), and the head runs only on the
 positions in R. The optimiser is AdamW with linear warmup, then linear decay to 0. On CUDA the forward
 pass runs under bfloat16 autocast (the weights and optimiser state stay float32); on CPU only when asked
@@ -25,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from workers.device import default_device, describe_device
-from workers.early_exit.forward import check_depth, hidden_at_exits, num_layers
+from workers.early_exit.adapters import Affine, ExitAdapters
+from workers.early_exit.fit import FitConfig, fit_exit_adapters
+from workers.early_exit.forward import check_depth, decoder_stack, hidden_at_exits, num_layers
 from workers.train.data import IGNORE_INDEX, Batch, EncodedExample, batches, encode_records, prepare_rows
 
 Progress = Callable[[int, int, dict[int, float]], None]
@@ -94,6 +102,13 @@ class SortConfig(BaseModel):
         description="keep the token embeddings and the LM head (shared by every exit) fixed; trains faster "
         "and moves the full-depth model less",
     )
+    exit_adapters: bool = Field(
+        default=False, description="train an affine exit adapter per exit below full depth, jointly"
+    )
+    adapter_init: Literal["ridge", "identity"] = Field(
+        default="ridge", description="start the adapters from the ridge fit on the training rows, or at I"
+    )
+    adapter_lr: float = Field(default=1e-4, gt=0, description="learning rate of the exit adapters")
 
     @model_validator(mode="after")
     def _one_length(self) -> SortConfig:
@@ -130,6 +145,9 @@ class TrainReport(BaseModel):
     seconds: float
     device: str
     config: SortConfig
+    adapters: ExitAdapters | None = Field(default=None, exclude=True, description="trained exit adapters")
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
 
 def exit_losses(
@@ -139,9 +157,11 @@ def exit_losses(
     exits: Sequence[int],
     attention_mask: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> dict[int, torch.Tensor]:
     """CE_n for each exit n: token-mean next-token cross-entropy over positions with a label (not -100);
-    against the teacher's full-depth distribution at those positions when a teacher is given."""
+    against the teacher's full-depth distribution at those positions when a teacher is given; through the
+    exit's adapter where `adapters` has one."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if not bool(keep.any()):
@@ -152,7 +172,7 @@ def exit_losses(
             depth = num_layers(teacher)
             last = hidden_at_exits(teacher, input_ids, [depth], attention_mask)[depth]
             wanted = F.softmax(teacher.lm_head(last[:, :-1][keep]).float(), dim=-1)
-    hidden = hidden_at_exits(model, input_ids, exits, attention_mask)
+    hidden = hidden_at_exits(model, input_ids, exits, attention_mask, adapters)
     out = {}
     for depth in sorted(hidden):
         logits = model.lm_head(hidden[depth][:, :-1][keep])
@@ -167,9 +187,10 @@ def sorted_loss(
     exits: Sequence[int],
     attention_mask: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
+    adapters: ExitAdapters | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """(mean over exits of CE_n, {n: CE_n})."""
-    losses = exit_losses(model, input_ids, labels, exits, attention_mask, teacher)
+    losses = exit_losses(model, input_ids, labels, exits, attention_mask, teacher, adapters)
     return torch.stack(list(losses.values())).mean(), losses
 
 
@@ -214,7 +235,9 @@ def _freeze_embeddings(model: nn.Module) -> list[nn.Parameter]:
     return frozen
 
 
-def _optimizer(model: nn.Module, config: SortConfig) -> torch.optim.Optimizer:
+def _optimizer(
+    model: nn.Module, config: SortConfig, adapter_params: Sequence[torch.Tensor] = ()
+) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -223,7 +246,44 @@ def _optimizer(model: nn.Module, config: SortConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if adapter_params:
+        groups.append({"params": list(adapter_params), "weight_decay": 0.0, "lr": config.adapter_lr})
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def _initial_adapters(
+    model: nn.Module, rows: Sequence[EncodedExample], exits: Sequence[int], config: SortConfig
+) -> ExitAdapters:
+    """Starting adapters for exits below full depth: the ridge fit on the training rows' trained positions
+    (every position is context), or the identity."""
+    layers = num_layers(model)
+    hidden_size = decoder_stack(model).norm.weight.shape[0]
+    if config.adapter_init == "identity":
+        eye = torch.eye(hidden_size)
+        maps = {k: Affine(eye.clone(), torch.zeros(hidden_size)) for k in exits}
+        return ExitAdapters(maps, layers, hidden_size)
+    windows = [torch.tensor(row.input_ids, dtype=torch.long) for row in rows]
+    masks = [torch.tensor(row.labels, dtype=torch.long) != IGNORE_INDEX for row in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        fitted = fit_exit_adapters(model, windows, exits, FitConfig(batch_windows=1), masks=masks)
+    finally:
+        model.train(was_training)
+    return fitted.adapters
+
+
+def _trainable_adapters(
+    adapters: ExitAdapters, device: torch.device
+) -> tuple[ExitAdapters, list[torch.Tensor]]:
+    """Copies of the adapters as float32 leaf tensors on `device` that require gradients."""
+    maps, params = {}, []
+    for depth, affine in adapters.maps.items():
+        weight = affine.weight.detach().to(device, torch.float32).clone().requires_grad_(True)
+        bias = affine.bias.detach().to(device, torch.float32).clone().requires_grad_(True)
+        maps[depth] = Affine(weight, bias)
+        params += [weight, bias]
+    return ExitAdapters(maps, adapters.num_layers, adapters.hidden_size), params
 
 
 def train_sorted(
@@ -257,9 +317,13 @@ def train_sorted(
     model.to(device).train()
     frozen = _freeze_embeddings(model) if config.freeze_embeddings else []
     teacher = _frozen_copy(model) if config.distill else None
+    adapters, adapter_params = None, []
+    below = [depth for depth in exits if depth < layers]
+    if config.exit_adapters and below:
+        adapters, adapter_params = _trainable_adapters(_initial_adapters(model, rows, below, config), device)
     if config.gradient_checkpointing:
         _checkpointing(model, True)
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, adapter_params)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: linear_schedule(step, config.warmup_steps, total)
     )
@@ -273,12 +337,14 @@ def train_sorted(
             batch: Batch = next(stream).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, per_exit = sorted_loss(
-                    model, batch.input_ids, batch.labels, exits, batch.attention_mask, teacher
+                    model, batch.input_ids, batch.labels, exits, batch.attention_mask, teacher, adapters
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                if adapter_params:
+                    torch.nn.utils.clip_grad_norm_(adapter_params, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             losses = {depth: float(value.detach()) for depth, value in per_exit.items()}
@@ -306,7 +372,16 @@ def train_sorted(
         seconds=time.perf_counter() - start,
         device=describe_device(device),
         config=config,
+        adapters=_finished(adapters),
     )
+
+
+def _finished(adapters: ExitAdapters | None) -> ExitAdapters | None:
+    """The trained adapters as plain float32 CPU tensors (checked finite)."""
+    if adapters is None:
+        return None
+    maps = {k: Affine(a.weight.detach().cpu(), a.bias.detach().cpu()) for k, a in adapters.maps.items()}
+    return ExitAdapters(maps, adapters.num_layers, adapters.hidden_size)
 
 
 def sort_model(

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU check of the open work in one run, for a short lease of a CUDA machine:
+#   bench/gpu_checks.sh MODEL_DIR OUT [WORK]
+# MODEL_DIR: the default model converted to safetensors (workers.default_model.convert_default_model).
+# 1. the CUDA tests (CUDA-graph decode, compact engine, Sorted Fine-Tuning with exit adapters);
+# 2. bench/generate_gpu.py: decode speed per depth with CUDA graphs against HF generate on the same GPU;
+# 3. bench.soft_run: answers of the model at full depth to the SFT prompts (the fitting/training text),
+#    quality before, Sorted Fine-Tuning with and without jointly trained exit adapters, samples;
+# 4. bench.exit_adapters: exit adapters alone (ridge + distillation) on that larger text.
+# Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
+# some of them (default: "tests decode soft lens").
+set -uo pipefail
+MODEL=$1
+OUT=$2
+WORK=${3:-/tmp/strata-gpu}
+read -r T_TESTS T_DECODE T_SOFT T_LENS <<<"${STEP_LIMITS:-60 120 270 110}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+SOFT_EXTRA=${SOFT_EXTRA:-}
+LENS_EXTRA=${LENS_EXTRA:-}
+STEPS=" ${STEPS:-tests decode soft lens} "
+want() { [[ $STEPS == *" $1 "* ]]; }
+mkdir -p "$OUT" "$WORK"
+[ -e "$WORK/base" ] || ln -s "$(realpath "$MODEL")" "$WORK/base"
+log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) >"$OUT/gpu.txt" 2>&1
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' >>"$OUT/gpu.txt" 2>&1
+
+if want tests; then
+  log "tests"
+  timeout "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider tests/generation/test_cuda_graphs.py \
+    tests/generation/test_compact_engine.py tests/train/test_sorted_ft.py >"$OUT/tests.txt" 2>&1
+  log "tests rc=$?"
+fi
+
+if want decode; then
+  log "decode bench"
+  timeout "$T_DECODE" "$PY" bench/generate_gpu.py --model "$MODEL" --rounds 2 >"$OUT/generate_gpu.txt" 2>&1
+  log "decode bench rc=$?"
+fi
+
+if want soft; then
+  log "SoFT with and without exit adapters"
+  CONFIGS=${CONFIGS:-'[{"lr": 1e-4, "steps": 250, "batch_size": 16, "warmup_steps": 20, "distill": true},
+            {"lr": 1e-4, "steps": 250, "batch_size": 16, "warmup_steps": 20, "distill": true,
+             "exit_adapters": true, "adapter_lr": 2e-4}]'}
+  timeout "$T_SOFT" "$PY" -m bench.soft_run --work "$WORK" --out "$OUT/soft" \
+    --stages data,before,train,samples --configs "$CONFIGS" --cut-unfinished $SOFT_EXTRA >>"$OUT/log.txt" 2>&1
+  log "SoFT rc=$?"
+fi
+
+if want lens; then
+  log "exit adapters on the generated text"
+  timeout "$T_LENS" "$PY" -m bench.exit_adapters --model "$MODEL" --out "$OUT/lens" --data "$WORK/sft.jsonl" \
+    --max-tokens 400000 --distill-exits 15,18,21,24,27 --distill-steps 2000 --distill-batch-tokens 512 \
+    --lr 5e-4 --distill-tokens 65536 --sample-exits 15,21,27 $LENS_EXTRA >>"$OUT/log.txt" 2>&1
+  log "exit adapters rc=$?"
+fi
+rm -f "$OUT/lens/exit_adapters.safetensors"  # 38 MB; the figures are in results.json
