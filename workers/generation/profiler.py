@@ -109,6 +109,8 @@ def measure_latency(
     for step, depth in enumerate(grid):
         _report(progress, f"latency at depth {depth}", step / len(grid))
         for length in lengths:
+            if engine.graphs is not None:  # capture this depth's CUDA graphs outside the timed runs
+                _timed_run(engine, depth, prompts[length], decode_tokens + 1)
             runs = [_timed_run(engine, depth, prompts[length], decode_tokens + 1) for _ in range(repeats)]
             prefill.append(
                 PrefillSample(depth=depth, prompt_tokens=length, ms=statistics.median(r[0] for r in runs))
