@@ -51,6 +51,7 @@ from bench.merge_vs_mergekit import load_average, machine  # noqa: E402
 from workers.generation.compact import PRECISIONS  # noqa: E402
 from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
 from workers.generation.reference import greedy_reference  # noqa: E402
+from workers.threads import worker_environment  # noqa: E402
 
 LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv-noamx"
 LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
@@ -364,7 +365,14 @@ def http_rows(
 
 
 def http_main(args: argparse.Namespace, rounds: int, argv: list[str] | None) -> int:
-    """--http-only: the HTTP rows alone (the engine alone measured beside them, as in a full run)."""
+    """--http-only: the HTTP rows alone. The engine alone runs with the thread environment the inference
+    worker gets (`worker_environment`: its OpenMP threads spin briefly, then sleep), which must be set
+    before torch loads: run from the command line, the bench restarts itself with it. Otherwise, on a
+    loaded machine, the engine alone (default OpenMP spinning) was several times slower than the very
+    same engine in the worker, and the overhead came out negative."""
+    wanted = worker_environment(args.threads)
+    if argv is None and any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
     started = datetime.datetime.now().astimezone()
     load_before = load_average()
     precision = args.precisions[0]
