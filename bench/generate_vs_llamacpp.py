@@ -2,6 +2,7 @@
 
     python bench/generate_vs_llamacpp.py            # the default model; builds llama.cpp once (~10 min)
     python bench/generate_vs_llamacpp.py --quick    # a tiny random model, Strata and HF only: a smoke test
+    python bench/generate_vs_llamacpp.py --http-only --precisions int8   # the HTTP API rows alone
 
 Batch 1, greedy, `--new-tokens` (64) new tokens after a `--prompt-tokens` (200) token prompt, `--threads`
 (2) threads for everyone. Each round runs every configuration once, in one process tree and one at a time:
@@ -50,6 +51,7 @@ from bench.merge_vs_mergekit import load_average, machine  # noqa: E402
 from workers.generation.compact import PRECISIONS  # noqa: E402
 from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
 from workers.generation.reference import greedy_reference  # noqa: E402
+from workers.threads import worker_environment  # noqa: E402
 
 LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv-noamx"
 LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
@@ -370,6 +372,41 @@ def http_rows(
     return lines
 
 
+def http_main(args: argparse.Namespace, rounds: int, argv: list[str] | None) -> int:
+    """--http-only: the HTTP rows alone. The engine alone runs with the thread environment the inference
+    worker gets (`worker_environment`: its OpenMP threads spin briefly, then sleep), which must be set
+    before torch loads: run from the command line, the bench restarts itself with it. Otherwise, on a
+    loaded machine, the engine alone (default OpenMP spinning) was several times slower than the very
+    same engine in the worker, and the overhead came out negative."""
+    wanted = worker_environment(args.threads)
+    if argv is None and any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
+    started = datetime.datetime.now().astimezone()
+    load_before = load_average()
+    precision = args.precisions[0]
+    work = args.work or ROOT / ".cache" / "bench-generate"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = default_model(work)
+    model, tokenizer = load(model_dir)
+    engine = EarlyExitEngine(model, tokenizer, device="cpu", precision=precision)
+    strata_run(engine, prompt_ids(tokenizer, 16, model.config.vocab_size), engine.num_layers, 4)  # warm-up
+    lines = http_rows(model_dir, precision, args.threads, engine, args.new_tokens, rounds, work)
+    command = " ".join(["python bench/generate_vs_llamacpp.py", *(sys.argv[1:] if argv is None else argv)])
+    out = [
+        "",
+        f"date: {started:%Y-%m-%d %H:%M %Z}",
+        f"machine: {machine()}",
+        f"command: {command}",
+        f"load average (1, 5, 15 min): {load_before} before, {load_average()} after",
+        f"model: SmolLM2-135M-Instruct, {engine.num_layers} layers; {args.threads} thread(s), "
+        f"medians of {rounds * 2} requests",
+        "",
+        *lines,
+    ]
+    print("\n".join(out), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, no llama.cpp, no HTTP")
@@ -383,9 +420,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser.add_argument("--work", type=Path, help="models (default .cache/bench-generate)")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument(
+        "--http-only", action="store_true", help="only the HTTP API rows, at the first of --precisions"
+    )
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
+    if args.http_only:
+        return http_main(args, rounds, argv)
     started = datetime.datetime.now().astimezone()
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:

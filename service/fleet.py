@@ -34,10 +34,20 @@ def inference_worker_alive(worker_id: str, heartbeat: float | None) -> bool:
     return _alive(host, int(pid)) if pid.isdigit() else True
 
 
-def live_inference_workers(redis: Redis) -> list[str]:
-    beats = redis.zrangebyscore(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf", withscores=True)
+def fresh_heartbeats(redis: Redis) -> list:
+    """(worker id, heartbeat) of the inference workers heard from within WORKER_TTL_S (a pipeline will do
+    as `redis`: its reply goes to `live_among`)."""
+    return redis.zrangebyscore(WORKERS_KEY, time.time() - WORKER_TTL_S, "+inf", withscores=True)
+
+
+def live_among(beats: list) -> list[str]:
+    """The ids of `fresh_heartbeats`'s reply whose workers are alive."""
     ids = [(raw.decode() if isinstance(raw, bytes) else raw, score) for raw, score in beats]
     return [worker_id for worker_id, score in ids if inference_worker_alive(worker_id, score)]
+
+
+def live_inference_workers(redis: Redis) -> list[str]:
+    return live_among(fresh_heartbeats(redis))
 
 
 def inference_worker_heartbeat(redis: Redis, worker_id: str) -> float | None:

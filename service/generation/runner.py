@@ -3,25 +3,36 @@ events back. Shared by /v1/generate and the OpenAI-compatible endpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import HTTPException
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.concurrency import run_in_threadpool
 from transformers import AutoTokenizer
 
 from service import metrics
-from service.fleet import inference_worker_alive, inference_worker_heartbeat, live_inference_workers
+from service.fleet import (
+    fresh_heartbeats,
+    inference_worker_alive,
+    inference_worker_heartbeat,
+    live_among,
+    live_inference_workers,
+)
 from service.generation.depth import plan_depth
 from service.generation.schemas import (
     ChatMessage,
@@ -46,23 +57,57 @@ from workers.inference.protocol import (
     events_key,
     latency_key,
 )
+from workers.jobs.profile import PROFILING_LOCK_PREFIX
 from workers.store.model_files import read_config
+from workers.store.registry import KEY as REGISTRY_KEY
 from workers.store.registry import ModelRecord, Registry
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 POLL_S = 1.0  # how often a waiting request checks on its worker
+_UNREAD = object()  # a Redis value not read yet
 NO_WORKER_GRACE_S = 15.0  # a queued request waits this long for a (restarted) worker before its 503
+INLINE_ENCODE_CHARS = 4096  # a prompt this short is tokenized on the event loop: a thread hop costs more
+TOKENIZERS_KEPT = 16
+_tokenizers: OrderedDict[tuple[Path, float], Any] = OrderedDict()  # (path, mtime) -> tokenizer, LRU
+_tokenizers_lock = threading.Lock()
+_background: set[asyncio.Task] = set()  # deletions under way
 
 
-@lru_cache(maxsize=16)
 def load_tokenizer(path: Path, mtime: float):  # mtime: a re-created model gets a fresh tokenizer
-    return AutoTokenizer.from_pretrained(path)
+    """The tokenizer of the model at `path`, kept for the TOKENIZERS_KEPT most recently used models."""
+    key = (path, mtime)
+    with _tokenizers_lock:
+        if key in _tokenizers:
+            _tokenizers.move_to_end(key)
+            return _tokenizers[key]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _tokenizers_lock:
+        _tokenizers[key] = tokenizer
+        while len(_tokenizers) > TOKENIZERS_KEPT:
+            _tokenizers.popitem(last=False)
+    return tokenizer
+
+
+def tokenizer_loaded(path: Path, mtime: float) -> bool:
+    return (path, mtime) in _tokenizers
 
 
 @lru_cache(maxsize=64)
 def vocab_size(path: Path, mtime: float) -> int | None:
     """The model's vocabulary (rows of its embedding): token ids must stay below it."""
     return read_config(path).get("vocab_size")
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """What a request needs to know of Redis, read in one round trip with its model's record."""
+
+    record: ModelRecord | None
+    workers: int  # live inference workers
+    waiting: int  # requests queued
+    service_ms: float  # mean service time of a request
+    latency: bytes | None  # the model's stored live latency model
+    profile_pending: bool  # a background profile of the model is queued or running
 
 
 @dataclass
@@ -120,10 +165,31 @@ class Generation:
         self.aredis = aredis
         self.settings = settings
         self.registry = Registry(redis)
+        self._state: dict[str, FleetState] = {}  # a Generation serves one request: Redis is read once
+
+    def state(self, model_id: str) -> FleetState:
+        """The model's record and the inference fleet's state, read (once per request) in one round trip."""
+        if model_id not in self._state:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(REGISTRY_KEY, model_id)
+                fresh_heartbeats(pipe)
+                pipe.llen(QUEUE_KEY)
+                pipe.mget([SERVICE_MS_KEY, latency_key(model_id)])
+                pipe.exists(PROFILING_LOCK_PREFIX + model_id)
+                raw, beats, waiting, (service_ms, latency), pending = pipe.execute()
+            self._state[model_id] = FleetState(
+                record=ModelRecord.model_validate_json(raw) if raw else None,
+                workers=len(live_among(beats)),
+                waiting=waiting,
+                service_ms=float(service_ms or 0.0),
+                latency=latency,
+                profile_pending=bool(pending),
+            )
+        return self._state[model_id]
 
     # -- inputs -------------------------------------------------------------------------------------
     def record(self, model_id: str) -> ModelRecord:
-        record = self.registry.get(model_id)
+        record = self.state(model_id).record
         if record is None:
             raise HTTPException(404, f"model {model_id!r} is not registered (see GET /v1/models)")
         if record.type == "adapter":
@@ -140,8 +206,24 @@ class Generation:
                 422, f"model {model_id!r} has no usable tokenizer ({type(e).__name__})"
             ) from e
 
+    async def encode_async(
+        self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None
+    ) -> list[int]:
+        """`encode`, on the event loop for a short prompt whose tokenizer is loaded (a hop to a thread and
+        back costs more than tokenizing it), else in a thread so the loop stays responsive."""
+        self.record(model_id)  # 404 first (read with everything else this request needs of Redis)
+        path = self.settings.models_dir / model_id
+        size = len(prompt or "") + sum(len(m.text()) for m in messages or ())
+        try:
+            loaded = tokenizer_loaded(path, (path / "config.json").stat().st_mtime)
+        except OSError:
+            loaded = False
+        if loaded and size <= INLINE_ENCODE_CHARS:
+            return self.encode(model_id, prompt, messages)
+        return await run_in_threadpool(self.encode, model_id, prompt, messages)
+
     def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
-        """Token ids of the prompt (CPU-bound: routes call it off the event loop)."""
+        """Token ids of the prompt (CPU-bound: routes call it through `encode_async`)."""
         tokenizer = self.tokenizer(model_id)
         if messages is not None:
             if not tokenizer.chat_template:
@@ -175,19 +257,15 @@ class Generation:
     def live_workers(self) -> int:
         return len(live_inference_workers(self.redis))
 
-    def queue_wait_ms(self, workers: int) -> float:
-        """(batches ahead of this request) x (mean service time of a request)."""
-        waiting = self.redis.llen(QUEUE_KEY)
-        service_ms = float(self.redis.get(SERVICE_MS_KEY) or 0.0)
-        return math.ceil(waiting / (max(workers, 1) * 8)) * service_ms
-
-    def latency(self, record: ModelRecord) -> tuple[LatencyProfile, str]:
+    def latency(self, record: ModelRecord, state: FleetState | None = None) -> tuple[LatencyProfile, str]:
         """The model's latency model and where it comes from: "profile" (measured, kept up to date by the
         workers), or "default" (conservative, while the model is profiled in the background; nobody waits).
-        A measured model whose online scale has drifted beyond STRATA_REPROFILE_DRIFT is re-profiled."""
-        latency = self._known_latency(record)
+        A measured model whose online scale has drifted beyond STRATA_REPROFILE_DRIFT is re-profiled.
+        `state`: what `state()` read already (else Redis is asked)."""
+        latency = self._known_latency(record, _UNREAD if state is None else state.latency)
         if latency is None:
-            request_profile(self.redis, self.settings, record.id)
+            if state is None or not state.profile_pending:
+                request_profile(self.redis, self.settings, record.id)
             layers, gflops = record.num_layers or 1, self.settings.default_gflops
             return default_latency(layers, record.num_parameters, gflops), "default"
         drift = self.settings.reprofile_drift
@@ -204,7 +282,10 @@ class Generation:
         sampling: SamplingOptions,
         depth: DepthOptions,
         speculative: SpeculativeOptions | None = None,
+        stream: bool = True,
     ) -> Prepared:
+        """Check the request, plan its depth and queue it. `stream`: whether the client reads the tokens as
+        they come (if not, the worker writes only a few token entries a second)."""
         arrived = time.monotonic()
         record = self.record(model_id)
         s = self.settings
@@ -214,7 +295,8 @@ class Generation:
             )
         if new_tokens > s.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {new_tokens} exceeds the limit of {s.max_new_tokens}")
-        workers = self.live_workers()
+        state = self.state(model_id)
+        workers, waiting = state.workers, state.waiting
         if workers == 0:
             metrics.REJECTED.labels("no_worker").inc()
             raise HTTPException(
@@ -222,7 +304,7 @@ class Generation:
                 "no live inference worker: start one with `strata serve` or `strata infer`",
                 headers={"Retry-After": "5"},
             )
-        if self.redis.llen(QUEUE_KEY) >= s.max_waiting:
+        if waiting >= s.max_waiting:
             metrics.REJECTED.labels("queue_full").inc()
             raise HTTPException(
                 429,
@@ -236,8 +318,8 @@ class Generation:
                 raise HTTPException(422, f"draft_depth must be below the model's {record.num_layers} layers")
             # its output is the full model's; the draft exit uses its adapter unless the request says not
             depth = DepthOptions(depth=record.num_layers, exit_adapter=depth.exit_adapter)
-        latency, source = self.latency(record)
-        wait = self.queue_wait_ms(workers)
+        latency, source = self.latency(record, state)
+        wait = queue_wait_ms(workers, waiting, state.service_ms)
         quality = quality_table(record.profile)
         plan = plan_depth(depth, record.num_layers or 1, latency, len(prompt_ids), new_tokens, wait, quality)
         request = GenerationRequest(
@@ -256,6 +338,7 @@ class Generation:
             request=request,
             predicted_ms=plan.predicted_ms,
             speculative=Speculation(**speculative.model_dump()) if speculative else None,
+            stream=stream,
         )
         self.redis.rpush(QUEUE_KEY, job.model_dump_json())
         metrics.DEPTH.labels(model_id).observe(plan.depth)
@@ -272,8 +355,10 @@ class Generation:
             latency_model=source,
         )
 
-    def _known_latency(self, record: ModelRecord) -> LatencyProfile | None:
-        raw = self.redis.get(latency_key(record.id))
+    def _known_latency(
+        self, record: ModelRecord, stored: bytes | None | object = _UNREAD
+    ) -> LatencyProfile | None:
+        raw = self.redis.get(latency_key(record.id)) if stored is _UNREAD else stored
         if raw:
             return LatencyProfile.model_validate_json(raw)
         if record.profile:
@@ -321,12 +406,15 @@ class Generation:
                         prepared.queue_ms = data["queue_ms"]
                         prepared.batch_size = data["batch_size"]
                         metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
-                    elif kind == "token":
+                    elif kind == "token":  # `count` tokens (several: merged, see workers.inference.events)
                         if prepared.first_token_at is None:
                             prepared.first_token_at = now
                             metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
                         else:
-                            metrics.INTER_TOKEN.labels(model).observe(now - prepared.last_token_at)
+                            count = data.get("count", 1)
+                            gap = (now - prepared.last_token_at) / count
+                            for _ in range(count):
+                                metrics.INTER_TOKEN.labels(model).observe(gap)
                         prepared.last_token_at = now
                     elif kind == "finish":
                         prepared.finish = data
@@ -338,12 +426,34 @@ class Generation:
                     if ended:
                         return
         finally:  # synchronous calls: an async one would be cancelled with the client's task
-            if not ended:
+            if ended:  # the worker is done with it: delete it after the answer is on its way
+                self._delete_soon(key)
+            else:
                 self.cancel(prepared.request_id)
+                self._delete(key)
+
+    def _delete(self, key: str) -> None:
+        try:
+            self.redis.delete(key)
+        except (RedisConnectionError, RedisTimeoutError):
+            pass
+
+    def _delete_soon(self, key: str) -> None:
+        """Delete `key` in a task of its own, off the response's path (a round trip saved per request)."""
+
+        async def delete() -> None:
             try:
-                self.redis.delete(key)
+                await self.aredis.delete(key)
             except (RedisConnectionError, RedisTimeoutError):
                 pass
+
+        try:
+            task = asyncio.get_running_loop().create_task(delete())
+        except RuntimeError:  # no loop (finalised elsewhere)
+            self._delete(key)
+            return
+        _background.add(task)  # the loop keeps weak references only
+        task.add_done_callback(_background.discard)
 
     def _watch(self, worker: str | None, last_event: float, streaming: bool) -> dict | None:
         """Why waiting longer is pointless (an error event with its HTTP status), or None. The stall clock
@@ -388,6 +498,11 @@ class Generation:
                     headers = {"Retry-After": "5"} if status == 503 else None
                     raise HTTPException(status, f"generation failed: {data['error']}", headers=headers)
         return prepared.finish["text"]
+
+
+def queue_wait_ms(workers: int, waiting: int, service_ms: float) -> float:
+    """(batches ahead of a request) x (mean service time of a request)."""
+    return math.ceil(waiting / (max(workers, 1) * 8)) * service_ms
 
 
 def new_id(prefix: str) -> str:

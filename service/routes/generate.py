@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.generation.runner import Generation, Prepared, new_id
 from service.generation.schemas import GenerateRequest, GenerateResponse
@@ -45,8 +44,10 @@ def respond(prepared: Prepared, response_id: str, model: str) -> GenerateRespons
 async def generate(body: GenerateRequest, request: Request):
     """Generate at the deepest exit whose predicted latency fits `latency_budget_ms` (full depth without)."""
     gen = generation(request)
-    prompt_ids = await run_in_threadpool(gen.encode, body.model, body.prompt, body.messages)
-    prepared = await gen.prepare(body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative)
+    prompt_ids = await gen.encode_async(body.model, body.prompt, body.messages)
+    prepared = await gen.prepare(
+        body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative, stream=body.stream
+    )
     response_id = new_id("gen")
     if not body.stream:
         await gen.complete(prepared, request.is_disconnected)

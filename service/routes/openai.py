@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.generation.runner import Prepared, new_id
 from service.generation.schemas import (
@@ -48,8 +47,8 @@ async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncI
 @router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
 async def completions(body: CompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = await run_in_threadpool(gen.encode, body.model, body.prompt_text(), None)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
+    prompt_ids = await gen.encode_async(body.model, body.prompt_text(), None)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, stream=body.stream)
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)
@@ -78,8 +77,8 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = await run_in_threadpool(gen.encode, body.model, None, body.messages)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body)
+    prompt_ids = await gen.encode_async(body.model, None, body.messages)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, stream=body.stream)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)

@@ -386,6 +386,16 @@ class EarlyExitEngine:
         All requests are validated before any work starts. Batches run round-robin, one step each.
         Before each step, the requests whose ids `cancelled()` returns leave their batch without events.
         """
+        for events in self.steps(requests, cancelled):
+            yield from events
+
+    def steps(
+        self,
+        requests: Sequence[GenerationRequest],
+        cancelled: Callable[[], set[str]] | None = None,
+    ) -> Iterator[list[GenerationEvent]]:
+        """`generate`'s events grouped by the step that produced them (all rows of one batch), so a caller
+        can pass on each step's events at once (the inference worker: one Redis round trip per step)."""
         for request in requests:
             self.validate(request)
         pending = deque(
@@ -397,7 +407,7 @@ class EarlyExitEngine:
                 batch.drop(cancelled())
                 if batch.done:
                     continue
-            yield from batch.step()
+            yield batch.step()
             if not batch.done:
                 pending.append(batch)
 

@@ -1,7 +1,8 @@
 """What the API and the inference workers exchange through Redis.
 
 - requests: a list (RPUSH by the API, BLPOP by workers), bounded by the API;
-- events: one Redis stream per request (token, finish or error entries), expiring after a while;
+- events: one Redis stream per request (started, token, finish or error entries), expiring after a while;
+  a request that is not streamed gets a token entry a few times a second only (workers.inference.events);
 - liveness: a sorted set of worker ids (`host:pid:nonce`) scored by their last heartbeat;
 - cancellation: a key per request the API has given up on (client gone, worker stalled); workers skip
   such requests, or drop them from their batch between steps;
@@ -38,6 +39,7 @@ class InferenceJob(BaseModel):
     speculative: Speculation | None = None
     enqueued_at: float = Field(default_factory=time.time)
     predicted_ms: float | None = None
+    stream: bool = True  # the client reads tokens as they come (else only the finish matters to it)
 
 
 def events_key(request_id: str) -> str:

@@ -3,7 +3,6 @@ and streams tokens back as they are produced."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -22,11 +21,11 @@ from workers.device import default_device
 from workers.early_exit.adapters import FILENAME as ADAPTERS_FILE
 from workers.early_exit.adapters import load_adapters
 from workers.generation.compact import PRECISIONS, Precision
-from workers.generation.engine import EarlyExitEngine, FinishEvent, TokenEvent
+from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
 from workers.generation.speculative import speculative_events
+from workers.inference.events import EventWriter
 from workers.inference.protocol import (
-    EVENTS_TTL_S,
     HEARTBEAT_S,
     QUEUE_KEY,
     SERVICE_MS_KEY,
@@ -142,11 +141,15 @@ class InferenceWorker:
         item = self.redis.blpop([QUEUE_KEY], timeout=1)
         if item is None:
             return []
-        raw = [item[1]]
-        more = self.redis.lpop(QUEUE_KEY, self.max_batch_size - 1) or []
-        raw += more
-        jobs = [InferenceJob.model_validate_json(r) for r in raw]
-        gone = self._cancelled_among([job.request.request_id for job in jobs])
+        first = InferenceJob.model_validate_json(item[1])
+        with self.redis.pipeline(transaction=False) as pipe:  # one round trip for a request alone
+            pipe.lpop(QUEUE_KEY, self.max_batch_size - 1)
+            pipe.exists(cancel_key(first.request.request_id))
+            more, first_gone = pipe.execute()
+        jobs = [first, *(InferenceJob.model_validate_json(r) for r in more or [])]
+        gone = self._cancelled_among([job.request.request_id for job in jobs[1:]])
+        if first_gone:
+            gone.add(first.request.request_id)
         for request_id in gone:
             log.info("skipping request %s: cancelled while queued", request_id)
         return [job for job in jobs if job.request.request_id not in gone]
@@ -160,7 +163,7 @@ class InferenceWorker:
             flags = pipe.execute()
         return {request_id for request_id, flag in zip(request_ids, flags, strict=True) if flag}
 
-    def _cancel_watch(self, request_ids: list[str]):
+    def _cancel_watch(self, request_ids: list[str], writer: EventWriter):
         """A `cancelled()` for the engine: the abandoned ones among `request_ids`, asked of Redis at most
         every CANCEL_CHECK_S (once a step would cost a round trip per token)."""
         state = {"at": 0.0, "gone": set()}
@@ -172,65 +175,71 @@ class InferenceWorker:
                 gone = self._cancelled_among(request_ids)
                 for request_id in gone - state["gone"]:
                     log.info("dropping request %s: its client is gone", request_id)
+                    writer.forget(request_id)
                     self.redis.delete(events_key(request_id))  # nobody reads what was emitted meanwhile
                 state["gone"] = gone
             return state["gone"]
 
         return cancelled
 
-    def _emit(self, request_id: str, kind: str, data: dict) -> None:
-        key = events_key(request_id)
-        with self.redis.pipeline() as pipe:
-            pipe.xadd(key, {"type": kind, "data": json.dumps(data)})
-            pipe.expire(key, EVENTS_TTL_S)
+    def _observe(self, model_id: str, finish: FinishEvent, started: float) -> None:
+        """Fold what this request took into the model's live latency model and the mean service time
+        (two round trips: both reads, then both writes)."""
+        elapsed_ms = (time.time() - started) * 1000
+        raw, previous = self.redis.mget([latency_key(model_id), SERVICE_MS_KEY])
+        with self.redis.pipeline(transaction=False) as pipe:
+            if raw:
+                profile = LatencyProfile.model_validate_json(raw)
+                tokens = len(finish.token_ids)
+                updated = profile.observe(finish.depth, finish.prompt_tokens, tokens, elapsed_ms)
+                pipe.set(latency_key(model_id), updated.model_dump_json())
+            pipe.set(SERVICE_MS_KEY, 0.8 * float(previous or elapsed_ms) + 0.2 * elapsed_ms)
             pipe.execute()
 
-    def _observe(self, model_id: str, finish: FinishEvent, started: float) -> None:
-        """Fold what this request took into the model's live latency model and the mean service time."""
-        elapsed_ms = (time.time() - started) * 1000
-        raw = self.redis.get(latency_key(model_id))
-        if raw:
-            profile = LatencyProfile.model_validate_json(raw)
-            updated = profile.observe(finish.depth, finish.prompt_tokens, len(finish.token_ids), elapsed_ms)
-            self.redis.set(latency_key(model_id), updated.model_dump_json())
-        previous = float(self.redis.get(SERVICE_MS_KEY) or elapsed_ms)
-        self.redis.set(SERVICE_MS_KEY, 0.8 * previous + 0.2 * elapsed_ms)
-
     def serve_group(self, model_id: str, jobs: list[InferenceJob]) -> None:
+        """Generate a group's requests, writing each engine step's events in one round trip."""
         started = time.time()
+        writer = EventWriter(self.redis, {job.request.request_id: job.stream for job in jobs})
         for job in jobs:
-            self._emit(
+            writer.add(
                 job.request.request_id,
                 "started",
                 {"queue_ms": (started - job.enqueued_at) * 1000, "batch_size": len(jobs), "worker": self.id},
             )
+        writer.flush()
         try:
             engine = self.engine(model_id)
-            cancelled = self._cancel_watch([job.request.request_id for job in jobs])
+            cancelled = self._cancel_watch([job.request.request_id for job in jobs], writer)
             plain = [job for job in jobs if job.speculative is None]
-            streams = [engine.generate([job.request for job in plain], cancelled)] if plain else []
-            streams += [
-                _unless_cancelled(
-                    speculative_events(
-                        engine, job.request, job.speculative.draft_depth, job.speculative.num_draft_tokens
-                    ),
-                    job.request.request_id,
-                    cancelled,
-                )
-                for job in jobs
-                if job.speculative is not None
-            ]
-            for event in (event for stream in streams for event in stream):
-                if isinstance(event, TokenEvent):
-                    self._emit(event.request_id, "token", {"token_id": event.token_id, "delta": event.delta})
-                elif isinstance(event, FinishEvent):
-                    data = {k: v for k, v in vars(event).items() if k != "index"}
-                    self._emit(event.request_id, "finish", data)
+            steps = [engine.steps([job.request for job in plain], cancelled)] if plain else []
+            for job in jobs:
+                if job.speculative is not None:  # its events one by one: it makes several tokens a step
+                    spec = job.speculative
+                    events = speculative_events(engine, job.request, spec.draft_depth, spec.num_draft_tokens)
+                    events = _unless_cancelled(events, job.request.request_id, cancelled)
+                    steps.append([event] for event in events)
+            for step in (step for stream in steps for step in stream):
+                finished = self._queue_step(writer, step)
+                writer.flush()
+                for event in finished:
                     self._observe(model_id, event, started)
         except Exception as e:
             log.exception("generation failed for %s", model_id)
             for job in jobs:
-                self._emit(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}"})
+                writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}"})
+            writer.flush()
+
+    @staticmethod
+    def _queue_step(writer: EventWriter, step: list[GenerationEvent]) -> list[FinishEvent]:
+        """Queue one engine step's events; the requests it finished."""
+        finished = []
+        for event in step:
+            if isinstance(event, TokenEvent):
+                writer.token(event.request_id, event.token_id, event.delta)
+            elif isinstance(event, FinishEvent):
+                writer.add(event.request_id, "finish", {k: v for k, v in vars(event).items() if k != "index"})
+                finished.append(event)
+        return finished
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat, daemon=True)

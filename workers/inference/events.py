@@ -1,0 +1,106 @@
+"""Writing a batch's events to the per-request Redis streams, with as few round trips as the API allows.
+
+- One round trip per engine step for all rows of a batch (`flush`), not one per token; a single entry is
+  a bare XADD (a pipeline costs redis-py three times as much for one command).
+- A stream's EXPIRE goes with its first entry and is renewed every EVENTS_TTL_S / 2, not with every entry.
+- A request whose client waits for the whole answer (not streamed) needs no entry per token: its first
+  token is written at once (time to first token, and the proof that generation started), later ones are
+  merged into one entry per PROGRESS_S (enough for the API's stall watch), and tokens still pending at the
+  finish are dropped, since the finish entry carries all of them. Its API side wakes a few times a
+  second instead of once per token.
+
+A merged token entry has the fields of one (`token_id`: the last token, `delta`: the text of all of them)
+plus `count`, the number of tokens it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis import Redis
+
+from workers.inference.protocol import EVENTS_TTL_S, events_key
+
+PROGRESS_S = 0.5  # a non-streamed request: at most one token entry this often
+
+
+@dataclass
+class _Merged:
+    """Tokens of a non-streamed request not written yet."""
+
+    count: int = 0
+    token_id: int = 0
+    deltas: list[str] = field(default_factory=list)
+    written_at: float | None = None  # when its last token entry was queued (None: no token yet)
+
+
+class EventWriter:
+    """Queues the events of a batch's requests and writes them in one round trip per `flush()`."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        streamed: dict[str, bool],
+        progress_s: float = PROGRESS_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.streamed = streamed  # request id -> whether its client reads tokens as they come
+        self.progress_s = progress_s
+        self.clock = clock
+        self.queued: list[tuple[str, dict[str, str]]] = []
+        self.expired_at: dict[str, float] = {}  # stream key -> when its EXPIRE was last sent
+        self.merged: dict[str, _Merged] = {}
+
+    def add(self, request_id: str, kind: str, data: dict) -> None:
+        """Queue an entry (`started`, `finish`, `error`, or a streamed `token`)."""
+        if kind == "finish":
+            self.merged.pop(request_id, None)  # the finish entry carries every token
+        self.queued.append((events_key(request_id), {"type": kind, "data": json.dumps(data)}))
+
+    def token(self, request_id: str, token_id: int, delta: str) -> None:
+        """Queue a token: as it is when streamed, else merged (see the module's docstring)."""
+        if self.streamed.get(request_id, True):
+            self.add(request_id, "token", {"token_id": token_id, "delta": delta})
+            return
+        merged = self.merged.setdefault(request_id, _Merged())
+        merged.count += 1
+        merged.token_id = token_id
+        merged.deltas.append(delta)
+        now = self.clock()
+        if merged.written_at is None or now - merged.written_at >= self.progress_s:
+            data = {"token_id": token_id, "delta": "".join(merged.deltas), "count": merged.count}
+            self.add(request_id, "token", data)
+            merged.count, merged.deltas, merged.written_at = 0, [], now
+
+    def flush(self) -> None:
+        """Write what is queued: one round trip, with an EXPIRE for streams that need one."""
+        if not self.queued:
+            return
+        now = self.clock()
+        renew = []
+        for key, _ in self.queued:
+            at = self.expired_at.get(key)
+            if at is None or now - at >= EVENTS_TTL_S / 2:
+                self.expired_at[key] = now
+                renew.append(key)
+        queued, self.queued = self.queued, []
+        if len(queued) == 1 and not renew:
+            self.redis.xadd(*queued[0])
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, fields in queued:
+                pipe.xadd(key, fields)
+            for key in renew:
+                pipe.expire(key, EVENTS_TTL_S)
+            pipe.execute()
+
+    def forget(self, request_id: str) -> None:
+        """Drop what is queued for a request abandoned by its client (its stream is deleted)."""
+        key = events_key(request_id)
+        self.queued = [(k, fields) for k, fields in self.queued if k != key]
+        self.merged.pop(request_id, None)
+        self.expired_at.pop(key, None)
