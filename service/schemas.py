@@ -115,9 +115,10 @@ class HealOptions(BaseModel):
 
 
 class ReplaceOptions(BaseModel):
-    """Depth by block replacement (LLM-Streamline): cut n + 1 contiguous layers (the block whose output is
-    most like its input) and fit one layer, a copy of the block's most important one, to map the block's
-    input hidden states to its output (relative MSE, plus kl_weight * the final KL), all else frozen."""
+    """Depth by block replacement (LLM-Streamline): cut n + 1 contiguous layers (criterion kl: the block
+    whose cut, unfitted, changes the model's answers least; influence: the block whose output is most like
+    its input) and fit one layer, a copy of the block's most important one, to map the block's input hidden
+    states to its output (relative MSE, plus kl_weight * the final KL on response tokens), all else frozen."""
 
     model_config = ConfigDict(extra="forbid")
     block_start: int | None = Field(default=None, ge=0, description="Cut the block starting at this layer")
@@ -125,7 +126,14 @@ class ReplaceOptions(BaseModel):
     lr: float = Field(default=1e-3, gt=0, le=1)
     kl_weight: float = Field(default=0.0, ge=0, le=100)
     temperature: float = Field(default=2.0, gt=0, le=100)
-    data: Literal["calibration", "instructions"] = Field(default="calibration", description="Fitting text")
+    criterion: Literal["kl", "influence"] = Field(default="kl", description="How the block is chosen")
+    search_windows: int = Field(default=4, ge=1, le=10_000, description="Fitting windows the kl search reads")
+    candidates: int = Field(default=6, ge=1, le=1000, description="Lowest-BI blocks the kl search scores")
+    data: Literal["answers", "calibration", "instructions"] = Field(
+        default="answers",
+        description="Fitting text; answers: the full model's own answers to instruction prompts "
+        "(workers/data/answers.jsonl, chat template applied; the KL counts the response tokens)",
+    )
     compare_removal: bool = Field(
         default=True, description="Also report plain layer removal at the same target (healed the same way)"
     )

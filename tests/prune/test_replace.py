@@ -6,20 +6,24 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tests.prune.helpers import logits
+from workers.eval.texts import answer_windows
 from workers.grow.depth import zero_output
 from workers.prune.depth import drop_layers
-from workers.prune.heal import distillation_gap
+from workers.prune.heal import distillation_gap, kd_kl
 from workers.prune.influence import block_influence
 from workers.prune.layers import decoder_layers
 from workers.prune.prune import prune
 from workers.prune.replace import (
     Block,
     FitOptions,
+    block_distances,
     block_influences,
     choose_block,
     collect_pairs,
     cut_block,
     fit_replacement,
+    masked_kd,
+    predicting,
     random_block,
     relative_mse,
     replace_block,
@@ -115,7 +119,8 @@ def test_replaced_model_is_a_plain_model_of_n_minus_1_fewer_layers(which, reques
     progress = lambda done, total, message: seen.append((done / total, message))  # noqa: E731
     done = replace_block(source, calibration, 3, options=FitOptions(steps=5), progress=progress, device="cpu")
     phases = [m.split(":")[0] for _, m in seen]
-    assert phases[0] == "replace 1/3" and phases[-1] == "replace 3/3" and "replace 2/3" in phases
+    assert phases[0] == "replace 1/4" and phases[-1] == "replace 4/4"
+    assert {"replace 2/4", "replace 3/4"} <= set(phases)
     assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
     model = done.model
     assert model.config.num_hidden_layers == 2 and len(decoder_layers(model)) == 2
@@ -175,3 +180,88 @@ def test_bad_blocks_are_refused(tiny, calibration):
         cut_block(tiny, Block(start=1, size=2, init=0))
     with pytest.raises(ValueError, match="between 1 and 4"):
         replace_block(tiny, calibration, 5)
+
+
+def test_block_distance_is_the_kl_of_the_unfitted_cut_on_the_marked_tokens(tiny, calibration):
+    masks = [torch.arange(32).unsqueeze(0) % 3 == 0 for _ in calibration]  # every third token "a response"
+    _, layer_bi = block_influences(tiny, calibration, 2)
+    distance = block_distances(tiny, calibration, masks, 2, layer_bi)
+    assert len(distance) == 3
+    for i in range(3):
+        cut = cut_block(tiny, choose_block([1.0 * (j != i) for j in range(3)], layer_bi, 2))
+        assert len(decoder_layers(cut)) == 3
+        s, t = logits(cut, calibration), logits(tiny, calibration)
+        where = torch.cat([predicting(m) for m in masks])
+        assert where.sum() == 4 * 10  # positions 2, 5, ..., 29 predict tokens 3, 6, ..., 30
+        assert distance[i] == pytest.approx(kd_kl(s[where], t[where], 2.0).item(), rel=1e-4)
+    # Unmasked, every position counts; the block of lowest D is the one replace_block cuts.
+    distance = block_distances(tiny, calibration, None, 2, layer_bi)
+    done = replace_block(tiny, calibration, 2, options=FitOptions(steps=1), device="cpu")
+    assert done.block_distance == pytest.approx(distance, rel=1e-5) and len(set(distance)) == 3
+    assert done.block.start == min(range(3), key=distance.__getitem__)
+    # Scoring a shortlist scores only those starts, each as before; the rest are never chosen.
+    listed = block_distances(tiny, calibration, None, 2, layer_bi, starts=[2, 0])
+    assert listed[1] == float("inf") and listed[0] == pytest.approx(distance[0], rel=1e-6)
+    assert listed[2] == pytest.approx(distance[2], rel=1e-6)
+    one = replace_block(tiny, calibration, 2, options=FitOptions(steps=1, candidates=1), device="cpu")
+    block_bi, _ = block_influences(tiny, calibration, 2)
+    assert one.block.start == min(range(3), key=block_bi.__getitem__)
+    # A block holding identity layers and its most influential layer costs nothing: the source's function.
+    identity = with_identity_layers(tiny, [2])
+    _, layer_bi = block_influences(identity, calibration, 2)
+    assert block_distances(identity, calibration, None, 2, layer_bi)[1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_masked_kd_counts_only_the_marked_positions():
+    generator = torch.Generator().manual_seed(2)
+    s, t = torch.randn(1, 6, 11, generator=generator), torch.randn(1, 6, 11, generator=generator)
+    where = torch.tensor([[False, True, False, False, True, False]])
+    assert masked_kd(s, t, 2.0, where).item() == pytest.approx(kd_kl(s[:, [1, 4]], t[:, [1, 4]], 2.0).item())
+    assert masked_kd(s, t, 2.0) == pytest.approx(kd_kl(s, t, 2.0).item())
+    assert masked_kd(s, t, 2.0, torch.zeros(1, 6, dtype=torch.bool)).item() == 0.0
+    marked = torch.tensor([[0, 0, 1, 1, 0, 1]])
+    assert predicting(marked).tolist() == [[False, True, True, False, True, False]]
+
+
+def test_the_final_kl_on_response_tokens_moves_only_what_it_counts(tiny, calibration):
+    block = Block(start=1, size=2, init=1)
+    masks = [torch.arange(32).unsqueeze(0) >= 16 for _ in calibration]  # the second half "answers"
+    pairs = collect_pairs(tiny, calibration, block, with_logits=True, masks=masks)
+    assert all(w is not None and int(w.sum()) == 16 for w in pairs.where)
+    pruned = cut_block(tiny, block)
+    where = torch.cat([predicting(m) for m in masks])
+
+    def gap(model):
+        s, t = logits(model, calibration), logits(tiny, calibration)
+        return kd_kl(s[where], t[where], 2.0).item()
+
+    before = gap(pruned)
+    fit_replacement(pruned, 1, pairs, FitOptions(steps=60, lr=1e-3, kl_weight=1.0), device="cpu")
+    assert gap(pruned) < 0.7 * before
+
+
+def test_answer_windows_mark_the_assistant_turns_and_hold_none_of_the_readme_prompts(tmp_path):
+    import json
+    import re
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import make_tiny_chat_llama
+    from workers.train.data import read_jsonl
+
+    make_tiny_chat_llama(tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    cut, masks = answer_windows(tok, 64)
+    assert len(cut) == len(masks) > 10 and all(c.shape == m.shape for c, m in zip(cut, masks, strict=True))
+    ids, marked = torch.cat(cut, 1)[0], torch.cat(masks, 1)[0]
+    answers = read_jsonl(Path("workers/data/answers.jsonl"))
+    first = answers[0]["messages"]
+    assert tok.decode(ids[marked][: len(first[1]["content"])]).startswith(first[1]["content"][:40])
+    assert first[0]["content"] not in tok.decode(ids[marked])
+    # The fitting text must not contain what the pruned model is judged on (README's prompts).
+    readme = Path("README.md").read_text(encoding="utf-8")
+    prompts = set(re.findall(r'"(?:content|prompt)": "([^"]+)"', readme))
+    assert {"What is the capital of France?", "The capital of France is", "Once upon a time"} <= prompts
+    text = json.dumps(answers)
+    assert not [p for p in prompts if p in text]

@@ -61,3 +61,19 @@ def instruction_windows(tokenizer, seq_len: int = 256, max_windows: int | None =
     records = read_jsonl(shipped_data_path())
     ids = [token for example in encode_records(tokenizer, records) for token in example.input_ids]
     return windows(torch.tensor(ids, dtype=torch.long), seq_len, max_windows)
+
+
+def answer_windows(
+    tokenizer, seq_len: int = 256, max_windows: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Token windows of the full model's own answers to instruction prompts (workers/data/answers.jsonl,
+    chat template applied, conversations concatenated), and for each window a (1, L) bool mask of the
+    response tokens (the assistant turns, the tokens the model produces)."""
+    from workers.early_exit.fit_data import fitting_stream
+    from workers.train.data import read_jsonl
+
+    path = files("workers").joinpath("data", "answers.jsonl")
+    ids, responses = fitting_stream(tokenizer, read_jsonl(str(path)))
+    cut = windows(torch.tensor(ids, dtype=torch.long), seq_len, max_windows)
+    masks = windows(torch.tensor(responses, dtype=torch.bool), seq_len, max_windows)
+    return cut, masks

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.eval.texts import calibration_windows, instruction_windows
+from workers.eval.texts import answer_windows, calibration_windows, instruction_windows
 from workers.jobs.context import JobContext
 from workers.jobs.models import heldout_perplexity, load_model, save_model
 from workers.jobs.publish import publish_model
@@ -29,6 +29,8 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         calibration = calibration_windows(tokenizer, spec["seq_len"], spec["calibration_windows"])
 
         def windows_of(data: str):
+            if data == "answers":
+                return answer_windows(tokenizer, spec["seq_len"])[0]
             return instruction_windows(tokenizer, spec["seq_len"]) if data == "instructions" else calibration
 
         replace = dict(spec.get("replace") or {})
@@ -37,14 +39,26 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
             if replace
             else None
         )
-        fitting = windows_of(replace.get("data", "calibration")) if replace else None
+        fitting, masks = None, None
+        if replace and replace.get("data", "answers") == "answers":
+            fitting, masks = answer_windows(tokenizer, spec["seq_len"])
+        elif replace:
+            fitting = windows_of(replace["data"])
         mode, seed = spec["mode"], spec["seed"]
         healing = dict(spec.get("heal") or {})
         compare_removal = bool(replace) and replace.get("compare_removal", True)
         # phases on the job's 0..1: pruning (and the baselines), then healing in 0.5..0.9
         prune_end = 0.4 if healing else 0.8
         result = prune(
-            model, target, calibration, mode, seed, ctx.phase(0, prune_end, "pruning"), fit_options, fitting
+            model,
+            target,
+            calibration,
+            mode,
+            seed,
+            ctx.phase(0, prune_end, "pruning"),
+            fit_options,
+            fitting,
+            masks,
         )
         ctx.progress(round(prune_end * 100), 100, "measuring held-out perplexity", force=True)
         ppl = {
@@ -54,7 +68,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["compare_random"] and mode != "random":
             random_progress = ctx.phase(prune_end, prune_end + 0.05, "random baseline")
             baseline = prune(
-                model, target, calibration, "random", seed, random_progress, fit_options, fitting
+                model, target, calibration, "random", seed, random_progress, fit_options, fitting, masks
             )
             ppl["random"] = heldout_perplexity(baseline.model, tokenizer)
         removal = None
@@ -88,6 +102,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         if result.replaced is not None and result.fit is not None:
             report["replaced"] = {
                 "block": result.replaced.layers,
+                "criterion": fit_options.criterion if fit_options else None,
                 "init_layer": result.replaced.init,
                 "steps": result.fit.steps,
                 "relative_mse_before": result.fit.mse_before,

@@ -57,10 +57,12 @@ def prune(
     progress: Progress | None = None,
     replace: FitOptions | None = None,
     fitting: Sequence[torch.Tensor] | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
 ) -> PruneResult:
     """A pruned copy of `model` whose config equals the planned sizes exactly; the source is untouched.
 
-    `replace`: cut the depth by block replacement, the layer fitted on `fitting` (default: calibration).
+    `replace`: cut the depth by block replacement, the layer fitted on `fitting` (default: calibration),
+    whose response tokens `masks` marks (`workers.prune.replace.replace_block`).
     """
     if mode not in ("activation", "random"):
         raise ValueError(f"mode must be 'activation' or 'random', got {mode!r}")
@@ -73,7 +75,9 @@ def prune(
     if replace is not None:
         seed_or_none = seed if mode == "random" else None
         stage = _stage(progress, 0, 2, "depth")
-        done = replace_block(model, calibration, n_remove + 1, fitting, replace, seed_or_none, stage)
+        done = replace_block(
+            model, calibration, n_remove + 1, fitting, replace, seed_or_none, stage, masks=masks
+        )
         result.replaced, result.fit, result.influence = done.block, done.fit, done.layer_influence
         result.removed_layers = done.block.layers
         pruned = done.model
