@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.device import default_device
@@ -247,7 +248,12 @@ class InferenceWorker:
         log.info("inference worker %s listening", self.id)
         try:
             while not self.stopping.is_set():
-                jobs = self._take_batch()
+                try:
+                    jobs = self._take_batch()
+                except RedisConnectionError:
+                    if self.stopping.is_set():  # stopped together with Redis (Ctrl-C reaches the whole group)
+                        break
+                    raise
                 by_model: dict[str, list[InferenceJob]] = {}
                 for job in jobs:
                     by_model.setdefault(job.model, []).append(job)
@@ -255,4 +261,7 @@ class InferenceWorker:
                     self.serve_group(model_id, group)
         finally:
             self.stopping.set()
-            self.redis.zrem(WORKERS_KEY, self.id)
+            try:
+                self.redis.zrem(WORKERS_KEY, self.id)
+            except RedisConnectionError:
+                pass  # Redis is gone too; readers count a worker as live only while its heartbeat is recent
