@@ -139,7 +139,7 @@ def worker(
     import workers.jobs.sparsify  # noqa: F401
     import workers.jobs.truncate  # noqa: F401
     import workers.jobs.variants  # noqa: F401
-    from service.queue import QUEUE_NAME
+    from service.queue import QUEUE_NAMES
     from service.settings import get_settings
     from workers.jobs.errors import record_error
     from workers.jobs.recovery import reap_abandoned
@@ -151,10 +151,11 @@ def worker(
     apply_budget(settings.job_threads)
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = _worker_redis(settings)
-    for job_id in reap_abandoned(conn, QUEUE_NAME):
-        console.print(f"job {job_id} was running on a worker that died: marked failed")
-    queue = Queue(QUEUE_NAME, connection=conn)
-    StrataWorker([queue], connection=conn, exception_handlers=[record_error]).work(
+    for name in QUEUE_NAMES:
+        for job_id in reap_abandoned(conn, name):
+            console.print(f"job {job_id} was running on a worker that died: marked failed")
+    queues = [Queue(name, connection=conn) for name in QUEUE_NAMES]  # in priority order
+    StrataWorker(queues, connection=conn, exception_handlers=[record_error]).work(
         burst=burst, logging_level="INFO"
     )
 

@@ -1,5 +1,6 @@
 """Background profiling: one profile job per model at a time, queued when a model is registered, when a
-request finds it unprofiled, or when its observed latency drifts. Nobody waits for it."""
+request finds it unprofiled, or when its observed latency drifts. Nobody waits for it: it goes to the
+background queue, which job workers take from only when no user job is queued."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def request_profile(
         return None
     try:
         request = ProfileJobRequest(kind="profile", model=model_id, if_unprofiled=if_unprofiled)
-        view = JobQueue(redis, settings).submit(request)
+        view = JobQueue(redis, settings).submit(request, background=True)
     except TooManyJobs:
         redis.delete(lock)
         return None

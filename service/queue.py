@@ -18,6 +18,10 @@ from service.settings import Settings
 from workers.jobs.recovery import fail_abandoned
 
 QUEUE_NAME = "strata"
+# Background work nobody waits for (profiles queued at registration): a job worker takes it only when
+# QUEUE_NAME is empty, so a user's job never waits behind it.
+BACKGROUND_QUEUE_NAME = "strata-background"
+QUEUE_NAMES = (QUEUE_NAME, BACKGROUND_QUEUE_NAME)
 INDEX = "strata:jobs"
 CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
@@ -97,14 +101,18 @@ class JobQueue:
         self.redis = redis
         self.settings = settings
         self.queue = Queue(QUEUE_NAME, connection=redis)
+        self.background = Queue(BACKGROUND_QUEUE_NAME, connection=redis)
 
     def active(self, kind: str) -> int:
         """Queued and running jobs of one kind."""
-        ids = self.queue.get_job_ids() + StartedJobRegistry(QUEUE_NAME, connection=self.redis).get_job_ids()
+        ids = self.queue.get_job_ids() + self.background.get_job_ids()
+        for name in QUEUE_NAMES:
+            ids += StartedJobRegistry(name, connection=self.redis).get_job_ids()
         jobs = Job.fetch_many(ids, connection=self.redis)
         return sum(1 for job in jobs if job is not None and job.meta.get("kind") == kind)
 
-    def submit(self, request: BaseModel) -> JobView:
+    def submit(self, request: BaseModel, background: bool = False) -> JobView:
+        """Queue a job; `background` jobs run only when no other job is queued."""
         spec = request.model_dump(mode="json", exclude_none=True)
         kind = spec["kind"]
         if self.active(kind) >= self.settings.max_active_jobs_per_kind:
@@ -112,7 +120,7 @@ class JobQueue:
                 f"{self.settings.max_active_jobs_per_kind} {kind} jobs are already queued or running "
                 "(STRATA_MAX_ACTIVE_JOBS_PER_KIND); retry when one ends"
             )
-        job = self.queue.enqueue(
+        job = (self.background if background else self.queue).enqueue(
             JOB_FUNCTIONS[kind],
             spec,
             job_timeout=self.settings.job_timeout_s,

@@ -63,3 +63,27 @@ def test_unprofiled_drifted_and_fresh_models(tmp_path, isolated_redis_url):
     assert generation.latency(record())[1] == "profile"
     jobs = profile_jobs(redis, settings)
     assert len(jobs) == 2 and jobs[0]["if_unprofiled"] is False  # newest first: a forced re-profile
+
+
+def test_background_profiles_never_run_ahead_of_user_jobs(tmp_path, isolated_redis_url):
+    """A profile queued at registration goes to the background queue, which a job worker takes from only
+    when the user queue is empty: a burst worker runs the user's job first."""
+    from rq import Queue, SimpleWorker
+    from rq.job import Job
+
+    from service.profiling import request_profile
+    from service.queue import BACKGROUND_QUEUE_NAME, QUEUE_NAME, QUEUE_NAMES
+    from service.schemas import ProfileJobRequest
+
+    settings = Settings(home=tmp_path, redis_url=isolated_redis_url, default_model=False)
+    redis = redis_lib.Redis.from_url(isolated_redis_url)
+    background_id = request_profile(redis, settings, "registered")
+    user = JobQueue(redis, settings).submit(ProfileJobRequest(kind="profile", model="asked-for"))
+    assert Job.fetch(background_id, connection=redis).origin == BACKGROUND_QUEUE_NAME
+    assert Job.fetch(user.id, connection=redis).origin == QUEUE_NAME
+    assert JobQueue(redis, settings).active("profile") == 2
+    order: list[str] = []
+    worker = SimpleWorker([Queue(name, connection=redis) for name in QUEUE_NAMES], connection=redis)
+    worker.execute_job = lambda job, queue: order.append(job.id)  # record the order, run nothing
+    worker.work(burst=True, max_jobs=2)
+    assert order == [user.id, background_id]
