@@ -205,3 +205,18 @@ def test_bad_moe_yaml_to_local_merge_gets_one_line(tmp_path, moe_experts, case):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert ("nowhere" if case == "missing expert" else "experts_per_token") in err
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_local_merge_of_a_slices_recipe_stacks_the_layers(tmp_path, pair):
+    a, _ = pair
+    (tmp_path / "dus.yml").write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n"
+        f"  - sources:\n      - model: {a}\n        layer_range: [1, 4]\n"
+    )
+    code, err = run("merge", str(tmp_path / "dus.yml"), str(tmp_path / "out"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    ours, source = _weights(tmp_path / "out"), _weights(a)
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    for out_layer, in_layer in enumerate([0, 1, 2, 1, 2, 3]):
+        assert torch.equal(ours[name.format(out_layer)], source[name.format(in_layer)])
