@@ -9,9 +9,18 @@ rms; one dense, one rank 16). For each method the same YAML runs through both co
 process, alternating mergekit / Strata, with dirty pages flushed before each run; peak memory is the
 process's ru_maxrss. Deterministic methods also get the largest |difference| between the two outputs.
 
-The I/O floor is the time to read every input tensor and write an output of the same size (one reused
-buffer, no arithmetic). A whole process also pays the interpreter and torch start-up (2 s or more here,
-the same for any merge), so the floor multiple uses the merge time `strata merge` reports itself.
+Rows: linear, task_arithmetic, ties, dare_ties (all three models); slerp (base and dense, t = 0.5);
+nuslerp (the two variants' task vectors); model_stock; della (sampled: seeded in Strata, torch's global
+generator in mergekit, so not compared); breadcrumbs; passthrough, a depth up-scaling slice stack of the
+base (layers [0, 24) then [8, 30) of its 30: 46 layers); moe, a mergekit-moe YAML (`mergekit-moe` against
+`strata merge`) making a Mixtral of the two variants as experts, gate_mode cheap_embed, one expert per
+token.
+
+The I/O floor of a row is the time to read the input tensors it needs and write its output's bytes (one
+reused buffer, no arithmetic): every tensor of every input model and one model's worth of output for the
+merges, each output tensor's source tensor read and written once for passthrough and moe. A whole process
+also pays the interpreter and torch start-up (2 s or more here, the same for any merge), so the floor
+multiple uses the merge time `strata merge` reports itself.
 
 A second table runs Strata alone at 1x, 2x and 4x the default model's size (random LLaMA weights, more
 decoder layers, same tensor shapes): time should grow with size and peak memory stay flat.
@@ -23,7 +32,7 @@ and otherwise leaves the mergekit columns out. Ends with one line:
 
     merge: wall_ratio_max=<x> rss_ratio_max=<x> max_abs_diff=<x> floor_multiple_max=<x>
 
-over linear, task_arithmetic, ties and dare_ties. One more row, ties_first, runs the ties recipe with
+over every row but one. That row, ties_first, runs the ties recipe with
 Strata's `tie_break: first` (among entries tied at the trim threshold, the first in flat order instead of
 the ones mergekit keeps); it is reported for comparison and stays out of the summary line.
 """
@@ -45,6 +54,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -55,11 +65,27 @@ from bench.random_llama import (  # noqa: E402
     TINY,
     num_parameters,
     scaled_config,
+    write_character_tokenizer,
     write_random_llama,
 )
 
-METHODS = ("linear", "task_arithmetic", "ties", "ties_first", "dare_ties")
-DETERMINISTIC = {"linear", "task_arithmetic", "ties", "ties_first"}
+METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "ties_first",
+    "dare_ties",
+    "slerp",
+    "nuslerp",
+    "model_stock",
+    "della",
+    "breadcrumbs",
+    "passthrough",
+    "moe",
+)
+RANDOM = {"dare_ties", "della"}  # sampled masks: compared by speed and memory only
+DETERMINISTIC = set(METHODS) - RANDOM
+MOE = {"moe"}  # mergekit-moe YAMLs: `mergekit-moe` against `strata merge`
 EXTRA = {"ties_first"}  # reported, but outside the summary line
 STRATA_ONLY_KEYS = {"ties_first": "tie_break: first\n"}  # appended to Strata's copy of the recipe
 MERGEKIT_VENV = ROOT / ".cache" / "mergekit-venv"
@@ -112,8 +138,74 @@ models:
     parameters: {{weight: 0.4, density: 0.5}}
 dtype: float32
 """,
+    "slerp": """merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {dense}
+parameters:
+  t: 0.5
+dtype: float32
+""",
+    "nuslerp": """merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {dense}
+    parameters: {{weight: 0.6}}
+  - model: {lowrank}
+    parameters: {{weight: 0.4}}
+dtype: float32
+""",
+    "model_stock": """merge_method: model_stock
+base_model: {base}
+models:
+  - model: {dense}
+  - model: {lowrank}
+dtype: float32
+""",
+    "della": """merge_method: della
+base_model: {base}
+models:
+  - model: {dense}
+    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}
+  - model: {lowrank}
+    parameters: {{weight: 0.4, density: 0.5, epsilon: 0.1}}
+parameters:
+  lambda: 1.0
+dtype: float32
+""",
+    "breadcrumbs": """merge_method: breadcrumbs
+base_model: {base}
+models:
+  - model: {dense}
+    parameters: {{weight: 0.6, density: 0.9, gamma: 0.01}}
+  - model: {lowrank}
+    parameters: {{weight: 0.4, density: 0.9, gamma: 0.01}}
+dtype: float32
+""",
+    "passthrough": """merge_method: passthrough
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, {first_end}]
+  - sources:
+      - model: {base}
+        layer_range: [{second_start}, {layers}]
+dtype: float32
+""",
+    "moe": """base_model: {base}
+gate_mode: cheap_embed
+experts_per_token: 1
+dtype: float32
+experts:
+  - source_model: {dense}
+    positive_prompts: ["Write a short story about a cat", "Describe the sea at night"]
+  - source_model: {lowrank}
+    positive_prompts: ["Solve 12 * 7 + 3", "What is the derivative of x squared?"]
+""",
 }
 RECIPES["ties_first"] = RECIPES["ties"]
+INPUTS = {"slerp": ("base", "dense"), "passthrough": ("base",)}  # default: base, dense and lowrank
 
 
 @dataclass
@@ -129,6 +221,7 @@ class MethodResult:
     strata: list[Run] = field(default_factory=list)
     mergekit: list[Run] = field(default_factory=list)
     diff: Diff | None = None
+    floor: float = math.nan  # seconds: the row's I/O floor
 
 
 def median(values: list[float]) -> float:
@@ -187,9 +280,11 @@ def run_strata(config: Path, out: Path, log: Path) -> Run:
     return run
 
 
-def run_mergekit(mergekit: Path, config: Path, out: Path, log: Path) -> Run:
+def run_mergekit(mergekit: Path, config: Path, out: Path, log: Path, moe: bool = False) -> Run:
+    """mergekit-yaml, or for an MoE recipe the `mergekit-moe` beside it, on `config`."""
     _clear(out)
-    return measure([str(mergekit), str(config), str(out), "--quiet", "--random-seed", "0"], log)
+    exe = mergekit.with_name("mergekit-moe") if moe else mergekit
+    return measure([str(exe), str(config), str(out), "--quiet", "--random-seed", "0"], log)
 
 
 FLUSH = True  # sync before each run (off in quick mode, whose timings mean little)
@@ -251,6 +346,7 @@ def build_models(work: Path, base: Path | None, quick: bool, scale: float) -> di
         shutil.rmtree(models["base"], ignore_errors=True)
         if quick:
             write_random_llama(models["base"], TINY, seed=0)
+            write_character_tokenizer(models["base"])  # for the MoE row's prompts
         else:
             from workers.default_model import convert_default_model
 
@@ -289,30 +385,102 @@ def warm_page_cache(models: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------- floor
 
 
-def io_floor(models: list[Path], out: Path) -> float:
-    """Seconds to read every tensor of every input and write one model's worth of bytes: positioned
-    reads into one reused buffer, no arithmetic, no allocation."""
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def recipe_fields(models: dict[str, Path]) -> dict[str, Any]:
+    """What the recipes are formatted with: the model paths, and the passthrough row's layer ranges
+    (of 30 layers: [0, 24) then [8, 30), a depth up-scaling stack)."""
+    layers = int(json.loads((models["base"] / "config.json").read_text())["num_hidden_layers"])
+    first_end = max(1, round(layers * 4 / 5))
+    second_start = min(layers - 1, round(layers * 4 / 15))
+    return {**models, "layers": layers, "first_end": first_end, "second_start": second_start}
+
+
+def floor_kind(method: str) -> str:
+    return (
+        method
+        if method in ("passthrough", "moe")
+        else "+".join(INPUTS.get(method, ("base", "dense", "lowrank")))
+    )
+
+
+def floor_io(kind: str, fields: dict[str, Any]) -> tuple[list[tuple[Path, str]], int | None]:
+    """The (model, tensor) reads of one row's floor, and the bytes it writes (None: one input's worth)."""
+    from workers.moe.layouts import is_mlp
     from workers.tensors.safetensors_io import TensorReader
 
-    readers = [TensorReader(m) for m in models]
-    entries = readers[0].entries
-    buffer = memoryview(bytearray(max(e.nbytes for e in entries.values())))
+    base: Path = fields["base"]
+    with TensorReader(base) as reader:
+        names = list(reader.entries)
+    if kind == "passthrough":  # each output layer's tensors from its source layer, the rest once
+        ranges = [range(0, fields["first_end"]), range(fields["second_start"], fields["layers"])]
+        reads = []
+        for name in names:
+            match = LAYER.search(name)
+            if match is None:
+                reads.append((base, name))
+            else:
+                reads += [(base, name) for r in ranges if int(match.group(1)) in r]
+        return reads, 0
+    if kind == "moe":  # base tensors but the MLPs, then each expert's MLPs
+        reads = [(base, n) for n in names if not is_mlp(n)]
+        for key in ("dense", "lowrank"):
+            reads += [(fields[key], n) for n in names if is_mlp(n)]
+        return reads, 0
+    return [(fields[key], n) for n in names for key in kind.split("+")], None
+
+
+def io_floor(reads: list[tuple[Path, str]], write: int | None, out: Path) -> float:
+    """Seconds to make the `reads` (positioned reads into one reused buffer, no arithmetic, no allocation)
+    and write an output: `write` bytes, or with None one copy of each tensor name read (a merge's output);
+    with 0, each read is written as it is (a copy)."""
+    from workers.tensors.safetensors_io import TensorReader
+
+    readers = {m: TensorReader(m) for m in dict.fromkeys(m for m, _ in reads)}
+    size = max(readers[m].entries[n].nbytes for m, n in reads)
+    buffer = memoryview(bytearray(size))
     fds: dict[Path, int] = {}
+    written: set[str] = set()
     start = time.perf_counter()
     with open(out, "wb") as sink:
-        for name in entries:
-            for reader in readers:
-                entry = reader.entries[name]
-                fd = fds.get(entry.file) or fds.setdefault(entry.file, os.open(entry.file, os.O_RDONLY))
-                done = 0
-                while done < entry.nbytes:
-                    done += os.preadv(fd, [buffer[done : entry.nbytes]], entry.begin + done)
-            sink.write(buffer[: entries[name].nbytes])
+        for model, name in reads:
+            entry = readers[model].entries[name]
+            fd = fds.get(entry.file) or fds.setdefault(entry.file, os.open(entry.file, os.O_RDONLY))
+            done = 0
+            while done < entry.nbytes:
+                done += os.preadv(fd, [buffer[done : entry.nbytes]], entry.begin + done)
+            if write == 0 or (write is None and name not in written):
+                sink.write(buffer[: entry.nbytes])
+                written.add(name)
+        left = write or 0
+        while left > 0:
+            left -= sink.write(buffer[: min(left, size)])
     elapsed = time.perf_counter() - start
     for fd in fds.values():
         os.close(fd)
+    for reader in readers.values():
+        reader.close()
     out.unlink()
     return elapsed
+
+
+def floors(methods: list[str], fields: dict[str, Any], work: Path) -> dict[str, tuple[float, int, int]]:
+    """Per floor kind of the rows: (seconds, median of 3; bytes read; bytes written)."""
+    from workers.tensors.safetensors_io import TensorReader
+
+    out = {}
+    for kind in dict.fromkeys(floor_kind(m) for m in methods):
+        reads, write = floor_io(kind, fields)
+        sizes = {}
+        for model in dict.fromkeys(m for m, _ in reads):
+            with TensorReader(model) as reader:
+                sizes[model] = {n: e.nbytes for n, e in reader.entries.items()}
+        read_bytes = sum(sizes[m][n] for m, n in reads)
+        write_bytes = write or (read_bytes if write == 0 else sum(sizes[reads[0][0]].values()))
+        seconds = median([io_floor(reads, write, work / "floor.out") for _ in range(3)])
+        out[kind] = (seconds, read_bytes, write_bytes)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -394,22 +562,22 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def main_table(results: list[MethodResult], floor: float) -> list[str]:
+def main_table(results: list[MethodResult]) -> list[str]:
     lines = [
         "| method | mergekit s | strata s | wall ratio | mergekit peak RSS GB | strata peak RSS GB "
-        "| RSS ratio | max abs diff | strata merge s | x I/O floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS ratio | max abs diff | strata merge s | I/O floor s | x I/O floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s_wall, s_rss = median([x.wall for x in r.strata]), max(x.rss for x in r.strata)
         m_wall = median([x.wall for x in r.mergekit])
         m_rss = max((x.rss for x in r.mergekit), default=math.nan)
         s_merge = median([x.merge for x in r.strata if x.merge is not None])
-        diff = "random" if r.method not in DETERMINISTIC else fmt(r.diff and r.diff.max_abs, ".1e")
+        diff = "random, seeded" if r.method not in DETERMINISTIC else fmt(r.diff and r.diff.max_abs, ".1e")
         lines.append(
             f"| {r.method} | {fmt(m_wall)} | {fmt(s_wall)} | {fmt(s_wall / m_wall)} "
             f"| {fmt(gb(m_rss))} | {fmt(gb(s_rss))} | {fmt(s_rss / m_rss)} | {diff} "
-            f"| {fmt(s_merge)} | {fmt(s_merge / floor)} |"
+            f"| {fmt(s_merge)} | {fmt(r.floor)} | {fmt(s_merge / r.floor)} |"
         )
     return lines
 
@@ -426,7 +594,7 @@ def diff_notes(results: list[MethodResult]) -> list[str]:
     return notes
 
 
-def summary(results: list[MethodResult], floor: float) -> tuple[str, list[str]]:
+def summary(results: list[MethodResult]) -> tuple[str, list[str]]:
     results = [r for r in results if r.method not in EXTRA]
     wall = {
         r.method: median([x.wall for x in r.strata]) / median([x.wall for x in r.mergekit])
@@ -436,12 +604,12 @@ def summary(results: list[MethodResult], floor: float) -> tuple[str, list[str]]:
     rss = {
         r.method: max(x.rss for x in r.strata) / max(x.rss for x in r.mergekit) for r in results if r.mergekit
     }
-    floors = {r.method: median([x.merge for x in r.strata if x.merge]) / floor for r in results}
+    multiples = {r.method: median([x.merge for x in r.strata if x.merge]) / r.floor for r in results}
     diffs = [r.diff.max_abs for r in results if r.diff is not None]
     wall_max = max(wall.values()) if wall else math.nan
     rss_max = max(rss.values()) if rss else math.nan
     diff_max = max(diffs) if diffs else math.nan
-    floor_max = max(floors.values())
+    floor_max = max(multiples.values())
     line = (
         f"merge: wall_ratio_max={fmt(wall_max, '.3f')} rss_ratio_max={fmt(rss_max, '.3f')} "
         f"max_abs_diff={fmt(diff_max, '.3e')} floor_multiple_max={fmt(floor_max, '.2f')}"
@@ -557,17 +725,23 @@ def main(argv: list[str] | None = None) -> int:
         scale = QUICK_VARIANT_SCALE if args.quick else VARIANT_SCALE
         models = build_models(work, args.base.resolve() if args.base else None, args.quick, scale)
         inputs = [models["base"], models["dense"], models["lowrank"]]
+        fields = recipe_fields(models)
         if FLUSH:
             os.sync()
         warm_page_cache(inputs)
-        floor = median([io_floor(inputs, work / "floor.out") for _ in range(3)])
+        floor = floors(args.methods, fields, work)
         stream, budgets = None, ""
         if args.beside_generation:
             stream, budgets = start_generation_stream(models["base"], work / "stream.log")
         results = [
             # quick mode skips mergekit where there is nothing to compare (random methods): it is a smoke test
             bench_method(
-                method, models, work, runs, None if args.quick and method not in DETERMINISTIC else mergekit
+                method,
+                fields,
+                work,
+                runs,
+                None if args.quick and method not in DETERMINISTIC else mergekit,
+                floor[floor_kind(method)][0],
             )
             for method in args.methods
         ]
@@ -582,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     load_after = load_average()
 
-    line, checks = summary(results, floor)
+    line, checks = summary(results)
     label = args.base or ("a tiny random LLaMA" if args.quick else "SmolLM2-135M-Instruct, the default model")
     command = " ".join(["python bench/merge_vs_mergekit.py", *(sys.argv[1:] if argv is None else argv)])
     base_gb = gb(weight_bytes(models["base"]))
@@ -594,11 +768,13 @@ def main(argv: list[str] | None = None) -> int:
         f"load average (1, 5, 15 min): {load_before} before, {load_after} after",
         f"models: 3 x {base_gb:.2f} GB float32 ({label} and two variants, delta rms {scale:g} x weight rms), "
         f"{runs} run(s) per tool, medians; mergekit: {mergekit or 'not run'}",
-        f"I/O floor: read {gb(sum(weight_bytes(m) for m in inputs)):.2f} GB + write {base_gb:.2f} GB "
-        f"= {floor:.2f} s (median of 3)",
+        "I/O floors (median of 3): "
+        + "; ".join(
+            f"{k}: read {gb(r):.2f} GB + write {gb(w):.2f} GB = {t:.2f} s" for k, (t, r, w) in floor.items()
+        ),
         *([stream_line] if stream_line else []),
         "",
-        *main_table(results, floor),
+        *main_table(results),
         *(["", *diff_notes(results)] if diff_notes(results) else []),
     ]
     if scale_lines:
@@ -614,16 +790,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench_method(
-    method: str, models: dict[str, Path], work: Path, runs: int, mergekit: Path | None
+    method: str, fields: dict[str, Any], work: Path, runs: int, mergekit: Path | None, floor: float
 ) -> MethodResult:
     """`runs` alternating mergekit / Strata runs of one recipe, and their outputs compared."""
+    models = {k: fields[k] for k in ("base", "dense", "lowrank")}
     yml, strata_yml = work / f"{method}.yml", work / f"{method}.strata.yml"
-    yml.write_text(RECIPES[method].format(**models))
-    strata_yml.write_text(RECIPES[method].format(**models) + STRATA_ONLY_KEYS.get(method, ""))
-    result = MethodResult(method)
+    yml.write_text(RECIPES[method].format(**fields))
+    strata_yml.write_text(RECIPES[method].format(**fields) + STRATA_ONLY_KEYS.get(method, ""))
+    result = MethodResult(method, floor=floor)
+    moe = method in MOE
     for i in range(runs):
         if mergekit:
-            result.mergekit.append(run_mergekit(mergekit, yml, work / "out-mergekit", work / "mergekit.log"))
+            result.mergekit.append(
+                run_mergekit(mergekit, yml, work / "out-mergekit", work / "mergekit.log", moe=moe)
+            )
         result.strata.append(run_strata(strata_yml, work / "out-strata", work / "strata.log"))
         other = f", mergekit {result.mergekit[-1].wall:.2f} s" if mergekit else ""
         print(f"{method} run {i + 1}/{runs}: strata {result.strata[-1].wall:.2f} s{other}", flush=True)

@@ -105,3 +105,18 @@ def write_random_llama(out_dir: Path, config: dict, seed: int = 0) -> None:
         writer.write(name, weights)
     writer.close()
     (out_dir / "config.json").write_text(json.dumps(hf_config(config), indent=2))
+
+
+def write_character_tokenizer(out_dir: Path) -> None:
+    """A one-token-per-character tokenizer (printable ASCII, BOS <s>, EOS </s>), so quick-mode models can
+    tokenize prompts (the MoE row's cheap_embed gate)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *map(chr, range(32, 127))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(out_dir)

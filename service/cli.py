@@ -276,13 +276,19 @@ def submit(
 @app.command()
 def merge(
     config: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="A mergekit YAML (models form)")
+        Path,
+        typer.Argument(
+            exists=True, dir_okay=False, help="A mergekit YAML (models or slices form) or a mergekit-moe YAML"
+        ),
     ],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model (must not exist)")],
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available)")] = None,
     max_shard_bytes: Annotated[int, typer.Option(help="Largest output shard")] = 2 << 30,
 ) -> None:
     """Merge locally, without a server (like mergekit-yaml): model references are directories.
+
+    A mergekit-moe YAML (recognised by its keys: `experts`, `gate_mode`, ..., as POST /v1/merges does)
+    builds the mixture-of-experts model instead, like mergekit-moe.
 
     The output is written to `.<out>.partial` beside it and renamed when complete; an interrupted run
     (Ctrl-C, SIGTERM) removes it, and a leftover of a killed run is removed at the next start. Bad input
@@ -322,21 +328,26 @@ def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, m
     import torch
 
     from service.settings import get_settings
-    from workers.merge.config import MergeConfigError, load_merge_config
+    from workers.merge.config import MergeConfigError, load_merge_config, parse_yaml
     from workers.merge.executor import MissingParameterError, merge_models
     from workers.merge.homology import HomologyError
     from workers.merge.plan import SliceError
+    from workers.moe.config import is_moe_recipe
     from workers.store.model_files import ModelFileError
     from workers.store.references import ModelReferenceError, check_model_directory
     from workers.tensors.finite import first_non_finite
 
+    text = config.read_bytes()
     try:
-        recipe = load_merge_config(config.read_bytes())
+        if is_moe_recipe(parse_yaml(text)):
+            return _build_moe_locally(config, text, out_dir, tmp, device, max_shard_bytes)
+        recipe = load_merge_config(text)
     except MergeConfigError as e:
         raise LocalMergeError(f"{config}: {e}") from e
     limit = get_settings().max_merge_models
-    if len(recipe.models) > limit:
-        raise LocalMergeError(f"the recipe lists {len(recipe.models)} models; at most {limit}")
+    listed = len(recipe.models or []) + sum(len(s.sources) for s in recipe.slices or [])
+    if listed > limit:  # as the API counts them: the slices form lists each slice's sources
+        raise LocalMergeError(f"the recipe lists {listed} models; at most {limit}")
     paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
     if out_dir.exists():
         raise LocalMergeError(f"{out_dir} exists")
@@ -380,6 +391,69 @@ def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, m
         raise LocalMergeError(f"{e.strerror or 'cannot read or write a file'}: {e.filename or ''}") from e
     except RuntimeError as e:  # torch: e.g. an unknown device, out of memory
         raise LocalMergeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    return result
+
+
+def _build_moe_locally(
+    config: Path, text: bytes, out_dir: Path, tmp: Path, device: str | None, max_shard_bytes: int
+):
+    """`strata merge` of a mergekit-moe YAML: the MoE model, written like a merge (partial, then renamed)."""
+    import torch
+
+    from workers.merge.config import MergeConfigError
+    from workers.merge.homology import HomologyError
+    from workers.moe.build import build_moe
+    from workers.moe.config import load_moe_config
+    from workers.moe.layouts import LayoutError
+    from workers.moe.routers import RouterError
+    from workers.store.model_files import ModelFileError
+    from workers.store.references import ModelReferenceError, check_model_directory
+    from workers.tensors.finite import first_non_finite
+
+    try:
+        recipe = load_moe_config(text)
+    except MergeConfigError as e:
+        raise LocalMergeError(f"{config}: {e}") from e
+    paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
+    if out_dir.exists():
+        raise LocalMergeError(f"{out_dir} exists")
+    if tmp.exists():
+        console.print(f"removing {tmp}, left by an interrupted run")
+        shutil.rmtree(tmp)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+    try:
+        for ref, path in paths.items():
+            if not path.is_dir():
+                raise LocalMergeError(f"not a model directory: {ref}")
+            check_model_directory(path)
+        tmp.mkdir(parents=True)
+        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task(f"moe ({recipe.gate_mode})", total=1)
+
+            def progress(done: int, total: int, message: str) -> None:
+                bar.update(task, completed=done, total=total, description=message)
+
+            result = build_moe(
+                recipe,
+                paths,
+                tmp,
+                device=torch.device(device) if device else None,
+                max_shard_bytes=max_shard_bytes,
+                progress=progress,
+            )
+        bad = first_non_finite(tmp)
+        if bad is not None:
+            raise LocalMergeError(f"tensor {bad!r} of the output holds NaN or infinite values; not written")
+        tmp.rename(out_dir)
+    except HomologyError as e:
+        raise LocalMergeError(f"experts are not homologous: {e}") from e
+    except (LayoutError, RouterError, ModelReferenceError, ModelFileError) as e:
+        raise LocalMergeError(str(e)) from e
+    except OSError as e:
+        raise LocalMergeError(f"{e.strerror or 'cannot read or write a file'}: {e.filename or ''}") from e
+    except RuntimeError as e:
+        raise LocalMergeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    console.print(f"{result.architecture} with {result.num_experts} experts per layer")
     return result
 
 

@@ -1,18 +1,26 @@
 """Local `strata merge`: partial output is cleaned up on interrupt and at the next start, and bad input
-gets one line on stderr, never a traceback (real subprocesses)."""
+gets one line on stderr, never a traceback, and a mergekit-moe YAML builds the MoE model (real
+subprocesses)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
-from tests.tiny_models import make_slow_llama, make_tiny_llama, make_variant
+from tests.tiny_models import make_slow_llama, make_tiny_chat_llama, make_tiny_llama, make_variant
+from workers.moe.build import build_moe
+from workers.moe.config import MoeConfig
 
 
 def strata(*args: str, **kwargs) -> subprocess.Popen:
@@ -125,3 +133,90 @@ def test_submit_without_a_server_or_with_invalid_yaml_prints_one_line(tmp_path):
         assert code == 1, err
         assert "Traceback" not in err and "cannot reach a Strata server" in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+MOE = """base_model: {base}
+gate_mode: cheap_embed
+experts_per_token: 1
+dtype: float32
+experts:
+  - source_model: {a}
+    positive_prompts: ["the cat sat on the mat"]
+  - source_model: {b}
+    positive_prompts: ["numbers 123 456"]
+    negative_prompts: ["the cat"]
+"""
+
+
+@pytest.fixture
+def moe_experts(tmp_path):
+    make_tiny_chat_llama(tmp_path / "base", seed=0)
+    for name, seed in (("a", 1), ("b", 2)):
+        make_variant(tmp_path / "base", tmp_path / name, seed=seed, scale=0.05)
+    return {name: tmp_path / name for name in ("base", "a", "b")}
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_local_merge_of_a_mergekit_moe_yaml_writes_the_moe_model(tmp_path, moe_experts):
+    text = MOE.format(**moe_experts)
+    (tmp_path / "moe.yml").write_text(text)
+    code, err = run("merge", str(tmp_path / "moe.yml"), str(tmp_path / "out"))
+    assert code == 0, err
+    assert "mixtral with 2 experts" in err and " s on cpu" in err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 1
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    assert not (tmp_path / ".out.partial").exists()
+    recipe_ = MoeConfig.model_validate(yaml.safe_load(text))
+    (tmp_path / "direct").mkdir()
+    build_moe(
+        recipe_, {r: Path(r) for r in recipe_.input_models}, tmp_path / "direct", device=torch.device("cpu")
+    )
+    ours, direct = _weights(tmp_path / "out"), _weights(tmp_path / "direct")
+    assert ours.keys() == direct.keys() and all(torch.equal(ours[k], direct[k]) for k in ours)
+    routers = [k for k in ours if k.endswith("mlp.gate.weight")]
+    assert routers and all(ours[k].shape[0] == 2 for k in routers)
+    experts = [k for k in ours if "experts" in k and "down_proj" in k]
+    assert experts, sorted(ours)[:10]
+    a, b = _weights(moe_experts["a"]), _weights(moe_experts["b"])
+    down = experts[0]
+    layer = down.split(".layers.")[1].split(".")[0]
+    name = f"model.layers.{layer}.mlp.down_proj.weight"
+    assert torch.equal(ours[down][0], a[name]) and torch.equal(ours[down][1], b[name])
+
+
+@pytest.mark.parametrize("case", ["missing expert", "bad field"])
+def test_bad_moe_yaml_to_local_merge_gets_one_line(tmp_path, moe_experts, case):
+    text = MOE.format(
+        **{**moe_experts, "b": tmp_path / "nowhere"} if case == "missing expert" else moe_experts
+    )
+    if case == "bad field":
+        text = text.replace("experts_per_token: 1", "experts_per_token: 5")
+    (tmp_path / "moe.yml").write_text(text)
+    code, err = run("merge", str(tmp_path / "moe.yml"), str(tmp_path / "out"), timeout=120)
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert ("nowhere" if case == "missing expert" else "experts_per_token") in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_local_merge_of_a_slices_recipe_stacks_the_layers(tmp_path, pair):
+    a, _ = pair
+    (tmp_path / "dus.yml").write_text(
+        f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n"
+        f"  - sources:\n      - model: {a}\n        layer_range: [1, 4]\n"
+    )
+    code, err = run("merge", str(tmp_path / "dus.yml"), str(tmp_path / "out"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    ours, source = _weights(tmp_path / "out"), _weights(a)
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    for out_layer, in_layer in enumerate([0, 1, 2, 1, 2, 3]):
+        assert torch.equal(ours[name.format(out_layer)], source[name.format(in_layer)])

@@ -23,6 +23,9 @@ from workers.merge.registry import TensorGroup, register
     min_inputs=3,
 )
 def model_stock(group: TensorGroup) -> torch.Tensor:
+    """Whole-tensor kernels, few and fused: a fused reduction per norm and per dot product (no product
+    temporaries), the task vectors d_i as the only full-size temporaries, and the result accumulated in
+    place in one fresh tensor."""
     w_0, ws = group.base, list(group.tensors)
     shape = w_0.shape
     if group.params["filter_wise"]:
@@ -31,11 +34,12 @@ def model_stock(group: TensorGroup) -> torch.Tensor:
     else:
         w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
     offsets = [w - w_0 for w in ws]
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]
     cosines = []
     for i, a in enumerate(offsets):
-        for b in offsets[i + 1 :]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        for j in range(i + 1, len(offsets)):
+            dot = torch.linalg.vecdot(a, offsets[j], dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     del offsets
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(ws)
@@ -46,5 +50,9 @@ def model_stock(group: TensorGroup) -> torch.Tensor:
         torch.zeros_like(cos),
         (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator),
     )
-    average = sum(ws) / count
-    return (t * average + (1 - t) * w_0).reshape(shape)
+    out = ws[0].clone()  # t * mean_i theta_i + (1 - t) * theta_0
+    for w in ws[1:]:
+        out.add_(w)
+    out.div_(count).mul_(t)
+    out.addcmul_(w_0, 1 - t)
+    return out.reshape(shape)

@@ -18,28 +18,28 @@ from __future__ import annotations
 import torch
 
 from workers.merge.registry import TensorGroup, register
-from workers.merge.sparsify import chunk_size, slices
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """SLERP of two whole tensors, statistics and arithmetic in float32 (float64 inputs stay float64)
-    one slice of the flattened tensors at a time; the result has v0's dtype."""
+    """SLERP of two whole tensors, statistics and arithmetic in float32 (float64 inputs stay float64);
+    the result has v0's dtype.
+
+    Each statistic is one fused reduction over the whole tensor (two norms, one dot product: no
+    normalised copies, no product temporary) and the result is one multiply and one multiply-add into a
+    fresh tensor, so memory holds the inputs and the output only, and few large kernels run (many small
+    ones cost more than they compute when the cores are shared)."""
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    t_ = torch.tensor(t, dtype=dtype, device=v0.device)
-    size = chunk_size(v0.device)
-    out = torch.empty_like(a)
+    a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
     if a.numel() == 0:
-        return out.reshape(v0.shape)
-    parts = [slice_ for slice_ in slices(a.numel(), size)]
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[s].to(dtype)) for s in parts]))
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[s].to(dtype)) for s in parts]))
+        return torch.empty_like(v0)
+    t_ = torch.tensor(t, dtype=dtype, device=v0.device)
+    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     norm_a = torch.where(norm_a > NORM_EPS, norm_a, 1)
     norm_b = torch.where(norm_b > NORM_EPS, norm_b, 1)
-    dot = sum(((a[s].to(dtype) / norm_a) * (b[s].to(dtype) / norm_b)).sum() for s in parts).clamp(-1, 1)
+    dot = (torch.linalg.vecdot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         coef_a, coef_b = 1 - t_, t_
     else:
@@ -47,9 +47,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
         sin_theta = torch.sin(theta)
         coef_a = torch.sin((1 - t_) * theta) / sin_theta
         coef_b = torch.sin(t_ * theta) / sin_theta
-    for s in parts:
-        out[s] = coef_a * a[s].to(dtype) + coef_b * b[s].to(dtype)
-    return out.reshape(v0.shape)
+    out = torch.mul(a, coef_a)
+    out.add_(b, alpha=float(coef_b))
+    return out.reshape(v0.shape).to(v0.dtype)
 
 
 @register(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.functional import hardshrink
 
-from workers.merge.sparsify import TopK, chunk_size, slices, uniform_draws
+from workers.merge.sparsify import TopK, chunk_size, slice_threads, slices, uniform_draws
 
 
 @dataclass
@@ -116,30 +116,34 @@ def combine(
         total_weight.fill_(1)
     size = chunk_size(base.device)
     buffer = base.new_empty(len(vectors) + 3, min(size, base.numel()))
-    for s in slices(base.numel(), size):
-        b = flat_base[s]
-        d, mixed, agree, divisor = buffer[: len(vectors), : b.numel()], *buffer[len(vectors) :, : b.numel()]
-        for i, vector in enumerate(vectors):
-            vector.delta(s, b, out=d[i])
-        d.mul_(w)  # d'_i = w_i * d~_i
-        if consensus:
-            sign = elect_sign(d)
-            mixed.zero_()
-            divisor.zero_()
-            for d_i, w_i in zip(d, w, strict=True):
-                torch.sign(d_i, out=agree).mul_(sign).clamp_(min=0)  # c_i = [sign(d'_i) == s]
-                mixed.addcmul_(d_i, agree)
+    with slice_threads(base.device):  # see slice_threads: slice-sized kernels, one thread
+        for s in slices(base.numel(), size):
+            b = flat_base[s]
+            d, mixed, agree, divisor = (
+                buffer[: len(vectors), : b.numel()],
+                *buffer[len(vectors) :, : b.numel()],
+            )
+            for i, vector in enumerate(vectors):
+                vector.delta(s, b, out=d[i])
+            d.mul_(w)  # d'_i = w_i * d~_i
+            if consensus:
+                sign = elect_sign(d)
+                mixed.zero_()
+                divisor.zero_()
+                for d_i, w_i in zip(d, w, strict=True):
+                    torch.sign(d_i, out=agree).mul_(sign).clamp_(min=0)  # c_i = [sign(d'_i) == s]
+                    mixed.addcmul_(d_i, agree)
+                    if normalize:
+                        divisor.addcmul_(w_i, agree)
                 if normalize:
-                    divisor.addcmul_(w_i, agree)
-            if normalize:
-                mixed.div_(divisor.add_(torch.eq(divisor, 0, out=agree)))  # Z = 0 -> 1
-        else:
-            mixed.copy_(d[0])
-            for d_i in d[1:]:
-                mixed.add_(d_i)
-            if normalize:
-                mixed.div_(total_weight)
-        if lambda_ != 1:
-            mixed.mul_(lambda_)
-        torch.add(b, mixed, out=flat_out[s])
+                    mixed.div_(divisor.add_(torch.eq(divisor, 0, out=agree)))  # Z = 0 -> 1
+            else:
+                mixed.copy_(d[0])
+                for d_i in d[1:]:
+                    mixed.add_(d_i)
+                if normalize:
+                    mixed.div_(total_weight)
+            if lambda_ != 1:
+                mixed.mul_(lambda_)
+            torch.add(b, mixed, out=flat_out[s])
     return out

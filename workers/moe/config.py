@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.merge.config import MODEL_ID, DType
+from workers.merge.config import MODEL_ID, DType, MergeConfigError, parse_yaml
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 RANDOM_MODES = ("random", "uniform_random")
@@ -134,3 +134,15 @@ class MoeConfig(BaseModel):
 def is_moe_recipe(data: dict) -> bool:
     """A mergekit-moe config (rather than a mergekit-yaml one), recognised by its keys."""
     return "merge_method" not in data and bool(MOE_KEYS & set(data))
+
+
+def load_moe_config(text: str | bytes) -> MoeConfig:
+    """Parse and validate a mergekit-moe YAML; MergeConfigError with a one-line reason (the first error)."""
+    try:
+        return MoeConfig.model_validate(parse_yaml(text))
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        where = ".".join(str(part) for part in errors[0]["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        message = errors[0]["msg"]
+        raise MergeConfigError(f"{where}: {message}{more}" if where else message + more) from e
