@@ -324,31 +324,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, max_shard_bytes: int):
-    import torch
-
-    from service.settings import get_settings
-    from workers.merge.config import MergeConfigError, load_merge_config, parse_yaml
-    from workers.merge.executor import MissingParameterError, merge_models
-    from workers.merge.homology import HomologyError
-    from workers.merge.plan import SliceError
-    from workers.moe.config import is_moe_recipe
+def _write_locally(paths: dict[str, Path], out_dir: Path, tmp: Path, description: str, build):
+    """Check the input directories, run `build(progress)` into the partial directory `tmp` with a progress
+    bar, refuse an output with non-finite values, then rename it to `out_dir`. File and device errors
+    become one-line LocalMergeErrors; the caller maps its own."""
     from workers.store.model_files import ModelFileError
     from workers.store.references import ModelReferenceError, check_model_directory
     from workers.tensors.finite import first_non_finite
 
-    text = config.read_bytes()
-    try:
-        if is_moe_recipe(parse_yaml(text)):
-            return _build_moe_locally(config, text, out_dir, tmp, device, max_shard_bytes)
-        recipe = load_merge_config(text)
-    except MergeConfigError as e:
-        raise LocalMergeError(f"{config}: {e}") from e
-    limit = get_settings().max_merge_models
-    listed = len(recipe.models or []) + sum(len(s.sources) for s in recipe.slices or [])
-    if listed > limit:  # as the API counts them: the slices form lists each slice's sources
-        raise LocalMergeError(f"the recipe lists {listed} models; at most {limit}")
-    paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
     if out_dir.exists():
         raise LocalMergeError(f"{out_dir} exists")
     if tmp.exists():  # left by a run that was killed: ours by its name, never a finished model
@@ -362,29 +345,16 @@ def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, m
             check_model_directory(path)
         tmp.mkdir(parents=True)
         with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task(recipe.merge_method, total=1)
+            task = bar.add_task(description, total=1)
 
             def progress(done: int, total: int, message: str) -> None:
                 bar.update(task, completed=done, total=total, description=message)
 
-            result = merge_models(
-                recipe,
-                paths,
-                tmp,
-                device=torch.device(device) if device else None,
-                max_shard_bytes=max_shard_bytes,
-                progress=progress,
-            )
+            result = build(progress)
         bad = first_non_finite(tmp)
         if bad is not None:
             raise LocalMergeError(f"tensor {bad!r} of the output holds NaN or infinite values; not written")
         tmp.rename(out_dir)
-    except SliceError as e:
-        raise LocalMergeError(f"slices do not fit the models: {e}") from e
-    except HomologyError as e:
-        raise LocalMergeError(f"models are not homologous: {e}") from e
-    except MissingParameterError as e:
-        raise LocalMergeError(str(e)) from e
     except (ModelReferenceError, ModelFileError) as e:
         raise LocalMergeError(str(e)) from e
     except OSError as e:
@@ -392,6 +362,49 @@ def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, m
     except RuntimeError as e:  # torch: e.g. an unknown device, out of memory
         raise LocalMergeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return result
+
+
+def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, max_shard_bytes: int):
+    import torch
+
+    from service.settings import get_settings
+    from workers.merge.config import MergeConfigError, load_merge_config, parse_yaml
+    from workers.merge.executor import MissingParameterError, merge_models
+    from workers.merge.homology import HomologyError
+    from workers.merge.plan import SliceError
+    from workers.moe.config import is_moe_recipe
+
+    text = config.read_bytes()
+    try:
+        if is_moe_recipe(parse_yaml(text)):
+            return _build_moe_locally(config, text, out_dir, tmp, device, max_shard_bytes)
+        recipe = load_merge_config(text)
+    except MergeConfigError as e:
+        raise LocalMergeError(f"{config}: {e}") from e
+    limit = get_settings().max_merge_models
+    listed = len(recipe.models or []) + sum(len(s.sources) for s in recipe.slices or [])
+    if listed > limit:  # as the API counts them: the slices form lists each slice's sources
+        raise LocalMergeError(f"the recipe lists {listed} models; at most {limit}")
+    paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
+
+    def build(progress):
+        return merge_models(
+            recipe,
+            paths,
+            tmp,
+            device=torch.device(device) if device else None,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
+
+    try:
+        return _write_locally(paths, out_dir, tmp, recipe.merge_method, build)
+    except SliceError as e:
+        raise LocalMergeError(f"slices do not fit the models: {e}") from e
+    except HomologyError as e:
+        raise LocalMergeError(f"models are not homologous: {e}") from e
+    except MissingParameterError as e:
+        raise LocalMergeError(str(e)) from e
 
 
 def _build_moe_locally(
@@ -406,53 +419,29 @@ def _build_moe_locally(
     from workers.moe.config import load_moe_config
     from workers.moe.layouts import LayoutError
     from workers.moe.routers import RouterError
-    from workers.store.model_files import ModelFileError
-    from workers.store.references import ModelReferenceError, check_model_directory
-    from workers.tensors.finite import first_non_finite
 
     try:
         recipe = load_moe_config(text)
     except MergeConfigError as e:
         raise LocalMergeError(f"{config}: {e}") from e
     paths = {ref: Path(ref).expanduser() for ref in recipe.input_models}
-    if out_dir.exists():
-        raise LocalMergeError(f"{out_dir} exists")
-    if tmp.exists():
-        console.print(f"removing {tmp}, left by an interrupted run")
-        shutil.rmtree(tmp)
-    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+
+    def build(progress):
+        return build_moe(
+            recipe,
+            paths,
+            tmp,
+            device=torch.device(device) if device else None,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
+
     try:
-        for ref, path in paths.items():
-            if not path.is_dir():
-                raise LocalMergeError(f"not a model directory: {ref}")
-            check_model_directory(path)
-        tmp.mkdir(parents=True)
-        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task(f"moe ({recipe.gate_mode})", total=1)
-
-            def progress(done: int, total: int, message: str) -> None:
-                bar.update(task, completed=done, total=total, description=message)
-
-            result = build_moe(
-                recipe,
-                paths,
-                tmp,
-                device=torch.device(device) if device else None,
-                max_shard_bytes=max_shard_bytes,
-                progress=progress,
-            )
-        bad = first_non_finite(tmp)
-        if bad is not None:
-            raise LocalMergeError(f"tensor {bad!r} of the output holds NaN or infinite values; not written")
-        tmp.rename(out_dir)
+        result = _write_locally(paths, out_dir, tmp, f"moe ({recipe.gate_mode})", build)
     except HomologyError as e:
         raise LocalMergeError(f"experts are not homologous: {e}") from e
-    except (LayoutError, RouterError, ModelReferenceError, ModelFileError) as e:
+    except (LayoutError, RouterError) as e:
         raise LocalMergeError(str(e)) from e
-    except OSError as e:
-        raise LocalMergeError(f"{e.strerror or 'cannot read or write a file'}: {e.filename or ''}") from e
-    except RuntimeError as e:
-        raise LocalMergeError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     console.print(f"{result.architecture} with {result.num_experts} experts per layer")
     return result
 
