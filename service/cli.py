@@ -128,6 +128,7 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
 ) -> None:
     """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from rq import Queue
 
     import workers.jobs.extract_lora  # noqa: F401  (import torch & co once, before forking work-horses)
@@ -151,13 +152,17 @@ def worker(
     apply_budget(settings.job_threads)
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = _worker_redis(settings)
-    for name in QUEUE_NAMES:
-        for job_id in reap_abandoned(conn, name):
-            console.print(f"job {job_id} was running on a worker that died: marked failed")
-    queues = [Queue(name, connection=conn) for name in QUEUE_NAMES]  # in priority order
-    StrataWorker(queues, connection=conn, exception_handlers=[record_error]).work(
-        burst=burst, logging_level="INFO"
-    )
+    try:
+        for name in QUEUE_NAMES:
+            for job_id in reap_abandoned(conn, name):
+                console.print(f"job {job_id} was running on a worker that died: marked failed")
+        queues = [Queue(name, connection=conn) for name in QUEUE_NAMES]  # in priority order
+        StrataWorker(queues, connection=conn, exception_handlers=[record_error]).work(
+            burst=burst, logging_level="INFO"
+        )
+    except RedisConnectionError as e:  # Redis went away (Ctrl-C stops it with us): one line, no traceback
+        _error(f"job worker stopping: Redis is gone ({str(e).splitlines()[0][:200]})")
+        raise typer.Exit(1) from None
 
 
 @app.command()
