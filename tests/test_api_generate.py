@@ -72,26 +72,31 @@ def test_streamed_tokens_add_up_to_the_final_text(server, chatty):
 
 
 def test_first_budgeted_request_uses_a_default_while_the_model_is_profiled_then_budgets_choose_depths(
-    server, chatty
+    server,
 ):
+    # a model of its own, imported here: the shared one may have been profiled by the time this test runs
+    fresh = "chatty-unprofiled"
+    path = server.home.parent / fresh
+    make_tiny_chat_llama(path, seed=11)
     with server.client() as c:
-        assert c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"] is None
+        assert c.post("/v1/models/import", json={"id": fresh, "path": str(path)}).status_code == 201
+        assert c.get(f"/v1/models/{fresh}").json()["strata"]["profile"] is None
         first = c.post(
             "/v1/generate",
-            json={"model": MODEL, "prompt": "a", "max_new_tokens": 2, "latency_budget_ms": 60_000},
+            json={"model": fresh, "prompt": "a", "max_new_tokens": 2, "latency_budget_ms": 60_000},
         )
         assert first.status_code == 200, first.text
         assert first.json()["strata"]["latency_model"] == "default"  # it did not wait for the profile
         jobs = c.get("/v1/jobs").json()["data"]  # the session's server ran other tests' profiles too
-        profiles = [j for j in jobs if j["kind"] == "profile" and j["spec"]["model"] == MODEL]
+        profiles = [j for j in jobs if j["kind"] == "profile" and j["spec"]["model"] == fresh]
         assert len(profiles) == 1
         assert server.wait_job(profiles[0]["id"])["status"] == "finished"
-        profile = c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"]
+        profile = c.get(f"/v1/models/{fresh}").json()["strata"]["profile"]
         assert profile["grid"] == [2, 4] and profile["num_layers"] == 4
         assert profile["quality"]["4"]["top1_agreement"] == 1.0
         assert set(profile["latency"]["depths"]) == {"2", "4"}
 
-        base = {"model": MODEL, "prompt": "a b c", "max_new_tokens": 4}
+        base = {"model": fresh, "prompt": "a b c", "max_new_tokens": 4}
         loose = c.post("/v1/generate", json={**base, "latency_budget_ms": 60_000}).json()
         assert loose["strata"]["depth"] == 4 and loose["strata"]["budget_met"] is True
         assert loose["strata"]["latency_model"] == "profile"
@@ -110,7 +115,7 @@ def test_first_budgeted_request_uses_a_default_while_the_model_is_profiled_then_
         assert explicit["strata"]["depth"] == 4
         metrics = c.get("/metrics").text
     assert "strata_time_to_first_token_seconds_count" in metrics
-    assert 'strata_budget_total{model="chatty",outcome="missed"}' in metrics
+    assert f'strata_budget_total{{model="{fresh}",outcome="missed"}}' in metrics
     assert "strata_chosen_depth_bucket" in metrics
 
 
