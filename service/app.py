@@ -25,7 +25,7 @@ from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
-from service.settings import Settings, get_settings
+from workers.settings import Settings, get_settings
 
 log = logging.getLogger("strata")
 

@@ -49,8 +49,8 @@ def serve(
     from service.default_model import ensure_default_model
     from service.embedded_redis import EmbeddedRedis
     from service.redis_client import connect
-    from service.settings import Settings
     from service.supervisor import Supervisor
+    from workers.settings import Settings
     from workers.store.model_store import ModelStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -141,10 +141,10 @@ def worker(
     import workers.jobs.truncate  # noqa: F401
     import workers.jobs.variants  # noqa: F401
     from service.queue import QUEUE_NAMES
-    from service.settings import get_settings
     from workers.jobs.errors import record_error
     from workers.jobs.recovery import reap_abandoned
     from workers.jobs.worker import StrataWorker
+    from workers.settings import get_settings
     from workers.store.model_store import ModelStore
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,8 +171,8 @@ def infer(
     max_models: Annotated[int, typer.Option(help="Models kept loaded")] = 2,
 ) -> None:
     """Run a long-lived inference worker: keeps models loaded, generates at per-request exit depths."""
-    from service.settings import get_settings
     from workers.inference.worker import InferenceWorker
+    from workers.settings import get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -372,12 +372,12 @@ def _write_locally(paths: dict[str, Path], out_dir: Path, tmp: Path, description
 def _merge_locally(config: Path, out_dir: Path, tmp: Path, device: str | None, max_shard_bytes: int):
     import torch
 
-    from service.settings import get_settings
     from workers.merge.config import MergeConfigError, load_merge_config, parse_yaml
     from workers.merge.executor import MissingParameterError, merge_models
     from workers.merge.homology import HomologyError
     from workers.merge.plan import SliceError
     from workers.moe.config import is_moe_recipe
+    from workers.settings import get_settings
 
     text = config.read_bytes()
     try:

@@ -6,8 +6,8 @@ import logging
 
 from redis import Redis
 
-from service.settings import Settings
 from workers.default_model import DEFAULT_MODEL_ID, GGUF_FILE, convert_default_model
+from workers.settings import Settings
 from workers.store.model_store import ModelStore, describe
 from workers.store.registry import ModelRecord, Registry
 

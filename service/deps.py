@@ -6,7 +6,7 @@ from fastapi import Request
 from redis import Redis
 
 from service.queue import JobQueue
-from service.settings import Settings
+from workers.settings import Settings
 from workers.store.model_store import ModelStore
 from workers.store.registry import Registry
 

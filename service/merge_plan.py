@@ -10,10 +10,10 @@ from pydantic import BaseModel, Field
 
 from service.prechecks import PRECHECKS, resolve_or_422
 from service.schemas import MergeJobRequest
-from service.settings import Settings
 from workers.merge.executor import tensor_parameters
 from workers.merge.plan import plan_merge
 from workers.merge.registry import METHODS
+from workers.settings import Settings
 from workers.store.registry import Registry
 
 

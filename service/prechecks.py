@@ -21,7 +21,6 @@ from service.schemas import (
     TruncateJobRequest,
     VariantsJobRequest,
 )
-from service.settings import Settings
 from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
@@ -30,6 +29,7 @@ from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_v
 from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
+from workers.settings import Settings
 from workers.store.model_files import read_config
 from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path

@@ -11,8 +11,8 @@ from redis import Redis
 
 from service.queue import JobQueue, TooManyJobs
 from service.schemas import ProfileJobRequest
-from service.settings import Settings
 from workers.jobs.profile import PROFILING_LOCK_PREFIX as LOCK_PREFIX
+from workers.settings import Settings
 from workers.store.registry import PROFILE_REQUESTS_KEY
 
 log = logging.getLogger("strata")

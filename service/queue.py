@@ -14,8 +14,8 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from service.schemas import JobView
-from service.settings import Settings
 from workers.jobs.recovery import fail_abandoned
+from workers.settings import Settings
 
 QUEUE_NAME = "strata"
 # Background work nobody waits for (profiles queued at registration): a job worker takes it only when

@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_tiny_chat_llama
 from workers.early_exit.adapters import FILENAME, load_adapters
+from workers.settings import Settings
 
 MODEL = "lensed"
 EXAMPLES = [

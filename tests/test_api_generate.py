@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_tiny_chat_llama
 from workers.generation.reference import greedy_reference
 from workers.inference.protocol import QUEUE_KEY, WORKERS_KEY
+from workers.settings import Settings
 
 MODEL = "chatty"
 

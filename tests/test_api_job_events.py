@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
+from workers.settings import Settings
 
 RECIPE = """
 merge_method: ties
@@ -139,7 +139,7 @@ def test_console_page_and_assets_are_served_without_a_key_but_data_is_not(tmp_pa
     with TestClient(create_app(settings)) as c:
         page = c.get("/")
         script = c.get("/console/main.js")
-        escape = c.get("/console/../service/settings.py")
+        escape = c.get("/console/../service/app.py")
         events = c.get("/v1/jobs/anything/events")
         validate = c.post("/v1/merges/validate", content="merge_method: linear", headers=YAML)
         keyed = c.get("/v1/jobs/anything/events", headers={"Authorization": "Bearer console-key"})

@@ -8,9 +8,9 @@ import redis as redis_lib
 from service.generation.runner import Generation
 from service.profiling import profile_pending
 from service.queue import JobQueue
-from service.settings import Settings
 from workers.generation.latency import LatencyProfile, LinearInDepth
 from workers.inference.protocol import latency_key
+from workers.settings import Settings
 from workers.store.registry import ModelRecord
 
 

@@ -11,10 +11,10 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_slow_llama, make_tiny_chat_llama, make_tiny_llama, make_variant
 from workers.merge.config import MergeConfig
 from workers.merge.executor import merge_models
+from workers.settings import Settings
 
 YAML = {"Content-Type": "application/yaml"}
 

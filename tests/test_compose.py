@@ -1,7 +1,7 @@
 """compose.yaml and docker/*.Dockerfile agree with the code: real `strata` commands, variables that are read.
 
 No Docker here: the files are parsed, and checked against the typer app (`service.cli.app`) and the settings
-(`service.settings.Settings`). Renaming a command, an option or a setting without updating the deployment
+(`workers.settings.Settings`). Renaming a command, an option or a setting without updating the deployment
 files fails here, and so does a variable that nothing reads.
 """
 
@@ -23,7 +23,7 @@ import yaml
 from pydantic import AliasChoices
 
 from service.cli import app as cli_app
-from service.settings import Settings
+from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"

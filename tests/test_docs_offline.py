@@ -7,7 +7,7 @@ import re
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
+from workers.settings import Settings
 
 
 def test_docs_page_loads_swagger_ui_assets_from_the_server_itself(tmp_path, isolated_redis_url):

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.embedded_redis import EmbeddedRedis
-from service.settings import Settings
 from tests.tiny_models import make_tiny_llama, make_variant
+from workers.settings import Settings
 
 
 def client(tmp_path, redis_url: str, **settings) -> TestClient:

@@ -7,8 +7,8 @@ import time
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_slow_llama, make_tiny_chat_llama, make_tiny_llama, make_variant
+from workers.settings import Settings
 
 
 def test_a_job_canceled_while_queued_has_an_end_and_says_canceled(tmp_path, isolated_redis_url):

@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_tiny_llama
 from workers.inference.worker import load_engine
 from workers.jobs.models import load_model
+from workers.settings import Settings
 from workers.tensors.safetensors_io import SafetensorsError
 
 SECRET = b"TOPSECRETDATA-0123456789"

@@ -10,8 +10,8 @@ import httpx
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.settings import Settings
 from tests.tiny_models import make_tiny_chat_llama
+from workers.settings import Settings
 
 
 def health_latencies_during(server, send) -> tuple[list[float], float]:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis import checks  # noqa: E402
 
 from service.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from workers.settings import Settings  # noqa: E402
 
 MAX_EXAMPLES = 20  # per operation; the fuzzing takes about 15 s on 2 idle cores, plus the imports
 

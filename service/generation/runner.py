@@ -43,7 +43,6 @@ from service.generation.schemas import (
     Usage,
 )
 from service.profiling import request_profile
-from service.settings import Settings
 from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile, default_latency
 from workers.generation.quality import ServedQuality, quality_table
@@ -58,6 +57,7 @@ from workers.inference.protocol import (
     latency_key,
 )
 from workers.jobs.profile import PROFILING_LOCK_PREFIX
+from workers.settings import Settings
 from workers.store.model_files import read_config
 from workers.store.registry import KEY as REGISTRY_KEY
 from workers.store.registry import ModelRecord, Registry

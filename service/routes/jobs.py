@@ -21,9 +21,9 @@ from service.merge_plan import MergePlan, dry_run
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest, MoeJobRequest
-from service.settings import Settings
 from workers.merge.config import MergeConfigError, parse_yaml
 from workers.moe.config import is_moe_recipe
+from workers.settings import Settings
 from workers.store.model_files import ModelFileError
 from workers.store.registry import Registry
 

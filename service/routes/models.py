@@ -20,7 +20,7 @@ from service.schemas import (
     ModelList,
     ModelObject,
 )
-from service.settings import Settings
+from workers.settings import Settings
 from workers.store.model_files import ModelFileError
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path

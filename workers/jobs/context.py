@@ -10,7 +10,7 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
-from service.settings import Settings, get_settings
+from workers.settings import Settings, get_settings
 from workers.store.model_store import ModelStore
 from workers.store.registry import Registry
 

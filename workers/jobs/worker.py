@@ -5,8 +5,8 @@ from __future__ import annotations
 from rq import Queue, Worker
 from rq.job import Job
 
-from service.settings import get_settings
 from workers.processes import die_with_parent
+from workers.settings import get_settings
 from workers.store.model_store import ModelStore
 
 

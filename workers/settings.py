@@ -1,4 +1,5 @@
-"""Configuration from the environment (STRATA_* variables, plus REDIS_URL)."""
+"""Configuration from the environment (STRATA_* variables, plus REDIS_URL), shared by the service and the
+workers (`service` imports `workers`, never the reverse)."""
 
 from __future__ import annotations
 
