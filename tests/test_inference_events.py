@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import redis as redis_lib
 
 from workers.inference.events import EventWriter
@@ -118,3 +119,51 @@ def test_a_forgotten_request_writes_nothing_more(isolated_redis_url):
     writer.flush()
     assert not conn.exists(events_key("a"))
     assert [kind for kind, _ in entries(conn, "b")] == ["started", "token"]
+
+
+def test_deferred_writes_wait_for_no_reply_and_land_in_order(isolated_redis_url):
+    conn = CountingRedis.from_url(isolated_redis_url)
+    writer = EventWriter(conn, {"a": True}, deferred=True)
+    CountingRedis.round_trips = 0
+    writer.add("a", "started", {})
+    writer.flush()
+    for step in range(3):
+        writer.token("a", step, f"x{step}")
+        writer.flush()
+    assert CountingRedis.round_trips == 0  # sent on the writer's own connection, replies read later
+    writer.add("a", "finish", {"text": "x0x1x2"})
+    writer.close()
+    kinds = [kind for kind, _ in entries(conn, "a")]
+    assert kinds == ["started", "token", "token", "token", "finish"]
+    assert 0 < conn.ttl(events_key("a")) <= EVENTS_TTL_S
+    assert writer._conn is None  # given back to the pool
+
+
+def test_a_deferred_error_reply_is_raised_by_the_next_flush(isolated_redis_url):
+    conn = redis_lib.Redis.from_url(isolated_redis_url)
+    conn.set(events_key("a"), "not a stream")  # XADD on it answers WRONGTYPE
+    writer = EventWriter(conn, {"a": True, "b": True}, deferred=True)
+    writer.add("a", "started", {})
+    writer.flush()  # does not wait: no error yet
+    writer.add("b", "started", {})
+    with pytest.raises(redis_lib.ResponseError):
+        writer.flush()
+    writer.add("b", "token", {"token_id": 1, "delta": "x"})
+    writer.close()  # a fresh connection: later writes still land
+    assert [kind for kind, _ in entries(conn, "b")] == ["token"]
+
+
+def test_a_dropped_request_stream_is_deleted_after_what_was_written_to_it(isolated_redis_url):
+    conn = redis_lib.Redis.from_url(isolated_redis_url)
+    for deferred in (False, True):
+        writer = EventWriter(conn, {"a": True, "b": True}, deferred=deferred)
+        writer.add("a", "started", {})
+        writer.add("b", "started", {})
+        writer.flush()
+        writer.token("a", 1, "x")
+        writer.drop("a")
+        writer.token("b", 2, "y")
+        writer.close()
+        assert not conn.exists(events_key("a"))
+        assert [kind for kind, _ in entries(conn, "b")] == ["started", "token"]
+        conn.delete(events_key("b"))

@@ -11,6 +11,13 @@
 
 A merged token entry has the fields of one (`token_id`: the last token, `delta`: the text of all of them)
 plus `count`, the number of tokens it stands for.
+
+With `deferred=True` (the inference worker) a flush does not wait for Redis at all: it sends the step's
+commands on a connection of the writer's own and reads their replies at the next flush (they are there by
+then: a decode step takes far longer than a round trip), or at `sync()`/`close()`. The decode loop no longer
+stops for a round trip per step, which on a loaded machine was a wait for redis-server and for the worker
+to be scheduled again. An error reply is raised at the next flush instead of this one. Since the writes go
+over one connection, a stream deleted with `drop()` is deleted after every entry written to it before.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 from redis import Redis
+from redis.connection import Connection
 
 from workers.inference.protocol import EVENTS_TTL_S, events_key
 
@@ -46,14 +55,19 @@ class EventWriter:
         streamed: dict[str, bool],
         progress_s: float = PROGRESS_S,
         clock: Callable[[], float] = time.monotonic,
+        deferred: bool = False,
     ) -> None:
         self.redis = redis
         self.streamed = streamed  # request id -> whether its client reads tokens as they come
         self.progress_s = progress_s
         self.clock = clock
+        self.deferred = deferred
         self.queued: list[tuple[str, dict[str, str]]] = []
+        self.deletes: list[str] = []  # streams to delete with the next flush
         self.expired_at: dict[str, float] = {}  # stream key -> when its EXPIRE was last sent
         self.merged: dict[str, _Merged] = {}
+        self._conn: Connection | None = None  # deferred: the writer's own connection
+        self._unread = 0  # deferred: replies sent for and not read yet
 
     def add(self, request_id: str, kind: str, data: dict) -> None:
         """Queue an entry (`started`, `finish`, `error`, or a streamed `token`)."""
@@ -77,8 +91,9 @@ class EventWriter:
             merged.count, merged.deltas, merged.written_at = 0, [], now
 
     def flush(self) -> None:
-        """Write what is queued: one round trip, with an EXPIRE for streams that need one."""
-        if not self.queued:
+        """Write what is queued: one round trip (deferred: one send), with an EXPIRE for streams that need
+        one."""
+        if not (self.queued or self.deletes):
             return
         now = self.clock()
         renew = []
@@ -88,7 +103,14 @@ class EventWriter:
                 self.expired_at[key] = now
                 renew.append(key)
         queued, self.queued = self.queued, []
-        if len(queued) == 1 and not renew:
+        deletes, self.deletes = self.deletes, []
+        if self.deferred:
+            commands = [("XADD", key, "*", *chain.from_iterable(fields.items())) for key, fields in queued]
+            commands += [("EXPIRE", key, EVENTS_TTL_S) for key in renew]
+            commands += [("DEL", key) for key in deletes]
+            self._send(commands)
+            return
+        if len(queued) == 1 and not (renew or deletes):
             self.redis.xadd(*queued[0])
             return
         with self.redis.pipeline(transaction=False) as pipe:
@@ -96,7 +118,49 @@ class EventWriter:
                 pipe.xadd(key, fields)
             for key in renew:
                 pipe.expire(key, EVENTS_TTL_S)
+            for key in deletes:
+                pipe.delete(key)
             pipe.execute()
+
+    def _send(self, commands: list[tuple]) -> None:
+        """Deferred: read the previous flush's replies, then send these commands without waiting."""
+        self.sync()
+        if self._conn is None:
+            self._conn = self.redis.connection_pool.get_connection()
+        try:
+            self._conn.send_packed_command(self._conn.pack_commands(commands), check_health=False)
+        except BaseException:
+            self._discard_connection()
+            raise
+        self._unread = len(commands)
+
+    def sync(self) -> None:
+        """Deferred: wait for the replies of what was sent; raise the first error among them."""
+        if not self._unread:
+            return
+        try:
+            for _ in range(self._unread):
+                self._conn.read_response()
+        except BaseException:
+            self._discard_connection()  # replies left unread: the connection cannot be reused
+            raise
+        self._unread = 0
+
+    def close(self) -> None:
+        """Write what is queued, wait for every reply, and give the connection back."""
+        try:
+            self.flush()
+            self.sync()
+        finally:
+            if self._conn is not None:
+                self.redis.connection_pool.release(self._conn)
+                self._conn = None
+
+    def _discard_connection(self) -> None:
+        conn, self._conn, self._unread = self._conn, None, 0
+        if conn is not None:
+            conn.disconnect()
+            self.redis.connection_pool.release(conn)
 
     def forget(self, request_id: str) -> None:
         """Drop what is queued for a request abandoned by its client (its stream is deleted)."""
@@ -104,3 +168,8 @@ class EventWriter:
         self.queued = [(k, fields) for k, fields in self.queued if k != key]
         self.merged.pop(request_id, None)
         self.expired_at.pop(key, None)
+
+    def drop(self, request_id: str) -> None:
+        """`forget` the request and delete its stream with the next flush, after what was written to it."""
+        self.forget(request_id)
+        self.deletes.append(events_key(request_id))

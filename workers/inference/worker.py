@@ -33,7 +33,6 @@ from workers.inference.protocol import (
     WORKERS_KEY,
     InferenceJob,
     cancel_key,
-    events_key,
     latency_key,
 )
 from workers.store.model_store import verify_model
@@ -158,7 +157,7 @@ class InferenceWorker:
     def _cancelled_among(self, request_ids: list[str]) -> set[str]:
         if not request_ids:
             return set()
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
                 pipe.exists(cancel_key(request_id))
             flags = pipe.execute()
@@ -167,7 +166,7 @@ class InferenceWorker:
     def _cancel_watch(self, request_ids: list[str], writer: EventWriter):
         """A `cancelled()` for the engine: the abandoned ones among `request_ids`, asked of Redis at most
         every CANCEL_CHECK_S (once a step would cost a round trip per token)."""
-        state = {"at": 0.0, "gone": set()}
+        state = {"at": time.monotonic(), "gone": set()}  # `_take_batch` has just asked
 
         def cancelled() -> set[str]:
             now = time.monotonic()
@@ -176,8 +175,7 @@ class InferenceWorker:
                 gone = self._cancelled_among(request_ids)
                 for request_id in gone - state["gone"]:
                     log.info("dropping request %s: its client is gone", request_id)
-                    writer.forget(request_id)
-                    self.redis.delete(events_key(request_id))  # nobody reads what was emitted meanwhile
+                    writer.drop(request_id)  # nobody reads what was emitted meanwhile
                 state["gone"] = gone
             return state["gone"]
 
@@ -198,9 +196,16 @@ class InferenceWorker:
             pipe.execute()
 
     def serve_group(self, model_id: str, jobs: list[InferenceJob]) -> None:
-        """Generate a group's requests, writing each engine step's events in one round trip."""
+        """Generate a group's requests, sending each engine step's events at once without waiting for
+        Redis to answer (`EventWriter`, deferred: the replies are read with the next step's)."""
         started = time.time()
-        writer = EventWriter(self.redis, {job.request.request_id: job.stream for job in jobs})
+        writer = EventWriter(self.redis, {job.request.request_id: job.stream for job in jobs}, deferred=True)
+        try:
+            self._serve(model_id, jobs, writer, started)
+        finally:
+            writer.close()
+
+    def _serve(self, model_id: str, jobs: list[InferenceJob], writer: EventWriter, started: float) -> None:
         for job in jobs:
             writer.add(
                 job.request.request_id,
@@ -224,6 +229,7 @@ class InferenceWorker:
                 writer.flush()
                 for event in finished:
                     self._observe(model_id, event, started)
+            writer.sync()  # an error reply to the last step's writes is this group's error too
         except Exception as e:
             log.exception("generation failed for %s", model_id)
             for job in jobs:
