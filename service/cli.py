@@ -111,10 +111,16 @@ def serve(
         )
         app_ = create_app(settings, expected=(settings.workers, settings.infer_workers))
         server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))
-        # Own the signals: a graceful stop on SIGINT/SIGTERM, then `finally` stops workers and Redis.
+        # Own the signals: a graceful stop on SIGINT/SIGTERM (nothing restarted from then on: Ctrl-C stops
+        # Redis and the workers too), then `finally` stops workers and Redis.
         server.capture_signals = contextlib.nullcontext
+
+        def graceful(*_: object) -> None:
+            supervisor.halt()
+            server.should_exit = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+            signal.signal(sig, graceful)
         server.run()
     finally:
         if supervisor is not None:

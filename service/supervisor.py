@@ -64,8 +64,15 @@ class Supervisor:
     def _backoff(self, failures: int) -> float:
         return 0.0 if failures <= 1 else min(MAX_BACKOFF_S, 0.5 * 2 ** (failures - 2))
 
+    def halt(self) -> None:
+        """Restart nothing from now on: a stop is under way (Ctrl-C reaches Redis and the workers at the
+        same moment as `strata serve`, and their exits are not failures). `stop()` then ends the children."""
+        self._stop.set()
+
     def check(self) -> None:
-        """One round: restart Redis if it died, then every child that has exited."""
+        """One round: restart Redis if it died, then every child that has exited (none once halted)."""
+        if self._stop.is_set():
+            return
         now = time.monotonic()
         if self.embedded is not None and self.embedded.process is not None:
             code = self.embedded.process.poll()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +16,7 @@ import psutil
 import pytest
 import redis
 
+from service.supervisor import Supervisor
 from tests.conftest import _real_redis as real_redis
 from tests.conftest import start_server, stop_server
 from tests.tiny_models import character_tokenizer, make_tiny_chat_llama, make_tiny_llama
@@ -256,3 +259,22 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data(tmp_path):
             assert wait_for(lambda: c.get("/health").status_code == 200, 120, 0.5)
     finally:
         stop_server(server)
+
+
+def test_a_halted_supervisor_restarts_nothing_that_exits(monkeypatch):
+    # Ctrl-C reaches Redis and the workers with `strata serve`: during a stop, exits are not failures
+    def exited_children(halt: bool) -> list[str]:
+        spawned: list[str] = []
+        supervisor = Supervisor(["worker", "infer"], env={})
+        monkeypatch.setattr(supervisor, "_spawn", lambda child: spawned.append(child.command))
+        for child in supervisor.children:
+            child.process = subprocess.Popen([sys.executable, "-c", "pass"])
+            child.process.wait()
+        if halt:
+            supervisor.halt()
+        supervisor.check()
+        assert supervisor.restarts == len(spawned)
+        return spawned
+
+    assert exited_children(halt=True) == []
+    assert exited_children(halt=False) == ["worker", "infer"]  # the same exits while serving: restarted
