@@ -20,9 +20,9 @@ The bytes-read ideal of depth k is bytes(L) / bytes(k), the weight bytes one dec
 over those at depth k (decoder layers 1..k and the head, at the given precision). Exactness: at float32,
 Strata's greedy tokens at full depth equal HF `generate`'s, and at every measured depth the first
 `--check-tokens` equal the uncached reference (workers.generation.reference). With --http (default in full
-mode) a `strata serve` on the same model and settings answers /v1/generate, non-streaming and streaming,
-and its time over the engine alone for 1 and for `--new-tokens` tokens gives the overhead per request and
-per token. Ends with one line:
+mode) a `strata serve` on the same model and settings answers /v1/generate, non-streaming and streaming
+(in the default chunks, STRATA_STREAM_INTERVAL_MS, and one event per token), and its time over the engine
+alone for 1 and for `--new-tokens` tokens gives the overhead per request and per token. Ends with one line:
 
     decode: full_vs_llamacpp_q8=<x> exit60_vs_llamacpp_q8=<x> depth_efficiency_min=<x> exact_fp32=<bool>
 """
@@ -30,6 +30,7 @@ per token. Ends with one line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from bench.merge_vs_mergekit import load_average, machine  # noqa: E402
@@ -66,6 +68,12 @@ LLAMACPP_CMAKE_ARGS = (
 )
 QUANTS = ("q8_0", "f32")
 HTTP_MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+HTTP_MODES = {  # row name -> (stream, stream_interval_ms sent; None: the service's default)
+    "non-streaming": (False, None),
+    "streaming (default chunks)": (True, None),
+    "streaming (every token)": (True, 0),
+}
+CONTROL = "control: the engine alone twice"
 
 
 @dataclass
@@ -344,25 +352,59 @@ def http_rows(
     home = Path(tempfile.mkdtemp(prefix="http-home-", dir=work))
     process, url = _serve(model_dir, precision, threads, home)
     rows, overhead = [], {}
+
+    def alone_ms(tokens: int) -> float:
+        request = GenerationRequest(
+            prompt_ids=ids, depth=layers, max_new_tokens=max(1, tokens), ignore_eos=True
+        )
+        start = time.perf_counter()
+        engine.run([request])
+        return (time.perf_counter() - start) * 1000
+
+    serve = psutil.Process(process.pid)
+    redis_server = next(p for p in serve.children(recursive=True) if "redis" in p.name())
+
+    def path_cpu_ms() -> float:
+        """CPU of the API (the serve process) and redis-server, from the scheduler's nanosecond counters
+        of all their threads (the worker decodes; its CPU is the engine's)."""
+        total = 0
+        for pid in (serve.pid, redis_server.pid):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                    total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e6
+
+    cpu: dict[tuple[str, int], list[float]] = {}  # (mode, n) -> CPU ms per request: API + Redis, client
     try:
-        for stream in (False, True):
-            for n in (1, new_tokens):
+        for n in (1, new_tokens):
+            bodies = {}
+            for mode, (stream, interval) in HTTP_MODES.items():
                 body = {"model": "bench", "messages": HTTP_MESSAGES, "depth": layers, "max_new_tokens": n}
+                if interval is not None:
+                    body["stream_interval_ms"] = interval
+                bodies[mode] = body
                 _http_once(url, body, stream)  # warm-up: the worker loads the model
-                http, alone, produced = [], [], n
-                for _ in range(rounds * 2):
-                    wall, produced = _http_once(url, body, stream)
-                    http.append(wall)
-                    request = GenerationRequest(
-                        prompt_ids=ids, depth=layers, max_new_tokens=max(1, produced), ignore_eos=True
-                    )
-                    start = time.perf_counter()
-                    engine.run([request])
-                    alone.append((time.perf_counter() - start) * 1000)
-                extra = statistics.median(http) - statistics.median(alone)
-                overhead[(stream, n)] = (extra, produced)
+            modes = [*HTTP_MODES, CONTROL]
+            pairs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+            produced = dict.fromkeys(modes, n)
+            for r in range(rounds * 2):  # every mode in every round, in rotating order: the drift is shared
+                for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                    if mode == CONTROL:  # the engine against itself: the noise floor of this measure
+                        wall = alone_ms(n)
+                    else:
+                        before, client = path_cpu_ms(), time.thread_time()
+                        wall, produced[mode] = _http_once(url, bodies[mode], HTTP_MODES[mode][0])
+                        used = (path_cpu_ms() - before, (time.thread_time() - client) * 1000)
+                        cpu.setdefault((mode, n), []).append(used)
+                    pairs[mode].append((wall, alone_ms(produced[mode])))
+            for mode in modes:
+                # each request against the engine run right after it (the difference of two medians did
+                # not resolve 0.5 ms a token on this machine)
+                http, alone = zip(*pairs[mode], strict=True)
+                extra = statistics.median(h - a for h, a in pairs[mode])
+                overhead[(mode, n)] = (extra, produced[mode])
                 rows.append(
-                    f"| {'streaming' if stream else 'non-streaming'} | {produced} | "
+                    f"| {mode} | {produced[mode]} | "
                     f"{statistics.median(http):.1f} | {statistics.median(alone):.1f} | {extra:.1f} |"
                 )
     finally:
@@ -371,19 +413,27 @@ def http_rows(
     lines = [
         f"HTTP API (/v1/generate via `strata serve`, {precision}, depth {layers}) against the engine alone:",
         "",
-        "| mode | tokens | HTTP ms | engine alone ms | overhead ms |",
+        "| mode | tokens | HTTP ms | engine alone ms | overhead ms (median of the pairs' differences) |",
         "|---|---|---|---|---|",
         *rows,
         "",
     ]
-    for stream in (False, True):
-        (short, n1), (long, n2) = overhead[(stream, 1)], overhead[(stream, new_tokens)]
+    for mode in [*HTTP_MODES, CONTROL]:
+        (short, n1), (long, n2) = overhead[(mode, 1)], overhead[(mode, new_tokens)]
         per_token = (long - short) / max(1, n2 - n1)
         per_request = short - per_token * n1
-        lines.append(
-            f"{'streaming' if stream else 'non-streaming'}: overhead {per_request:.2f} ms per request "
+        line = (
+            f"{mode}: overhead {per_request:.2f} ms per request "
             f"(target < 5), {per_token:.3f} ms per token (target < 0.5)"
         )
+        if mode in HTTP_MODES:  # CPU taken from the decoding cores by the HTTP path, not its wall time
+            server1, client1 = (statistics.mean(used[i] for used in cpu[(mode, 1)]) for i in (0, 1))
+            server2, client2 = (statistics.mean(used[i] for used in cpu[(mode, new_tokens)]) for i in (0, 1))
+            line += (
+                f"; CPU per token: API + Redis {(server2 - server1) / max(1, n2 - n1):.3f} ms, "
+                f"client {(client2 - client1) / max(1, n2 - n1):.3f} ms"
+            )
+        lines.append(line)
     return lines
 
 
@@ -414,7 +464,7 @@ def http_main(args: argparse.Namespace, rounds: int, argv: list[str] | None) -> 
         f"command: {command}",
         f"load average (1, 5, 15 min): {load_before} before, {load_average()} after",
         f"model: SmolLM2-135M-Instruct, {engine.num_layers} layers; {args.threads} thread(s), "
-        f"medians of {rounds * 2} requests",
+        f"medians of {rounds * 2} requests, each followed by the engine alone",
         "",
         *lines,
     ]

@@ -71,6 +71,25 @@ def test_streamed_tokens_add_up_to_the_final_text(server, chatty):
     assert again["text"] == done["text"]
 
 
+def test_a_stream_interval_sends_tokens_in_fewer_chunks_and_0_sends_each_alone(server, chatty):
+    payload = {"model": MODEL, "prompt": "the cat sat", "max_new_tokens": 12, "depth": 4, "stream": True}
+
+    def chunks(interval_ms: float) -> tuple[list[str], dict]:
+        with server.client() as c:
+            body = {**payload, "stream_interval_ms": interval_ms}
+            with c.stream("POST", "/v1/generate", json=body) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        return [e["text"] for e in events if e["type"] == "token"], events[-1]
+
+    each, done = chunks(0)
+    together, again = chunks(1000)  # the tiny model makes all its tokens well within a second
+    assert "".join(each) == done["text"] == "".join(together) == again["text"]
+    tokens = done["usage"]["completion_tokens"]
+    assert tokens >= 4 and len(each) >= tokens - 1  # a token with no text of its own yet is not sent
+    assert together[0] == each[0]  # the first token comes at once, alone
+    assert len(together) < len(each) and len(together) <= 3  # the rest with the finish (or one chunk more)
+
+
 def test_first_budgeted_request_uses_a_default_while_the_model_is_profiled_then_budgets_choose_depths(
     server,
 ):
@@ -143,6 +162,8 @@ def test_profile_job_on_a_chosen_grid(server, chatty):
         ),
         ({"prompt": "x", "max_new_tokens": 10**6}, 422, "exceeds the limit"),
         ({"prompt": "x", "model": "nope"}, 404, "not registered"),
+        ({"prompt": "x", "stream": True, "stream_interval_ms": 5000}, 422, "stream_interval_ms"),
+        ({"prompt": "x", "stream": True, "stream_interval_ms": -1}, 422, "stream_interval_ms"),
     ],
 )
 def test_bad_generate_requests_are_4xx_with_a_reason(server, chatty, body, status, message):

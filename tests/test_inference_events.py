@@ -1,5 +1,6 @@
-"""The inference worker's event writer on a real Redis: one round trip per step, EXPIRE once per stream,
-merged token entries for requests that are not streamed."""
+"""The inference worker's event writer on a real Redis: one write per step that waits for no reply, EXPIRE
+once per stream, token entries merged per request interval (streamed chunks, or a few a second when not
+streamed), what is pending riding on the finish."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class Clock:
 
 
 class CountingRedis(redis_lib.Redis):
-    """A real client that counts the round trips it makes (commands, or pipelines)."""
+    """A real client that counts the round trips it makes through its own API (commands, or pipelines)."""
 
     round_trips = 0
 
@@ -30,15 +31,8 @@ class CountingRedis(redis_lib.Redis):
         return super().execute_command(*args, **options)
 
     def pipeline(self, transaction=True, shard_hint=None):
-        pipe = super().pipeline(transaction, shard_hint)
-        execute = pipe.execute
-
-        def counted(*args, **kwargs):
-            type(self).round_trips += 1
-            return execute(*args, **kwargs)
-
-        pipe.execute = counted
-        return pipe
+        type(self).round_trips += 1
+        return super().pipeline(transaction, shard_hint)
 
 
 def entries(conn, request_id: str) -> list[tuple[str, dict]]:
@@ -48,24 +42,42 @@ def entries(conn, request_id: str) -> list[tuple[str, dict]]:
     ]
 
 
-def test_a_step_of_a_batch_is_one_round_trip_and_expire_is_set_once(isolated_redis_url):
-    conn = CountingRedis.from_url(isolated_redis_url)
-    writer = EventWriter(conn, {"a": True, "b": True})
+def count_writes(writer: EventWriter) -> list[int]:
+    """Count the writes on the writer's own connection (opened by its first flush)."""
+    writes = [0]
+    send = writer._conn.send_packed_command
+
+    def counted(*args, **kwargs):
+        writes[0] += 1
+        return send(*args, **kwargs)
+
+    writer._conn.send_packed_command = counted
+    return writes
+
+
+def test_a_step_of_a_batch_is_one_write_waiting_for_no_reply_and_expire_is_set_once(isolated_redis_url):
+    conn = redis_lib.Redis.from_url(isolated_redis_url)
+    writer = EventWriter(CountingRedis.from_url(isolated_redis_url), {})
+    CountingRedis.round_trips = 0
     for request_id in ("a", "b"):
         writer.add(request_id, "started", {"batch_size": 2})
-    CountingRedis.round_trips = 0
     writer.flush()
-    assert CountingRedis.round_trips == 1
+    writes = count_writes(writer)
+    writer.sync()
     assert 0 < conn.ttl(events_key("a")) <= EVENTS_TTL_S and 0 < conn.ttl(events_key("b")) <= EVENTS_TTL_S
     conn.persist(events_key("a"))  # a later step must not set it again
-    CountingRedis.round_trips = 0
     for step in range(3):
         writer.token("a", 10 + step, f"x{step}")
         writer.token("b", 20 + step, f"y{step}")
         writer.flush()
-    writer.flush()  # nothing queued: no round trip
-    assert CountingRedis.round_trips == 3
+    writer.flush()  # nothing queued: no write
+    assert writes[0] == 3
+    writer.add("a", "finish", {"text": "x0x1x2"})
+    writer.close()
+    assert CountingRedis.round_trips == 0  # all of it on the writer's own connection, replies read later
+    assert writer._conn is None  # given back to the pool
     assert conn.ttl(events_key("a")) == -1  # no EXPIRE after the first entry
+    assert [kind for kind, _ in entries(conn, "a")] == ["started", "token", "token", "token", "finish"]
     tokens = [data for kind, data in entries(conn, "b") if kind == "token"]
     assert tokens == [{"token_id": 20 + i, "delta": f"y{i}"} for i in range(3)]
 
@@ -73,31 +85,45 @@ def test_a_step_of_a_batch_is_one_round_trip_and_expire_is_set_once(isolated_red
 def test_expire_is_renewed_for_a_long_generation(isolated_redis_url):
     conn = redis_lib.Redis.from_url(isolated_redis_url)
     clock = Clock()
-    writer = EventWriter(conn, {"a": True}, clock=clock)
+    writer = EventWriter(conn, {}, clock=clock)
     writer.add("a", "started", {})
     writer.flush()
+    writer.sync()
     conn.persist(events_key("a"))
     clock.now += EVENTS_TTL_S / 2
     writer.token("a", 1, "x")
-    writer.flush()
+    writer.close()
     assert 0 < conn.ttl(events_key("a")) <= EVENTS_TTL_S
 
 
-def test_tokens_of_a_request_that_is_not_streamed_are_merged(isolated_redis_url):
+def test_tokens_are_merged_per_interval_and_what_is_pending_rides_on_the_finish(isolated_redis_url):
     conn = redis_lib.Redis.from_url(isolated_redis_url)
     clock = Clock()
-    writer = EventWriter(conn, {"s": True, "w": False}, progress_s=0.5, clock=clock)
+    # s: every token; c: streamed in chunks at most 0.25 s apart; w: not streamed (a few entries a second)
+    writer = EventWriter(conn, {"s": 0.0, "c": 0.25, "w": 0.5}, clock=clock)
     for i in range(10):  # 10 steps of 0.125 s
-        writer.token("s", i, str(i))
-        writer.token("w", i, str(i))
+        for request_id in ("s", "c", "w"):
+            writer.token(request_id, i, str(i))
         writer.flush()
         clock.now += 0.125
-    writer.add("w", "finish", {"text": "0123456789", "token_ids": list(range(10))})
-    writer.flush()
-    streamed = [data for kind, data in entries(conn, "s") if kind == "token"]
-    assert [data["token_id"] for data in streamed] == list(range(10))
+    for request_id in ("s", "c", "w"):
+        writer.add(request_id, "finish", {"delta": "!", "text": "0123456789!", "token_ids": list(range(10))})
+    writer.close()
+    streamed = entries(conn, "s")
+    assert [data["token_id"] for _, data in streamed[:-1]] == list(range(10))
+    assert streamed[-1] == ("finish", {"delta": "!", "text": "0123456789!", "token_ids": list(range(10))})
+    # the first token at once, then one entry per interval with the tokens since; the rest rides the finish
+    chunked = entries(conn, "c")
+    assert chunked[:-1] == [
+        ("token", {"token_id": 0, "delta": "0", "count": 1}),
+        ("token", {"token_id": 2, "delta": "12", "count": 2}),
+        ("token", {"token_id": 4, "delta": "34", "count": 2}),
+        ("token", {"token_id": 6, "delta": "56", "count": 2}),
+        ("token", {"token_id": 8, "delta": "78", "count": 2}),
+    ]
+    assert chunked[-1][1]["delta"] == "9!"  # every token's text reaches a streamed client, once
+    assert "".join(data["delta"] for _, data in chunked) == "0123456789!"
     waiting = entries(conn, "w")
-    # the first token at once, then one entry per 0.5 s with the tokens since; the rest rides the finish
     assert waiting[:-1] == [
         ("token", {"token_id": 0, "delta": "0", "count": 1}),
         ("token", {"token_id": 4, "delta": "1234", "count": 4}),
@@ -108,41 +134,24 @@ def test_tokens_of_a_request_that_is_not_streamed_are_merged(isolated_redis_url)
 
 def test_a_forgotten_request_writes_nothing_more(isolated_redis_url):
     conn = redis_lib.Redis.from_url(isolated_redis_url)
-    writer = EventWriter(conn, {"a": True, "b": True})
+    writer = EventWriter(conn, {})
     writer.add("a", "started", {})
     writer.add("b", "started", {})
     writer.flush()
+    writer.sync()
     writer.token("a", 1, "x")
     writer.token("b", 2, "y")
     conn.delete(events_key("a"))
     writer.forget("a")
-    writer.flush()
+    writer.close()
     assert not conn.exists(events_key("a"))
     assert [kind for kind, _ in entries(conn, "b")] == ["started", "token"]
 
 
-def test_deferred_writes_wait_for_no_reply_and_land_in_order(isolated_redis_url):
-    conn = CountingRedis.from_url(isolated_redis_url)
-    writer = EventWriter(conn, {"a": True}, deferred=True)
-    CountingRedis.round_trips = 0
-    writer.add("a", "started", {})
-    writer.flush()
-    for step in range(3):
-        writer.token("a", step, f"x{step}")
-        writer.flush()
-    assert CountingRedis.round_trips == 0  # sent on the writer's own connection, replies read later
-    writer.add("a", "finish", {"text": "x0x1x2"})
-    writer.close()
-    kinds = [kind for kind, _ in entries(conn, "a")]
-    assert kinds == ["started", "token", "token", "token", "finish"]
-    assert 0 < conn.ttl(events_key("a")) <= EVENTS_TTL_S
-    assert writer._conn is None  # given back to the pool
-
-
-def test_a_deferred_error_reply_is_raised_by_the_next_flush(isolated_redis_url):
+def test_an_error_reply_is_raised_by_the_next_flush(isolated_redis_url):
     conn = redis_lib.Redis.from_url(isolated_redis_url)
     conn.set(events_key("a"), "not a stream")  # XADD on it answers WRONGTYPE
-    writer = EventWriter(conn, {"a": True, "b": True}, deferred=True)
+    writer = EventWriter(conn, {})
     writer.add("a", "started", {})
     writer.flush()  # does not wait: no error yet
     writer.add("b", "started", {})
@@ -155,15 +164,13 @@ def test_a_deferred_error_reply_is_raised_by_the_next_flush(isolated_redis_url):
 
 def test_a_dropped_request_stream_is_deleted_after_what_was_written_to_it(isolated_redis_url):
     conn = redis_lib.Redis.from_url(isolated_redis_url)
-    for deferred in (False, True):
-        writer = EventWriter(conn, {"a": True, "b": True}, deferred=deferred)
-        writer.add("a", "started", {})
-        writer.add("b", "started", {})
-        writer.flush()
-        writer.token("a", 1, "x")
-        writer.drop("a")
-        writer.token("b", 2, "y")
-        writer.close()
-        assert not conn.exists(events_key("a"))
-        assert [kind for kind, _ in entries(conn, "b")] == ["started", "token"]
-        conn.delete(events_key("b"))
+    writer = EventWriter(conn, {})
+    writer.add("a", "started", {})
+    writer.add("b", "started", {})
+    writer.flush()
+    writer.token("a", 1, "x")
+    writer.drop("a")
+    writer.token("b", 2, "y")
+    writer.close()
+    assert not conn.exists(events_key("a"))
+    assert [kind for kind, _ in entries(conn, "b")] == ["started", "token"]

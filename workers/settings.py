@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         default="auto",
         description="Weights of loaded models in inference workers; auto: int8 on the CPU, bfloat16 on CUDA",
     )
+    stream_interval_ms: float = Field(
+        default=40,
+        ge=0,
+        le=1000,
+        description="Streamed generation: tokens made within this many ms of the last chunk come together "
+        "in the next one (0: one chunk per token); a request may set its own",
+    )
     generation_stall_s: float = Field(
         default=60, gt=0, le=86400, description="A generation with no new token this long: 504"
     )

@@ -40,6 +40,7 @@ from service.generation.schemas import (
     SamplingOptions,
     SpeculativeOptions,
     StrataInfo,
+    StreamingOptions,
     Usage,
 )
 from service.profiling import request_profile
@@ -282,13 +283,15 @@ class Generation:
         sampling: SamplingOptions,
         depth: DepthOptions,
         speculative: SpeculativeOptions | None = None,
-        stream: bool = True,
+        streaming: StreamingOptions | None = None,
     ) -> Prepared:
-        """Check the request, plan its depth and queue it. `stream`: whether the client reads the tokens as
-        they come (if not, the worker writes only a few token entries a second)."""
+        """Check the request, plan its depth and queue it. `streaming`: whether the client reads the tokens
+        as they come, and how far apart their chunks may be (if not streamed, the worker writes only a few
+        token entries a second)."""
         arrived = time.monotonic()
         record = self.record(model_id)
         s = self.settings
+        streaming = streaming or StreamingOptions(stream=True)
         if len(prompt_ids) > s.max_prompt_tokens:
             raise HTTPException(
                 422, f"prompt has {len(prompt_ids)} tokens; the limit is {s.max_prompt_tokens}"
@@ -338,7 +341,10 @@ class Generation:
             request=request,
             predicted_ms=plan.predicted_ms,
             speculative=Speculation(**speculative.model_dump()) if speculative else None,
-            stream=stream,
+            stream=streaming.stream,
+            stream_interval_ms=(
+                s.stream_interval_ms if streaming.stream_interval_ms is None else streaming.stream_interval_ms
+            ),
         )
         self.redis.rpush(QUEUE_KEY, job.model_dump_json())
         metrics.DEPTH.labels(model_id).observe(plan.depth)

@@ -93,14 +93,26 @@ class SpeculativeOptions(BaseModel):
     num_draft_tokens: int = Field(default=4, ge=1, le=32, description="m: tokens drafted per verification")
 
 
-class GenerateRequest(DepthOptions, SamplingOptions):
+class StreamingOptions(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+    stream: bool = False
+    stream_interval_ms: float | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Streaming: tokens made within this many ms of the last chunk come together in the next "
+        "one (the first token comes at once); 0: every token in a chunk of its own. Default: "
+        "STRATA_STREAM_INTERVAL_MS",
+    )
+
+
+class GenerateRequest(DepthOptions, SamplingOptions, StreamingOptions):
     model_config = ConfigDict(extra="forbid")
     speculative: SpeculativeOptions | None = None
     model: str
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=64, ge=1)
-    stream: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -168,7 +180,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIRequest(DepthOptions, SamplingOptions):
+class OpenAIRequest(DepthOptions, SamplingOptions, StreamingOptions):
     """Fields shared by the OpenAI endpoints; unknown OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
@@ -176,7 +188,6 @@ class OpenAIRequest(DepthOptions, SamplingOptions):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
-    stream: bool = False
     stream_options: StreamOptions | None = None
 
     def new_tokens(self, default: int = 64) -> int:

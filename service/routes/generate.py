@@ -46,7 +46,7 @@ async def generate(body: GenerateRequest, request: Request):
     gen = generation(request)
     prompt_ids = await gen.encode_async(body.model, body.prompt, body.messages)
     prepared = await gen.prepare(
-        body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative, stream=body.stream
+        body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative, body
     )
     response_id = new_id("gen")
     if not body.stream:

@@ -48,7 +48,7 @@ async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncI
 async def completions(body: CompletionRequest, request: Request):
     gen = generation(request)
     prompt_ids = await gen.encode_async(body.model, body.prompt_text(), None)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, stream=body.stream)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, streaming=body)
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)
@@ -78,7 +78,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = generation(request)
     prompt_ids = await gen.encode_async(body.model, None, body.messages)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, stream=body.stream)
+    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, streaming=body)
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)

@@ -1,23 +1,22 @@
-"""Writing a batch's events to the per-request Redis streams, with as few round trips as the API allows.
+"""Writing a batch's events to the per-request Redis streams without making the decode loop wait for Redis.
 
-- One round trip per engine step for all rows of a batch (`flush`), not one per token; a single entry is
-  a bare XADD (a pipeline costs redis-py three times as much for one command).
+- One write per engine step for all rows of a batch (`flush`): the step's commands go out on a connection
+  of the writer's own and their replies are read at the next flush (they are there by then: a decode step
+  takes far longer than a round trip), or at `sync()`/`close()`. The decode loop never stops for a round
+  trip, which on a loaded machine was a wait for redis-server and for the worker to be scheduled again. An
+  error reply is raised at the next flush instead of this one. Since everything goes over one connection,
+  a stream deleted with `drop()` is deleted after every entry written to it before.
 - A stream's EXPIRE goes with its first entry and is renewed every EVENTS_TTL_S / 2, not with every entry.
-- A request whose client waits for the whole answer (not streamed) needs no entry per token: its first
-  token is written at once (time to first token, and the proof that generation started), later ones are
-  merged into one entry per PROGRESS_S (enough for the API's stall watch), and tokens still pending at the
-  finish are dropped, since the finish entry carries all of them. Its API side wakes a few times a
-  second instead of once per token.
+- Each request has an interval between its token entries. At 0 every token is an entry of its own. Above
+  0, its first token is written at once (time to first token, and the proof that generation started) and
+  later ones are merged into one entry per interval: a streamed request's client gets its tokens in chunks
+  at most that far apart (plus one engine step), and the API, Redis and the client wake once per chunk
+  instead of once per token. A request whose client waits for the whole answer (not streamed) gets
+  PROGRESS_S, enough for the API's stall watch. Tokens still pending at the finish ride on it: their text
+  goes before the finish's `delta`, and its `text` and `token_ids` hold everything anyway.
 
 A merged token entry has the fields of one (`token_id`: the last token, `delta`: the text of all of them)
 plus `count`, the number of tokens it stands for.
-
-With `deferred=True` (the inference worker) a flush does not wait for Redis at all: it sends the step's
-commands on a connection of the writer's own and reads their replies at the next flush (they are there by
-then: a decode step takes far longer than a round trip), or at `sync()`/`close()`. The decode loop no longer
-stops for a round trip per step, which on a loaded machine was a wait for redis-server and for the worker
-to be scheduled again. An error reply is raised at the next flush instead of this one. Since the writes go
-over one connection, a stream deleted with `drop()` is deleted after every entry written to it before.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ PROGRESS_S = 0.5  # a non-streamed request: at most one token entry this often
 
 @dataclass
 class _Merged:
-    """Tokens of a non-streamed request not written yet."""
+    """Tokens of a request not written yet."""
 
     count: int = 0
     token_id: int = 0
@@ -47,37 +46,33 @@ class _Merged:
 
 
 class EventWriter:
-    """Queues the events of a batch's requests and writes them in one round trip per `flush()`."""
+    """Queues the events of a batch's requests and sends them in one write per `flush()`."""
 
     def __init__(
-        self,
-        redis: Redis,
-        streamed: dict[str, bool],
-        progress_s: float = PROGRESS_S,
-        clock: Callable[[], float] = time.monotonic,
-        deferred: bool = False,
+        self, redis: Redis, intervals: dict[str, float], clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.redis = redis
-        self.streamed = streamed  # request id -> whether its client reads tokens as they come
-        self.progress_s = progress_s
+        self.intervals = intervals  # request id -> seconds between its token entries (0: every token)
         self.clock = clock
-        self.deferred = deferred
         self.queued: list[tuple[str, dict[str, str]]] = []
         self.deletes: list[str] = []  # streams to delete with the next flush
         self.expired_at: dict[str, float] = {}  # stream key -> when its EXPIRE was last sent
         self.merged: dict[str, _Merged] = {}
-        self._conn: Connection | None = None  # deferred: the writer's own connection
-        self._unread = 0  # deferred: replies sent for and not read yet
+        self._conn: Connection | None = None  # the writer's own connection
+        self._unread = 0  # replies sent for and not read yet
 
     def add(self, request_id: str, kind: str, data: dict) -> None:
-        """Queue an entry (`started`, `finish`, `error`, or a streamed `token`)."""
+        """Queue an entry (`started`, `finish`, `error`, or a `token` as it is)."""
         if kind == "finish":
-            self.merged.pop(request_id, None)  # the finish entry carries every token
+            pending = self.merged.pop(request_id, None)
+            if pending is not None and pending.deltas:
+                data = {**data, "delta": "".join(pending.deltas) + data.get("delta", "")}
         self.queued.append((events_key(request_id), {"type": kind, "data": json.dumps(data)}))
 
     def token(self, request_id: str, token_id: int, delta: str) -> None:
-        """Queue a token: as it is when streamed, else merged (see the module's docstring)."""
-        if self.streamed.get(request_id, True):
+        """Queue a token: an entry of its own, or merged with the next ones (see the module's docstring)."""
+        interval = self.intervals.get(request_id, 0.0)
+        if interval <= 0:
             self.add(request_id, "token", {"token_id": token_id, "delta": delta})
             return
         merged = self.merged.setdefault(request_id, _Merged())
@@ -85,14 +80,14 @@ class EventWriter:
         merged.token_id = token_id
         merged.deltas.append(delta)
         now = self.clock()
-        if merged.written_at is None or now - merged.written_at >= self.progress_s:
+        if merged.written_at is None or now - merged.written_at >= interval:
             data = {"token_id": token_id, "delta": "".join(merged.deltas), "count": merged.count}
             self.add(request_id, "token", data)
             merged.count, merged.deltas, merged.written_at = 0, [], now
 
     def flush(self) -> None:
-        """Write what is queued: one round trip (deferred: one send), with an EXPIRE for streams that need
-        one."""
+        """Send what is queued in one write, with an EXPIRE for streams that need one; the previous flush's
+        replies are read first (an error among them is raised here)."""
         if not (self.queued or self.deletes):
             return
         now = self.clock()
@@ -104,26 +99,9 @@ class EventWriter:
                 renew.append(key)
         queued, self.queued = self.queued, []
         deletes, self.deletes = self.deletes, []
-        if self.deferred:
-            commands = [("XADD", key, "*", *chain.from_iterable(fields.items())) for key, fields in queued]
-            commands += [("EXPIRE", key, EVENTS_TTL_S) for key in renew]
-            commands += [("DEL", key) for key in deletes]
-            self._send(commands)
-            return
-        if len(queued) == 1 and not (renew or deletes):
-            self.redis.xadd(*queued[0])
-            return
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key, fields in queued:
-                pipe.xadd(key, fields)
-            for key in renew:
-                pipe.expire(key, EVENTS_TTL_S)
-            for key in deletes:
-                pipe.delete(key)
-            pipe.execute()
-
-    def _send(self, commands: list[tuple]) -> None:
-        """Deferred: read the previous flush's replies, then send these commands without waiting."""
+        commands = [("XADD", key, "*", *chain.from_iterable(fields.items())) for key, fields in queued]
+        commands += [("EXPIRE", key, EVENTS_TTL_S) for key in renew]
+        commands += [("DEL", key) for key in deletes]
         self.sync()
         if self._conn is None:
             self._conn = self.redis.connection_pool.get_connection()
@@ -135,7 +113,7 @@ class EventWriter:
         self._unread = len(commands)
 
     def sync(self) -> None:
-        """Deferred: wait for the replies of what was sent; raise the first error among them."""
+        """Wait for the replies of what was sent; raise the first error among them."""
         if not self._unread:
             return
         try:
@@ -147,7 +125,7 @@ class EventWriter:
         self._unread = 0
 
     def close(self) -> None:
-        """Write what is queued, wait for every reply, and give the connection back."""
+        """Send what is queued, wait for every reply, and give the connection back."""
         try:
             self.flush()
             self.sync()

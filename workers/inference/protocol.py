@@ -40,6 +40,7 @@ class InferenceJob(BaseModel):
     enqueued_at: float = Field(default_factory=time.time)
     predicted_ms: float | None = None
     stream: bool = True  # the client reads tokens as they come (else only the finish matters to it)
+    stream_interval_ms: float = 0.0  # streamed: tokens within this long of the last entry share the next
 
 
 def events_key(request_id: str) -> str:

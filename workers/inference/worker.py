@@ -25,7 +25,7 @@ from workers.generation.compact import PRECISIONS, Precision
 from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
 from workers.generation.speculative import speculative_events
-from workers.inference.events import EventWriter
+from workers.inference.events import PROGRESS_S, EventWriter
 from workers.inference.protocol import (
     HEARTBEAT_S,
     QUEUE_KEY,
@@ -197,9 +197,14 @@ class InferenceWorker:
 
     def serve_group(self, model_id: str, jobs: list[InferenceJob]) -> None:
         """Generate a group's requests, sending each engine step's events at once without waiting for
-        Redis to answer (`EventWriter`, deferred: the replies are read with the next step's)."""
+        Redis to answer (`EventWriter`: the replies are read with the next step's), streamed tokens in chunks
+        at most `stream_interval_ms` apart (plus a step)."""
         started = time.time()
-        writer = EventWriter(self.redis, {job.request.request_id: job.stream for job in jobs}, deferred=True)
+        intervals = {
+            job.request.request_id: (job.stream_interval_ms / 1000 if job.stream else PROGRESS_S)
+            for job in jobs
+        }
+        writer = EventWriter(self.redis, intervals)
         try:
             self._serve(model_id, jobs, writer, started)
         finally:
