@@ -74,6 +74,10 @@ class EmbeddedRedis:
             ],
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
+            # out of the terminal's process group: Ctrl-C reaches `strata serve` and its workers, and Redis
+            # stays up until they have stopped (a job worker ending its job still reports to it); `stop()`
+            # ends it, and it still gets SIGTERM when its parent dies
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

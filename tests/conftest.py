@@ -94,7 +94,11 @@ class Server:
 
 
 def start_server(
-    home: Path, env_extra: dict[str, str | None], workers: int = 1, infer_workers: int = 1
+    home: Path,
+    env_extra: dict[str, str | None],
+    workers: int = 1,
+    infer_workers: int = 1,
+    new_session: bool = False,  # its own process group, as `make serve` in a terminal
 ) -> Server:
     port = free_port()
     env = {
@@ -124,6 +128,7 @@ def start_server(
         env=env,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
+        start_new_session=new_session,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240  # workers import torch; slow on a busy 2-core machine
