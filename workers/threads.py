@@ -62,3 +62,15 @@ def apply_budget(threads: int | None = None) -> int:
         threads = int(value)
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
+
+
+def rebuild_after_fork() -> None:
+    """Call first thing in a forked child (an RQ work horse), on its one thread.
+
+    torch marks its thread pool corrupt in a forked child and rebuilds it in the next set_num_threads,
+    which every new thread calls on its first torch op. Several threads doing that at once (transformers
+    loads weights with a thread pool) raced and failed with "Invalid thread pool!"; rebuilt here, they
+    find it whole."""
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())

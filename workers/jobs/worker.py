@@ -8,11 +8,13 @@ from rq.job import Job
 from workers.processes import die_with_parent
 from workers.settings import get_settings
 from workers.store.model_store import ModelStore
+from workers.threads import rebuild_after_fork
 
 
 class StrataWorker(Worker):
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         die_with_parent()  # a killed worker takes its work-horse along, so the job cannot run on unsupervised
+        rebuild_after_fork()  # before the job starts threads of its own
         super().main_work_horse(job, queue)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
