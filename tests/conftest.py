@@ -92,6 +92,25 @@ class Server:
                 time.sleep(0.2)
         raise AssertionError(f"job {job_id} did not end in {timeout} s; log: {self.log.read_text()[-3000:]}")
 
+    def start_slow_job(self, model_dir: Path, prefix: str) -> str:
+        """Import a slow-to-copy model from `model_dir` and start a `variants` job of 16 on it; its id once
+        a worker runs it."""
+        from tests.tiny_models import make_slow_llama
+
+        make_slow_llama(model_dir)
+        with self.client() as c:
+            r = c.post("/v1/models/import", json={"id": model_dir.name, "path": str(model_dir)})
+            assert r.status_code == 201, r.text
+            r = c.post(
+                "/v1/jobs", json={"kind": "variants", "base": model_dir.name, "count": 16, "prefix": prefix}
+            )
+            job_id = r.json()["id"]
+            for _ in range(600):
+                if c.get(f"/v1/jobs/{job_id}").json()["status"] == "started":
+                    return job_id
+                time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not start; log: {self.log.read_text()[-3000:]}")
+
 
 def start_server(
     home: Path,

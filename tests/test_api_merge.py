@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import make_slow_llama, make_tiny_llama
+from tests.tiny_models import make_tiny_llama
 from workers.merge.config import load_merge_config
 from workers.merge.executor import merge_models
 
@@ -218,18 +218,8 @@ def test_delete_model_and_unknown_ids_404(server, imported):
 
 
 def test_cancel_a_running_job_stops_it_and_registers_nothing_unfinished(server, imported):
-    big = server.home.parent / "big"
-    make_slow_llama(big)
+    job_id = server.start_slow_job(server.home.parent / "big", "big-v")
     with server.client() as c:
-        assert c.post("/v1/models/import", json={"id": "big", "path": str(big)}).status_code == 201
-        r = c.post("/v1/jobs", json={"kind": "variants", "base": "big", "count": 16, "prefix": "big-v"})
-        job_id = r.json()["id"]
-        for _ in range(300):
-            if c.get(f"/v1/jobs/{job_id}").json()["status"] == "started":
-                break
-            import time
-
-            time.sleep(0.05)
         canceled = c.delete(f"/v1/jobs/{job_id}").json()
         assert canceled["status"] == "canceled"
         registered = {m["id"] for m in c.get("/v1/models").json()["data"]}
