@@ -111,8 +111,9 @@ def serve(
         )
         app_ = create_app(settings, expected=(settings.workers, settings.infer_workers))
         server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))
-        # Own the signals: a graceful stop on SIGINT/SIGTERM (nothing restarted from then on: Ctrl-C stops
-        # Redis and the workers too), then `finally` stops workers and Redis.
+        # Own the signals: a graceful stop on SIGINT/SIGTERM (nothing restarted from then on: Ctrl-C reaches
+        # the workers too; the embedded Redis has a session of its own), then `finally` stops workers, then
+        # Redis.
         server.capture_signals = contextlib.nullcontext
 
         def graceful(*_: object) -> None:

@@ -65,8 +65,8 @@ class Supervisor:
         return 0.0 if failures <= 1 else min(MAX_BACKOFF_S, 0.5 * 2 ** (failures - 2))
 
     def halt(self) -> None:
-        """Restart nothing from now on: a stop is under way (Ctrl-C reaches Redis and the workers at the
-        same moment as `strata serve`, and their exits are not failures). `stop()` then ends the children."""
+        """Restart nothing from now on: a stop is under way (Ctrl-C reaches the workers at the same moment
+        as `strata serve`, and their exits are not failures). `stop()` then ends the children."""
         self._stop.set()
 
     def check(self) -> None:
