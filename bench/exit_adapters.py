@@ -16,11 +16,13 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from workers.device import default_device, describe_device
+from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
 from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_stream
 from workers.early_exit.forward import exit_logits, num_layers
@@ -60,6 +62,9 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, nargs="*", default=[], help="more JSONL records, after the bundled"
     )
+    parser.add_argument("--bundled", choices=("chat", "general", "mixed"), default="chat")
+    parser.add_argument("--no-bundled", action="store_true", help="fit on --data alone")
+    parser.add_argument("--no-scale", action="store_true", help="leave every exit's scale at 1")
     parser.add_argument("--distill-tokens", type=int, default=8192)
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--fit-on", choices=("all", "responses"), default="all")
@@ -82,10 +87,12 @@ def main() -> None:
     model.to(default_device())  # CUDA when there is one, like the fit_exits job
     layers = num_layers(model)
     extra = [record for path in args.data for record in read_jsonl(path)]
-    ids, responses = fitting_stream(tokenizer, bundled_records() + extra, args.max_tokens)
+    bundled = [] if args.no_bundled else bundled_records(args.bundled)
+    ids, responses = fitting_stream(tokenizer, bundled + extra, args.max_tokens)
     masks = token_windows(responses, 256, dtype=torch.bool) if args.fit_on == "responses" else None
     results["data"] = {
-        "files": [p.name for p in bundled_paths()] + [str(p) for p in args.data],
+        "files": ([] if args.no_bundled else [p.name for p in bundled_paths(args.bundled)])
+        + [str(p) for p in args.data],
         "tokens": len(ids),
         "fit_on": args.fit_on,
         "response_tokens": sum(responses),
@@ -99,6 +106,7 @@ def main() -> None:
         distill_batch_tokens=args.distill_batch_tokens,
         distill_tokens=args.distill_tokens,
         distill_exits=distill_exits or None,
+        fit_scale=not args.no_scale,
     )
     last = [0.0]
 
@@ -119,6 +127,10 @@ def main() -> None:
     heldout = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))[: args.heldout_tokens]
     grid = list(range(1, layers + 1))
     plain_ridge = measure_quality(model, heldout, grid, 256, adapters=fitted.ridge)
+    unscaled_maps = {k: replace(a, scale=1.0) for k, a in fitted.ridge.maps.items()}
+    unscaled = measure_quality(
+        model, heldout, grid, 256, adapters=ExitAdapters(unscaled_maps, layers, fitted.ridge.hidden_size)
+    )
     distilled = (
         measure_quality(model, heldout, list(distill_exits) + [layers], 256, adapters=fitted.adapters)
         if distill_exits and args.distill_steps
@@ -137,22 +149,29 @@ def main() -> None:
             "ridge_ppl": q.adapter_perplexity,
             "ridge_ratio": q.adapter_perplexity / full if q.adapter_perplexity else None,
             "ridge_top1": q.adapter_top1_agreement,
+            "ridge_scale": fitted.ridge.maps[k].scale if fitted.ridge.has(k) else None,
+            "scale1_ratio": (unscaled[k].adapter_perplexity or 0) / full or None,
         }
         if k in distilled and k < layers:
             row |= {
                 "distill_ppl": distilled[k].adapter_perplexity,
                 "distill_ratio": distilled[k].adapter_perplexity / full,
                 "distill_top1": distilled[k].adapter_top1_agreement,
+                "distill_scale": fitted.adapters.maps[k].scale,
             }
         rows.append(row)
     results["quality"] = {"heldout_tokens": plain_ridge[layers].tokens, "full_ppl": full, "rows": rows}
     results["machine"]["load_after_quality"] = os.getloadavg()
     save()
-    print("| exit | depth | plain ppl ratio | top-1 | adapter ppl ratio | top-1 | +distill ratio | top-1 |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = ["plain ratio", "top-1", "adapter ratio", "top-1", "scale", "at scale 1", "+distill", "top-1"]
+    print("| exit | depth | " + " | ".join(columns) + " |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d = f"{r['distill_ratio']:.2f}x | {r['distill_top1']:.3f}" if "distill_ratio" in r else "- | -"
-        a = f"{r['ridge_ratio']:.2f}x | {r['ridge_top1']:.3f}" if r["ridge_ratio"] else "- | -"
+        a = "- | - | - | -"
+        if r["ridge_ratio"]:
+            a = f"{r['ridge_ratio']:.2f}x | {r['ridge_top1']:.3f} | {r['ridge_scale']:.3f} | "
+            a += f"{r['scale1_ratio']:.2f}x"
         plain = f"{r['plain_ratio']:.3g}x | {r['plain_top1']:.3f}"
         print(f"| {r['exit']} | {r['depth_pct']}% | {plain} | {a} | {d} |")
 
@@ -171,6 +190,7 @@ def main() -> None:
     by_pct = {r["depth_pct"]: r for r in rows}
     summary = ", ".join(
         f"{p}%: {by_pct[p]['ridge_ratio']:.2f}x"
+        + (f" (distilled {by_pct[p]['distill_ratio']:.2f}x)" if "distill_ratio" in by_pct[p] else "")
         for p in (90, 80, 70, 50)
         if p in by_pct and by_pct[p]["ridge_ratio"]
     )

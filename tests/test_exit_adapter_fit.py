@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import make_tiny_llama
-from workers.early_exit.adapters import Affine, ExitAdapters, load_adapters
-from workers.early_exit.fit import FitConfig, RidgeAccumulator, fit_exit_adapters, token_windows
+from workers.early_exit.adapters import FILENAME, Affine, ExitAdapters, load_adapters
+from workers.early_exit.fit import FitConfig, RidgeAccumulator, fit_exit_adapters, fit_scale, token_windows
 from workers.early_exit.forward import exit_logits, residual_at_exits
 from workers.generation.profiler import measure_quality
 
@@ -126,3 +127,54 @@ def test_masks_restrict_the_fit_to_the_marked_positions(tiny):
     residual = z @ dense - y  # compare the fit residuals (both interpolate the 28 marked tokens)
     fitted = x @ result.adapters.maps[2].weight.double().T + result.adapters.maps[2].bias.double()
     assert float(residual.abs().max()) < 1e-6 and float((fitted - y).abs().max()) < 1e-3
+
+
+def test_fit_scale_recovers_a_known_inverse_temperature():
+    generator = torch.Generator().manual_seed(8)
+    student = 4 * torch.randn(300, 50, generator=generator)
+    for true_scale in (0.3, 1.0, 2.5):
+        teacher = torch.log_softmax(true_scale * student, dim=-1)
+        scale, before, after = fit_scale(student, teacher, chunk=64)
+        assert scale == pytest.approx(true_scale, rel=1e-4)
+        assert after == pytest.approx(0.0, abs=1e-6) and after <= before
+
+
+def test_the_scale_multiplies_an_exits_logits_and_keeps_every_argmax(tiny):
+    generator = torch.Generator().manual_seed(9)
+    weight, bias = torch.eye(64) + 0.1 * torch.randn(64, 64, generator=generator), torch.zeros(64)
+    ids = torch.randint(3, 128, (2, 12), generator=generator)
+    with torch.no_grad():
+        one = exit_logits(tiny, ids, 2, adapters=ExitAdapters({2: Affine(weight, bias)}, 4, 64))
+        cooled = exit_logits(tiny, ids, 2, adapters=ExitAdapters({2: Affine(weight, bias, 0.4)}, 4, 64))
+    torch.testing.assert_close(cooled, 0.4 * one)
+    assert torch.equal(cooled.argmax(-1), one.argmax(-1))
+
+
+def test_fitted_scales_lower_the_kl_to_full_depth_on_the_fitting_tokens(tiny):
+    windows = random_windows(8, 32, seed=10)
+    config = FitConfig(ridge=1e-2, distill_steps=10, lr=3e-3, distill_batch_tokens=64, distill_exits=(1,))
+    result = fit_exit_adapters(tiny, windows, [1, 2], config)
+    for k in (1, 2):
+        before, after = result.report.scale_kl[k]
+        assert after <= before + 1e-9 and result.adapters.maps[k].scale == result.report.scale[k]
+    assert result.ridge.maps[2].scale == result.adapters.maps[2].scale  # not distilled: one fit
+    unscaled = fit_exit_adapters(tiny, windows, [1, 2], FitConfig(ridge=1e-2, fit_scale=False))
+    assert {a.scale for a in unscaled.adapters.maps.values()} == {1.0} and not unscaled.report.scale
+    assert torch.equal(unscaled.adapters.maps[2].weight, result.adapters.maps[2].weight)
+
+
+def test_the_adapter_file_keeps_each_scale_and_reads_files_without_one_as_one(tmp_path):
+    maps = {1: Affine(torch.eye(8), torch.zeros(8), 0.75), 2: Affine(2 * torch.eye(8), torch.ones(8))}
+    ExitAdapters(maps, 3, 8).save(tmp_path)
+    loaded = load_adapters(tmp_path, 3, 8)
+    assert loaded is not None and [loaded.maps[k].scale for k in (1, 2)] == [0.75, 1.0]
+    path = tmp_path / FILENAME
+    tensors = load_file(path)
+    metadata = {"format": "strata-exit-adapters-v1", "num_layers": "3", "hidden_size": "8"}
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".scale")}, path, metadata=metadata)
+    older = load_adapters(tmp_path, 3, 8)
+    assert older is not None and {a.scale for a in older.maps.values()} == {1.0}
+    for bad in (float("nan"), 0.0, -1.0, 1e6):
+        save_file(tensors | {"exit.1.scale": torch.tensor([bad])}, path, metadata=metadata)
+        with pytest.raises(ValueError, match="scale"):
+            load_adapters(tmp_path, 3, 8)

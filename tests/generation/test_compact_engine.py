@@ -24,6 +24,7 @@ def random_adapters(hidden: int, layers: int, depths: list[int], seed: int = 3) 
         k: Affine(
             torch.eye(hidden) + 0.2 * torch.randn(hidden, hidden, generator=generator) / hidden**0.5,
             0.1 * torch.randn(hidden, generator=generator),
+            scale=0.6 + 0.1 * k,  # a scale other than 1, so the engine must apply it like the reference
         )
         for k in depths
     }

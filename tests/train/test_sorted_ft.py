@@ -172,6 +172,7 @@ def test_exit_adapters_train_jointly_below_full_depth(fresh_model, chat_tokenize
     assert with_adapters[4] == pytest.approx(without[4])  # full depth is never adapted
     assert with_adapters[2] < without[2] and with_adapters[3] < without[3], (with_adapters, without)
     assert not any(a.weight.requires_grad for a in adapters.maps.values())
+    assert all(a.scale != 1.0 for a in adapters.maps.values())  # fitted to the trained model afterwards
 
 
 def test_ridge_initialised_adapters_start_the_exits_closer_to_full_depth(tiny_dir, chat_tokenizer, records):

@@ -1,21 +1,26 @@
-"""Exit adapters: one fitted affine map per exit, applied to the residual stream before the shared norm.
+"""Exit adapters: one fitted affine map per exit, applied to the residual stream before the shared norm,
+and a scale after it.
 
-For an exit at depth k < L with an adapter (A_k, b_k), the logits are
+For an exit at depth k < L with an adapter (A_k, b_k, s_k), the logits are
 
-    logits_k = LMHead(FinalNorm(A_k h_k + b_k))
+    logits_k = LMHead(s_k FinalNorm(A_k h_k + b_k))
 
 and without one (or at full depth, which never has one) LMHead(FinalNorm(h_k)). The maps are fitted so that
-A_k h_k + b_k approximates h_L (a "tuned lens", arXiv 2303.08112); how they are fitted lives elsewhere.
+A_k h_k + b_k approximates h_L (a "tuned lens", arXiv 2303.08112). The final norm takes away the scale of
+A_k h_k + b_k, so the map alone cannot say how sure an exit should be; s_k (an inverse temperature: the head
+is linear, so the logits are scaled by s_k) gives it back. How they are fitted lives elsewhere.
 
-Stored with the model as `exit_adapters.safetensors` in its directory: tensors `exit.{k}.weight` (d x d) and
-`exit.{k}.bias` (d), float32, plus metadata (`format`, `num_layers`, `hidden_size`).
+Stored with the model as `exit_adapters.safetensors` in its directory: tensors `exit.{k}.weight` (d x d),
+`exit.{k}.bias` (d) and `exit.{k}.scale` (1; absent in older files, meaning 1), float32, plus metadata
+(`format`, `num_layers`, `hidden_size`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,14 +29,16 @@ from safetensors.torch import save_file
 
 FILENAME = "exit_adapters.safetensors"
 FORMAT = "strata-exit-adapters-v1"
+MAX_SCALE = 100.0  # bounds of a stored scale (an inverse temperature): (0, MAX_SCALE]
 
 
 @dataclass(frozen=True)
 class Affine:
-    """h -> h @ weight.T + bias, weight (d, d), bias (d,)."""
+    """h -> h @ weight.T + bias, weight (d, d), bias (d,); `scale` multiplies the exit's normed state."""
 
     weight: torch.Tensor
     bias: torch.Tensor
+    scale: float = 1.0
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(device=hidden.device, dtype=hidden.dtype)
@@ -51,6 +58,8 @@ class ExitAdapters:
                 raise ValueError(f"exit adapter {depth} has shapes {shapes}, not for d={hidden_size}")
             if not (torch.isfinite(affine.weight).all() and torch.isfinite(affine.bias).all()):
                 raise ValueError(f"exit adapter {depth} has non-finite values")
+            if not (math.isfinite(affine.scale) and 0 < affine.scale <= MAX_SCALE):
+                raise ValueError(f"exit adapter {depth} has a scale outside (0, {MAX_SCALE:g}]")
         self.maps = dict(sorted(maps.items()))
         self.num_layers, self.hidden_size = num_layers, hidden_size
 
@@ -66,8 +75,22 @@ class ExitAdapters:
         affine = self.maps.get(depth)
         return hidden if affine is None else affine(hidden)
 
+    def head_input(
+        self, hidden: torch.Tensor, depth: int, norm: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """What the LM head reads at exit `depth`: s_k norm(A_k h + b_k) where there is an adapter, norm(h)
+        elsewhere (full depth included, bit for bit)."""
+        affine = self.maps.get(depth)
+        if affine is None:
+            return norm(hidden)
+        normed = norm(affine(hidden))
+        return normed if affine.scale == 1.0 else normed * affine.scale
+
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ExitAdapters:
-        maps = {k: Affine(a.weight.to(device, dtype), a.bias.to(device, dtype)) for k, a in self.maps.items()}
+        maps = {
+            k: replace(a, weight=a.weight.to(device, dtype), bias=a.bias.to(device, dtype))
+            for k, a in self.maps.items()
+        }
         return ExitAdapters(maps, self.num_layers, self.hidden_size)
 
     def subset(self, depths: Iterable[int]) -> ExitAdapters:
@@ -82,6 +105,7 @@ class ExitAdapters:
         for depth, affine in self.maps.items():
             tensors[f"exit.{depth}.weight"] = affine.weight.detach().to("cpu", torch.float32).contiguous()
             tensors[f"exit.{depth}.bias"] = affine.bias.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"exit.{depth}.scale"] = torch.tensor([affine.scale], dtype=torch.float32)
         metadata = {
             "format": FORMAT,
             "num_layers": str(self.num_layers),
@@ -110,13 +134,18 @@ def load_adapters(model_dir: str | Path, num_layers: int, hidden_size: int) -> E
         for name in names:
             parts = name.split(".")
             well_formed = len(parts) == 3 and parts[0] == "exit" and parts[1].isdigit()
-            if not well_formed or parts[2] not in ("weight", "bias"):
+            if not well_formed or parts[2] not in ("weight", "bias", "scale"):
                 raise ValueError(f"{FILENAME} has an unexpected tensor {name[:64]!r}")
         depths = sorted({int(name.split(".")[1]) for name in names})
         for depth in depths:
             if {f"exit.{depth}.weight", f"exit.{depth}.bias"} - names:
                 raise ValueError(f"{FILENAME}: exit {depth} lacks its weight or bias")
-            maps[depth] = Affine(
-                f.get_tensor(f"exit.{depth}.weight").float(), f.get_tensor(f"exit.{depth}.bias").float()
-            )
+            scale = 1.0
+            if f"exit.{depth}.scale" in names:
+                stored = f.get_tensor(f"exit.{depth}.scale")
+                if stored.numel() != 1:
+                    raise ValueError(f"{FILENAME}: exit {depth} has {stored.numel()} scales, not 1")
+                scale = float(stored.float())
+            weight = f.get_tensor(f"exit.{depth}.weight").float()
+            maps[depth] = Affine(weight, f.get_tensor(f"exit.{depth}.bias").float(), scale)
     return ExitAdapters(maps, num_layers, hidden_size)

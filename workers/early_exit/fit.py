@@ -12,12 +12,24 @@ accumulated, in float64, so memory is O(d^2) per exit whatever the number of tok
 forward pass per batch (`residual_at_exits`). A zero lambda with too few tokens falls back to the least-norm
 solution.
 
-Distillation. Starting from the ridge solution, each adapter is refined by Adam on
+Scale. The final norm takes away the scale of A x + b, so the map cannot make an exit less sure of itself;
+a shallow exit through a regression map is over-confident. Each exit's scale s (an inverse temperature:
+logits_k = LMHead(s FinalNorm(A x + b))) minimises
 
-    KL(p_L || p_k),   p_k = softmax(LMHead(FinalNorm(A x + b))),   p_L = softmax(LMHead(FinalNorm(h_L))),
+    f(s) = mean_t KL(p_L,t || softmax(s z_t)) = mean_t [logsumexp(s z_t) - s E_{p_L,t}[z_t]] + const,
 
-averaged over tokens, with the model frozen (only A and b train). The residual streams of a seeded subset of
-the fitting tokens are cached once (`distill_tokens` of them), so each step costs only the norm and the head.
+z_t = LMHead(FinalNorm(A x_t + b)), on `scale_tokens` cached fitting tokens. f is convex in s (f'' =
+mean_t Var_{softmax(s z_t)}[z_t] >= 0), so Newton's method from s = 1 finds it in a few steps; it runs after
+the ridge solve and again after distillation. The scale changes no argmax (greedy output and top-1 agreement
+stay); it changes probabilities, hence perplexity and sampling.
+
+Distillation. Starting from the ridge solution (and its scale), each adapter is refined by Adam on
+
+    KL(p_L || p_k),   p_k = softmax(LMHead(s FinalNorm(A x + b))),   p_L = softmax(LMHead(FinalNorm(h_L))),
+
+averaged over tokens, with the model frozen (only A, b and log s train, log s at a larger learning rate).
+The residual streams of a seeded subset of the fitting tokens are cached once (`distill_tokens` of them), so
+each step costs only the norm and the head.
 """
 
 from __future__ import annotations
@@ -25,15 +37,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from workers.early_exit.adapters import Affine, ExitAdapters
+from workers.early_exit.adapters import MAX_SCALE, Affine, ExitAdapters
 from workers.early_exit.forward import decoder_stack, num_layers, residual_at_exits
 
 Progress = Callable[[str, float], None]
+SCALE_LR_FACTOR = 40.0  # distillation trains log(scale) at this multiple of the map's learning rate
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class FitConfig:
     batch_windows: int = 4  # token windows per forward pass
     skip_first: int = 1  # positions left out at the start of every window (the attention sink)
     distill_exits: tuple[int, ...] | None = None  # exits distilled (None: every fitted exit)
+    fit_scale: bool = True  # fit each exit's scale (inverse temperature) after the map
+    scale_tokens: int = 1024  # fitting tokens whose residual streams are cached for the scale fit
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +70,8 @@ class FitConfig:
             raise ValueError("lr must be finite and > 0")
         if self.distill_steps < 0 or self.distill_batch_tokens < 1 or self.distill_tokens < 1:
             raise ValueError("distill_steps must be >= 0, distill_batch_tokens and distill_tokens >= 1")
+        if self.scale_tokens < 1:
+            raise ValueError("scale_tokens must be >= 1")
         if self.batch_windows < 1 or self.skip_first < 0:
             raise ValueError("batch_windows must be >= 1 and skip_first >= 0")
 
@@ -77,6 +94,9 @@ class FitReport:
     ridge_mse: dict[int, float] = field(default_factory=dict)  # mean ||y - A x - b||^2 / d on the fit data
     identity_mse: dict[int, float] = field(default_factory=dict)  # mean ||y - x||^2 / d (no adapter)
     distill_kl: dict[int, tuple[float, float]] = field(default_factory=dict)  # (first, last) step KL
+    seconds_scale: float = 0.0
+    scale: dict[int, float] = field(default_factory=dict)  # each exit's fitted scale
+    scale_kl: dict[int, tuple[float, float]] = field(default_factory=dict)  # KL at scale 1 and at the fit
 
     def as_dict(self) -> dict:
         return {
@@ -87,10 +107,13 @@ class FitReport:
                 "forward": round(self.seconds_forward, 2),
                 "solve": round(self.seconds_solve, 2),
                 "distill": round(self.seconds_distill, 2),
+                "scale": round(self.seconds_scale, 2),
             },
             "ridge_mse": {k: round(v, 6) for k, v in self.ridge_mse.items()},
             "identity_mse": {k: round(v, 6) for k, v in self.identity_mse.items()},
             "distill_kl": {k: [round(a, 5), round(b, 5)] for k, (a, b) in self.distill_kl.items()},
+            "scale": {k: round(v, 5) for k, v in self.scale.items()},
+            "scale_kl": {k: [round(a, 5), round(b, 5)] for k, (a, b) in self.scale_kl.items()},
         }
 
 
@@ -176,8 +199,8 @@ def _report(progress: Progress | None, message: str, fraction: float) -> None:
         progress(message, min(max(fraction, 0.0), 1.0))
 
 
-def _distill_selection(windows: int, positions: int, budget: int, seed: int) -> dict[int, torch.Tensor]:
-    """Which (window, position) pairs are cached for distillation: a seeded uniform subset of `budget`."""
+def _selection(windows: int, positions: int, budget: int, seed: int) -> dict[int, torch.Tensor]:
+    """Which (window, position) pairs are cached: a seeded uniform subset of `budget` of them."""
     total = windows * positions
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=generator)[: min(budget, total)].sort().values
@@ -188,24 +211,53 @@ def _distill_selection(windows: int, positions: int, budget: int, seed: int) -> 
     return out
 
 
+@dataclass
+class StateCache:
+    """The residual streams at some exits (and at full depth) of chosen (window, position) pairs, kept on the
+    CPU for what follows the ridge fit (distillation, the scale fit)."""
+
+    positions: dict[int, torch.Tensor]  # window index -> positions in it
+    exits: Sequence[int]
+    states: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    final: list[torch.Tensor] = field(default_factory=list)
+
+    def add(
+        self, window: int, row: int, residual: dict[int, torch.Tensor], keep: torch.Tensor, top: int
+    ) -> None:
+        positions = self.positions.get(window)
+        if positions is None or not self.exits:
+            return
+        positions = positions.to(keep.device)
+        positions = positions[positions < keep.shape[1]]  # windows of several lengths: the shorter ones
+        chosen = positions[keep[row, positions]]
+        self.final.append(residual[top][row, chosen].float().cpu())
+        for k in self.exits:
+            self.states.setdefault(k, []).append(residual[k][row, chosen].float().cpu())
+
+    def stacked(self) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """The states per exit and at full depth as (n, d) tensors (the lists are released)."""
+        states = {k: torch.cat(self.states.pop(k)) for k in self.exits}
+        final = torch.cat(self.final)
+        self.final = []
+        return states, final
+
+
 @torch.no_grad()
 def _accumulate(
     model: nn.Module,
     windows: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor] | None,
     exits: Sequence[int],
-    cached_exits: Sequence[int],
     config: FitConfig,
-    cache_for: dict[int, torch.Tensor] | None,
+    caches: Sequence[StateCache],
     progress: Progress | None,
-) -> tuple[dict[int, RidgeAccumulator], dict[int, list[torch.Tensor]], list[torch.Tensor]]:
-    """One forward pass per batch of windows; every exit's statistics (and the distillation cache)."""
+) -> dict[int, RidgeAccumulator]:
+    """One forward pass per batch of windows; every exit's statistics (and the caches' residual streams)."""
     layers = num_layers(model)
     device = next(model.parameters()).device
     hidden_size = decoder_stack(model).norm.weight.shape[0]
     accumulators = {k: RidgeAccumulator(hidden_size, device) for k in exits}
-    cached: dict[int, list[torch.Tensor]] = {k: [] for k in cached_exits}
-    cached_final: list[torch.Tensor] = []
+    wanted = sorted({*exits, *(k for cache in caches for k in cache.exits), layers})
     skip = config.skip_first
     order = list(range(len(windows)))
     batches = [order[i : i + config.batch_windows] for i in range(0, len(order), config.batch_windows)]
@@ -214,7 +266,7 @@ def _accumulate(
         lengths = sorted({windows[i].numel() for i in batch})
         for group in ([i for i in batch if windows[i].numel() == n] for n in lengths):
             ids = torch.stack([windows[i] for i in group]).to(device)
-            residual = residual_at_exits(model, ids, [*exits, layers])
+            residual = residual_at_exits(model, ids, wanted)
             start = min(skip, ids.shape[1] - 1)
             keep = torch.ones(ids.shape, dtype=torch.bool, device=device)
             if masks is not None:
@@ -223,17 +275,10 @@ def _accumulate(
             final = residual[layers][keep].float()
             for k in exits:
                 accumulators[k].add(residual[k][keep].float(), final)
-            if cache_for is not None:
+            for cache in caches:
                 for row, window in enumerate(group):
-                    positions = cache_for.get(window)
-                    if positions is None:
-                        continue
-                    positions = positions.to(device)
-                    chosen = positions[keep[row, positions]]
-                    cached_final.append(residual[layers][row, chosen].float().cpu())
-                    for k in cached_exits:
-                        cached[k].append(residual[k][row, chosen].float().cpu())
-    return accumulators, cached, cached_final
+                    cache.add(window, row, residual, keep, layers)
+    return accumulators
 
 
 def _distill(
@@ -263,7 +308,11 @@ def _distill(
             generator = torch.Generator().manual_seed(config.seed + k)
             weight = adapters[k].weight.to(device).clone().requires_grad_(True)
             bias = adapters[k].bias.to(device).clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([weight, bias], lr=config.lr)
+            log_scale = torch.tensor(math.log(adapters[k].scale), device=device, requires_grad=True)
+            groups = [{"params": [weight, bias]}]
+            if config.fit_scale:
+                groups.append({"params": [log_scale], "lr": config.lr * SCALE_LR_FACTOR})
+            optimizer = torch.optim.Adam(groups, lr=config.lr)
             x_all = cached[k].to(device)
             first = last = float("nan")
             for step in range(config.distill_steps):
@@ -278,7 +327,8 @@ def _distill(
                 with torch.no_grad():
                     teacher = torch.log_softmax(head(inner.norm(final[idx])).float(), dim=-1)
                 student_hidden = torch.nn.functional.linear(x_all[idx], weight, bias)
-                student = torch.log_softmax(head(inner.norm(student_hidden)).float(), dim=-1)
+                normed = inner.norm(student_hidden) * log_scale.exp()
+                student = torch.log_softmax(head(normed).float(), dim=-1)
                 loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -289,11 +339,99 @@ def _distill(
             report.distill_kl[k] = (first, last)
             if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
                 raise FloatingPointError(f"distillation of exit {k} diverged; lower lr")
-            out[k] = Affine(weight.detach().cpu(), bias.detach().cpu())
+            scale = min(max(math.exp(float(log_scale.detach())), 1 / MAX_SCALE), MAX_SCALE)
+            out[k] = Affine(weight.detach().cpu(), bias.detach().cpu(), scale)
         return out
     finally:
         for p in frozen:
             p.requires_grad_(True)
+
+
+@torch.no_grad()
+def fit_scale(
+    student: torch.Tensor, teacher_logprobs: torch.Tensor, iterations: int = 50, chunk: int = 128
+) -> tuple[float, float, float]:
+    """The scale s minimising mean_t KL(p_t || softmax(s z_t)) for student logits z and teacher
+    log-probabilities log p, both (n, vocab), by Newton's method (the objective is convex in s), and that KL
+    at s = 1 and at s. Temporaries are bounded by `chunk` rows."""
+    if student.shape != teacher_logprobs.shape or student.ndim != 2 or student.shape[0] == 0:
+        raise ValueError("student logits and teacher log-probabilities must be two equal (n, vocab) tensors")
+    rows = [slice(i, i + chunk) for i in range(0, student.shape[0], chunk)]
+    # per token: E_p[z] and -H(p), so KL(s) = mean_t [logsumexp(s z_t) - s E_p[z_t] - H(p_t)]
+    target = torch.cat([(teacher_logprobs[r].exp() * student[r]).sum(-1) for r in rows]).double()
+    negative_entropy = torch.cat([(teacher_logprobs[r].exp() * teacher_logprobs[r]).sum(-1) for r in rows])
+
+    def kl(scale: float) -> float:
+        lse = torch.cat([torch.logsumexp(scale * student[r].float(), -1) for r in rows]).double()
+        return float((lse - scale * target + negative_entropy.double()).mean())
+
+    scale = 1.0
+    for _ in range(iterations):
+        gradient = hessian = 0.0
+        for r, expected in zip(rows, target.split(chunk), strict=True):
+            z = student[r].float()
+            q = torch.softmax(scale * z, -1)
+            mean = (q * z).sum(-1)
+            gradient += float((mean.double() - expected).sum())
+            hessian += float((q * (z - mean[:, None]).square()).sum(-1).double().sum())
+        if not hessian > 0:
+            break
+        # a damped Newton step (at most halving or doubling), kept inside the stored bounds
+        proposed = min(max(scale - gradient / hessian, scale / 2, 1 / MAX_SCALE), 2 * scale, MAX_SCALE)
+        converged = abs(proposed - scale) <= 1e-6 * scale
+        scale = proposed
+        if converged:
+            break
+    return scale, kl(1.0), kl(scale)
+
+
+@torch.no_grad()
+def _fit_scales(
+    model: nn.Module,
+    maps: dict[int, Affine],
+    states: dict[int, torch.Tensor],
+    final: torch.Tensor,
+    report: FitReport,
+    progress: Progress | None,
+    start: float,
+    width: float,
+) -> dict[int, Affine]:
+    """Each map's scale fitted on the cached tokens (the teacher's log-probabilities computed once)."""
+    inner = decoder_stack(model)
+    device = next(model.parameters()).device
+    teacher = torch.log_softmax(model.lm_head(inner.norm(final.to(device))).float(), dim=-1)
+    out: dict[int, Affine] = {}
+    for position, k in enumerate(sorted(maps)):
+        _report(progress, f"fitting the scale of exit {k}", start + width * position / len(maps))
+        affine = maps[k]
+        student = model.lm_head(inner.norm(affine(states[k].to(device)))).float()
+        scale, before, after = fit_scale(student, teacher)
+        del student
+        out[k] = replace(affine, scale=scale)
+        report.scale[k], report.scale_kl[k] = scale, (before, after)
+    return out
+
+
+def fit_scales(
+    model: nn.Module,
+    adapters: ExitAdapters,
+    windows: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor] | None = None,
+    config: FitConfig | None = None,
+) -> ExitAdapters:
+    """The adapters with each exit's scale fitted afresh on `config.scale_tokens` tokens of `windows` (for
+    maps trained elsewhere, e.g. jointly with Sorted Fine-Tuning); the maps themselves are kept."""
+    config = config or FitConfig()
+    exits = adapters.depths
+    if not exits:
+        return adapters
+    positions = max(w.numel() for w in windows)
+    cache = StateCache(_selection(len(windows), positions, config.scale_tokens, config.seed + 1), exits)
+    _accumulate(model, windows, masks, [], config, [cache], None)
+    states, final = cache.stacked()
+    report = FitReport(exits=exits, tokens=0, windows=len(windows))
+    maps = _fit_scales(model, dict(adapters.maps), states, final, report, None, 0.0, 1.0)
+    return ExitAdapters(maps, adapters.num_layers, adapters.hidden_size)
 
 
 def fit_exit_adapters(
@@ -320,29 +458,32 @@ def fit_exit_adapters(
     report = FitReport(exits=exits, tokens=0, windows=len(windows))
     distilled = [k for k in exits if config.distill_exits is None or k in config.distill_exits]
     distill = config.distill_steps > 0 and bool(distilled)
-    forward_width = 0.6 if distill else 0.9
-    cache_for = None
-    if distill:
-        positions = max(w.numel() for w in windows)
-        cache_for = _distill_selection(len(windows), positions, config.distill_tokens, config.seed)
+    positions = max(w.numel() for w in windows)
+    distill_cache = StateCache(
+        _selection(len(windows), positions, config.distill_tokens, config.seed), distilled if distill else []
+    )
+    scale_cache = StateCache(
+        _selection(len(windows), positions, config.scale_tokens, config.seed + 1),
+        exits if config.fit_scale else [],
+    )
+    # progress: forward passes, solves, scales, distillation (and the scales again after it)
+    widths = {"forward": 0.6 if distill else 0.8, "solve": 0.05, "scale": 0.05 if distill else 0.15}
 
     started = time.perf_counter()
-    accumulators, cached, cached_final = _accumulate(
+    accumulators = _accumulate(
         model,
         windows,
         masks,
         exits,
-        distilled,
         config,
-        cache_for,
-        lambda m, f: _report(progress, m, forward_width * f),
+        [distill_cache, scale_cache],
+        lambda m, f: _report(progress, m, widths["forward"] * f),
     )
     report.seconds_forward = time.perf_counter() - started
     report.tokens = accumulators[exits[0]].tokens
 
     started = time.perf_counter()
     maps: dict[int, Affine] = {}
-    solve_width = 0.1
     for position, k in enumerate(exits):
         maps[k], report.ridge_mse[k] = accumulators[k].solve(config.ridge)
         report.identity_mse[k] = accumulators[k].identity_mse()
@@ -350,18 +491,29 @@ def fit_exit_adapters(
         _report(
             progress,
             f"solved exit {k} ({position + 1}/{len(exits)})",
-            forward_width + solve_width * (position + 1) / len(exits),
+            widths["forward"] + widths["solve"] * (position + 1) / len(exits),
         )
     report.seconds_solve = time.perf_counter() - started
+    done = widths["forward"] + widths["solve"]
+
+    if config.fit_scale:
+        started = time.perf_counter()
+        scale_states, scale_final = scale_cache.stacked()
+        maps = _fit_scales(model, maps, scale_states, scale_final, report, progress, done, widths["scale"])
+        report.seconds_scale = time.perf_counter() - started
+        done += widths["scale"]
     ridge = ExitAdapters(maps, layers, hidden_size)
 
     if distill:
         started = time.perf_counter()
-        stacked = {k: torch.cat(cached.pop(k)) for k in distilled}
-        final = torch.cat(cached_final)
+        stacked, final = distill_cache.stacked()
         chosen = {k: maps[k] for k in distilled}
-        start = forward_width + solve_width
-        maps = {**maps, **_distill(model, chosen, stacked, final, config, report, progress, start, 0.3)}
+        tuned = _distill(model, chosen, stacked, final, config, report, progress, done, 1.0 - done - 0.05)
         report.seconds_distill = time.perf_counter() - started
+        if config.fit_scale:  # again, for the distilled maps
+            started = time.perf_counter()
+            tuned = _fit_scales(model, tuned, scale_states, scale_final, report, progress, 0.95, 0.05)
+            report.seconds_scale += time.perf_counter() - started
+        maps = {**maps, **tuned}
     _report(progress, "exit adapters fitted", 1.0)
     return FitResult(ExitAdapters(maps, layers, hidden_size), ridge, report)

@@ -1,30 +1,41 @@
 """The text exit adapters are fitted on: chat or prompt/response records (the `sort` job's forms), rendered
 and tokenised as in fine-tuning, concatenated into one token stream.
 
-The bundled default is every JSONL file listed in `BUNDLED` (workers/data/, origins in
-workers/data/README.md); it never includes heldout.txt, on which exits are scored.
+Bundled texts (workers/data/, origins in workers/data/README.md), by name in `BUNDLED`: "chat", the default
+model's own chat answers (the default), "general", its own samples without a chat template (general text),
+and "mixed", one record of each in turn. None includes heldout.txt, on which exits are scored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from importlib.resources import files
+from itertools import chain, zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
-BUNDLED = ("sft.jsonl", "answers.jsonl", "answers_long.jsonl")
+BundledText = Literal["chat", "general", "mixed"]
+BUNDLED: dict[str, tuple[str, ...]] = {
+    "chat": ("sft.jsonl", "answers.jsonl", "answers_long.jsonl"),
+    "general": ("general.jsonl",),
+}
 
 
-def bundled_paths() -> list[Path]:
-    """The bundled fitting files that are present."""
-    paths = [Path(str(files("workers").joinpath("data", name))) for name in BUNDLED]
+def bundled_paths(text: BundledText = "chat") -> list[Path]:
+    """The bundled fitting files of `text` that are present."""
+    names = BUNDLED["chat"] + BUNDLED["general"] if text == "mixed" else BUNDLED[text]
+    paths = [Path(str(files("workers").joinpath("data", name))) for name in names]
     return [path for path in paths if path.is_file()]
 
 
-def bundled_records() -> list[dict[str, Any]]:
-    return [record for path in bundled_paths() for record in read_jsonl(path)]
+def bundled_records(text: BundledText = "chat") -> list[dict[str, Any]]:
+    """The records of a bundled text; "mixed" takes a chat record and a general one in turn."""
+    if text != "mixed":
+        return [record for path in bundled_paths(text) for record in read_jsonl(path)]
+    pairs = zip_longest(bundled_records("chat"), bundled_records("general"))
+    return [record for record in chain.from_iterable(pairs) if record is not None]
 
 
 def fitting_stream(

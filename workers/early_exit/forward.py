@@ -87,14 +87,14 @@ def hidden_at_exits(
     attention_mask: torch.Tensor | None = None,
     adapters: ExitAdapters | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Normed hidden states FinalNorm(h_k) (FinalNorm(A_k h_k + b_k) where `adapters` has exit k) for each
-    exit k, from one pass through max(exits) layers."""
+    """Normed hidden states FinalNorm(h_k) (s_k FinalNorm(A_k h_k + b_k) where `adapters` has exit k) for
+    each exit k, from one pass through max(exits) layers."""
     wanted = sorted({check_depth(model, k) for k in exits})
     inner = decoder_stack(model)
     residual = residual_at_exits(model, input_ids, wanted, attention_mask)
     if adapters is None:
         return {k: inner.norm(h) for k, h in residual.items()}
-    return {k: inner.norm(adapters.apply(h, k)) for k, h in residual.items()}
+    return {k: adapters.head_input(h, k, inner.norm) for k, h in residual.items()}
 
 
 def exit_logits(

@@ -8,7 +8,7 @@ For new tokens x (B rows, q positions each) at exit depth k, with the cache hold
         K_i[:, :, T:T+q], V_i[:, :, T:T+q] = K, V
         h   = h + Attention(Q, K_i[.., :T+q], V_i[.., :T+q]; mask) W_o^T
         a   = RMSNorm'_i(h);  [G U] = a W_gu^T;  h = h + (SiLU(G) * U) W_down^T
-    logits = LMHead(FinalNorm(A_k h + b_k))          (A_k, b_k: the exit adapter, where the model has one)
+    logits = LMHead(s_k FinalNorm(A_k h + b_k))     (A_k, b_k, s_k: the exit adapter, where the model has one)
 
 which is what Hugging Face's LlamaDecoderLayer computes, with q/k/v and gate/up fused into one matmul each
 and the rotary embedding applied to Q and K together. Weights are taken from a loaded transformers model
@@ -448,11 +448,14 @@ class CompactLlama:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, depth: int, exit_adapter: bool = True) -> torch.Tensor:
-        """float32 logits LMHead(FinalNorm(h)) of hidden states at exit `depth` (through its adapter first
-        when there is one and `exit_adapter`)."""
+        """float32 logits LMHead(FinalNorm(h)) of hidden states at exit `depth` (through its adapter,
+        LMHead(s_k FinalNorm(A_k h + b_k)), when there is one and `exit_adapter`)."""
         if exit_adapter and self.adapters is not None:
-            hidden = self.adapters.apply(hidden, depth)
-        return self.head(self._norm(hidden, self.final_norm)).float()
+            return self.head(self.adapters.head_input(hidden, depth, self._final_norm)).float()
+        return self.head(self._final_norm(hidden)).float()
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._norm(hidden, self.final_norm)
 
     @torch.inference_mode()
     def forward(

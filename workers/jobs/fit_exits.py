@@ -20,6 +20,7 @@ from workers.train.data import read_jsonl
 
 RECIPE_KEYS = (
     "exits",
+    "bundled",
     "max_tokens",
     "fit_on",
     "seq_len",
@@ -27,6 +28,8 @@ RECIPE_KEYS = (
     "distill_steps",
     "lr",
     "distill_tokens",
+    "fit_scale",
+    "scale_tokens",
     "seed",
 )
 
@@ -41,8 +44,10 @@ def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]
         path = resolve_path(spec["data"], ctx.settings.import_roots, directory=False)
         records = read_jsonl(path)
         return records, {"source": "file", "path": str(path), "records": len(records)}
-    records = bundled_records()
-    return records, {"source": "bundled", "files": [p.name for p in bundled_paths()], "records": len(records)}
+    text = spec.get("bundled", "chat")
+    records = bundled_records(text)
+    files = [p.name for p in bundled_paths(text)]
+    return records, {"source": "bundled", "text": text, "files": files, "records": len(records)}
 
 
 def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +71,8 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
         distill_steps=spec.get("distill_steps", 0),
         lr=spec.get("lr", 1e-4),
         distill_tokens=spec.get("distill_tokens", 8192),
+        fit_scale=spec.get("fit_scale", True),
+        scale_tokens=spec.get("scale_tokens", 1024),
         seed=spec.get("seed", 0),
     )
 

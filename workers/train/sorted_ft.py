@@ -15,7 +15,9 @@ With `exit_adapters`, every exit n < L gets its own affine adapter (A_n, b_n) tr
 CE_n then scoring LMHead(FinalNorm(A_n h_n + b_n)) (the exit adapters of workers.early_exit.adapters; full
 depth never has one). The adapters start from the closed-form ridge fit on the training rows
 (`adapter_init="ridge"`, workers.early_exit.fit) or from the identity, and train at their own learning rate
-`adapter_lr`; the trained adapters come back in the report (`TrainReport.adapters`, not serialised).
+`adapter_lr`; after training each exit's scale (an inverse temperature on its normed state) is fitted to
+the trained model on the training rows (`fit_scales`). The trained adapters come back in the report
+(`TrainReport.adapters`, not serialised).
 
 All exits come from one pass through max(E) layers (`hidden_at_exits`), and the head runs only on the
 positions in R. The optimiser is AdamW with linear warmup, then linear decay to 0. On CUDA the forward
@@ -40,7 +42,7 @@ from torch import nn
 
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import Affine, ExitAdapters
-from workers.early_exit.fit import FitConfig, fit_exit_adapters
+from workers.early_exit.fit import FitConfig, fit_exit_adapters, fit_scales
 from workers.early_exit.forward import check_depth, decoder_stack, hidden_at_exits, num_layers
 from workers.train.data import IGNORE_INDEX, Batch, EncodedExample, batches, encode_records, prepare_rows
 
@@ -262,15 +264,22 @@ def _initial_adapters(
         eye = torch.eye(hidden_size)
         maps = {k: Affine(eye.clone(), torch.zeros(hidden_size)) for k in exits}
         return ExitAdapters(maps, layers, hidden_size)
-    windows = [torch.tensor(row.input_ids, dtype=torch.long) for row in rows]
-    masks = [torch.tensor(row.labels, dtype=torch.long) != IGNORE_INDEX for row in rows]
+    windows, masks = _row_windows(rows)
     was_training = model.training
     model.eval()
     try:
-        fitted = fit_exit_adapters(model, windows, exits, FitConfig(batch_windows=1), masks=masks)
+        config = FitConfig(batch_windows=1, fit_scale=False)  # the scales are fitted after training
+        fitted = fit_exit_adapters(model, windows, exits, config, masks=masks)
     finally:
         model.train(was_training)
     return fitted.adapters
+
+
+def _row_windows(rows: Sequence[EncodedExample]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The rows as token windows, and masks of their trained positions (every position is context)."""
+    windows = [torch.tensor(row.input_ids, dtype=torch.long) for row in rows]
+    masks = [torch.tensor(row.labels, dtype=torch.long) != IGNORE_INDEX for row in rows]
+    return windows, masks
 
 
 def _trainable_adapters(
@@ -372,16 +381,20 @@ def train_sorted(
         seconds=time.perf_counter() - start,
         device=describe_device(device),
         config=config,
-        adapters=_finished(adapters),
+        adapters=_finished(model, adapters, rows),
     )
 
 
-def _finished(adapters: ExitAdapters | None) -> ExitAdapters | None:
-    """The trained adapters as plain float32 CPU tensors (checked finite)."""
+def _finished(
+    model: nn.Module, adapters: ExitAdapters | None, rows: Sequence[EncodedExample]
+) -> ExitAdapters | None:
+    """The trained adapters as plain float32 CPU tensors (checked finite), with each exit's scale fitted
+    to the trained model on the training rows' trained positions."""
     if adapters is None:
         return None
     maps = {k: Affine(a.weight.detach().cpu(), a.bias.detach().cpu()) for k, a in adapters.maps.items()}
-    return ExitAdapters(maps, adapters.num_layers, adapters.hidden_size)
+    windows, masks = _row_windows(rows)
+    return fit_scales(model, ExitAdapters(maps, adapters.num_layers, adapters.hidden_size), windows, masks)
 
 
 def sort_model(
