@@ -329,7 +329,7 @@ class EarlyExitEngine:
         """A KV cache for `rows` rows of up to `positions` positions at `depth`: the one kept from an earlier
         batch at this depth when it is large enough, else a new one (capacity rounded up to 128)."""
         cache = self._free_caches.pop(depth, None)
-        if cache is None or not cache.fits(depth, rows, positions, self.compact.dtype):
+        if cache is None or not cache.fits(depth, rows, positions, self.compact.kv_dtype):
             if cache is not None and self.graphs is not None:
                 self.graphs.forget(cache)
             cache = self.compact.new_cache(depth, rows, -(-positions // 128) * 128)
