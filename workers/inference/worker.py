@@ -235,6 +235,12 @@ class InferenceWorker:
                 for event in finished:
                     self._observe(model_id, event, started)
             writer.sync()  # an error reply to the last step's writes is this group's error too
+            # A request may have finished just as its client gave up: the API may have deleted its stream
+            # before the finish was written. Its cancel is checked once more, after the finish is in Redis:
+            # either the cancel is seen here and the stream deleted, or it was set later and the API's own
+            # delete, which follows its cancel, removes the finish.
+            for request_id in self._cancelled_among([job.request.request_id for job in jobs]):
+                writer.drop(request_id)
         except Exception as e:
             log.exception("generation failed for %s", model_id)
             for job in jobs:
