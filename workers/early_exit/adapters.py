@@ -70,11 +70,6 @@ class ExitAdapters:
     def has(self, depth: int) -> bool:
         return depth in self.maps
 
-    def apply(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
-        """A_k h + b_k at an exit with an adapter; h unchanged elsewhere (full depth included)."""
-        affine = self.maps.get(depth)
-        return hidden if affine is None else affine(hidden)
-
     def head_input(
         self, hidden: torch.Tensor, depth: int, norm: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
