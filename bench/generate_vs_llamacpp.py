@@ -62,6 +62,7 @@ LLAMACPP_PINS = ("llama-cpp-python==0.3.36", "numpy")
 # Built for this CPU's vector extensions (read from /proc/cpuinfo) but never AMX: llama.cpp's AMX path
 # segfaulted in llama_decode on Q8_0 weights on an Intel virtual machine here. Its other extra buffer types
 # (repacked weights) stay on.
+NO_AMX = "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 GGML_CPU_OPTIONS = {  # ggml's CMake option -> the Linux CPU flag it needs
     "AVX": "avx",
     "AVX2": "avx2",
@@ -82,12 +83,10 @@ def llamacpp_cmake_args(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     try:
         line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        return NO_AMX
     flags = set(line.split(":", 1)[1].split())
     options = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for name, flag in GGML_CPU_OPTIONS.items()]
-    return " ".join(
-        ["-DGGML_NATIVE=OFF", *options, "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"]
-    )
+    return " ".join(["-DGGML_NATIVE=OFF", *options, NO_AMX])
 
 
 QUANTS = ("q8_0", "f32")
