@@ -1,11 +1,11 @@
 """Exit adapters through the HTTP API on the default model, as a user runs them:
 
-    python -m bench.exit_adapters_api [--home DIR] [--port 8765]
+    python -m bench.exit_adapters_api [--home DIR] [--port 8765] [--job '{"bundled": "everyday", ...}']
 
 1. starts `strata serve` on embedded defaults (its own STRATA_HOME; the default model is registered and
    profiled in the background), waits for it;
-2. runs the default `fit_exits` job on the default model (ridge, every exit) and times it end to end (the
-   job includes the fresh profile);
+2. runs the default `fit_exits` job on the default model (ridge, every exit; `--job` adds or overrides
+   fields of the job, e.g. distillation) and times it end to end (the job includes the fresh profile);
 3. tight budgets: for chat prompts, a latency budget half-way between the predicted latencies of exits k and
    k + 1 (k = 70 % and 80 % of depth, from the model's profile), and reports the exit chosen, whether its
    adapter was used, the answer and the predicted and measured latency;
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, help="STRATA_HOME (default: a new temporary directory)")
     parser.add_argument("--out", type=Path, default=Path("exit-adapters-api"))
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--job", type=json.loads, default={}, help="more fit_exits fields, as a JSON object")
     args = parser.parse_args(argv)
     home = args.home or Path(tempfile.mkdtemp(prefix="strata-api-"))
     home.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             log("serving; waiting for the background profile")
             wait_profile(client)
             started = time.monotonic()
-            job = client.post("/v1/jobs", json={"kind": "fit_exits", "model": MODEL}).json()
+            body = {"kind": "fit_exits", "model": MODEL, **args.job}
+            results["job"] = body
+            response = client.post("/v1/jobs", json=body)
+            if response.status_code != 202:
+                raise RuntimeError(f"fit_exits was refused: {response.text}")
+            job = response.json()
             final = wait_job(client, job["id"])
             if final["status"] != "finished":
                 raise RuntimeError(f"fit_exits failed: {final.get('error')}")

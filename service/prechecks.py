@@ -247,6 +247,9 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
         raise HTTPException(422, f"model {request.model!r} has no exit below full depth")
     if request.exits and not all(1 <= k < layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers - 1} (full depth never has an adapter)")
+    fitted = set(request.exits or range(1, layers))
+    if request.distill_exits and not set(request.distill_exits) <= fitted:
+        raise HTTPException(422, "distill_exits must be among the fitted exits")
     if request.data and request.examples:
         raise HTTPException(422, "give data or examples, not both")
     for number, record in enumerate(request.examples or [], start=1):

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workers.early_exit.fit_data import BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
@@ -234,10 +235,11 @@ class FitExitsJobRequest(BaseModel):
     examples: list[dict[str, Any]] | None = Field(
         default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
     )
-    bundled: Literal["chat", "general", "mixed"] = Field(
+    bundled: BundledText = Field(
         default="chat",
         description="Without data or examples: the default model's chat answers, its own general text "
-        "(samples without a chat template), or one record of each in turn",
+        "(samples without a chat template), its everyday prose (samples opened on everyday topics), or "
+        "mixed (a chat record and a general one in turn)",
     )
     max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
     fit_on: Literal["all", "responses"] = Field(
@@ -247,9 +249,15 @@ class FitExitsJobRequest(BaseModel):
     ridge: float = Field(
         default=1e-4, ge=0, le=1e3, allow_inf_nan=False, description="lambda / mean diag of X^T X"
     )
-    distill_steps: int = Field(default=0, ge=0, le=100_000, description="Adam steps of KL distillation each")
-    lr: float = Field(default=1e-4, gt=0, le=1, allow_inf_nan=False, description="Distillation learning rate")
+    distill_steps: int = Field(default=0, ge=0, le=100_000, description="Adam steps of KL distillation")
+    distill_exits: list[int] | None = Field(
+        default=None, min_length=1, description="The exits distilled (default: every fitted exit)"
+    )
+    lr: float = Field(
+        default=1e-3, gt=0, le=1, allow_inf_nan=False, description="Distillation's peak learning rate"
+    )
     distill_tokens: int = Field(default=8192, ge=16, le=1_000_000, description="Tokens cached to distil")
+    distill_batch_tokens: int = Field(default=256, ge=1, le=65_536, description="Tokens a distillation step")
     fit_scale: bool = Field(default=True, description="Fit each exit's scale (inverse temperature); else 1")
     scale_tokens: int = Field(default=1024, ge=16, le=65_536, description="Tokens the scales are fitted on")
     seed: int = Field(default=0, ge=0)

@@ -44,8 +44,9 @@ def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
         before = c.post("/v1/generate", json=shallow)
         assert before.status_code == 200 and before.json()["strata"]["exit_adapter"] is False
     body = {"kind": "fit_exits", "model": MODEL, "examples": EXAMPLES, "seq_len": 32, "distill_steps": 3}
-    result = run_job(server, body)
+    result = run_job(server, {**body, "distill_exits": [2, 3], "distill_batch_tokens": 16})
     assert result["exits"] == [1, 2, 3] and result["data"]["source"] == "examples"
+    assert sorted(result["fit"]["distill_kl"]) == ["2", "3"]  # only the exits asked for are distilled
     assert result["data"]["tokens"] > 32 and result["fit"]["tokens"] > 0
     adapters = load_adapters(server.home / "models" / MODEL, 4, 64)
     assert adapters is not None and adapters.depths == [1, 2, 3]
@@ -53,7 +54,9 @@ def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
     with server.client() as c:
         record = c.get(f"/v1/models/{MODEL}").json()["strata"]
     assert record["exit_adapters"]["exits"] == [1, 2, 3]
-    assert record["exit_adapters"]["recipe"]["distill_steps"] == 3
+    recipe = record["exit_adapters"]["recipe"]
+    assert recipe["distill_steps"] == 3 and recipe["distill_exits"] == [2, 3]
+    assert recipe["distill_batch_tokens"] == 16
     scales = record["exit_adapters"]["fit"]["scale"]  # fitted by default, stored with the maps
     assert sorted(scales) == ["1", "2", "3"] and [adapters.maps[k].scale for k in (1, 2, 3)] == pytest.approx(
         [scales[str(k)] for k in (1, 2, 3)], abs=1e-5
@@ -116,6 +119,8 @@ def test_requests_with_a_quality_floor_get_an_exit_that_meets_it(server, lensed)
         ({"data": "/etc/passwd"}, ""),
         ({"bundled": "poems"}, "bundled"),
         ({"scale_tokens": 0}, "scale_tokens"),
+        ({"exits": [1, 2], "distill_exits": [3]}, "distill_exits"),
+        ({"distill_batch_tokens": 0}, "distill_batch_tokens"),
     ],
 )
 def test_bad_fit_exits_requests_are_422(server, lensed, extra, message):

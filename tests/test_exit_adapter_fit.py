@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tests.tiny_models import make_tiny_llama
 from workers.early_exit.adapters import FILENAME, Affine, ExitAdapters, load_adapters
-from workers.early_exit.fit import FitConfig, RidgeAccumulator, fit_exit_adapters, fit_scale, token_windows
+from workers.early_exit.fit import (
+    FitConfig,
+    RidgeAccumulator,
+    fit_exit_adapters,
+    fit_scale,
+    learning_rate_factor,
+    token_windows,
+)
 from workers.early_exit.forward import exit_logits, residual_at_exits
 from workers.generation.profiler import measure_quality
 
@@ -78,6 +87,24 @@ def test_distillation_lowers_the_kl_to_full_depth_and_leaves_other_exits_at_the_
     assert torch.equal(result.adapters.maps[2].weight, result.ridge.maps[2].weight)
     assert not torch.equal(result.adapters.maps[1].weight, result.ridge.maps[1].weight)
     assert all(p.requires_grad for p in tiny.parameters())  # the model is handed back as it came
+
+
+def test_an_exit_distilled_with_others_ends_where_it_would_alone(tiny):
+    windows = random_windows(8, 32, seed=4)
+    config = FitConfig(ridge=1e-2, distill_steps=12, lr=3e-3, distill_batch_tokens=64, distill_exits=(1,))
+    alone = fit_exit_adapters(tiny, windows, [1, 2, 3], config)
+    together = fit_exit_adapters(tiny, windows, [1, 2, 3], replace(config, distill_exits=(1, 3)))
+    assert sorted(together.report.distill_kl) == [1, 3]
+    assert torch.equal(alone.adapters.maps[1].weight, together.adapters.maps[1].weight)
+    assert alone.adapters.maps[1].scale == together.adapters.maps[1].scale
+
+
+def test_the_distillation_learning_rate_warms_up_then_decays_along_a_cosine():
+    factors = [learning_rate_factor(step, 100) for step in range(100)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[5] == 1.0 and all(a > b for a, b in zip(factors[5:], factors[6:], strict=False))
+    assert 0 < factors[-1] < 1e-3 and factors[52] == pytest.approx(0.5, abs=0.02)
+    assert learning_rate_factor(0, 1) == 1.0
 
 
 def test_full_depth_is_bit_identical_with_adapters_present(tiny, tmp_path):

@@ -27,9 +27,10 @@ Distillation. Starting from the ridge solution (and its scale), each adapter is 
 
     KL(p_L || p_k),   p_k = softmax(LMHead(s FinalNorm(A x + b))),   p_L = softmax(LMHead(FinalNorm(h_L))),
 
-averaged over tokens, with the model frozen (only A, b and log s train, log s at a larger learning rate).
-The residual streams of a seeded subset of the fitting tokens are cached once (`distill_tokens` of them), so
-each step costs only the norm and the head.
+averaged over tokens, with the model frozen (only A, b and log s train, log s at a larger learning rate; the
+rate warms up linearly over the first 5 % of the steps, then decays to 0 along a cosine). The residual
+streams of a seeded subset of the fitting tokens are cached once (`distill_tokens` of them), so each step
+costs only the norm and the head; all distilled exits step together on one batch, which shares the teacher.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ from workers.early_exit.forward import decoder_stack, num_layers, residual_at_ex
 
 Progress = Callable[[str, float], None]
 SCALE_LR_FACTOR = 40.0  # distillation trains log(scale) at this multiple of the map's learning rate
+WARMUP_FRACTION = 0.05  # of the distillation steps, over which the learning rate rises linearly
 
 
 @dataclass(frozen=True)
 class FitConfig:
     ridge: float = 1e-4  # lambda as a fraction of the mean diagonal of X^T X
-    distill_steps: int = 0  # Adam steps of KL distillation per exit after the ridge fit (0: none)
-    lr: float = 1e-4  # Adam learning rate of the distillation
+    distill_steps: int = 0  # Adam steps of KL distillation after the ridge fit, all exits together (0: none)
+    lr: float = 1e-3  # peak Adam learning rate of the distillation (warm-up, then cosine decay)
     distill_batch_tokens: int = 256  # tokens per distillation step
     distill_tokens: int = 8192  # fitting tokens whose residual streams are cached for distillation
     batch_windows: int = 4  # token windows per forward pass
@@ -281,6 +283,15 @@ def _accumulate(
     return accumulators
 
 
+def learning_rate_factor(step: int, steps: int) -> float:
+    """The distillation's learning rate at `step` (0-based) of `steps`, as a fraction of `lr`: a linear
+    warm-up over the first WARMUP_FRACTION of the steps, then a cosine decay towards 0 (never 0 itself)."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
 def _distill(
     model: nn.Module,
     adapters: dict[int, Affine],
@@ -292,8 +303,9 @@ def _distill(
     start: float,
     width: float,
 ) -> dict[int, Affine]:
-    """Adam on KL(p_L || p_k) for each adapter, the model frozen; teacher log-probabilities are recomputed
-    per step from the cached h_L (the head is too large to cache its outputs)."""
+    """Adam on KL(p_L || p_k) for every adapter together, the model frozen: each step draws one batch of
+    cached tokens, computes the teacher's log-probabilities on it once from the cached h_L (the head's outputs
+    are too large to cache) and takes one step for every exit on that batch."""
     inner = decoder_stack(model)
     head = model.lm_head
     device = next(model.parameters()).device
@@ -301,46 +313,52 @@ def _distill(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        out: dict[int, Affine] = {}
         exits = sorted(adapters)
         final = final.to(device)
-        for position, k in enumerate(exits):
-            generator = torch.Generator().manual_seed(config.seed + k)
+        inputs = {k: cached[k].to(device) for k in exits}
+        params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        optimizers: dict[int, torch.optim.Adam] = {}
+        for k in exits:
             weight = adapters[k].weight.to(device).clone().requires_grad_(True)
             bias = adapters[k].bias.to(device).clone().requires_grad_(True)
             log_scale = torch.tensor(math.log(adapters[k].scale), device=device, requires_grad=True)
             groups = [{"params": [weight, bias]}]
             if config.fit_scale:
                 groups.append({"params": [log_scale], "lr": config.lr * SCALE_LR_FACTOR})
-            optimizer = torch.optim.Adam(groups, lr=config.lr)
-            x_all = cached[k].to(device)
-            first = last = float("nan")
-            for step in range(config.distill_steps):
-                frac = (position + step / config.distill_steps) / len(exits)
-                _report(
-                    progress,
-                    f"distilling exit {k} step {step + 1}/{config.distill_steps}",
-                    start + width * frac,
-                )
-                idx = torch.randint(0, x_all.shape[0], (config.distill_batch_tokens,), generator=generator)
-                idx = idx.to(device)
-                with torch.no_grad():
-                    teacher = torch.log_softmax(head(inner.norm(final[idx])).float(), dim=-1)
-                student_hidden = torch.nn.functional.linear(x_all[idx], weight, bias)
+            params[k] = (weight, bias, log_scale)
+            optimizers[k] = torch.optim.Adam(groups, lr=config.lr)
+        initial_lr = {k: [group["lr"] for group in optimizers[k].param_groups] for k in exits}
+        generator = torch.Generator().manual_seed(config.seed)
+        steps = config.distill_steps
+        for step in range(steps):
+            message = f"distilling {len(exits)} exits: step {step + 1}/{steps}"
+            _report(progress, message, start + width * step / steps)
+            factor = learning_rate_factor(step, steps)
+            idx = torch.randint(0, final.shape[0], (config.distill_batch_tokens,), generator=generator)
+            idx = idx.to(device)
+            with torch.no_grad():
+                teacher = torch.log_softmax(head(inner.norm(final[idx])).float(), dim=-1)
+            for k in exits:
+                weight, bias, log_scale = params[k]
+                for group, lr in zip(optimizers[k].param_groups, initial_lr[k], strict=True):
+                    group["lr"] = lr * factor
+                student_hidden = torch.nn.functional.linear(inputs[k][idx], weight, bias)
                 normed = inner.norm(student_hidden) * log_scale.exp()
                 student = torch.log_softmax(head(normed).float(), dim=-1)
                 loss = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
-                optimizer.zero_grad(set_to_none=True)
+                optimizers[k].zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                last = float(loss.detach())
-                if step == 0:
-                    first = last
-            report.distill_kl[k] = (first, last)
+                optimizers[k].step()
+                kl = float(loss.detach())
+                first = report.distill_kl[k][0] if step else kl
+                report.distill_kl[k] = (first, kl)
+        out: dict[int, Affine] = {}
+        for k in exits:
+            weight, bias, log_scale = (t.detach() for t in params[k])
             if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
                 raise FloatingPointError(f"distillation of exit {k} diverged; lower lr")
-            scale = min(max(math.exp(float(log_scale.detach())), 1 / MAX_SCALE), MAX_SCALE)
-            out[k] = Affine(weight.detach().cpu(), bias.detach().cpu(), scale)
+            scale = min(max(math.exp(float(log_scale)), 1 / MAX_SCALE), MAX_SCALE)
+            out[k] = Affine(weight.cpu(), bias.cpu(), scale)
         return out
     finally:
         for p in frozen:

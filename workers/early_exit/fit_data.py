@@ -3,7 +3,8 @@ and tokenised as in fine-tuning, concatenated into one token stream.
 
 Bundled texts (workers/data/, origins in workers/data/README.md), by name in `BUNDLED`: "chat", the default
 model's own chat answers (the default), "general", its own samples without a chat template (general text),
-and "mixed", one record of each in turn. None includes heldout.txt, on which exits are scored.
+"everyday", its own samples opened with a line on an everyday topic (everyday prose), and "mixed", a chat
+record and a general one in turn. None includes heldout.txt, on which exits are scored.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, Literal
 
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
-BundledText = Literal["chat", "general", "mixed"]
+BundledText = Literal["chat", "general", "everyday", "mixed"]
 BUNDLED: dict[str, tuple[str, ...]] = {
     "chat": ("sft.jsonl", "answers.jsonl", "answers_long.jsonl"),
     "general": ("general.jsonl",),
+    "everyday": ("everyday.jsonl",),
 }
 
 
