@@ -65,6 +65,7 @@ def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
     quality = record["profile"]["quality"]
     assert quality["2"]["adapter_perplexity"] > 0 and quality["2"]["adapter_top1_agreement"] is not None
     assert quality["4"]["adapter_perplexity"] is None and quality["4"]["top1_agreement"] == 1.0
+    assert quality["3"]["adapter_perplexity"] > 0  # a distilled exit off the default grid (2, 4) is profiled
     with server.client() as c:  # the loaded engine picks the new adapters up; full depth never uses one
         after = c.post("/v1/generate", json=shallow).json()["strata"]
         full = c.post("/v1/generate", json={**shallow, "depth": 4}).json()["strata"]

@@ -12,6 +12,7 @@ from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
 from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_stream
+from workers.generation.profiler import default_grid
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
@@ -105,7 +106,12 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     def profiling(message: str, fraction: float) -> None:
         ctx.progress(800 + int(fraction * 200), 1000, f"profiling: {message}")
 
-    profile = profile_and_store(ctx, model_id, profiling, prompt_lengths=(16, 96), decode_tokens=8, repeats=1)
+    # the distilled exits are profiled too (beside the default grid), so that budgets and floors can pick them
+    distilled = (config.distill_exits or exits) if config.distill_steps else []
+    grid = sorted(set(default_grid(record.num_layers or 0)) | set(distilled))
+    profile = profile_and_store(
+        ctx, model_id, profiling, grid=grid, prompt_lengths=(16, 96), decode_tokens=8, repeats=1
+    )
     quality = {k: q.model_dump() for k, q in profile.quality.items()}
     return {
         "model": model_id,
