@@ -19,6 +19,7 @@ import random
 import time
 from pathlib import Path
 
+from bench.sft_prompts import TOPICS
 from workers.generation.engine import GenerationRequest
 from workers.inference.worker import load_engine
 
@@ -37,8 +38,6 @@ def openers(kind: str) -> list[str]:
     """Every opener of a kind: `words`, or `topics` (each topic opener template x each topic)."""
     if kind == "words":
         return list(OPENERS)
-    from bench.sft_prompts import TOPICS
-
     return [
         template.format(topic=topic, Topic=topic[0].upper() + topic[1:])
         for template in TOPIC_OPENERS

@@ -39,6 +39,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -318,6 +319,8 @@ def _distill(
         inputs = {k: cached[k].to(device) for k in exits}
         params: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         optimizers: dict[int, torch.optim.Adam] = {}
+        schedules: list[torch.optim.lr_scheduler.LambdaLR] = []
+        steps = config.distill_steps
         for k in exits:
             weight = adapters[k].weight.to(device).clone().requires_grad_(True)
             bias = adapters[k].bias.to(device).clone().requires_grad_(True)
@@ -327,21 +330,18 @@ def _distill(
                 groups.append({"params": [log_scale], "lr": config.lr * SCALE_LR_FACTOR})
             params[k] = (weight, bias, log_scale)
             optimizers[k] = torch.optim.Adam(groups, lr=config.lr)
-        initial_lr = {k: [group["lr"] for group in optimizers[k].param_groups] for k in exits}
+            factor = partial(learning_rate_factor, steps=steps)
+            schedules.append(torch.optim.lr_scheduler.LambdaLR(optimizers[k], factor))
         generator = torch.Generator().manual_seed(config.seed)
-        steps = config.distill_steps
         for step in range(steps):
             message = f"distilling {len(exits)} exits: step {step + 1}/{steps}"
             _report(progress, message, start + width * step / steps)
-            factor = learning_rate_factor(step, steps)
             idx = torch.randint(0, final.shape[0], (config.distill_batch_tokens,), generator=generator)
             idx = idx.to(device)
             with torch.no_grad():
                 teacher = torch.log_softmax(head(inner.norm(final[idx])).float(), dim=-1)
             for k in exits:
                 weight, bias, log_scale = params[k]
-                for group, lr in zip(optimizers[k].param_groups, initial_lr[k], strict=True):
-                    group["lr"] = lr * factor
                 student_hidden = torch.nn.functional.linear(inputs[k][idx], weight, bias)
                 normed = inner.norm(student_hidden) * log_scale.exp()
                 student = torch.log_softmax(head(normed).float(), dim=-1)
@@ -352,6 +352,8 @@ def _distill(
                 kl = float(loss.detach())
                 first = report.distill_kl[k][0] if step else kl
                 report.distill_kl[k] = (first, kl)
+            for schedule in schedules:
+                schedule.step()
         out: dict[int, Affine] = {}
         for k in exits:
             weight, bias, log_scale = (t.detach() for t in params[k])

@@ -107,8 +107,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(800 + int(fraction * 200), 1000, f"profiling: {message}")
 
     # the distilled exits are profiled too (beside the default grid), so that budgets and floors can pick them
-    distilled = (config.distill_exits or exits) if config.distill_steps else []
-    grid = sorted(set(default_grid(record.num_layers or 0)) | set(distilled))
+    grid = sorted(set(default_grid(record.num_layers or 0)) | set(report.distill_kl))
     profile = profile_and_store(
         ctx, model_id, profiling, grid=grid, prompt_lengths=(16, 96), decode_tokens=8, repeats=1
     )
