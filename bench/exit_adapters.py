@@ -25,7 +25,13 @@ import torch
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
-from workers.early_exit.fit_data import BundledText, bundled_paths, bundled_records, fitting_stream
+from workers.early_exit.fit_data import (
+    DEFAULT_TEXT,
+    BundledText,
+    bundled_paths,
+    bundled_records,
+    fitting_stream,
+)
 from workers.early_exit.forward import exit_logits, num_layers
 from workers.generation.profiler import HELDOUT_PATH, measure_quality
 from workers.jobs.models import load_model
@@ -63,7 +69,7 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, nargs="*", default=[], help="more JSONL records, after the bundled"
     )
-    parser.add_argument("--bundled", choices=get_args(BundledText), default="chat")
+    parser.add_argument("--bundled", choices=get_args(BundledText), default=DEFAULT_TEXT)
     parser.add_argument("--no-bundled", action="store_true", help="fit on --data alone")
     parser.add_argument("--no-scale", action="store_true", help="leave every exit's scale at 1")
     parser.add_argument("--distill-tokens", type=int, default=8192)

@@ -1,9 +1,10 @@
 """Held-out quality of a model's exits with the adapters stored beside it (float32), as the targets read it.
 
-    python -m bench.exit_quality --model DIR [--exits 15,21,24,27]
+    python -m bench.exit_quality --model DIR [--exits 15,21,24,27] [--text heldout_prose.txt]
 
 DIR is a model directory with `exit_adapters.safetensors` (for example `STRATA_HOME/models/<id>` after a
-`fit_exits` job). Scores every exit on workers/data/heldout.txt (never fitted on): perplexity and top-1
+`fit_exits` job). Scores every exit on workers/data/heldout.txt (the profile's held-out text; `--text` names
+another file, e.g. the bundled heldout_prose.txt; neither is ever fitted on): perplexity and top-1
 agreement with full depth, plain and through the adapter, as ratios to full depth; prints a table and one
 summary line at 90 / 80 / 70 / 50 % of depth.
 """
@@ -23,18 +24,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--exits", default="", help="comma-separated exits (default: every exit)")
-    parser.add_argument("--heldout-tokens", type=int, default=2048)
+    parser.add_argument("--heldout-tokens", type=int, default=8192)
+    parser.add_argument("--text", default=HELDOUT_PATH.name, help="a text file in workers/data, or a path")
     args = parser.parse_args()
     model, tokenizer = load_model(args.model)
     layers = num_layers(model)
     adapters = load_adapters(args.model, layers, model.config.hidden_size)
     if adapters is None:
         raise SystemExit(f"{args.model} has no exit adapters")
-    grid = [int(k) for k in args.exits.split(",") if k] or list(range(1, layers + 1))
-    heldout = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))[: args.heldout_tokens]
+    grid = (
+        sorted({int(k) for k in args.exits.split(",") if k} | {layers})
+        if args.exits
+        else list(range(1, layers + 1))
+    )
+    path = Path(args.text) if Path(args.text).is_file() else HELDOUT_PATH.with_name(args.text)
+    heldout = tokenizer.encode(path.read_text(encoding="utf-8"))[: args.heldout_tokens]
     quality = measure_quality(model, heldout, grid, 256, adapters=adapters)
     full = quality[layers].perplexity
-    print(f"held-out tokens {quality[layers].tokens}, full-depth perplexity {full:.2f}")
+    print(f"{path.name}: {quality[layers].tokens} tokens, full-depth perplexity {full:.2f}")
     print("| exit | depth | plain ratio | adapter ratio | scale | adapter top-1 |")
     print("|---:|---:|---:|---:|---:|---:|")
     ratios: dict[int, float] = {}

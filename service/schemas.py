@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.early_exit.fit_data import BundledText
+from workers.early_exit.fit_data import DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
@@ -236,10 +236,11 @@ class FitExitsJobRequest(BaseModel):
         default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
     )
     bundled: BundledText = Field(
-        default="chat",
-        description="Without data or examples: the default model's chat answers, its own general text "
-        "(samples without a chat template), its everyday prose (samples opened on everyday topics), or "
-        "mixed (a chat record and a general one in turn)",
+        default=DEFAULT_TEXT,
+        description="Without data or examples: the default model's chat answers (chat), its own general "
+        "text (general: samples without a chat template), its samples opened on everyday topics (everyday), "
+        "original prose written for Strata (prose), or a mix: mixed (a chat record and a general one in "
+        "turn) or prose+chat (a prose record and a chat record in turn; the default)",
     )
     max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
     fit_on: Literal["all", "responses"] = Field(

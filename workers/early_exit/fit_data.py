@@ -2,9 +2,11 @@
 and tokenised as in fine-tuning, concatenated into one token stream.
 
 Bundled texts (workers/data/, origins in workers/data/README.md), by name in `BUNDLED`: "chat", the default
-model's own chat answers (the default), "general", its own samples without a chat template (general text),
-"everyday", its own samples opened with a line on an everyday topic (everyday prose), and "mixed", a chat
-record and a general one in turn. None includes heldout.txt, on which exits are scored.
+model's own chat answers, "general", its own samples without a chat template (general text), "everyday", its
+own samples opened with a line on an everyday topic, "prose", original prose written for this project (essays,
+stories, explainers, advice, local news and letters, diaries), and the two mixes "mixed" (a chat record and a
+general one in turn) and "prose+chat" (a prose record and a chat record in turn; the default,
+`DEFAULT_TEXT`). None includes heldout.txt or heldout_prose.txt, on which exits are scored.
 """
 
 from __future__ import annotations
@@ -17,26 +19,33 @@ from typing import Any, Literal
 
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
-BundledText = Literal["chat", "general", "everyday", "mixed"]
+BundledText = Literal["chat", "general", "everyday", "prose", "mixed", "prose+chat"]
 BUNDLED: dict[str, tuple[str, ...]] = {
     "chat": ("sft.jsonl", "answers.jsonl", "answers_long.jsonl"),
     "general": ("general.jsonl",),
     "everyday": ("everyday.jsonl",),
+    "prose": ("prose.jsonl",),
 }
+MIXES: dict[str, tuple[BundledText, BundledText]] = {
+    "mixed": ("chat", "general"),
+    "prose+chat": ("prose", "chat"),
+}
+DEFAULT_TEXT: BundledText = "prose+chat"
 
 
-def bundled_paths(text: BundledText = "chat") -> list[Path]:
+def bundled_paths(text: BundledText = DEFAULT_TEXT) -> list[Path]:
     """The bundled fitting files of `text` that are present."""
-    names = BUNDLED["chat"] + BUNDLED["general"] if text == "mixed" else BUNDLED[text]
+    names = BUNDLED[MIXES[text][0]] + BUNDLED[MIXES[text][1]] if text in MIXES else BUNDLED[text]
     paths = [Path(str(files("workers").joinpath("data", name))) for name in names]
     return [path for path in paths if path.is_file()]
 
 
-def bundled_records(text: BundledText = "chat") -> list[dict[str, Any]]:
-    """The records of a bundled text; "mixed" takes a chat record and a general one in turn."""
-    if text != "mixed":
+def bundled_records(text: BundledText = DEFAULT_TEXT) -> list[dict[str, Any]]:
+    """The records of a bundled text; a mix takes a record of its first text and one of its second in turn
+    (the longer text's remaining records follow)."""
+    if text not in MIXES:
         return [record for path in bundled_paths(text) for record in read_jsonl(path)]
-    pairs = zip_longest(bundled_records("chat"), bundled_records("general"))
+    pairs = zip_longest(*(bundled_records(part) for part in MIXES[text]))
     return [record for record in chain.from_iterable(pairs) if record is not None]
 
 

@@ -11,7 +11,7 @@ import torch
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
-from workers.early_exit.fit_data import bundled_paths, bundled_records, fitting_stream
+from workers.early_exit.fit_data import DEFAULT_TEXT, bundled_paths, bundled_records, fitting_stream
 from workers.generation.profiler import default_grid
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
@@ -47,7 +47,7 @@ def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]
         path = resolve_path(spec["data"], ctx.settings.import_roots, directory=False)
         records = read_jsonl(path)
         return records, {"source": "file", "path": str(path), "records": len(records)}
-    text = spec.get("bundled", "chat")
+    text = spec.get("bundled", DEFAULT_TEXT)
     records = bundled_records(text)
     files = [p.name for p in bundled_paths(text)]
     return records, {"source": "bundled", "text": text, "files": files, "records": len(records)}
