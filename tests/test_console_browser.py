@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
 )
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -109,9 +110,11 @@ class Browser:
         assert not foreign, f"the console made non-local requests: {foreign}"
 
     def wait(self, condition: Callable, timeout: float = 120, what: str = "") -> object:
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.2).until(
-            lambda d: condition(d), message=what or "condition"
-        )
+        """Poll `condition` until it holds; an element the console re-rendered while the condition read it
+        (stale) or has not rendered yet counts as "not yet", not as a failure."""
+        return WebDriverWait(
+            self.driver, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(lambda d: condition(d), message=what or "condition")
 
     def find(self, css: str):
         return self.driver.find_element(By.CSS_SELECTOR, css)
