@@ -21,6 +21,7 @@ from service.schemas import (
     TruncateJobRequest,
     VariantsJobRequest,
 )
+from workers.early_exit.fit import default_fit_exits
 from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
@@ -247,7 +248,7 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
         raise HTTPException(422, f"model {request.model!r} has no exit below full depth")
     if request.exits and not all(1 <= k < layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers - 1} (full depth never has an adapter)")
-    fitted = set(request.exits or range(1, layers))
+    fitted = set(request.exits or default_fit_exits(layers))
     if request.distill_exits and not set(request.distill_exits) <= fitted:
         raise HTTPException(422, "distill_exits must be among the fitted exits")
     if request.data and request.examples:

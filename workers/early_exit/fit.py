@@ -321,6 +321,7 @@ def _distill(
         optimizers: dict[int, torch.optim.Adam] = {}
         schedules: list[torch.optim.lr_scheduler.LambdaLR] = []
         steps = config.distill_steps
+        factor = partial(learning_rate_factor, steps=steps)
         for k in exits:
             weight = adapters[k].weight.to(device).clone().requires_grad_(True)
             bias = adapters[k].bias.to(device).clone().requires_grad_(True)
@@ -330,7 +331,6 @@ def _distill(
                 groups.append({"params": [log_scale], "lr": config.lr * SCALE_LR_FACTOR})
             params[k] = (weight, bias, log_scale)
             optimizers[k] = torch.optim.Adam(groups, lr=config.lr)
-            factor = partial(learning_rate_factor, steps=steps)
             schedules.append(torch.optim.lr_scheduler.LambdaLR(optimizers[k], factor))
         generator = torch.Generator().manual_seed(config.seed)
         for step in range(steps):

@@ -34,9 +34,10 @@ DEFAULT_TEXT: BundledText = "prose+chat"
 
 
 def bundled_paths(text: BundledText = DEFAULT_TEXT) -> list[Path]:
-    """The bundled fitting files of `text` that are present."""
-    names = BUNDLED[MIXES[text][0]] + BUNDLED[MIXES[text][1]] if text in MIXES else BUNDLED[text]
-    paths = [Path(str(files("workers").joinpath("data", name))) for name in names]
+    """The bundled fitting files of `text` that are present (a mix: its texts' files, in its order)."""
+    if text in MIXES:
+        return [path for part in MIXES[text] for path in bundled_paths(part)]
+    paths = [Path(str(files("workers").joinpath("data", name))) for name in BUNDLED[text]]
     return [path for path in paths if path.is_file()]
 
 

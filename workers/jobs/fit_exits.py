@@ -19,6 +19,16 @@ from workers.jobs.profile import profile_and_store
 from workers.store.references import UnknownModelError, resolve_path
 from workers.train.data import read_jsonl
 
+CONFIG_KEYS = (  # job fields passed to FitConfig as they are
+    "ridge",
+    "distill_steps",
+    "lr",
+    "distill_tokens",
+    "distill_batch_tokens",
+    "fit_scale",
+    "scale_tokens",
+    "seed",
+)
 RECIPE_KEYS = (
     "exits",
     "bundled",
@@ -69,16 +79,9 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     windows = token_windows(ids, seq_len)
     masks = token_windows(responses, seq_len, dtype=torch.bool) if spec.get("fit_on") == "responses" else None
     exits = spec.get("exits") or default_fit_exits(record.num_layers or 0)
-    config = FitConfig(
-        ridge=spec.get("ridge", 1e-4),
-        distill_steps=spec.get("distill_steps", 0),
-        lr=spec.get("lr", 1e-3),
-        distill_tokens=spec.get("distill_tokens", 8192),
-        distill_batch_tokens=spec.get("distill_batch_tokens", 256),
+    config = FitConfig(  # what the spec leaves out keeps FitConfig's default
+        **{key: spec[key] for key in CONFIG_KEYS if key in spec},
         distill_exits=tuple(spec["distill_exits"]) if spec.get("distill_exits") else None,
-        fit_scale=spec.get("fit_scale", True),
-        scale_tokens=spec.get("scale_tokens", 1024),
-        seed=spec.get("seed", 0),
     )
 
     def progress(message: str, fraction: float) -> None:  # fitting: 80% of the job, profiling: 20%
