@@ -29,22 +29,7 @@ CONFIG_KEYS = (  # job fields passed to FitConfig as they are
     "scale_tokens",
     "seed",
 )
-RECIPE_KEYS = (
-    "exits",
-    "bundled",
-    "max_tokens",
-    "fit_on",
-    "seq_len",
-    "ridge",
-    "distill_steps",
-    "distill_exits",
-    "lr",
-    "distill_tokens",
-    "distill_batch_tokens",
-    "fit_scale",
-    "scale_tokens",
-    "seed",
-)
+RECIPE_KEYS = ("exits", "bundled", "max_tokens", "fit_on", "seq_len", "distill_exits", *CONFIG_KEYS)
 
 
 def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
