@@ -7,6 +7,7 @@ from pathlib import Path
 
 from workers.store.model_files import ModelFileError, check_links
 from workers.store.registry import Registry
+from workers.tensors.safetensors_io import INDEX_FILE, is_weights_name
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -27,13 +28,17 @@ def check_model_directory(directory: Path) -> None:
         check_links(directory)
     except ModelFileError as e:
         raise ModelReferenceError(f"{directory}: {e}") from e
-    if not any(directory.glob("*.safetensors")):
+    if not (directory / INDEX_FILE).exists() and not any(
+        is_weights_name(p.name) for p in directory.glob("*.safetensors")
+    ):
         pickled = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
             raise ModelReferenceError(
                 f"{directory} has only pickled weights ({pickled[0]}); Strata reads safetensors only"
             )
-        raise ModelReferenceError(f"{directory} has no .safetensors weights")
+        raise ModelReferenceError(
+            f"{directory} has no safetensors weights (model.safetensors or model.safetensors.index.json)"
+        )
 
 
 def resolve_path(path: str, import_roots: list[Path], directory: bool = True) -> Path:

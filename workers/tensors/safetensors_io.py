@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable
@@ -139,9 +140,22 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return ordered
 
 
+SINGLE_FILE = "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+ADAPTER_FILE = "adapter_model.safetensors"  # a PEFT adapter directory's weights
+
+
+def is_weights_name(name: str) -> bool:
+    """A standard name of a model's weights (one file, or an unindexed shard); any other .safetensors
+    file in the directory (exit adapters, a LoRA adapter) is a side file, never part of the weights."""
+    return name == SINGLE_FILE or SHARD_NAME.fullmatch(name) is not None
+
+
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model directory (from its index when sharded), each resolved inside
-    the directory: an index entry or a symlink that leads out of it is refused."""
+    """The safetensors files holding a model directory's weights, each resolved inside the directory: the
+    shards its index names when it has one, else `model.safetensors` or `model-0000i-of-0000n` shards,
+    else (a PEFT adapter directory) `adapter_model.safetensors`. Side files are never weights. An index
+    entry or a symlink that leads out of the directory is refused."""
     directory = Path(directory)
     if (directory / INDEX_FILE).exists():
         index = read_json(directory, INDEX_FILE)
@@ -155,10 +169,12 @@ def weight_files(directory: Path) -> list[Path]:
                 raise SafetensorsError(f"{INDEX_FILE} names a shard that is missing: {shown(name)}")
             files.append(file)
         return files
-    files = [contained(directory, p.name) for p in sorted(directory.glob("*.safetensors"))]
-    if not files:
-        raise SafetensorsError("no .safetensors weights")
-    return files
+    names = sorted(p.name for p in directory.glob("*.safetensors") if is_weights_name(p.name))
+    if not names and (directory / ADAPTER_FILE).exists():
+        names = [ADAPTER_FILE]
+    if not names:
+        raise SafetensorsError(f"no model weights ({SINGLE_FILE}, {INDEX_FILE} or model-*-of-* shards)")
+    return [contained(directory, name) for name in names]
 
 
 class TensorReader:
