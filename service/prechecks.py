@@ -31,6 +31,7 @@ from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
 from workers.settings import Settings
+from workers.store.file_manifest import ModelFilesChangedError
 from workers.store.model_files import read_config
 from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
@@ -43,6 +44,8 @@ def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
         return resolve_model(ref, registry, settings.models_dir, settings.import_roots)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
+    except ModelFilesChangedError as e:
+        raise HTTPException(409, str(e)) from e
 
 
 def ensure_free(model_id: str, registry: Registry) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -21,7 +19,7 @@ from service.schemas import (
     ModelObject,
 )
 from workers.settings import Settings
-from workers.store.model_files import ModelFileError
+from workers.store.model_files import ModelFileError, copy_contained
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import ModelRecord, Registry
@@ -90,13 +88,6 @@ def delete_model(
     return ModelDeleted(id=model_id)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 @router.post("/import", response_model=ModelObject, status_code=201)
 def import_model(
     body: ImportRequest,
@@ -104,7 +95,8 @@ def import_model(
     store: Annotated[ModelStore, Depends(deps.store)],
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> ModelObject:
-    """Copy (hard-link where possible) a local HF directory into the store and register it."""
+    """Copy a local HF directory into the store (never linked: the store shares no file with the import
+    root) and register it with what its files were."""
     if registry.exists(body.id):
         raise HTTPException(409, f"model {body.id!r} already exists")
     try:
@@ -119,7 +111,7 @@ def import_model(
                     and not item.is_symlink()
                     and item.suffix not in (".bin", ".pt", ".pth", ".pkl")
                 ):
-                    _link_or_copy(item, tmp / item.name)
+                    copy_contained(source, item.name, tmp / item.name)
             info = describe(tmp)
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e

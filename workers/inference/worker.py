@@ -35,7 +35,9 @@ from workers.inference.protocol import (
     cancel_key,
     latency_key,
 )
+from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_store import verify_model
+from workers.store.registry import Registry
 
 log = logging.getLogger("strata.infer")
 
@@ -119,6 +121,8 @@ class InferenceWorker:
                 self.adapter_stamps[model_id] = stamp
             return engine
         log.info("loading %s", model_id)
+        record = Registry(self.redis).get(model_id)
+        verify_files(model_id, self.models_dir / model_id, record.files if record is not None else None)
         self.adapter_stamps[model_id] = adapters_stamp(self.models_dir / model_id)
         engine = load_engine(
             self.models_dir / model_id, max_batch_size=self.max_batch_size, precision=self.precision
@@ -243,8 +247,9 @@ class InferenceWorker:
                 writer.drop(request_id)
         except Exception as e:
             log.exception("generation failed for %s", model_id)
+            status = {"status": 424} if isinstance(e, ModelFilesChangedError) else {}
             for job in jobs:
-                writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}"})
+                writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}", **status})
             writer.flush()
 
     @staticmethod

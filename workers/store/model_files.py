@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,36 @@ def contained(directory: Path, name: str) -> Path:
     real = Path(os.path.realpath(root / name))
     if real == root or not real.is_relative_to(root):
         raise ModelFileError(f"{shown(name)} resolves outside the model directory")
+    try:
+        links = os.stat(real).st_nlink
+    except OSError:
+        return real  # missing: the caller says so
+    if links > 1 and real.is_file():
+        raise ModelFileError(
+            f"{shown(name)} is a hard link (its data has other names); copy the file instead"
+        )
     return real
 
 
+def copy_contained(directory: Path, name: str, target: Path) -> None:
+    """Copy a file of the model directory (checked by `contained`) to `target`, a new file of its own: the
+    data is read from a descriptor checked again once open (a regular file with one link), so a file
+    swapped for a link meanwhile is refused too."""
+    source = contained(directory, name)
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise ModelFileError(f"{shown(name)} is not a regular file with a single link")
+        with open(target, "xb") as out:
+            shutil.copyfileobj(src, out, 1 << 24)
+
+
 def check_links(directory: Path) -> None:
-    """Every entry of the directory that is a symlink must point inside it."""
+    """Every entry of the directory that is a symlink must point inside it, and every file must be the
+    only name of its data (a hard link could name a file anywhere on the disk)."""
     for entry in Path(directory).iterdir():
-        if entry.is_symlink():
+        if entry.is_symlink() or entry.is_file():
             contained(directory, entry.name)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from workers.processes import process_alive
+from workers.store.file_manifest import record_files
 from workers.store.model_files import check_links, read_config
 from workers.tensors.safetensors_io import TensorReader, read_header
 
@@ -103,6 +104,7 @@ def describe(directory: Path) -> dict[str, Any]:
         "num_parameters": sum(e.numel for e in reader.entries.values()),
         "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
         "size_bytes": directory_size(directory),
+        "files": record_files(directory),
     }
 
 
@@ -116,6 +118,7 @@ def describe_adapter(directory: Path, architecture: str, num_layers: int | None)
         "num_parameters": sum(e.numel for e in entries),
         "dtype": ",".join(dtypes),
         "size_bytes": directory_size(directory),
+        "files": record_files(directory),
     }
 
 

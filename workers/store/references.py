@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from workers.store.file_manifest import verify_files
 from workers.store.model_files import ModelFileError, check_links
 from workers.store.registry import Registry
 from workers.tensors.safetensors_io import INDEX_FILE, is_weights_name
@@ -71,6 +72,7 @@ def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: 
         if record is not None and record.type == "adapter":
             raise ModelReferenceError(f"{ref!r} is a LoRA adapter of {record.base_model!r}, not a model")
         if record is not None:
+            verify_files(ref, store_root / ref, record.files)
             return store_root / ref
         raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
     return resolve_path(ref, import_roots)

@@ -50,6 +50,9 @@ class ModelRecord(BaseModel):
         default="model", description="adapter: a PEFT LoRA adapter, applied on top of `base_model`"
     )
     base_model: str | None = Field(default=None, description="For an adapter: the model it applies to")
+    files: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="config and weights as registered (size, sha256); checked at every load"
+    )
 
 
 class Registry:
