@@ -25,6 +25,7 @@ from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
+from service.security_headers import SecurityHeadersMiddleware
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger("strata")
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings.api_keys))
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every response, errors included
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(generate.router)
