@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
+from service.cross_site import CrossSiteMiddleware
 from service.embedded_redis import EmbeddedRedis
 from service.errors import short_detail, short_errors
 from service.fleet import live_inference_workers, live_job_workers
@@ -25,15 +26,20 @@ from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
+from service.security_headers import SecurityHeadersMiddleware
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger("strata")
 
 
-def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0, 0)) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, expected: tuple[int, int] = (0, 0), bound: bool = False
+) -> FastAPI:
     """The API. `expected`: the (job, inference) workers that must be alive for /health to say ok
-    (`strata serve` passes what it supervises; an API-only deployment expects none)."""
+    (`strata serve` passes what it supervises; an API-only deployment expects none). `bound`: the app is
+    served on `settings.host` (`strata serve`), so a request's Host must name it (service/cross_site.py)."""
     settings = settings or get_settings()
+    keys = load_keys(settings.api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,7 +70,14 @@ def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0,
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings.api_keys))
+    app.add_middleware(
+        CrossSiteMiddleware,
+        bound_host=settings.host if bound else None,
+        allowed_hosts=settings.allowed_hosts,
+        enabled=not keys,
+    )
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every response, errors included
     app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(generate.router)

@@ -63,11 +63,18 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"] if scope["type"] == "http" else ""
-        if scope["type"] != "http" or not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        presented = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(presented) > 1:  # which one counts would depend on the proxy in front: neither does
+            await send_json_error(send, 400, "send one Authorization header, not several")
+            return
+        path = scope["path"]
+        if not self.keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        header = presented[0].decode("latin-1") if presented else ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not key_matches(token.strip(), self.keys):
             await send_json_error(

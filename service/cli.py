@@ -109,7 +109,7 @@ def serve(
             f"{settings.workers} job worker(s) x {job_threads} thread(s), {settings.infer_workers} inference "
             f"worker(s) x {infer_threads} thread(s), supervised; API on http://{settings.host}:{settings.port}"
         )
-        app_ = create_app(settings, expected=(settings.workers, settings.infer_workers))
+        app_ = create_app(settings, expected=(settings.workers, settings.infer_workers), bound=True)
         server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))
         # Own the signals: a graceful stop on SIGINT/SIGTERM (nothing restarted from then on: Ctrl-C reaches
         # the workers too; the embedded Redis has a session of its own), then `finally` stops workers, then

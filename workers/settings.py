@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Without API keys: host names (beyond IP addresses and localhost) that requests may "
+        "address this server by (comma-separated; * for any); see service/cross_site.py",
+    )
     workers: int = Field(default=1, ge=0, description="Job workers that `strata serve` starts")
     import_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=lambda: [Path.home(), Path(tempfile.gettempdir())],
@@ -87,6 +92,11 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [Path(p.strip()).expanduser() for p in v.split(",") if p.strip()]
         return v
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: object) -> object:
+        return [h.strip() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @property
     def models_dir(self) -> Path:

@@ -389,13 +389,24 @@ class Generation:
         ended = False
         try:
             while True:
-                reply = await self.aredis.xread({key: last_id}, count=64, block=int(POLL_S * 1000))
+                try:
+                    reply = await self.aredis.xread({key: last_id}, count=64, block=int(POLL_S * 1000))
+                except (RedisConnectionError, RedisTimeoutError) as e:  # the tokens' only way here is gone
+                    error = f"Redis became unavailable during the generation ({type(e).__name__}); retry"
+                    yield "error", {"error": error, "status": 503}
+                    return
                 if is_disconnected is not None and time.monotonic() - last_check >= POLL_S:
                     last_check = time.monotonic()
                     if await is_disconnected():  # the client is gone (or gave up): stop for nobody
                         return
                 if not reply:
-                    problem = self._watch(worker, last_event, prepared.first_token_at is not None)
+                    try:
+                        problem = self._watch(worker, last_event, prepared.first_token_at is not None)
+                    except (RedisConnectionError, RedisTimeoutError) as e:
+                        problem = {
+                            "error": f"Redis became unavailable ({type(e).__name__}); retry",
+                            "status": 503,
+                        }
                     if problem is not None:
                         self.cancel(prepared.request_id)  # before the caller hears of it
                         yield "error", problem

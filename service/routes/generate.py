@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -14,6 +15,7 @@ from service.generation.schemas import GenerateRequest, GenerateResponse
 from service.schemas import ERROR_RESPONSES
 
 router = APIRouter(tags=["generation"], responses=ERROR_RESPONSES)
+log = logging.getLogger("strata")
 
 
 def generation(request: Request) -> Generation:
@@ -23,6 +25,23 @@ def generation(request: Request) -> Generation:
 
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def ended(chunks: AsyncIterator[str], error: Callable[[str], dict]) -> AsyncIterator[str]:
+    """`chunks` then `data: [DONE]`, whatever happens: once the response has started no status can tell of
+    a failure, so an exception on the way becomes an error event (`error(message)`) before the [DONE]."""
+    try:
+        async with contextlib.aclosing(chunks):  # closed with this one: its cleanup cancels the request
+            async for chunk in chunks:
+                yield chunk
+    except Exception:
+        log.exception("a streamed generation failed")
+        yield sse(error("the server failed while streaming; the generation was stopped"))
+    yield sse("[DONE]")
+
+
+def stream_error(message: str) -> dict:
+    return {"type": "error", "error": message}
 
 
 def respond(prepared: Prepared, response_id: str, model: str) -> GenerateResponse:
@@ -53,7 +72,7 @@ async def generate(body: GenerateRequest, request: Request):
         await gen.complete(prepared, request.is_disconnected)
         return respond(prepared, response_id, body.model)
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream() -> AsyncIterator[str]:  # [DONE] by `ended`
         async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
             async for kind, data in events:
                 if kind == "token" and data["delta"]:
@@ -65,7 +84,6 @@ async def generate(body: GenerateRequest, request: Request):
                         {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
                     )
                 elif kind == "error":
-                    yield sse({"type": "error", "error": data["error"]})
-        yield sse("[DONE]")
+                    yield sse(stream_error(data["error"]))
 
-    return StreamingResponse(stream(), media_type="text/event-stream")
+    return StreamingResponse(ended(stream(), stream_error), media_type="text/event-stream")

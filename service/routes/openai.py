@@ -20,7 +20,7 @@ from service.generation.schemas import (
     CompletionRequest,
     OpenAIRequest,
 )
-from service.routes.generate import generation, sse
+from service.routes.generate import ended, generation, sse
 from service.schemas import ERROR_RESPONSES
 
 router = APIRouter(tags=["openai"], responses=ERROR_RESPONSES)
@@ -28,7 +28,7 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
 
 
 async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncIterator[str]:
-    """OpenAI chunks: deltas, a last chunk with finish_reason (and `strata`), usage if asked, [DONE]."""
+    """OpenAI chunks: deltas, a last chunk with finish_reason (and `strata`), usage if asked."""
     async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
         async for kind, data in events:
             if kind == "token" and data["delta"]:
@@ -40,8 +40,18 @@ async def _stream(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> AsyncI
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**chunk("", None), "choices": [], "usage": prepared.usage().model_dump()})
             elif kind == "error":
-                yield sse({"error": {"message": data["error"], "type": "server_error"}})
-    yield sse("[DONE]")
+                yield sse(server_error(data["error"]))
+
+
+def server_error(message: str) -> dict:
+    return {"error": {"message": message, "type": "server_error"}}
+
+
+def streamed(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> StreamingResponse:
+    """The SSE response, ending with [DONE] (after an error event if it failed on the way)."""
+    return StreamingResponse(
+        ended(_stream(gen, prepared, body, chunk), server_error), media_type="text/event-stream"
+    )
 
 
 @router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
@@ -71,7 +81,7 @@ async def completions(body: CompletionRequest, request: Request):
             "choices": [choice],
         }
 
-    return StreamingResponse(_stream(gen, prepared, body, chunk), media_type="text/event-stream")
+    return streamed(gen, prepared, body, chunk)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
@@ -112,4 +122,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             "choices": [choice],
         }
 
-    return StreamingResponse(_stream(gen, prepared, body, chunk), media_type="text/event-stream")
+    return streamed(gen, prepared, body, chunk)
