@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from workers.liveness import start_heartbeat
 from workers.threads import apply_budget, default_budgets, worker_environment
 
 app = typer.Typer(help="Strata: merge, prune and serve homologous LLMs.", no_args_is_help=True)
@@ -181,6 +182,7 @@ def worker(
         apply_budget(settings.job_threads)
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = _worker_redis(settings)
+    start_heartbeat(_worker_redis(settings))  # a client of its own: work-horses fork with `conn`'s pool
     try:
         names = WORKER_QUEUES[queue]
         for name in names:
@@ -207,6 +209,7 @@ def infer(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
+    start_heartbeat(_worker_redis(settings))
     apply_budget(settings.infer_threads)
     worker_ = InferenceWorker(
         _worker_redis(settings), settings.models_dir, max_batch_size, max_models, settings.infer_precision
