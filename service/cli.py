@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from workers.liveness import start_heartbeat
 from workers.threads import apply_budget, default_budgets, worker_environment
 
 app = typer.Typer(help="Strata: merge, prune and serve homologous LLMs.", no_args_is_help=True)
@@ -98,16 +99,23 @@ def serve(
         job_threads, infer_threads = default_budgets(settings.workers, settings.infer_workers)
         job_threads = settings.job_threads or job_threads
         infer_threads = settings.infer_threads or infer_threads
-        commands = ["worker"] * settings.workers + ["infer"] * settings.infer_workers
+        # User jobs and background profiles have workers of their own: a user's job never waits behind a
+        # profile; the background worker runs niced, on one thread.
+        background = ["worker --queue background"] if settings.workers else []
+        commands = (
+            ["worker --queue user"] * settings.workers + background + ["infer"] * settings.infer_workers
+        )
         budgets = {
-            "worker": worker_environment(max(1, job_threads)),
+            "worker --queue user": worker_environment(max(1, job_threads)),
+            "worker --queue background": worker_environment(1),
             "infer": worker_environment(max(1, infer_threads)),
         }
         supervisor = Supervisor(commands, env, embedded, budgets)  # restarts whichever of them dies
         supervisor.start()
         console.print(
-            f"{settings.workers} job worker(s) x {job_threads} thread(s), {settings.infer_workers} inference "
-            f"worker(s) x {infer_threads} thread(s), supervised; API on http://{settings.host}:{settings.port}"
+            f"{settings.workers} job worker(s) x {job_threads} thread(s) (+{len(background)} for background "
+            f"profiles), {settings.infer_workers} inference worker(s) x {infer_threads} thread(s), "
+            f"supervised; API on http://{settings.host}:{settings.port}"
         )
         app_ = create_app(settings, expected=(settings.workers, settings.infer_workers), bound=True)
         server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))
@@ -133,22 +141,36 @@ def serve(
 @app.command()
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+    queue: Annotated[
+        str,
+        typer.Option(
+            help="Which jobs to take: user (the API's jobs), background (profiles nobody waits for), or all "
+            "(user jobs first); `strata serve` runs user workers and one background worker"
+        ),
+    ] = "all",
 ) -> None:
     """Run a job worker against REDIS_URL (or the embedded Redis of STRATA_HOME)."""
     from redis.exceptions import ConnectionError as RedisConnectionError
     from rq import Queue
 
-    import workers.jobs.extract_lora  # noqa: F401  (import torch & co once, before forking work-horses)
-    import workers.jobs.grow  # noqa: F401
-    import workers.jobs.merge  # noqa: F401
-    import workers.jobs.profile  # noqa: F401
-    import workers.jobs.prune  # noqa: F401
-    import workers.jobs.sort  # noqa: F401
-    import workers.jobs.sparsify  # noqa: F401
-    import workers.jobs.truncate  # noqa: F401
-    import workers.jobs.variants  # noqa: F401
-    from service.queue import QUEUE_NAMES
     from workers.jobs.errors import record_error
+    from workers.jobs.queues import WORKER_QUEUES
+
+    if queue not in WORKER_QUEUES:
+        _error(f"--queue must be one of {', '.join(WORKER_QUEUES)}, not {queue!r}")
+        raise typer.Exit(2)
+    if queue == "background":
+        os.nice(10)  # what is left of the CPU; each job imports what it needs in its work-horse
+    else:
+        import workers.jobs.extract_lora  # noqa: F401  (import torch & co once, before forking work-horses)
+        import workers.jobs.grow  # noqa: F401
+        import workers.jobs.merge  # noqa: F401
+        import workers.jobs.profile  # noqa: F401
+        import workers.jobs.prune  # noqa: F401
+        import workers.jobs.sort  # noqa: F401
+        import workers.jobs.sparsify  # noqa: F401
+        import workers.jobs.truncate  # noqa: F401
+        import workers.jobs.variants  # noqa: F401
     from workers.jobs.recovery import reap_abandoned
     from workers.jobs.worker import StrataWorker
     from workers.settings import get_settings
@@ -156,14 +178,17 @@ def worker(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
-    apply_budget(settings.job_threads)
+    if queue != "background":  # the background worker keeps the one thread `strata serve` gives it
+        apply_budget(settings.job_threads)
     ModelStore(settings.models_dir).clean_stale_staging()
     conn = _worker_redis(settings)
+    start_heartbeat(_worker_redis(settings))  # a client of its own: work-horses fork with `conn`'s pool
     try:
-        for name in QUEUE_NAMES:
+        names = WORKER_QUEUES[queue]
+        for name in names:
             for job_id in reap_abandoned(conn, name):
                 console.print(f"job {job_id} was running on a worker that died: marked failed")
-        queues = [Queue(name, connection=conn) for name in QUEUE_NAMES]  # in priority order
+        queues = [Queue(name, connection=conn) for name in names]  # in priority order
         StrataWorker(queues, connection=conn, exception_handlers=[record_error]).work(
             burst=burst, logging_level="INFO"
         )
@@ -184,6 +209,7 @@ def infer(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = get_settings()
+    start_heartbeat(_worker_redis(settings))
     apply_budget(settings.infer_threads)
     worker_ = InferenceWorker(
         _worker_redis(settings), settings.models_dir, max_batch_size, max_models, settings.infer_precision

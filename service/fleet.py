@@ -14,6 +14,7 @@ from redis import Redis
 from rq import Worker
 
 from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
+from workers.jobs.queues import QUEUE_NAME
 from workers.processes import process_alive
 
 
@@ -22,7 +23,10 @@ def _alive(hostname: str | None, pid: int | None) -> bool:
 
 
 def live_job_workers(redis: Redis) -> list[Worker]:
-    return [w for w in Worker.all(connection=redis) if _alive(w.hostname, w.pid)]
+    """Live workers that take users' jobs (a background-only worker is not one)."""
+    return [
+        w for w in Worker.all(connection=redis) if QUEUE_NAME in w.queue_names() and _alive(w.hostname, w.pid)
+    ]
 
 
 def inference_worker_alive(worker_id: str, heartbeat: float | None) -> bool:

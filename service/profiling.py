@@ -1,6 +1,6 @@
 """Background profiling: one profile job per model at a time, queued when a model is registered, when a
 request finds it unprofiled, or when its observed latency drifts. Nobody waits for it: it goes to the
-background queue, which job workers take from only when no user job is queued."""
+background queue, which a worker of its own takes (`strata worker --queue background`)."""
 
 from __future__ import annotations
 

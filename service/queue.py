@@ -14,14 +14,10 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from service.schemas import JobView
+from workers.jobs.queues import BACKGROUND_QUEUE_NAME, QUEUE_NAME, QUEUE_NAMES
 from workers.jobs.recovery import fail_abandoned
 from workers.settings import Settings
 
-QUEUE_NAME = "strata"
-# Background work nobody waits for (profiles queued at registration): a job worker takes it only when
-# QUEUE_NAME is empty, so a user's job never waits behind it.
-BACKGROUND_QUEUE_NAME = "strata-background"
-QUEUE_NAMES = (QUEUE_NAME, BACKGROUND_QUEUE_NAME)
 INDEX = "strata:jobs"
 CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
@@ -112,7 +108,7 @@ class JobQueue:
         return sum(1 for job in jobs if job is not None and job.meta.get("kind") == kind)
 
     def submit(self, request: BaseModel, background: bool = False) -> JobView:
-        """Queue a job; `background` jobs run only when no other job is queued."""
+        """Queue a job; `background` jobs go to the background queue, which a worker of its own takes."""
         spec = request.model_dump(mode="json", exclude_none=True)
         kind = spec["kind"]
         if self.active(kind) >= self.settings.max_active_jobs_per_kind:

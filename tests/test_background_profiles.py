@@ -3,6 +3,8 @@ profile job, a drifted latency model gets a re-profile, a fresh one neither."""
 
 from __future__ import annotations
 
+import time
+
 import redis as redis_lib
 
 from service.generation.runner import Generation
@@ -87,3 +89,66 @@ def test_background_profiles_never_run_ahead_of_user_jobs(tmp_path, isolated_red
     worker.execute_job = lambda job, queue: order.append(job.id)  # record the order, run nothing
     worker.work(burst=True, max_jobs=2)
     assert order == [user.id, background_id]
+
+
+def test_a_user_job_starts_while_background_work_runs_and_the_profile_still_gets_done(
+    tmp_path, isolated_redis_url
+):
+    """`strata serve` runs background work on a worker of its own: a user's job queued while a background
+    job runs starts (and ends) meanwhile, and the profile queued at registration is done afterwards."""
+    from rq import Queue
+    from rq.command import send_stop_job_command
+    from rq.job import Job, JobStatus
+
+    from service.queue import BACKGROUND_QUEUE_NAME
+    from tests.conftest import start_server, stop_server
+    from tests.tiny_models import make_tiny_chat_llama
+
+    make_tiny_chat_llama(tmp_path / "tiny", seed=0)
+    server = start_server(
+        tmp_path / "home", {"REDIS_URL": isolated_redis_url, "STRATA_PROFILE_ON_REGISTER": "true"}
+    )
+    try:
+        redis = redis_lib.Redis.from_url(isolated_redis_url)
+        blocker = Queue(BACKGROUND_QUEUE_NAME, connection=redis).enqueue("time.sleep", 900, job_timeout=1000)
+        for _ in range(2400):  # the background worker may still be starting
+            if blocker.get_status() == JobStatus.STARTED:
+                break
+            time.sleep(0.1)
+        assert blocker.get_status() == JobStatus.STARTED, server.log.read_text()[-3000:]
+        with server.client() as c:
+            r = c.post("/v1/models/import", json={"id": "tiny", "path": str(tmp_path / "tiny")})
+            assert r.status_code == 201, r.text
+            user = c.post("/v1/jobs", json={"kind": "profile", "model": "tiny", "repeats": 1}).json()
+        view = server.wait_job(user["id"], timeout=300)
+        assert view["status"] == "finished", view["error"]
+        assert blocker.get_status() == JobStatus.STARTED  # the user's job did not wait for it
+
+        send_stop_job_command(redis, blocker.id)
+        (background,) = [
+            job
+            for job in Job.fetch_many(
+                [i.decode() for i in redis.zrange("strata:jobs", 0, -1)], connection=redis
+            )
+            if job is not None and job.origin == BACKGROUND_QUEUE_NAME
+        ]
+        assert background.meta["kind"] == "profile" and background.args[0]["model"] == "tiny"
+        assert server.wait_job(background.id, timeout=300)["status"] == "finished"
+    finally:
+        stop_server(server)
+
+
+def test_an_adapter_is_not_queued_for_a_background_profile(tmp_path, isolated_redis_url):
+    """extract_lora registers PEFT adapters: no model of their own, so nothing to profile (a profile job
+    queued for one failed with "no config.json"); a model is queued."""
+    from service.profiling import drain_once
+    from workers.store.registry import Registry
+
+    settings = Settings(home=tmp_path, redis_url=isolated_redis_url, default_model=False)
+    redis = redis_lib.Redis.from_url(isolated_redis_url)
+    registry = Registry(redis)
+    model = record()
+    adapter = record().model_copy(update={"id": "m-lora", "type": "adapter", "base_model": "m"})
+    assert registry.add(model) and registry.add(adapter)
+    assert len(drain_once(redis, settings)) == 1
+    assert [job["model"] for job in profile_jobs(redis, settings)] == ["m"]

@@ -3,6 +3,7 @@ dies, stalls or whose client leaves end promptly (real processes, real Redis).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from service.supervisor import Supervisor
+from service.supervisor import HUNG_AFTER_S, Supervisor
 from tests.conftest import _real_redis as real_redis
 from tests.conftest import start_server, stop_server
 from tests.tiny_models import character_tokenizer, make_tiny_chat_llama, make_tiny_llama
@@ -24,6 +25,7 @@ from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationRe
 from workers.inference.protocol import cancel_key, events_key
 
 RESTART_S = 10
+JOB_WORKER = "service.cli worker --queue user"
 
 
 def children(server, name: str) -> list[psutil.Process]:
@@ -84,13 +86,13 @@ def supervised(tmp_path_factory, own_redis_url):
 
 
 def test_a_killed_job_worker_is_restarted_and_health_reports_it(supervised):
-    (old,) = children(supervised, "service.cli worker")
+    (old,) = children(supervised, JOB_WORKER)
     os.kill(old.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     with supervised.client() as c:
         degraded = wait_for(lambda: (r := c.get("/health")).status_code == 503 and r.json(), 5, 0.05)
         assert degraded and degraded["workers"] == 0 and degraded["status"] == "degraded"
-        new = wait_for(lambda: children(supervised, "service.cli worker"), RESTART_S)
+        new = wait_for(lambda: children(supervised, JOB_WORKER), RESTART_S)
         assert new and new[0].pid != old.pid
         assert time.monotonic() - killed_at < RESTART_S
         healthy = wait_for(lambda: (r := c.get("/health")).status_code == 200 and r.json(), 120, 0.5)
@@ -179,6 +181,57 @@ def test_a_request_whose_client_gives_up_is_cancelled_in_the_worker(supervised):
     assert wait_for(lambda: not conn.exists(events_key(request_id)), 10)
     time.sleep(2)  # a worker still generating would append to the events stream again
     assert not conn.exists(events_key(request_id))
+
+
+def replaced(server, name: str, old: psutil.Process, timeout: float) -> psutil.Process | None:
+    """The child that took `old`'s place, once `old` is gone."""
+
+    def new() -> psutil.Process | None:
+        if psutil.pid_exists(old.pid) and old.status() != psutil.STATUS_ZOMBIE:
+            return None
+        fresh = [p for p in children(server, name) if p.pid != old.pid]
+        return fresh[0] if fresh else None
+
+    return wait_for(new, timeout, 0.2)
+
+
+def test_a_hung_job_worker_is_replaced_its_job_failed_and_queued_jobs_run(supervised):
+    slow = supervised.start_slow_job(supervised.home.parent / "slow", prefix="hung")
+    (old,) = children(supervised, JOB_WORKER)
+    frozen = [old, *old.children(recursive=True)]  # the worker and the work-horse running the slow job
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)  # alive, but neither beating, working nor taking jobs
+    try:
+        with supervised.client() as c:
+            queued = c.post("/v1/jobs", json={"kind": "truncate", "model": "endless", "num_layers": 2})
+            assert queued.status_code == 202, queued.text
+            new = replaced(supervised, JOB_WORKER, old, HUNG_AFTER_S + 30)
+            assert new is not None, supervised.log.read_text()[-3000:]
+            failed = supervised.wait_job(slow, timeout=30)
+            assert failed["status"] == "failed" and "stopped responding" in failed["error"], failed
+            assert "\n" not in failed["error"]
+            done = supervised.wait_job(queued.json()["id"], timeout=240)
+            assert done["status"] == "finished", done
+    finally:
+        for process in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
+
+def test_a_hung_inference_worker_is_replaced_and_requests_are_served_again(supervised):
+    with supervised.client() as c:
+        assert wait_for(lambda: c.get("/health").status_code == 200, 180, 0.5)
+        (old,) = children(supervised, "service.cli infer")
+        os.kill(old.pid, signal.SIGSTOP)
+        try:
+            new = replaced(supervised, "service.cli infer", old, HUNG_AFTER_S + 30)
+            assert new is not None, supervised.log.read_text()[-3000:]
+            assert wait_for(lambda: c.get("/health").status_code == 200, 180, 0.5)
+            r = c.post("/v1/generate", json={**ENDLESS, "max_new_tokens": 4}, timeout=180)
+            assert r.status_code == 200, r.text
+        finally:
+            if psutil.pid_exists(old.pid):
+                os.kill(old.pid, signal.SIGCONT)
 
 
 def test_a_generation_whose_worker_stalls_gets_a_504_and_is_cancelled(tmp_path, isolated_redis_url):

@@ -42,10 +42,14 @@ def test_serve_starts_workers_with_their_budgets_and_int8_engines(tmp_path, isol
         children = psutil.Process(server.process.pid).children()
         roles = {}
         for child in children:
-            role = child.cmdline()[-1]
+            role = " ".join(child.cmdline()[3:])
             roles[role] = child.environ()
-        assert roles["worker"]["OMP_NUM_THREADS"] == "2" and roles["infer"]["OMP_NUM_THREADS"] == "1"
-        assert roles["worker"]["GOMP_SPINCOUNT"] == roles["infer"]["GOMP_SPINCOUNT"] == "20000"
+        assert (
+            roles["worker --queue user"]["OMP_NUM_THREADS"] == "2"
+            and roles["infer"]["OMP_NUM_THREADS"] == "1"
+        )
+        assert roles["worker --queue background"]["OMP_NUM_THREADS"] == "1"  # and niced
+        assert roles["worker --queue user"]["GOMP_SPINCOUNT"] == roles["infer"]["GOMP_SPINCOUNT"] == "20000"
         make_tiny_chat_llama(tmp_path / "chatty", seed=11)
         with server.client() as c:
             imported = c.post("/v1/models/import", json={"id": "chatty", "path": str(tmp_path / "chatty")})

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 from pathlib import Path
+
+import psutil
 
 
 def die_with_parent() -> None:
@@ -32,3 +35,16 @@ def process_alive(pid: int) -> bool:
             return True
         return state not in ("Z", "X")
     return True
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (a stopped process ignores SIGTERM until it is continued;
+    its work-horse would get only that from die_with_parent)."""
+    try:
+        parent = psutil.Process(pid)
+        family = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()

@@ -73,3 +73,23 @@ def test_profile_of_an_int8_engine_shows_what_the_precision_costs(tiny_model, to
     full, quantised = profile.quality_by_precision["float32"][4], profile.quality[4]
     assert quantised.perplexity != full.perplexity
     assert abs(quantised.perplexity / full.perplexity - 1) < 0.1
+
+
+def test_a_tokenizer_too_coarse_for_the_heldout_text_costs_the_quality_table_not_the_profile(engine):
+    seen: list[str] = []
+    profile = profile_model(
+        engine,
+        heldout_text="x",  # one token
+        prompt_lengths=(4,),
+        decode_tokens=2,
+        repeats=1,
+        progress=lambda message, fraction: seen.append(message),
+    )
+    assert sorted(profile.latency.depths) == [2, 4] and profile.latency.predict(4, 8, 4) > 0
+    assert profile.quality == {} and profile.quality_by_precision == {}
+    assert profile.quality_error == (
+        "quality not measured: the model's tokenizer makes 1 token(s) of the held-out text, and at least 2 "
+        "are needed"
+    )
+    assert seen[-1].endswith(profile.quality_error)
+    assert ModelProfile.model_validate_json(profile.model_dump_json()) == profile

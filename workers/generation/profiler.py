@@ -68,6 +68,9 @@ class ModelProfile(BaseModel):
     quality_by_precision: dict[str, dict[int, ExitQuality]] = Field(
         default_factory=dict, description="The same table at the served precision and at float32"
     )
+    quality_error: str | None = Field(
+        default=None, description="Why quality was not measured (the latency was); None when it was"
+    )
     created_at: datetime
 
 
@@ -205,19 +208,25 @@ def profile_model(
         return lambda message, fraction: _report(progress, message, start + width * fraction)
 
     latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
-    token_ids = engine.tokenizer.encode(text)[:max_quality_tokens]
+    token_ids, quality_error = _heldout_ids(engine, text, max_quality_tokens)
     window = min(256, engine.max_positions or 256)
+    if quality_error is None and window < 2:
+        quality_error = f"quality not measured: the model's context ({window} position) is too short"
     adapters = adapters if adapters is not None else engine.adapters
     served = engine.compact
     if adapters is not engine.adapters:
         served = CompactLlama(engine.model, engine.precision, adapters)
     reference = {}
-    if engine.precision != "float32":  # what the precision costs, per exit
-        reference["float32"] = measure_quality(
-            engine.model, token_ids, grid, window, scaled(0.8, 0.1), adapters
-        )
-    start, width = (0.9, 0.1) if reference else (0.8, 0.2)
-    quality = measure_quality(served, token_ids, grid, window, scaled(start, width))
+    quality: dict[int, ExitQuality] = {}
+    if quality_error is None:
+        if engine.precision != "float32":  # what the precision costs, per exit
+            reference["float32"] = measure_quality(
+                engine.model, token_ids, grid, window, scaled(0.8, 0.1), adapters
+            )
+        start, width = (0.9, 0.1) if reference else (0.8, 0.2)
+        quality = measure_quality(served, token_ids, grid, window, scaled(start, width))
+    else:
+        _report(progress, "latency measured; " + quality_error, 1.0)
     return ModelProfile(
         model_name=model_name,
         device=describe_device(engine.device),
@@ -227,6 +236,24 @@ def profile_model(
         latency=latency,
         quality=quality,
         precision=engine.precision,
-        quality_by_precision={engine.precision: quality, **reference},
+        quality_by_precision={engine.precision: quality, **reference} if quality else {},
+        quality_error=quality_error,
         created_at=datetime.now(UTC),
     )
+
+
+def _heldout_ids(engine: EarlyExitEngine, text: str, limit: int) -> tuple[list[int], str | None]:
+    """The held-out text's first `limit` token ids, and why quality cannot be measured on them (or None)."""
+    try:
+        token_ids = list(engine.tokenizer.encode(text))[:limit]
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer costs the quality table, not the profile
+        reason = (str(e).splitlines() or [""])[0][:200]
+        return [], (
+            f"quality not measured: the tokenizer failed on the held-out text ({type(e).__name__}: {reason})"
+        )
+    if len(token_ids) < 2:
+        return token_ids, (
+            f"quality not measured: the model's tokenizer makes {len(token_ids)} token(s) of the held-out "
+            "text, and at least 2 are needed"
+        )
+    return token_ids, None

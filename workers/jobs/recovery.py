@@ -10,6 +10,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
+from workers.jobs.queues import QUEUE_NAMES
 from workers.processes import process_alive
 
 
@@ -25,11 +26,13 @@ def worker_is_dead(redis: Redis, worker_name: str | None) -> bool:
     )
 
 
-def fail_abandoned(redis: Redis, job: Job) -> bool:
+def fail_abandoned(redis: Redis, job: Job, reason: str | None = None) -> bool:
     """Mark a 'started' job failed if its worker is dead; True if it was."""
     if job.get_status() != JobStatus.STARTED or not worker_is_dead(redis, job.worker_name):
         return False
-    reason = f"worker {job.worker_name} died while running the job (killed or lost); nothing was registered"
+    reason = reason or (
+        f"worker {job.worker_name} died while running the job (killed or lost); nothing was registered"
+    )
     job.meta["error"] = f"AbandonedJobError: {reason}"
     job.meta["message"] = "failed"
     job.meta["ended_at"] = datetime.now(UTC).isoformat()
@@ -51,3 +54,18 @@ def reap_abandoned(redis: Redis, queue_name: str) -> list[str]:
         if job is not None and fail_abandoned(redis, job):
             reaped.append(job.id)
     return reaped
+
+
+def fail_jobs_of(redis: Redis, pid: int, reason: str) -> list[str]:
+    """Fail the started jobs of this host's worker process `pid` (which has just been killed), with
+    `reason`; their ids."""
+    names = {
+        w.name for w in Worker.all(connection=redis) if w.pid == pid and w.hostname == socket.gethostname()
+    }
+    failed = []
+    for queue_name in QUEUE_NAMES:
+        registry = StartedJobRegistry(queue_name, connection=redis)
+        for job in Job.fetch_many(registry.get_job_ids(), connection=redis):
+            if job is not None and job.worker_name in names and fail_abandoned(redis, job, reason):
+                failed.append(job.id)
+    return failed

@@ -73,7 +73,7 @@ class Registry:
     def add(self, record: ModelRecord, require: list[str] | tuple[str, ...] = ()) -> bool:
         """Register a new model; False if the id is taken. ParentGoneError (and nothing registered) if any
         id in `require` is no longer registered, checked in the same atomic step. A new model is also put
-        on the list of models to profile in the background (see service/profiling.py)."""
+        on the list of models to profile in the background (see service/profiling.py), an adapter not."""
         reply = self.redis.eval(ADD_WITH_PARENTS, 1, KEY, record.id, record.model_dump_json(), *require)
         if reply is None:
             return False
@@ -82,10 +82,11 @@ class Registry:
             raise ParentGoneError(
                 f"model {missing!r} was deleted while {record.id!r} was built from it; nothing was registered"
             )
-        pipe = self.redis.pipeline()
-        pipe.rpush(PROFILE_REQUESTS_KEY, record.id)
-        pipe.ltrim(PROFILE_REQUESTS_KEY, -MAX_PROFILE_REQUESTS, -1)
-        pipe.execute()
+        if record.type == "model":  # an adapter is no model of its own: nothing to profile
+            pipe = self.redis.pipeline()
+            pipe.rpush(PROFILE_REQUESTS_KEY, record.id)
+            pipe.ltrim(PROFILE_REQUESTS_KEY, -MAX_PROFILE_REQUESTS, -1)
+            pipe.execute()
         return True
 
     def update(self, record: ModelRecord) -> bool:
