@@ -24,7 +24,7 @@ from service.fleet import live_inference_workers, live_job_workers
 from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
-from service.routes import console, generate, jobs, models, openai
+from service.routes import console, files, fine_tuning, generate, jobs, models, openai
 from service.schemas import Health
 from service.security_headers import SecurityHeadersMiddleware
 from workers.settings import Settings, get_settings
@@ -69,7 +69,10 @@ def create_app(
         description="Merge, prune and serve homologous LLMs.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    uploads = (settings.max_file_bytes + files.UPLOAD_SLACK, "STRATA_MAX_FILE_BYTES")
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": uploads}
+    )
     app.add_middleware(
         CrossSiteMiddleware,
         bound_host=settings.host if bound else None,
@@ -82,6 +85,8 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     console.mount(app)
 
     @app.exception_handler(RedisConnectionError)

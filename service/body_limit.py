@@ -12,17 +12,22 @@ from service.errors import send_json_error
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, tuple[int, str]] | None = None):
+        """`path_limits`: exact path -> (limit, the setting that sets it), for routes that take more."""
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body exceeds {self.max_bytes} bytes (STRATA_MAX_BODY_BYTES)"
+        max_bytes, setting = self.path_limits.get(
+            scope.get("path", ""), (self.max_bytes, "STRATA_MAX_BODY_BYTES")
+        )
+        message = f"request body exceeds {max_bytes} bytes ({setting})"
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             await send_json_error(send, 413, message)
             return
         chunks: list[bytes] = []
@@ -33,7 +38,7 @@ class BodyLimitMiddleware:
                 return
             chunk = msg.get("body", b"")
             seen += len(chunk)
-            if seen > self.max_bytes:
+            if seen > max_bytes:
                 await send_json_error(send, 413, message)
                 return
             chunks.append(chunk)

@@ -6,10 +6,12 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 from fastapi import HTTPException
 
 from service.schemas import (
     ExtractLoraJobRequest,
+    FinetuneJobRequest,
     FitExitsJobRequest,
     GrowJobRequest,
     MergeJobRequest,
@@ -32,6 +34,7 @@ from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError
+from workers.store.files import FileNotFound, FileStore
 from workers.store.model_files import read_config
 from workers.store.model_store import lora_bytes, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
@@ -278,7 +281,49 @@ def check_extract_lora(request: ExtractLoraJobRequest, registry: Registry, setti
     ensure_disk(lora_bytes(paths[request.model], request.max_rank), settings)
 
 
+MAX_FINETUNE_STEPS = 100_000
+
+
+def check_finetune(request: FinetuneJobRequest, registry: Registry, settings: Settings) -> None:
+    """The model resolves, one data source is given and exists, the run is at most MAX_FINETUNE_STEPS
+    optimiser steps, the output id is free and fits on disk (float32)."""
+    path = resolve_or_422(request.model, registry, settings)
+    given = [k for k in ("training_file", "data", "examples") if getattr(request, k)]
+    if len(given) != 1:
+        raise HTTPException(422, "give exactly one of training_file, data or examples")
+    if request.validation_file and request.validation_fraction:
+        raise HTTPException(422, "give validation_file or validation_fraction, not both")
+    files = FileStore(settings.files_dir, settings.max_file_bytes)
+    records = len(request.examples) if request.examples else None
+    for key in ("training_file", "validation_file"):
+        file_id = getattr(request, key)
+        if file_id:
+            try:
+                stored = files.get(file_id)
+            except FileNotFound as e:
+                raise HTTPException(422, f"{key}: {e}") from e
+            records = stored.records if key == "training_file" else records
+    for number, record in enumerate(request.examples or [], start=1):
+        try:
+            validate_record(record)
+        except DataError as e:
+            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
+    if request.data:
+        try:
+            resolve_path(request.data, settings.import_roots, directory=False)
+        except ModelReferenceError as e:
+            raise HTTPException(422, str(e)) from e
+    steps = request.train_config().total_steps(records) if records else request.steps
+    if steps is not None and steps > MAX_FINETUNE_STEPS:
+        raise HTTPException(
+            422, f"the run would take {steps:,} optimiser steps; at most {MAX_FINETUNE_STEPS:,}"
+        )
+    _default_name(request, f"ft-{request.suffix}" if request.suffix else "ft", registry)
+    ensure_disk(weights_bytes(path, torch.float32), settings)
+
+
 PRECHECKS = {
+    "finetune": check_finetune,
     "fit_exits": check_fit_exits,
     "sort": check_sort,
     "truncate": check_truncate,

@@ -14,12 +14,12 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from service.schemas import JobView
+from workers.jobs.context import CANCELED_AT
 from workers.jobs.queues import BACKGROUND_QUEUE_NAME, QUEUE_NAME, QUEUE_NAMES
 from workers.jobs.recovery import fail_abandoned
 from workers.settings import Settings
 
 INDEX = "strata:jobs"
-CANCELED_AT = "strata:jobs:canceled-at:"
 JOB_FUNCTIONS = {
     "merge": "workers.jobs.merge.merge_job",
     "moe": "workers.jobs.moe.moe_job",
@@ -32,6 +32,7 @@ JOB_FUNCTIONS = {
     "truncate": "workers.jobs.truncate.truncate_job",
     "fit_exits": "workers.jobs.fit_exits.fit_exits_job",
     "extract_lora": "workers.jobs.extract_lora.extract_lora_job",
+    "finetune": "workers.jobs.finetune.finetune_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

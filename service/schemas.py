@@ -11,6 +11,7 @@ from workers.early_exit.fit_data import DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
+from workers.train.finetune import FinetuneConfig
 
 
 def _slug(v: str | None) -> str | None:
@@ -292,6 +293,34 @@ class ExtractLoraJobRequest(BaseModel):
     _check_name = field_validator("name")(_slug)
 
 
+class FinetuneJobRequest(FinetuneConfig):
+    """Supervised fine-tuning, full-parameter or LoRA (W + alpha/r B A on `lora_targets`, merged into the
+    output; the PEFT adapter is kept in the model's `lora_adapter/`). Chat records get the model's chat
+    template and the loss on assistant turns only; prompt/response (or completion) and text records work
+    too. The data: an uploaded file (`training_file`, see POST /v1/files), a JSONL file under an import
+    root (`data`), or inline `examples`; validation loss on `validation_file` (or a held-out
+    `validation_fraction`) every `eval_every` steps and at the end."""
+
+    kind: Literal["finetune"]
+    model: str = Field(min_length=1, description="The model to fine-tune (registered id or directory)")
+    training_file: str | None = Field(default=None, description="An uploaded file id (file-...)")
+    validation_file: str | None = Field(default=None, description="An uploaded file id (file-...)")
+    data: str | None = Field(default=None, description="A JSONL file under an import root")
+    examples: list[dict[str, Any]] | None = Field(
+        default=None,
+        description='Inline records: {"messages"}, {"prompt", "response"} or {"text"}',
+        max_length=100_000,
+    )
+    suffix: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9._-]{1,40}$",
+        description="Part of the output's default name: <model>-ft-<suffix>-<6 hex>",
+    )
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
 JobRequest = Annotated[
     MergeJobRequest
     | MoeJobRequest
@@ -303,7 +332,8 @@ JobRequest = Annotated[
     | SortJobRequest
     | FitExitsJobRequest
     | TruncateJobRequest
-    | ExtractLoraJobRequest,
+    | ExtractLoraJobRequest
+    | FinetuneJobRequest,
     Field(discriminator="kind"),
 ]
 

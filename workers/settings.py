@@ -41,6 +41,7 @@ class Settings(BaseSettings):
         default=None, description="Comma-separated API keys, or a file with one per line; unset: no auth"
     )
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest request body accepted")
+    max_file_bytes: int = Field(default=32 << 20, gt=0, description="Largest uploaded file (POST /v1/files)")
     max_active_jobs_per_kind: int = Field(default=16, gt=0, description="Queued + running jobs of one kind")
     infer_workers: int = Field(default=1, ge=0, description="Inference workers that `strata serve` starts")
     max_new_tokens: int = Field(default=1024, gt=0, description="Largest max_new_tokens a request may ask")
@@ -101,6 +102,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
 
 
 @lru_cache

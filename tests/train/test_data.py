@@ -63,7 +63,7 @@ def test_messages_label_only_assistant_turns(chat_tokenizer):
         ('{"prompt": "p"}', "line 3: 'response' must be a string"),
         ('{"messages": [{"role": "user", "content": "q"}]}', "line 3: 'messages' has no assistant"),
         ('{"messages": [{"role": "robot", "content": "q"}]}', "line 3: messages[0].role"),
-        ('{"text": "x"}', "line 3: expected either"),
+        ('{"note": "x"}', "line 3: expected 'messages'"),
     ],
 )
 def test_jsonl_errors_name_the_line(tmp_path, bad, message):

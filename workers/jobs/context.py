@@ -14,6 +14,8 @@ from workers.settings import Settings, get_settings
 from workers.store.model_store import ModelStore
 from workers.store.registry import Registry
 
+CANCELED_AT = "strata:jobs:canceled-at:"  # + job id: set when a user cancels the job
+
 
 @dataclass
 class JobContext:
@@ -52,6 +54,10 @@ class JobContext:
         self.job.meta["progress"] = round(done / total, 4) if total else 1.0
         self.job.meta["message"] = message
         self.job.save_meta()
+
+    def cancel_requested(self) -> bool:
+        """A user asked to cancel this job (its work-horse is being stopped; stop sooner if you can)."""
+        return self.job is not None and bool(self.redis.exists(CANCELED_AT + self.job.id))
 
     def note(self, message: str) -> None:
         """Say what runs now, keeping the progress where it is."""

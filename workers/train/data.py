@@ -1,15 +1,19 @@
 """Supervised fine-tuning data: JSONL records to token ids with response-only labels, then batches.
 
-Each line of the JSONL file is one JSON object, either
+Each line of the JSONL file is one JSON object, one of
 
-    {"prompt": "...", "response": "..."}                       plain text, no chat template, or
-    {"messages": [{"role": "user", "content": "..."}, ...]}     rendered with tokenizer.apply_chat_template.
+    {"prompt": "...", "response": "..."}                       plain text, no chat template ("completion"
+                                                               is accepted for "response", OpenAI's legacy
+                                                               form),
+    {"messages": [{"role": "user", "content": "..."}, ...]}     rendered with tokenizer.apply_chat_template,
+    {"text": "..."}                                            plain text, every token trained on.
 
 Labels are -100 (ignored by the loss) on every token except the response: for prompt/response records the
 response tokens plus the EOS token; for chat records each assistant turn as the template renders it after
 the generation prompt (its content and end-of-turn marker). Chat records are tokenised segment by segment,
 the non-assistant segments being the differences between successive renderings of the conversation, so the
-labelled tokens are exactly the tokens a model produces after the generation prompt.
+labelled tokens are exactly the tokens a model produces after the generation prompt. Text records are BOS +
+text + EOS, all labelled.
 
 Rows longer than `seq_len` are truncated (the right end is dropped), or, with packing, examples are
 concatenated and cut into rows of exactly `seq_len` tokens.
@@ -74,6 +78,8 @@ def validate_record(record: Any, line: int | None = None) -> dict[str, Any]:
         if not any(message["role"] == "assistant" for message in messages):
             raise DataError(f"{where}'messages' has no assistant message to train on")
         return dict(record)
+    if "completion" in record and "response" not in record:
+        record = {**{k: v for k, v in record.items() if k != "completion"}, "response": record["completion"]}
     if "prompt" in record or "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
@@ -81,7 +87,11 @@ def validate_record(record: Any, line: int | None = None) -> dict[str, Any]:
         if not record["response"]:
             raise DataError(f"{where}'response' is empty")
         return dict(record)
-    raise DataError(f"{where}expected either 'messages' or 'prompt' and 'response'")
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"].strip():
+            raise DataError(f"{where}'text' must be a non-empty string")
+        return dict(record)
+    raise DataError(f"{where}expected 'messages', 'prompt' and 'response' (or 'completion'), or 'text'")
 
 
 def shipped_data_path() -> Path:
@@ -153,12 +163,22 @@ def encode_prompt_response(tokenizer, prompt: str, response: str) -> EncodedExam
     return EncodedExample(context + answer, [IGNORE_INDEX] * len(context) + answer)
 
 
+def encode_text(tokenizer, text: str) -> EncodedExample:
+    """BOS (when the tokenizer has one) + text + EOS, every token labelled."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    eos = [tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []
+    ids = bos + _encode(tokenizer, text) + eos
+    return EncodedExample(ids, list(ids))
+
+
 def encode_record(tokenizer, record: Mapping[str, Any], line: int | None = None) -> EncodedExample:
-    """One validated record as token ids and response-only labels."""
+    """One validated record as token ids and labels (response-only except for text records)."""
     record = validate_record(record, line)
     try:
         if "messages" in record:
             return encode_chat(tokenizer, record["messages"])
+        if "text" in record:
+            return encode_text(tokenizer, record["text"])
         return encode_prompt_response(tokenizer, record["prompt"], record["response"])
     except DataError as error:
         raise DataError(f"{_where(line)}{error}") from None
