@@ -40,6 +40,13 @@ class VariantsJobRequest(BaseModel):
     count: int = Field(default=2, ge=1, le=16)
     scale: float = Field(default=1e-3, gt=0, le=1)
     rank: int | None = Field(default=None, ge=1, description="Low-rank deltas of this rank (dense if unset)")
+    delta_error_budget: float | None = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Store each variant as the base + a delta compressed per tensor (low rank, sparse, int8 "
+        "or dense) within this relative error, served over the resident base; null: a plain copy",
+    )
     seed: int = 0
     prefix: str | None = None
 
