@@ -141,6 +141,22 @@ class VariantDelta:
     embed: LinearDelta | None = None
     adapters: ExitAdapters | None = None
 
+    def combined(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (R x in), B (out_total x R)) in float32 with B A = this layer's whole delta when every part
+        of it is low rank without a bias (the slices' factors side by side), else None. Built for a batch
+        (RowDeltas keeps it while the batch's rows stay), not here: it would double the variant's size."""
+        parts = self.linears.get(key, [])
+        if not parts or any(not isinstance(p.delta, LowRankDelta) or p.bias is not None for p in parts):
+            return None
+        a = torch.cat([p.delta.a.float() for p in parts])  # type: ignore[union-attr]
+        b = torch.zeros(out_total, a.shape[0], device=a.device)
+        start = 0
+        for p in parts:
+            rank, width = p.delta.rank, p.delta.out_features  # type: ignore[union-attr]
+            b[p.offset : p.offset + width, start : start + rank] = p.delta.b.float()  # type: ignore[union-attr]
+            start += rank
+        return a, b
+
     @property
     def bytes(self) -> int:
         total = sum(part.bytes for parts in self.linears.values() for part in parts)
@@ -168,6 +184,32 @@ class RowDeltas:
             for variant, index in members.values()
         ]
         self._norms: dict[tuple[int, str], torch.Tensor | None] = {}
+        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def _stack(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row factors (rows, in, R), (rows, R, out_total) of the layer's combined low-rank deltas, or
+        None where some variant's delta there is not low rank (or has a bias)."""
+        combined = {}
+        for variant, _ in self.groups:
+            if variant.linears.get(key):
+                factors = variant.combined(key, out_total)
+                if factors is None:
+                    return None
+                combined[id(variant)] = factors
+        if not combined:
+            return None
+        a_any = next(iter(combined.values()))[0]
+        rank = max(a.shape[0] for a, _ in combined.values())
+        rows = len(self.variants)
+        a_rows = torch.zeros(rows, a_any.shape[1], rank, device=a_any.device)
+        b_rows = torch.zeros(rows, rank, out_total, device=a_any.device)
+        for row, variant in enumerate(self.variants):
+            factors = combined.get(id(variant)) if variant is not None else None
+            if factors is not None:
+                a, b = factors
+                a_rows[row, :, : a.shape[0]] = a.T
+                b_rows[row, : a.shape[0]] = b.T
+        return a_rows, b_rows
 
     @staticmethod
     def of(variants: list[VariantDelta | None], device: torch.device) -> RowDeltas | None:
@@ -175,7 +217,20 @@ class RowDeltas:
         return RowDeltas(variants, device) if any(v is not None for v in variants) else None
 
     def linear(self, y: torch.Tensor, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
-        """y (the base's output for x) plus each variant's delta on its rows, in place."""
+        """y (the base's output for x) plus each variant's delta on its rows, in place.
+
+        Where every variant's delta on this layer is low rank, all rows go through one grouped product:
+        Y += (X A_rows) B_rows with per-row factors stacked (zeros for the base's rows), two batched matmuls
+        in float32 whatever the number of variants; otherwise each variant's rows are gathered in turn."""
+        if key not in self._stacks:
+            self._stacks[key] = self._stack(key, y.shape[-1])
+        stack = self._stacks[key]
+        if stack is not None:
+            a_rows, b_rows = stack
+            flat = x if x.dim() == 3 else x[:, None]
+            add = torch.bmm(torch.bmm(flat.float(), a_rows), b_rows)
+            y += (add if x.dim() == 3 else add[:, 0]).to(y.dtype)
+            return y
         for variant, index in self.groups:
             parts = variant.linears.get(key)
             if not parts:
