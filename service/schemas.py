@@ -378,6 +378,14 @@ class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     id: str = Field(description="The id to register the model under")
     path: str = Field(description="A Hugging Face directory (config.json + safetensors) under an import root")
+    base: str | None = Field(
+        default=None,
+        description="A registered model this one derives from: a model of its shapes is stored and served as "
+        "the base + a compressed delta; a PEFT LoRA adapter directory is served over the base unmerged",
+    )
+    delta_error_budget: float = Field(
+        default=0.05, ge=0, lt=1, description="With `base`: see the variants job"
+    )
 
     _check_id = field_validator("id")(_slug)
 
