@@ -41,6 +41,13 @@ class VariantsJobRequest(BaseModel):
     count: int = Field(default=2, ge=1, le=16)
     scale: float = Field(default=1e-3, gt=0, le=1)
     rank: int | None = Field(default=None, ge=1, description="Low-rank deltas of this rank (dense if unset)")
+    delta_error_budget: float | None = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Store each variant as the base + a delta compressed per tensor (low rank, sparse, int8 "
+        "or dense) within this relative error, served over the resident base; null: a plain copy",
+    )
     seed: int = 0
     prefix: str | None = None
 
@@ -401,6 +408,14 @@ class ImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     id: str = Field(description="The id to register the model under")
     path: str = Field(description="A Hugging Face directory (config.json + safetensors) under an import root")
+    base: str | None = Field(
+        default=None,
+        description="A registered model this one derives from: a model of its shapes is stored and served as "
+        "the base + a compressed delta; a PEFT LoRA adapter directory is served over the base unmerged",
+    )
+    delta_error_budget: float = Field(
+        default=0.05, ge=0, lt=1, description="With `base`: see the variants job"
+    )
 
     _check_id = field_validator("id")(_slug)
 

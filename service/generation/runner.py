@@ -193,13 +193,18 @@ class Generation:
         record = self.state(model_id).record
         if record is None:
             raise HTTPException(404, f"model {model_id!r} is not registered (see GET /v1/models)")
-        if record.type == "adapter":
-            raise HTTPException(422, f"{model_id!r} is a LoRA adapter of {record.base_model!r}, not a model")
         return record
+
+    def text_dir(self, model_id: str) -> Path:
+        """Where the model's tokenizer and config are: a LoRA adapter's are its base's."""
+        record = self.record(model_id)
+        if record.type == "adapter":
+            return self.settings.models_dir / (record.base_model or model_id)
+        return self.settings.models_dir / model_id
 
     def tokenizer(self, model_id: str):
         self.record(model_id)  # 404 before anything is read from disk
-        path = self.settings.models_dir / model_id
+        path = self.text_dir(model_id)
         try:
             return load_tokenizer(path, (path / "config.json").stat().st_mtime)
         except Exception as e:  # a malformed tokenizer raises anything; the message would show the store
@@ -213,7 +218,7 @@ class Generation:
         """`encode`, on the event loop for a short prompt whose tokenizer is loaded (a hop to a thread and
         back costs more than tokenizing it), else in a thread so the loop stays responsive."""
         self.record(model_id)  # 404 first (read with everything else this request needs of Redis)
-        path = self.settings.models_dir / model_id
+        path = self.text_dir(model_id)
         size = len(prompt or "") + sum(len(m.text()) for m in messages or ())
         try:
             loaded = tokenizer_loaded(path, (path / "config.json").stat().st_mtime)
@@ -244,7 +249,7 @@ class Generation:
             ids = tokenizer.encode(prompt)
         if not ids:
             raise HTTPException(422, "the prompt is empty after tokenization")
-        path = self.settings.models_dir / model_id
+        path = self.text_dir(model_id)
         vocab = vocab_size(path, (path / "config.json").stat().st_mtime)
         if vocab is not None and (max(ids) >= vocab or min(ids) < 0):
             raise HTTPException(

@@ -18,11 +18,14 @@ from service.schemas import (
     ModelList,
     ModelObject,
 )
+from workers.lora.adapter_delta import AdapterError, adapter_to_delta
+from workers.lora.extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from workers.settings import Settings
 from workers.store.model_files import ModelFileError, copy_contained
-from workers.store.model_store import ModelStore, describe
+from workers.store.model_store import ModelStore, describe, describe_adapter
 from workers.store.references import ModelReferenceError, resolve_path
-from workers.store.registry import ModelRecord, Registry
+from workers.store.registry import ModelRecord, ParentGoneError, Registry
+from workers.variants_delta import DeltaError, compress_variant, describe_delta
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 RegistryDep = Annotated[Registry, Depends(deps.registry)]
@@ -96,13 +99,23 @@ def import_model(
     settings: Annotated[Settings, Depends(deps.settings)],
 ) -> ModelObject:
     """Copy a local HF directory into the store (never linked: the store shares no file with the import
-    root) and register it with what its files were."""
+    root) and register it with what its files were. With `base` (a registered model): a full model is
+    stored as that base + a compressed delta and served over it; a PEFT LoRA adapter directory
+    (adapter_config.json + adapter_model.safetensors) is served over it without merging."""
     if registry.exists(body.id):
         raise HTTPException(409, f"model {body.id!r} already exists")
+    base = _import_base(body, registry, store)
+    adapter = base is not None and Path(body.path, ADAPTER_CONFIG).exists()
     try:
-        source = resolve_path(body.path, settings.import_roots)
+        if adapter:
+            source = resolve_path(
+                str(Path(body.path, ADAPTER_CONFIG)), settings.import_roots, directory=False
+            ).parent
+        else:
+            source = resolve_path(body.path, settings.import_roots)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
+    fields: dict = {}
     try:
         with store.staging(body.id) as tmp:
             for item in source.iterdir():
@@ -110,17 +123,49 @@ def import_model(
                     item.is_file()
                     and not item.is_symlink()
                     and item.suffix not in (".bin", ".pt", ".pth", ".pkl")
+                    and (not adapter or item.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
                 ):
                     copy_contained(source, item.name, tmp / item.name)
-            info = describe(tmp)
+            if adapter:
+                assert base is not None
+                adapter_to_delta(tmp, store.path(base.id), tmp, base_id=base.id)
+                info = describe_adapter(tmp, base.architecture, base.num_layers)
+                fields = {"type": "adapter", **describe_delta(tmp)}
+            else:
+                info = describe(tmp)
+                if base is not None:
+                    budget = body.delta_error_budget
+                    compress_variant(store.path(base.id), tmp, tmp, base_id=base.id, error_budget=budget)
+                    fields = describe_delta(tmp)
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
+    except (AdapterError, DeltaError) as e:
+        raise HTTPException(422, f"cannot import {body.path} over {body.base!r}: {e}") from e
     except ModelFileError as e:  # names the file or tensor, relative to the model directory
         raise HTTPException(422, f"cannot import {body.path}: {e}") from e
     except OSError as e:  # no path in the message: it would show the store's staging directory
         raise HTTPException(422, f"cannot import {body.path}: {e.strerror or 'a file cannot be read'}") from e
-    record = ModelRecord(id=body.id, recipe={"kind": "import", "path": str(source)}, **info)
-    if not registry.add(record):
+    recipe = {"kind": "import", "path": str(source), **({"base": base.id} if base is not None else {})}
+    parents = [base.id] if base is not None else []
+    record = ModelRecord(id=body.id, recipe=recipe, parents=parents, **info, **fields)
+    try:
+        added = registry.add(record, require=parents)
+    except ParentGoneError as e:
+        store.remove(body.id)
+        raise HTTPException(409, str(e)) from e
+    if not added:
         store.remove(body.id)
         raise HTTPException(409, f"model {body.id!r} already exists")
     return ModelObject.of(record)
+
+
+def _import_base(body: ImportRequest, registry: Registry, store: ModelStore) -> ModelRecord | None:
+    """The registered model an import names as its base (422 when it is missing or an adapter)."""
+    if body.base is None:
+        return None
+    record = registry.get(body.base)
+    if record is None or not store.path(body.base).is_dir():
+        raise HTTPException(422, f"base model {body.base!r} is not registered (see GET /v1/models)")
+    if record.type == "adapter":
+        raise HTTPException(422, f"base {body.base!r} is a LoRA adapter, not a model")
+    return record

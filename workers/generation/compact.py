@@ -45,6 +45,7 @@ from torch import nn
 
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import decoder_stack
+from workers.generation.deltas import RowDeltas
 
 Precision = Literal["float32", "bfloat16", "int8", "int4", "int8_dynamic"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int4", "int8_dynamic")
@@ -261,6 +262,7 @@ class CompactLlama:
         self.embed_weight = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach().to(self.dtype)
         head = model.lm_head
+        self.tied_head = head.weight is inner.embed_tokens.weight  # a variant's embedding delta is its head's
         self.head = QuantLinear(head.weight, head.bias, precision)
         self.layers = [self._layer(layer) for layer in inner.layers]
         self.adapters = adapters.to(self.device, self.dtype) if adapters is not None else None
@@ -298,8 +300,24 @@ class CompactLlama:
     def new_cache(self, depth: int, rows: int, capacity: int) -> KVCache:
         return KVCache(depth, rows, self.kv_heads, capacity, self.head_dim, self.kv_dtype, self.device)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+    def _norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        deltas: RowDeltas | None = None,
+        key: tuple[int, str] = (-1, "final"),
+    ) -> torch.Tensor:
+        rows = deltas.norm_weight(key, weight) if deltas is not None else None
+        if rows is None:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * (rows if x.dim() == 3 else rows[:, 0])
+
+    def _linear(
+        self, linear: QuantLinear, x: torch.Tensor, deltas: RowDeltas | None, key: tuple[int, str]
+    ) -> torch.Tensor:
+        """The base's linear for every row, plus the rows' variant deltas (workers.generation.deltas)."""
+        y = linear(x)
+        return y if deltas is None else deltas.linear(y, x, key)
 
     def _masks(
         self, pad_mask: torch.Tensor | None, q: int, total: int
@@ -318,8 +336,9 @@ class CompactLlama:
         sliding = full & (key_pos > query_pos - self.window)[None, None] if needs_window else full
         return full, sliding
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_weight).to(self.dtype)
+    def embed(self, input_ids: torch.Tensor, deltas: RowDeltas | None = None) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_weight).to(self.dtype)
+        return hidden if deltas is None else deltas.embed(hidden, input_ids)
 
     def rope(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for RoPE at `positions` (B, q), shaped (B, q, 1, head_dim); sin carries the sign of
@@ -340,10 +359,12 @@ class CompactLlama:
         stop: int,
         column: int,
         pad_mask: torch.Tensor | None = None,
+        deltas: RowDeltas | None = None,
     ) -> torch.Tensor:
         """Hidden states after layers start+1..stop for inputs (B, q, H) at `positions` (B, q), writing their
         keys and values at cache columns column..column+q-1 and attending over columns < column + q.
-        `pad_mask` (B, column + q), 1 for real tokens, or None when no row is padded."""
+        `pad_mask` (B, column + q), 1 for real tokens, or None when no row is padded; `deltas`: the rows'
+        variants of this base (None: every row is the base)."""
         rows, q = hidden.shape[:2]
         total = column + q
         if total > cache.capacity or rows > cache.rows or stop > cache.depth:
@@ -360,7 +381,7 @@ class CompactLlama:
                 return keys[:, :, :total], values[:, :, :total]
 
             mask = sliding_mask if self.sliding[i] else full_mask
-            hidden = self._block(i, hidden, cos, sin, store, mask, causal)
+            hidden = self._block(i, hidden, cos, sin, store, mask, causal, deltas)
         return hidden
 
     def _block(
@@ -372,13 +393,15 @@ class CompactLlama:
         store: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor | None,
         causal: bool,
+        deltas: RowDeltas | None = None,
     ) -> torch.Tensor:
         """Decoder layer i on hidden (B, q, H); `store(keys, values)` ((B, kv_heads, q, head_dim) each) writes
         the new keys and values to the cache and returns the keys and values to attend over."""
         layer = self.layers[i]
         rows, q = hidden.shape[:2]
         nh, kvh, hd, half = self.num_heads, self.kv_heads, self.head_dim, self.head_dim // 2
-        qkv = layer.qkv(self._norm(hidden, layer.input_norm)).view(rows, q, nh + 2 * kvh, hd)
+        normed = self._norm(hidden, layer.input_norm, deltas, (i, "input"))
+        qkv = self._linear(layer.qkv, normed, deltas, (i, "qkv")).view(rows, q, nh + 2 * kvh, hd)
         qk = qkv[:, :, : nh + kvh]
         qk = qk * cos + qk.roll(half, dims=-1) * sin
         kv = self.kv_dtype
@@ -393,13 +416,14 @@ class CompactLlama:
             scale=self.scale,
             enable_gqa=kvh != nh,
         )
-        hidden = hidden + layer.o(attn.transpose(1, 2).reshape(rows, q, nh * hd).to(self.dtype))
-        mlp_in = self._norm(hidden, layer.post_norm)
+        attn = attn.transpose(1, 2).reshape(rows, q, nh * hd).to(self.dtype)
+        hidden = hidden + self._linear(layer.o, attn, deltas, (i, "o"))
+        mlp_in = self._norm(hidden, layer.post_norm, deltas, (i, "post"))
         if layer.moe is not None:
             out = layer.moe(mlp_in)
             return hidden + (out[0] if isinstance(out, tuple) else out)
-        gate, up = layer.gate_up(mlp_in).chunk(2, dim=-1)
-        return hidden + layer.down(F.silu(gate) * up)
+        gate, up = self._linear(layer.gate_up, mlp_in, deltas, (i, "gate_up")).chunk(2, dim=-1)
+        return hidden + self._linear(layer.down, F.silu(gate) * up, deltas, (i, "down"))
 
     @property
     def graphable(self) -> bool:
@@ -454,15 +478,27 @@ class CompactLlama:
         return out
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, depth: int, exit_adapter: bool = True) -> torch.Tensor:
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        depth: int,
+        exit_adapter: bool = True,
+        deltas: RowDeltas | None = None,
+        adapters: ExitAdapters | None = None,
+    ) -> torch.Tensor:
         """float32 logits LMHead(FinalNorm(h)) of hidden states at exit `depth` (through its adapter,
-        LMHead(s_k FinalNorm(A_k h + b_k)), when there is one and `exit_adapter`)."""
-        if exit_adapter and self.adapters is not None:
-            return self.head(self.adapters.head_input(hidden, depth, self._final_norm)).float()
-        return self.head(self._final_norm(hidden)).float()
+        LMHead(s_k FinalNorm(A_k h + b_k)), when there is one and `exit_adapter`). `adapters`: exit adapters
+        to use instead of the model's (a variant's own, already on the device in the activation dtype)."""
+        adapters = adapters if adapters is not None else self.adapters
 
-    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._norm(hidden, self.final_norm)
+        def final_norm(h: torch.Tensor) -> torch.Tensor:
+            return self._norm(h, self.final_norm, deltas, (-1, "final"))
+
+        if exit_adapter and adapters is not None:
+            head_in = adapters.head_input(hidden, depth, final_norm)
+        else:
+            head_in = final_norm(hidden)
+        return self._linear(self.head, head_in, deltas, (-1, "head")).float()
 
     @torch.inference_mode()
     def forward(
@@ -474,10 +510,14 @@ class CompactLlama:
         pad_mask: torch.Tensor | None = None,
         exit_adapter: bool = True,
         last_only: bool = True,
+        deltas: RowDeltas | None = None,
+        adapters: ExitAdapters | None = None,
     ) -> torch.Tensor:
         """Logits for new tokens (B, q) at exit `depth`, appending their KV to `cache` at column
         `cache.length`. `pad_mask` (B, cache.length + q), 1 for real tokens, or None when no row is padded.
-        Returns (B, vocab) logits of the last position, or (B, q, vocab) with `last_only=False`."""
-        hidden = self.run_layers(self.embed(input_ids), positions, cache, 0, depth, cache.length, pad_mask)
+        Returns (B, vocab) logits of the last position, or (B, q, vocab) with `last_only=False`. `deltas`,
+        `adapters`: the rows' variants and their exit adapters (see `run_layers`, `logits`)."""
+        hidden = self.embed(input_ids, deltas)
+        hidden = self.run_layers(hidden, positions, cache, 0, depth, cache.length, pad_mask, deltas)
         cache.length += input_ids.shape[1]
-        return self.logits(hidden[:, -1] if last_only else hidden, depth, exit_adapter)
+        return self.logits(hidden[:, -1] if last_only else hidden, depth, exit_adapter, deltas, adapters)

@@ -37,6 +37,7 @@ from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import check_depth, decoder_stack, num_layers
 from workers.generation.compact import CompactLlama, KVCache, Precision
 from workers.generation.cuda_graphs import GraphedDecoder
+from workers.generation.deltas import RowDeltas, VariantDelta
 from workers.generation.sampling import sample_token, seeded_generator
 from workers.generation.streaming import TextStream
 
@@ -58,6 +59,7 @@ class GenerationRequest(BaseModel):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
     exit_adapter: bool = True  # apply the model's exit adapter at this depth when it has one
+    variant: str | None = None  # a variant of the engine's model held as a delta (see `add_variant`)
     request_id: str = Field(default_factory=lambda: uuid4().hex)
 
 
@@ -146,8 +148,11 @@ class _DepthBatch:
         self.engine, self.rows = engine, rows
         self.depth = rows[0].request.depth
         self.batch_size = len(rows)
-        adapters = engine.adapters
+        # every row shares its exit adapters (`plan`): the base's, or one variant's own
+        self.own_adapters = engine.own_adapters(rows[0].request)
+        adapters = self.own_adapters or engine.adapters
         self.adapter = rows[0].request.exit_adapter and adapters is not None and adapters.has(self.depth)
+        self.deltas = engine.row_deltas([row.request for row in rows])
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None
         self.padded = False
@@ -173,9 +178,19 @@ class _DepthBatch:
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = self.mask if self.padded else None
         graphs = self.engine.graphs
-        if graphs is not None and ids.shape[1] == 1:
+        plain = self.deltas is None and self.own_adapters is None
+        if graphs is not None and ids.shape[1] == 1 and plain:
             return graphs.step(ids, self.positions, self.cache, self.depth, mask, self.adapter)
-        return self.engine.compact.forward(ids, self.positions, self.cache, self.depth, mask, self.adapter)
+        return self.engine.compact.forward(
+            ids,
+            self.positions,
+            self.cache,
+            self.depth,
+            mask,
+            self.adapter,
+            deltas=self.deltas,
+            adapters=self.own_adapters,
+        )
 
     @torch.inference_mode()
     def _prefill(self) -> torch.Tensor:
@@ -256,6 +271,7 @@ class _DepthBatch:
             return
         if self.mask is None:  # not prefilled yet: nothing cached
             self.rows = [self.rows[i] for i in keep]
+            self.deltas = self.engine.row_deltas([row.request for row in self.rows])
         else:
             self._shrink(keep)
 
@@ -263,6 +279,7 @@ class _DepthBatch:
     def _shrink(self, keep: list[int]) -> None:
         """Drop finished rows, then the leading columns that are padding in every remaining row."""
         self.rows = [self.rows[i] for i in keep]
+        self.deltas = self.engine.row_deltas([row.request for row in self.rows])
         if not keep:
             self.engine.release_cache(self.cache)
             self.cache = None
@@ -309,6 +326,7 @@ class EarlyExitEngine:
             frozenset(eos_token_ids) if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         )
         self.pad_id = 0
+        self.variants: dict[str, VariantDelta] = {}  # variants of this model held as deltas, by name
         self.vocab_size = decoder_stack(model).embed_tokens.num_embeddings
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
 
@@ -324,6 +342,24 @@ class EarlyExitEngine:
         self.compact.adapters = adapters.to(self.device, self.compact.dtype) if adapters is not None else None
         if self.graphs is not None:
             self.graphs.clear()
+
+    def add_variant(self, variant: VariantDelta) -> None:
+        """Serve `variant` (a delta over this engine's model, in its device and activation dtype) to requests
+        naming it; its own exit adapters, if any, are moved to the device here."""
+        if variant.adapters is not None:
+            variant.adapters = variant.adapters.to(self.device, self.compact.dtype)
+        self.variants[variant.name] = variant
+
+    def remove_variant(self, name: str) -> None:
+        self.variants.pop(name, None)
+
+    def own_adapters(self, request: GenerationRequest) -> ExitAdapters | None:
+        """The exit adapters of the request's variant when it has its own (else None: the base's)."""
+        return None if request.variant is None else self.variants[request.variant].adapters
+
+    def row_deltas(self, requests: Sequence[GenerationRequest]) -> RowDeltas | None:
+        variants = [None if r.variant is None else self.variants[r.variant] for r in requests]
+        return RowDeltas.of(variants, self.device)
 
     def take_cache(self, depth: int, rows: int, positions: int) -> KVCache:
         """A KV cache for `rows` rows of up to `positions` positions at `depth`: the one kept from an earlier
@@ -348,6 +384,8 @@ class EarlyExitEngine:
     def validate(self, request: GenerationRequest) -> None:
         """Raise ValueError for a depth outside 1..L, unknown token ids, or a context beyond the model's."""
         check_depth(self.model, request.depth)
+        if request.variant is not None and request.variant not in self.variants:
+            raise ValueError(f"variant {request.variant!r} is not loaded in this engine")
         if not all(0 <= token < self.vocab_size for token in request.prompt_ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
         total = len(request.prompt_ids) + request.max_new_tokens
@@ -355,12 +393,16 @@ class EarlyExitEngine:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the model's {self.max_positions}")
 
     def plan(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
-        """Indices grouped by (depth, exit adapter on/off), sorted by prompt length (less padding), in chunks
-        of max_batch_size."""
-        groups: dict[tuple[int, bool], list[int]] = {}
+        """Indices grouped by (depth, exit adapter on/off, whose exit adapters), sorted by prompt length (less
+        padding), in chunks of max_batch_size. Variants of this model without exit adapters of their own share
+        batches with each other and with the base."""
+        groups: dict[tuple[int, bool, str], list[int]] = {}
         for index, request in enumerate(requests):
-            adapted = request.exit_adapter and self.adapters is not None and self.adapters.has(request.depth)
-            groups.setdefault((request.depth, adapted), []).append(index)
+            own = self.own_adapters(request)
+            adapters = own or self.adapters
+            adapted = request.exit_adapter and adapters is not None and adapters.has(request.depth)
+            owner = request.variant if own is not None and adapted else ""
+            groups.setdefault((request.depth, adapted, owner or ""), []).append(index)
         batches = []
         for key in sorted(groups):
             ordered = sorted(groups[key], key=lambda i: len(requests[i].prompt_ids))

@@ -93,8 +93,12 @@ class _Decoder:
         num_draft_tokens: int,
         eos: Iterable[int],
         index: int = 0,
+        engine: EarlyExitEngine | None = None,
     ) -> None:
         self.compact, self.request, self.device, self.index = compact, request, compact.device, index
+        # the request's variant of the engine's model (a delta over it), and its own exit adapters if any
+        self.deltas = engine.row_deltas([request]) if engine is not None else None
+        self.own_adapters = engine.own_adapters(request) if engine is not None else None
         self.layers = compact.num_layers
         if not 1 <= draft_depth < self.layers:
             raise ValueError(f"draft_depth must be between 1 and {self.layers - 1}, got {draft_depth}")
@@ -117,15 +121,22 @@ class _Decoder:
 
     def _head(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
         """Greedy token ids of the exit at `depth` for every position of a (1, q, H) tensor."""
-        return self.compact.logits(hidden[0], depth, self.request.exit_adapter).argmax(-1)
+        adapter = self.request.exit_adapter
+        return self.compact.logits(hidden, depth, adapter, self.deltas, self.own_adapters)[0].argmax(-1)
 
     def _layers(self, hidden: torch.Tensor, position: int, start: int, stop: int) -> torch.Tensor:
         """Layers start+1..stop over inputs at positions position.., writing their KV at those columns."""
         positions = torch.arange(position, position + hidden.shape[1], device=self.device)[None]
-        return self.compact.run_layers(hidden, positions, self.cache, start, stop, position)
+        return self.compact.run_layers(
+            hidden, positions, self.cache, start, stop, position, None, self.deltas
+        )
 
     def _embed(self, token_ids: Sequence[int]) -> torch.Tensor:
-        return self.compact.embed(torch.tensor([list(token_ids)], device=self.device))
+        return self.compact.embed(torch.tensor([list(token_ids)], device=self.device), self.deltas)
+
+    def _draft_adapted(self) -> bool:
+        adapters = self.own_adapters or self.compact.adapters
+        return self.request.exit_adapter and adapters is not None and adapters.has(self.k)
 
     def _commit(self, new: Sequence[int]) -> tuple[list[TokenEvent], FinishReason | None]:
         """Commit tokens in order, as the engine does: EOS ends (not kept), a stop string or the length cap
@@ -213,7 +224,7 @@ class _Decoder:
             prefill_ms=self.stats.prefill_ms,
             decode_ms=self.stats.total_ms - self.stats.prefill_ms,
             precision=self.compact.precision,
-            exit_adapter=self.request.exit_adapter and self.compact.has_adapter(self.k),
+            exit_adapter=self._draft_adapted(),
             speculative={
                 "draft_depth": self.k,
                 "num_draft_tokens": self.m,
@@ -258,7 +269,7 @@ def speculative_events(
     the output is full-depth greedy). The FinishEvent reports depth = L and batch_size = 1."""
     model, compact, eos, engine = _resolve(engine, engine.tokenizer, None)
     _validate(model, engine, request.model_copy(update={"depth": num_layers(model)}))
-    decoder = _Decoder(compact, engine.tokenizer, request, draft_depth, num_draft_tokens, eos)
+    decoder = _Decoder(compact, engine.tokenizer, request, draft_depth, num_draft_tokens, eos, engine=engine)
     yield from decoder.events()
 
 

@@ -38,6 +38,7 @@ from workers.inference.protocol import (
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_store import verify_model
 from workers.store.registry import Registry
+from workers.variants_delta import delta_base, load_variant
 
 log = logging.getLogger("strata.infer")
 
@@ -97,12 +98,15 @@ class InferenceWorker:
         max_batch_size: int = 8,
         max_models: int = 2,
         precision: str = "auto",
+        variant_memory_bytes: int = 2 << 30,
     ):
         self.redis = redis
         self.precision = precision
         self.models_dir = models_dir
         self.max_batch_size = max_batch_size
-        self.max_models = max_models
+        self.max_models = max_models  # bases (and plain models) kept loaded
+        self.variant_memory_bytes = variant_memory_bytes  # deltas of variants kept loaded, all bases together
+        self.variant_lru: OrderedDict[str, tuple[str, int]] = OrderedDict()  # variant -> (its base, bytes)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
         self.adapter_stamps: dict[str, tuple[int, int] | None] = {}
@@ -129,8 +133,51 @@ class InferenceWorker:
         )
         self.engines[model_id] = engine
         while len(self.engines) > self.max_models:
-            self.engines.popitem(last=False)
+            dropped, _ = self.engines.popitem(last=False)
+            for variant in [v for v, (base, _) in self.variant_lru.items() if base == dropped]:
+                del self.variant_lru[variant]
         return engine
+
+    def route(self, model_id: str) -> tuple[str, str | None]:
+        """(engine to serve `model_id` with, variant name or None): a model stored as a delta of a base
+        that is in the store is served as that base plus its delta; anything else as itself."""
+        try:
+            base = delta_base(self.models_dir / model_id)
+        except (OSError, ValueError):
+            base = None
+        if base is None or base == model_id or not (self.models_dir / base / "config.json").is_file():
+            return model_id, None
+        return base, model_id
+
+    def hold_variant(self, base: str, variant: str, pinned: set[str]) -> None:
+        """Load `variant`'s delta into its base's engine unless it is there; beyond the memory budget the
+        least recently used variants not in `pinned` (the group being served) are dropped."""
+        engine = self.engine(base)
+        if variant in engine.variants and variant in self.variant_lru:
+            self.variant_lru.move_to_end(variant)
+            return
+        path = self.models_dir / variant
+        config = engine.model.config
+        own = load_adapters(path, config.num_hidden_layers, config.hidden_size)
+        held = load_variant(path, variant, engine.compact, own)
+        engine.add_variant(held)
+        self.variant_lru[variant] = (base, held.bytes)
+        while sum(size for _, size in self.variant_lru.values()) > self.variant_memory_bytes:
+            victim = next((v for v in self.variant_lru if v not in pinned), None)
+            if victim is None:
+                break
+            victim_base, _ = self.variant_lru.pop(victim)
+            if victim_base in self.engines:
+                self.engines[victim_base].remove_variant(victim)
+
+    def resident(self) -> dict[str, dict]:
+        """The loaded bases (and plain models) with the variants held over each and their delta bytes."""
+        out = {model: {"variants": [], "variant_bytes": 0} for model in self.engines}
+        for variant, (base, size) in self.variant_lru.items():
+            if base in out:
+                out[base]["variants"].append(variant)
+                out[base]["variant_bytes"] += size
+        return out
 
     def _heartbeat(self) -> None:
         while not self.stopping.is_set():
@@ -224,6 +271,8 @@ class InferenceWorker:
         writer.flush()
         try:
             engine = self.engine(model_id)
+            jobs = self._variant_requests(model_id, jobs)
+            models = {job.request.request_id: job.model for job in jobs}
             cancelled = self._cancel_watch([job.request.request_id for job in jobs], writer)
             plain = [job for job in jobs if job.speculative is None]
             steps = [engine.steps([job.request for job in plain], cancelled)] if plain else []
@@ -237,7 +286,7 @@ class InferenceWorker:
                 finished = self._queue_step(writer, step)
                 writer.flush()
                 for event in finished:
-                    self._observe(model_id, event, started)
+                    self._observe(models.get(event.request_id, model_id), event, started)
             writer.sync()  # an error reply to the last step's writes is this group's error too
             # A request may have finished just as its client gave up: the API may have deleted its stream
             # before the finish was written. Its cancel is checked once more, after the finish is in Redis:
@@ -252,6 +301,21 @@ class InferenceWorker:
                 writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}", **status})
             writer.flush()
 
+    def _variant_requests(self, engine_id: str, jobs: list[InferenceJob]) -> list[InferenceJob]:
+        """The group's jobs with each variant's delta loaded and its requests naming it."""
+        pinned = {job.model for job in jobs}
+        out = []
+        for job in jobs:
+            _, variant = self.route(job.model)
+            if variant is None or job.model == engine_id:
+                out.append(job)
+                continue
+            self.hold_variant(engine_id, variant, pinned)
+            out.append(
+                job.model_copy(update={"request": job.request.model_copy(update={"variant": variant})})
+            )
+        return out
+
     @staticmethod
     def _queue_step(writer: EventWriter, step: list[GenerationEvent]) -> list[FinishEvent]:
         """Queue one engine step's events; the requests it finished."""
@@ -263,6 +327,14 @@ class InferenceWorker:
                 writer.add(event.request_id, "finish", {k: v for k, v in vars(event).items() if k != "index"})
                 finished.append(event)
         return finished
+
+    def serve_batch(self, jobs: list[InferenceJob]) -> None:
+        """Serve jobs taken together, one group per engine: variants of one base decode in one batch."""
+        by_engine: dict[str, list[InferenceJob]] = {}
+        for job in jobs:
+            by_engine.setdefault(self.route(job.model)[0], []).append(job)
+        for engine_id, group in by_engine.items():
+            self.serve_group(engine_id, group)
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -276,11 +348,7 @@ class InferenceWorker:
                     if self.stopping.is_set():  # stopped together with Redis (Ctrl-C reaches the whole group)
                         break
                     raise
-                by_model: dict[str, list[InferenceJob]] = {}
-                for job in jobs:
-                    by_model.setdefault(job.model, []).append(job)
-                for model_id, group in by_model.items():
-                    self.serve_group(model_id, group)
+                self.serve_batch(jobs)
         finally:
             self.stopping.set()
             try:

@@ -6,8 +6,14 @@ from typing import Any
 
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
-from workers.store.references import resolve_model
+from workers.store.model_store import describe
+from workers.store.references import is_registry_id, resolve_model
 from workers.variants import make_variant
+from workers.variants_delta import compress_variant, describe_delta
+
+
+def describe_variant(path) -> dict[str, Any]:
+    return {**describe(path), **describe_delta(path)}
 
 
 def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -15,6 +21,8 @@ def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
     s = ctx.settings
     source = resolve_model(spec["base"], ctx.registry, s.models_dir, s.import_roots)
     count = spec["count"]
+    budget = spec.get("delta_error_budget")
+    as_delta = budget is not None and is_registry_id(spec["base"])  # served as the base + a delta
     created = []
     for i in range(count):
         model_id = f"{spec['prefix']}-{i + 1}"
@@ -32,7 +40,12 @@ def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
                 max_shard_bytes=s.max_shard_bytes,
                 progress=progress,
             )
+            if as_delta:
+                ctx.note(f"variant {i + 1}/{count}: storing its delta to the base")
+                compress_variant(source, out_dir, out_dir, base_id=spec["base"], error_budget=budget)
 
-        publish_model(ctx, model_id, build, parents=[spec["base"]], recipe=spec)
+        publish_model(
+            ctx, model_id, build, parents=[spec["base"]], recipe=spec, describe_with=describe_variant
+        )
         created.append(model_id)
     return {"models": created}

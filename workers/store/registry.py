@@ -49,9 +49,16 @@ class ModelRecord(BaseModel):
     type: Literal["model", "adapter"] = Field(
         default="model", description="adapter: a PEFT LoRA adapter, applied on top of `base_model`"
     )
-    base_model: str | None = Field(default=None, description="For an adapter: the model it applies to")
+    base_model: str | None = Field(
+        default=None, description="For an adapter: the model it applies to; for a variant: its base"
+    )
     files: dict[str, dict[str, Any]] | None = Field(
         default=None, description="config and weights as registered (size, sha256); checked at every load"
+    )
+    delta: dict[str, Any] | None = Field(
+        default=None,
+        description="A variant served as base + compressed delta: forms chosen per tensor, worst relative "
+        "error, bytes against the base's (the full weights stay in the store)",
     )
 
 

@@ -1,0 +1,378 @@
+"""Variants of a resident base as deltas behind the compact engine's linear layers: the one seam through
+which a batch mixes variants of one base.
+
+A variant v of a base is the base's weights plus, per tensor, a delta D_v in one of these forms:
+
+- low rank:  D = B A             (B: out x r, A: r x in),  applied as  y += (x A^T) B^T
+- dense:     D                   (in the activation dtype),  y += x D^T
+- int8:      D = s_o q_oi        (per output channel, q in [-127, 127]),  y += x (s q)^T
+- sparse:    D in CSR            (float32),  y += (D x^T)^T
+
+For a batch whose rows r belong to variants v(r) (None: the base itself), every linear layer computes
+
+    Y = X W^T (+ b)                                  once, for all rows (the base's matmul)
+    Y[rows of v, slice] += D_v,slice(X[rows of v])   for each variant v present (its rows only)
+
+where `slice` is the part of a fused projection (q, k, v of qkv; gate, up of gate_up) the delta belongs to.
+Embedding rows add D_embed[ids]; norms a variant changed are applied per row with its own weights. With D
+stored exactly (dense), a variant's rows compute what its full model computes, up to float rounding of
+x (W + D)^T against x W^T + x D^T. Nothing here knows about requests, files or Redis.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from workers.early_exit.adapters import ExitAdapters
+
+
+class LinearDelta(Protocol):
+    out_features: int
+    bytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class LowRankDelta:
+    """D = B A: y = (x A^T) B^T; rows(ids) = B[ids] A (an embedding delta)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"low-rank factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+        self.a, self.b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        self.out_features, self.rank = b.shape[0], a.shape[0]
+        self.bytes = (self.a.numel() + self.b.numel()) * self.a.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.a), self.b)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.b) @ self.a
+
+
+class DenseDelta:
+    """D itself, in the activation dtype."""
+
+    def __init__(self, delta: torch.Tensor, dtype: torch.dtype) -> None:
+        self.delta = delta.to(dtype).contiguous()
+        self.out_features = delta.shape[0]
+        self.bytes = self.delta.numel() * self.delta.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.delta)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.delta)
+
+
+class Int8Delta:
+    """D = s_o q_oi, one scale per output row, dequantised per call of its rows' product."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        self.q, self.scale = q.to(torch.int8).contiguous(), scale.to(dtype).contiguous()
+        self.dtype = dtype
+        self.out_features = q.shape[0]
+        self.bytes = self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.q).to(self.dtype) * self.scale[ids][..., None]
+
+
+class SparseDelta:
+    """D in CSR (float32): y = (D x^T)^T."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.delta = delta.float().to_sparse_csr() if not delta.is_sparse_csr else delta.float()
+        self.out_features = delta.shape[0]
+        values = self.delta.values()
+        index_bytes = self.delta.col_indices().numel() * 8 + self.delta.crow_indices().numel() * 8
+        self.bytes = values.numel() * values.element_size() + index_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        y = torch.sparse.mm(self.delta, flat.T).T
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        picked = torch.stack([self.delta[int(i)].to_dense() for i in flat.tolist()])
+        return picked.reshape(*ids.shape, -1)
+
+
+@dataclass
+class SliceDelta:
+    """A delta on the output columns offset..offset+n of a (fused) linear layer, with an optional bias
+    delta on them."""
+
+    offset: int
+    delta: LinearDelta | None
+    bias: torch.Tensor | None = None
+
+    @property
+    def bytes(self) -> int:
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return (0 if self.delta is None else self.delta.bytes) + extra
+
+
+@dataclass
+class VariantDelta:
+    """What a variant adds to its base in the compact engine's terms.
+
+    `linears[(layer, slot)]` with slot one of qkv, o, gate_up, down (layer -1 and slot head: the LM head);
+    `norms[(layer, which)]` with which one of input, post (layer -1, final): the variant's own norm
+    weights, only where they differ from the base's; `embed`: a delta on the input embedding;
+    `adapters`: the variant's own exit adapters (None: it uses its base's)."""
+
+    name: str
+    linears: dict[tuple[int, str], list[SliceDelta]] = field(default_factory=dict)
+    norms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    embed: LinearDelta | None = None
+    adapters: ExitAdapters | None = None
+
+    def combined(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A (R x in), B (out_total x R)) in float32 with B A = this layer's whole delta when every part
+        of it is low rank without a bias (the slices' factors side by side), else None. Built for a batch
+        (RowDeltas keeps it while the batch's rows stay), not here: it would double the variant's size."""
+        parts = self.linears.get(key, [])
+        if not parts or any(not isinstance(p.delta, LowRankDelta) or p.bias is not None for p in parts):
+            return None
+        a = torch.cat([p.delta.a.float() for p in parts])  # type: ignore[union-attr]
+        b = torch.zeros(out_total, a.shape[0], device=a.device)
+        start = 0
+        for p in parts:
+            rank, width = p.delta.rank, p.delta.out_features  # type: ignore[union-attr]
+            b[p.offset : p.offset + width, start : start + rank] = p.delta.b.float()  # type: ignore[union-attr]
+            start += rank
+        return a, b
+
+    @property
+    def bytes(self) -> int:
+        total = sum(part.bytes for parts in self.linears.values() for part in parts)
+        total += sum(w.numel() * w.element_size() for w in self.norms.values())
+        if self.embed is not None:
+            total += self.embed.bytes
+        if self.adapters is not None:
+            maps = self.adapters.maps.values()
+            total += sum((a.weight.numel() + a.bias.numel()) * a.weight.element_size() for a in maps)
+        return total
+
+
+class RowDeltas:
+    """The variants of a batch's rows: `variants[r]` is row r's variant (None: the base)."""
+
+    def __init__(self, variants: list[VariantDelta | None], device: torch.device) -> None:
+        self.variants = variants
+        members: dict[int, tuple[VariantDelta, list[int]]] = {}
+        for row, variant in enumerate(variants):
+            if variant is not None:
+                members.setdefault(id(variant), (variant, []))[1].append(row)
+        rows = len(variants)
+        self.groups: list[tuple[VariantDelta, torch.Tensor | None]] = [
+            (variant, None if len(index) == rows else torch.tensor(index, device=device))
+            for variant, index in members.values()
+        ]
+        self._norms: dict[tuple[int, str], torch.Tensor | None] = {}
+        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def _stack(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row factors (rows, in, R), (rows, R, out_total) of the layer's combined low-rank deltas, or
+        None where some variant's delta there is not low rank (or has a bias)."""
+        combined = {}
+        for variant, _ in self.groups:
+            if variant.linears.get(key):
+                factors = variant.combined(key, out_total)
+                if factors is None:
+                    return None
+                combined[id(variant)] = factors
+        if not combined:
+            return None
+        a_any = next(iter(combined.values()))[0]
+        rank = max(a.shape[0] for a, _ in combined.values())
+        rows = len(self.variants)
+        a_rows = torch.zeros(rows, a_any.shape[1], rank, device=a_any.device)
+        b_rows = torch.zeros(rows, rank, out_total, device=a_any.device)
+        for row, variant in enumerate(self.variants):
+            factors = combined.get(id(variant)) if variant is not None else None
+            if factors is not None:
+                a, b = factors
+                a_rows[row, :, : a.shape[0]] = a.T
+                b_rows[row, : a.shape[0]] = b.T
+        return a_rows, b_rows
+
+    @staticmethod
+    def of(variants: list[VariantDelta | None], device: torch.device) -> RowDeltas | None:
+        """None when no row has a variant (the base's path, untouched)."""
+        return RowDeltas(variants, device) if any(v is not None for v in variants) else None
+
+    def linear(self, y: torch.Tensor, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+        """y (the base's output for x) plus each variant's delta on its rows, in place.
+
+        Where every variant's delta on this layer is low rank, all rows go through one grouped product:
+        Y += (X A_rows) B_rows with per-row factors stacked (zeros for the base's rows), two batched matmuls
+        in float32 whatever the number of variants; otherwise each variant's rows are gathered in turn."""
+        if key not in self._stacks:
+            self._stacks[key] = self._stack(key, y.shape[-1])
+        stack = self._stacks[key]
+        if stack is not None:
+            a_rows, b_rows = stack
+            flat = x if x.dim() == 3 else x[:, None]
+            add = torch.bmm(torch.bmm(flat.float(), a_rows), b_rows)
+            y += (add if x.dim() == 3 else add[:, 0]).to(y.dtype)
+            return y
+        for variant, index in self.groups:
+            parts = variant.linears.get(key)
+            if not parts:
+                continue
+            xs = x if index is None else x.index_select(0, index)
+            for part in parts:
+                width = part.delta.out_features if part.delta is not None else part.bias.shape[0]
+                out = y[..., part.offset : part.offset + width]
+                add = part.delta(xs) if part.delta is not None else None
+                if part.bias is not None:
+                    add = part.bias.expand(*xs.shape[:-1], width) if add is None else add + part.bias
+                if index is None:
+                    out += add.to(y.dtype)
+                else:
+                    out.index_add_(0, index, add.to(y.dtype))
+        return y
+
+    def embed(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        for variant, index in self.groups:
+            if variant.embed is None:
+                continue
+            if index is None:
+                hidden += variant.embed.rows(ids).to(hidden.dtype)
+            else:
+                hidden.index_add_(0, index, variant.embed.rows(ids.index_select(0, index)).to(hidden.dtype))
+        return hidden
+
+    def norm_weight(self, key: tuple[int, str], base: torch.Tensor) -> torch.Tensor | None:
+        """Per-row norm weights (B, 1, H) where some row's variant has its own, else None (the base's)."""
+        if key not in self._norms:
+            own = [v.norms.get(key) if v is not None else None for v in self.variants]
+            if all(w is None for w in own):
+                self._norms[key] = None
+            else:
+                stacked = torch.stack([base if w is None else w.to(base.dtype) for w in own])
+                self._norms[key] = stacked[:, None, :]
+        return self._norms[key]
+
+
+class VariantLayoutError(ValueError):
+    """A delta names a tensor the base does not have, or has another shape than the base's tensor."""
+
+
+_PROJECTIONS = {
+    "self_attn.q_proj": ("qkv", 0),
+    "self_attn.k_proj": ("qkv", 1),
+    "self_attn.v_proj": ("qkv", 2),
+    "self_attn.o_proj": ("o", 0),
+    "mlp.gate_proj": ("gate_up", 0),
+    "mlp.up_proj": ("gate_up", 1),
+    "mlp.down_proj": ("down", 0),
+}
+_NORMS = {"input_layernorm": "input", "post_attention_layernorm": "post"}
+
+
+def build_variant(
+    name: str,
+    compact,
+    deltas: dict[str, LinearDelta | torch.Tensor],
+    adapters: ExitAdapters | None = None,
+) -> VariantDelta:
+    """A VariantDelta over `compact` (a CompactLlama) from deltas named like Hugging Face tensors:
+    a LinearDelta for a 2-D weight (model.layers.i.self_attn.q_proj.weight, model.embed_tokens.weight,
+    lm_head.weight, ...), a tensor for a 1-D one (a norm's or bias's delta). An LM head tied to the
+    embedding takes the embedding's delta. VariantLayoutError for a name or shape the base does not have."""
+    variant = VariantDelta(name, adapters=adapters)
+    sizes = {
+        "qkv": lambda lay: _qkv_offsets(compact),
+        "gate_up": lambda lay: (0, lay.gate_up.out_features // 2),
+        "o": lambda lay: (0,),
+        "down": lambda lay: (0,),
+    }
+    for tensor, delta in deltas.items():
+        parts = tensor.split(".")
+        if tensor == "model.embed_tokens.weight":
+            _check_rows(tensor, delta, compact.embed_weight.shape)
+            variant.embed = delta  # type: ignore[assignment]
+            if compact.tied_head:
+                variant.linears.setdefault((-1, "head"), []).append(SliceDelta(0, delta))  # type: ignore[arg-type]
+            continue
+        if tensor == "lm_head.weight" and compact.tied_head and "model.embed_tokens.weight" in deltas:
+            continue  # the tied head takes the embedding's delta (a state dict lists the tensor twice)
+        if tensor == "lm_head.weight" and not compact.tied_head:
+            _check_rows(tensor, delta, (compact.head.out_features, compact.head.in_features))
+            variant.linears.setdefault((-1, "head"), []).append(SliceDelta(0, delta))  # type: ignore[arg-type]
+            continue
+        if tensor == "model.norm.weight":
+            variant.norms[(-1, "final")] = _own_norm(tensor, compact.final_norm, delta)
+            continue
+        if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+            i, module, kind = int(parts[2]), ".".join(parts[3:-1]), parts[-1]
+            if i >= compact.num_layers or compact.layers[i].moe is not None and module.startswith("mlp"):
+                raise VariantLayoutError(f"the base has no module for {tensor!r}")
+            layer = compact.layers[i]
+            if module in _NORMS and kind == "weight":
+                base = layer.input_norm if module == "input_layernorm" else layer.post_norm
+                variant.norms[(i, _NORMS[module])] = _own_norm(tensor, base, delta)
+                continue
+            if module in _PROJECTIONS and kind in ("weight", "bias"):
+                slot, part = _PROJECTIONS[module]
+                linear = getattr(layer, slot)
+                offsets = sizes[slot](layer)
+                offset = offsets[part]
+                end = offsets[part + 1] if part + 1 < len(offsets) else linear.out_features
+                if kind == "weight":
+                    _check_rows(tensor, delta, (end - offset, linear.in_features))
+                    variant.linears.setdefault((i, slot), []).append(SliceDelta(offset, delta))  # type: ignore[arg-type]
+                else:
+                    if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (end - offset,):
+                        raise VariantLayoutError(f"{tensor!r}: the base's bias has {end - offset} entries")
+                    bias = delta.to(compact.dtype)
+                    variant.linears.setdefault((i, slot), []).append(SliceDelta(offset, None, bias))
+                continue
+        raise VariantLayoutError(f"the base has no module for {tensor!r}")
+    return variant
+
+
+def _qkv_offsets(compact) -> tuple[int, int, int]:
+    q = compact.num_heads * compact.head_dim
+    return 0, q, q + compact.kv_heads * compact.head_dim
+
+
+def _check_rows(tensor: str, delta: object, shape: tuple[int, ...] | torch.Size) -> None:
+    if isinstance(delta, torch.Tensor):
+        raise VariantLayoutError(f"{tensor!r} is a matrix: it needs a low-rank, dense, int8 or sparse delta")
+    out = delta.out_features  # type: ignore[attr-defined]
+    width = _in_features(delta)
+    if out != shape[0] or (width is not None and width != shape[1]):
+        raise VariantLayoutError(
+            f"{tensor!r}: the delta is {out} x {width}, the base's tensor {tuple(shape)}"
+        )
+
+
+def _in_features(delta: object) -> int | None:
+    for attr in ("a", "delta", "q"):
+        tensor = getattr(delta, attr, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor.shape[-1]
+    return None
+
+
+def _own_norm(tensor: str, base: torch.Tensor, delta: object) -> torch.Tensor:
+    if not isinstance(delta, torch.Tensor) or delta.shape != base.shape:
+        raise VariantLayoutError(f"{tensor!r}: a norm's delta must be a vector of {base.shape[0]} entries")
+    return (base.float() + delta.float().to(base.device)).to(base.dtype)
