@@ -2,7 +2,8 @@
 and off: log in (keys on), submit a merge from the editor and follow it to the end, see the new lineage
 edge, watch a profile job live in the jobs view, and generate at a loose and a tight budget in the
 playground and get two depths. Every request the browser makes must go to the server itself; screenshots
-of each view go to docs/console/.
+of each view go to a temporary directory, or to $STRATA_CONSOLE_SHOTS (`make console-shots` refreshes
+docs/console/ that way): a test run never rewrites tracked files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from selenium.common.exceptions import StaleElementReferenceException  # noqa: E
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
+SHOTS_ENV = "STRATA_CONSOLE_SHOTS"  # where screenshots go; unset: a temporary directory
 KEY = "console-test-key"
 RECIPE = """merge_method: ties
 base_model: c-base
@@ -138,30 +140,43 @@ class Browser:
             value,
         )
 
+    shots: Path | None = None  # set by the fixture
+
     def shot(self, name: str, save: bool) -> None:
-        if save:
-            SHOTS.mkdir(parents=True, exist_ok=True)
+        if save and self.shots is not None:
+            self.shots.mkdir(parents=True, exist_ok=True)
             height = self.driver.execute_script("return document.documentElement.scrollHeight")
             self.driver.set_window_size(1360, max(1000, min(height + 140, 2400)))  # the whole page
-            self.driver.save_screenshot(str(SHOTS / f"{name}.png"))
+            self.driver.save_screenshot(str(self.shots / f"{name}.png"))
             self.driver.set_window_size(1360, 1000)
 
     def quit(self) -> None:
         self.driver.quit()
 
 
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return Path(os.environ[SHOTS_ENV]) if os.environ.get(SHOTS_ENV) else tmp_path_factory.mktemp("shots")
+
+
 @pytest.fixture
-def browser(live):
+def browser(live, shots):
     server, _ = live
     b = Browser(server.url)
+    b.shots = shots
     yield b
     b.quit()
+
+
+def tracked_shots() -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in DOCS_SHOTS.glob("*.png")}
 
 
 def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live, browser):
     server, keyed = live
     b = browser
-    save = keyed  # the keyed run also shows the login view; its screenshots go to docs/console/
+    save = keyed  # the keyed run also shows the login view; its screenshots are kept
+    tracked = tracked_shots()
     b.driver.get(f"{server.url}/")
 
     # 1. Login: with keys, nothing but the login view renders until a key the server accepts is given.
@@ -269,6 +284,11 @@ def test_console_merges_follows_shows_lineage_and_buys_depth_with_a_budget(live,
     assert any("/events" in u for u in b.requested)
     errors = [e for e in b.console if e["level"] == "SEVERE" and "401" not in e["message"]]
     assert not errors, errors
+    if save:
+        views = ("merge", "jobs", "playground", "models", "login")
+        assert {p.name for p in b.shots.glob("*.png")} >= {f"{n}.png" for n in views}
+    if b.shots.resolve() != DOCS_SHOTS.resolve():
+        assert tracked_shots() == tracked  # docs/console/ is refreshed by `make console-shots` only
 
 
 def test_the_request_guard_catches_a_request_that_leaves_the_machine():
