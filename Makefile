@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: serve test install install-test lint
+.PHONY: serve test install install-test lint console-shots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check service workers tests bench
+
+# Refresh the console screenshots in docs/console/ (a plain `make test` writes them to a temporary directory).
+console-shots: install-test
+	STRATA_CONSOLE_SHOTS=$(CURDIR)/docs/console $(BIN)/pytest -q tests/test_console_browser.py

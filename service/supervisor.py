@@ -57,7 +57,6 @@ class Supervisor:
         self.command_env = command_env or {}  # per subcommand, on top of env (its thread budget)
         self.embedded = embedded
         self.restarts = 0
-        self.replaced_hung = 0
         url = env.get("REDIS_URL")
         self._redis = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) if url else None
         self._redis_up_since: float | None = None
@@ -149,7 +148,6 @@ class Supervisor:
             )
             kill_tree(process.pid)
             process.wait()
-            self.replaced_hung += 1
             try:
                 forget(self._redis, process.pid)
                 failed = fail_jobs_of(

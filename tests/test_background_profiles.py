@@ -105,6 +105,7 @@ def test_a_user_job_starts_while_background_work_runs_and_the_profile_still_gets
     from tests.tiny_models import make_tiny_chat_llama
 
     make_tiny_chat_llama(tmp_path / "tiny", seed=0)
+    make_coarse_tokenizer_model(tmp_path / "coarse")
     server = start_server(
         tmp_path / "home", {"REDIS_URL": isolated_redis_url, "STRATA_PROFILE_ON_REGISTER": "true"}
     )
@@ -134,6 +135,23 @@ def test_a_user_job_starts_while_background_work_runs_and_the_profile_still_gets
         ]
         assert background.meta["kind"] == "profile" and background.args[0]["model"] == "tiny"
         assert server.wait_job(background.id, timeout=300)["status"] == "finished"
+
+        # a model whose tokenizer makes one token of the held-out text: profiled for latency, with the reason
+        # its quality was not measured (the job failed with a traceback before)
+        with server.client() as c:
+            r = c.post("/v1/models/import", json={"id": "coarse", "path": str(tmp_path / "coarse")})
+            assert r.status_code == 201, r.text
+            for _ in range(600):
+                profile = c.get("/v1/models/coarse").json()["strata"].get("profile")
+                if profile:
+                    break
+                time.sleep(0.5)
+        assert profile and profile["latency"]["depths"] and profile["quality"] == {}, server.log.read_text()[
+            -3000:
+        ]
+        assert profile["quality_error"].startswith(
+            "quality not measured: the model's tokenizer makes 1 token(s)"
+        )
     finally:
         stop_server(server)
 
@@ -152,3 +170,17 @@ def test_an_adapter_is_not_queued_for_a_background_profile(tmp_path, isolated_re
     assert registry.add(model) and registry.add(adapter)
     assert len(drain_once(redis, settings)) == 1
     assert [job["model"] for job in profile_jobs(redis, settings)] == ["m"]
+
+
+def make_coarse_tokenizer_model(path) -> None:
+    """A tiny model whose tokenizer (word-level, no pre-tokenizer) makes one token of any text."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_models import character_vocab, make_tiny_llama
+
+    make_tiny_llama(path, seed=3)
+    backend = Tokenizer(models.WordLevel(character_vocab(), unk_token="<unk>"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(path)

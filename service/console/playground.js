@@ -94,7 +94,7 @@ export async function render(root) {
     run.disabled = true;
     clear(error);
     output.textContent = '';
-    clear(stats, h('dt', {}, 'status'), h('dd', {}, useBudget.checked ? 'choosing a depth (the first budgeted request profiles the model)…' : 'generating…'));
+    clear(stats, h('dt', {}, 'status'), h('dd', {}, useBudget.checked ? 'choosing a depth…' : 'generating…'));
     try {
       const response = await request('/v1/generate', { method: 'POST', body: payload });
       let done = null;

@@ -67,6 +67,6 @@ export function profileCharts(profile) {
   const { ratio, agreement } = qualitySeries(profile);
   return h('div', { class: 'charts' },
     lineChart({ title: 'Predicted latency', xLabel: 'exit depth (layers)', yLabel: 'ms', series: latencySeries(profile), yFloor: 0 }),
-    lineChart({ title: 'Perplexity ratio to full depth', xLabel: 'exit depth (layers)', yLabel: 'ratio', series: ratio, yFloor: 1 }),
+    lineChart({ title: 'Perplexity ratio to full depth', xLabel: 'exit depth (layers)', yLabel: 'ratio', series: ratio, yFloor: 1, logY: true }),
     lineChart({ title: 'Top-1 agreement with full depth', xLabel: 'exit depth (layers)', yLabel: 'agreement', series: agreement, yFloor: 0 }));
 }
