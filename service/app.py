@@ -27,6 +27,7 @@ from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
 from service.security_headers import SecurityHeadersMiddleware
+from service.unicode_guard import UnicodeGuardMiddleware
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger("strata")
@@ -69,6 +70,7 @@ def create_app(
         description="Merge, prune and serve homologous LLMs.",
         lifespan=lifespan,
     )
+    app.add_middleware(UnicodeGuardMiddleware)  # inside the body limit: it reads bodies under it only
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         CrossSiteMiddleware,

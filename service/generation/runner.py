@@ -226,7 +226,9 @@ class Generation:
     def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
         """Token ids of the prompt (CPU-bound: routes call it through `encode_async`)."""
         tokenizer = self.tokenizer(model_id)
-        if messages is not None:
+        if messages is None:
+            text, special = prompt or "", True
+        else:
             if not tokenizer.chat_template:
                 raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
             try:
@@ -239,9 +241,13 @@ class Generation:
                 raise HTTPException(
                     422, f"model {model_id!r}: its chat template failed ({type(e).__name__})"
                 ) from e
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = tokenizer.encode(prompt)
+            special = False  # the template wrote the special tokens
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=special)
+        except Exception as e:  # the model's tokenizer (its vocabulary, normalizer...) failed on this text
+            raise HTTPException(
+                422, f"model {model_id!r}: its tokenizer cannot encode this text ({type(e).__name__})"
+            ) from e
         if not ids:
             raise HTTPException(422, "the prompt is empty after tokenization")
         path = self.settings.models_dir / model_id

@@ -87,6 +87,15 @@ def _unless_cancelled(events: Iterator, request_id: str, cancelled: Callable[[],
         yield event
 
 
+def one_line(error: BaseException, models_dir: Path, limit: int = 300) -> str:
+    """An exception as one short line for the client: its type and the first line of its message (those
+    of transformers and torch run to many lines), without the store's path."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    text = text.replace(f"{models_dir}/", "").replace(str(models_dir), "the store")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InferenceWorker:
     def __init__(
         self,
@@ -220,6 +229,12 @@ class InferenceWorker:
         writer.flush()
         try:
             engine = self.engine(model_id)
+        except Exception as e:  # the request's fault only in naming this model: 424, not 500
+            log.exception("cannot load %s", model_id)
+            reason = f"model {model_id!r} cannot be loaded ({one_line(e, self.models_dir)})"
+            self._fail(jobs, writer, reason, 424)
+            return
+        try:
             cancelled = self._cancel_watch([job.request.request_id for job in jobs], writer)
             plain = [job for job in jobs if job.speculative is None]
             steps = [engine.steps([job.request for job in plain], cancelled)] if plain else []
@@ -243,9 +258,13 @@ class InferenceWorker:
                 writer.drop(request_id)
         except Exception as e:
             log.exception("generation failed for %s", model_id)
-            for job in jobs:
-                writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}"})
-            writer.flush()
+            self._fail(jobs, writer, one_line(e, self.models_dir), 500)
+
+    @staticmethod
+    def _fail(jobs: list[InferenceJob], writer: EventWriter, reason: str, status: int) -> None:
+        for job in jobs:
+            writer.add(job.request.request_id, "error", {"error": reason, "status": status})
+        writer.flush()
 
     @staticmethod
     def _queue_step(writer: EventWriter, step: list[GenerationEvent]) -> list[FinishEvent]:
