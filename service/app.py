@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,7 @@ from service.schemas import Health
 from service.security_headers import SecurityHeadersMiddleware
 from service.unicode_guard import UnicodeGuardMiddleware
 from workers.settings import Settings, get_settings
+from workers.templates.renderer import renderer as template_renderer
 
 log = logging.getLogger("strata")
 
@@ -55,6 +57,7 @@ def create_app(
         app.state.redis = connect(url)
         app.state.aredis = connect_async(url)
         profiling = asyncio.create_task(drain_profile_requests(app.state.redis, settings))
+        threading.Thread(target=template_renderer().warm, name="template-sandbox", daemon=True).start()
         try:
             yield
         finally:

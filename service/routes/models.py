@@ -20,6 +20,7 @@ from service.schemas import (
     ModelList,
     ModelObject,
 )
+from service.template_checks import check_or_422, templates_in
 from workers.settings import Settings
 from workers.store.model_files import ModelFileError
 from workers.store.model_store import ModelStore, describe
@@ -121,6 +122,8 @@ def import_model(
                 ):
                     _link_or_copy(item, tmp / item.name)
             info = describe(tmp)
+            for template in templates_in(tmp):  # before it is registered, not when a request first uses it
+                check_or_422(template, f"cannot import {body.path}")
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
     except ModelFileError as e:  # names the file or tensor, relative to the model directory

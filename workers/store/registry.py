@@ -50,6 +50,11 @@ class ModelRecord(BaseModel):
         default="model", description="adapter: a PEFT LoRA adapter, applied on top of `base_model`"
     )
     base_model: str | None = Field(default=None, description="For an adapter: the model it applies to")
+    chat_template_error: str | None = Field(
+        default=None,
+        description="Why the model's chat template is unusable (it exceeded the rendering limits when a "
+        "request used it); chat requests then get 422. Unset: usable, or not used yet",
+    )
 
 
 class Registry:
@@ -88,6 +93,11 @@ class Registry:
     def update(self, record: ModelRecord) -> bool:
         """Replace a registered model's record; False (and nothing written) if it was deleted meanwhile."""
         return bool(self.redis.eval(REPLACE_IF_PRESENT, 1, KEY, record.id, record.model_dump_json()))
+
+    def mark_chat_template_unusable(self, model_id: str, reason: str) -> None:
+        record = self.get(model_id)
+        if record is not None and record.chat_template_error is None:
+            self.update(record.model_copy(update={"chat_template_error": reason}))
 
     def remove(self, model_id: str) -> bool:
         return bool(self.redis.hdel(KEY, model_id))
