@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,9 @@ from service.redis_client import connect, connect_async
 from service.routes import console, files, fine_tuning, generate, jobs, models, openai
 from service.schemas import Health
 from service.security_headers import SecurityHeadersMiddleware
+from service.unicode_guard import UnicodeGuardMiddleware
 from workers.settings import Settings, get_settings
+from workers.templates.renderer import renderer as template_renderer
 
 log = logging.getLogger("strata")
 
@@ -54,6 +57,7 @@ def create_app(
         app.state.redis = connect(url)
         app.state.aredis = connect_async(url)
         profiling = asyncio.create_task(drain_profile_requests(app.state.redis, settings))
+        threading.Thread(target=template_renderer().warm, name="template-sandbox", daemon=True).start()
         try:
             yield
         finally:
@@ -69,6 +73,7 @@ def create_app(
         description="Merge, prune and serve homologous LLMs.",
         lifespan=lifespan,
     )
+    app.add_middleware(UnicodeGuardMiddleware)  # inside the body limit: it reads bodies under it only
     uploads = (settings.max_file_bytes + files.UPLOAD_SLACK, "STRATA_MAX_FILE_BYTES")
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, path_limits={"/v1/files": uploads}

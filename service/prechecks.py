@@ -23,6 +23,7 @@ from service.schemas import (
     TruncateJobRequest,
     VariantsJobRequest,
 )
+from service.template_checks import check_or_422
 from workers.early_exit.fit import default_fit_exits
 from workers.merge import METHODS
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
@@ -76,6 +77,7 @@ def check_merge(request: MergeJobRequest, registry: Registry, settings: Settings
             f"the recipe lists {listed} models; at most {settings.max_merge_models} "
             "(STRATA_MAX_MERGE_MODELS)",
         )
+    check_or_422(request.chat_template, "chat_template")
     paths = {ref: resolve_or_422(ref, registry, settings) for ref in request.input_models}
     own_vocabulary = builds_vocabulary(request)
     try:

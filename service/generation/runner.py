@@ -62,6 +62,8 @@ from workers.settings import Settings
 from workers.store.model_files import read_config
 from workers.store.registry import KEY as REGISTRY_KEY
 from workers.store.registry import ModelRecord, Registry
+from workers.templates.renderer import TemplateFailed, TemplateUnusable, output_limit
+from workers.templates.renderer import renderer as template_renderer
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 POLL_S = 1.0  # how often a waiting request checks on its worker
@@ -216,7 +218,8 @@ class Generation:
         self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None
     ) -> list[int]:
         """`encode`, on the event loop for a short prompt whose tokenizer is loaded (a hop to a thread and
-        back costs more than tokenizing it), else in a thread so the loop stays responsive."""
+        back costs more than tokenizing it), else in a thread so the loop stays responsive (always for chat:
+        its template renders in the sandbox process, which may take up to its deadline)."""
         self.record(model_id)  # 404 first (read with everything else this request needs of Redis)
         path = self.text_dir(model_id)
         size = len(prompt or "") + sum(len(m.text()) for m in messages or ())
@@ -224,29 +227,23 @@ class Generation:
             loaded = tokenizer_loaded(path, (path / "config.json").stat().st_mtime)
         except OSError:
             loaded = False
-        if loaded and size <= INLINE_ENCODE_CHARS:
+        if loaded and messages is None and size <= INLINE_ENCODE_CHARS:
             return self.encode(model_id, prompt, messages)
         return await run_in_threadpool(self.encode, model_id, prompt, messages)
 
     def encode(self, model_id: str, prompt: str | None, messages: list[ChatMessage] | None) -> list[int]:
         """Token ids of the prompt (CPU-bound: routes call it through `encode_async`)."""
         tokenizer = self.tokenizer(model_id)
-        if messages is not None:
-            if not tokenizer.chat_template:
-                raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
-            try:
-                text = tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.text()} for m in messages],
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-            except Exception as e:  # the template is the model's own code (jinja): any error is its fault
-                raise HTTPException(
-                    422, f"model {model_id!r}: its chat template failed ({type(e).__name__})"
-                ) from e
-            ids = tokenizer.encode(text, add_special_tokens=False)
+        if messages is None:
+            text, special = prompt or "", True
         else:
-            ids = tokenizer.encode(prompt)
+            text, special = self.render_chat(model_id, tokenizer, messages), False  # the template has them
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=special)
+        except Exception as e:  # the model's tokenizer (its vocabulary, normalizer...) failed on this text
+            raise HTTPException(
+                422, f"model {model_id!r}: its tokenizer cannot encode this text ({type(e).__name__})"
+            ) from e
         if not ids:
             raise HTTPException(422, "the prompt is empty after tokenization")
         path = self.text_dir(model_id)
@@ -258,6 +255,32 @@ class Generation:
                 f"{vocab} embeddings (tokenizer and model do not match)",
             )
         return ids
+
+    def render_chat(self, model_id: str, tokenizer: Any, messages: list[ChatMessage]) -> str:
+        """The conversation through the model's chat template, rendered in the sandbox process with its time
+        and size limits (never on this thread). A template past the limits is recorded as unusable on the
+        model's record: later requests get their 422 without running it again."""
+        record = self.record(model_id)
+        if record.chat_template_error:
+            raise HTTPException(
+                422, f"model {model_id!r}: its chat template is unusable ({record.chat_template_error})"
+            )
+        if not tokenizer.chat_template:
+            raise HTTPException(422, f"model {model_id!r} has no chat template; send a prompt instead")
+        try:
+            template = tokenizer.get_chat_template()
+        except ValueError as e:  # several named templates and no "default"
+            raise HTTPException(422, f"model {model_id!r}: {str(e).splitlines()[0][:200]}") from e
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return template_renderer().render(
+                template, conversation, tokenizer.special_tokens_map, output_limit(conversation)
+            )
+        except TemplateFailed as e:  # the template refused these messages (its own raise_exception...)
+            raise HTTPException(422, f"model {model_id!r}: its chat template failed ({e})") from e
+        except TemplateUnusable as e:
+            self.registry.mark_chat_template_unusable(model_id, str(e))
+            raise HTTPException(422, f"model {model_id!r}: its chat template is unusable ({e})") from e
 
     # -- the inference fleet ------------------------------------------------------------------------
     def live_workers(self) -> int:

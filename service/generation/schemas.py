@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+
+
+class TextPart(BaseModel):
+    """An OpenAI content part; these models read text only (an image part is a 422, not silently dropped)."""
+
+    type: Literal["text"]
+    text: StrictStr  # a number, null or a list is a 422, never coerced or a 500
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] = Field(description="Text, or OpenAI content parts of type text")
+    content: StrictStr | list[TextPart] = Field(description="Text, or OpenAI content parts of type text")
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content)
 
 
 class DepthOptions(BaseModel):

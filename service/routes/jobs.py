@@ -21,6 +21,8 @@ from service.merge_plan import MergePlan, dry_run
 from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, JobList, JobRequest, JobView, MergeJobRequest, MoeJobRequest
+from service.unicode_guard import MESSAGE as SURROGATE_MESSAGE
+from service.unicode_guard import has_lone_surrogate
 from workers.merge.config import MergeConfigError, parse_yaml
 from workers.moe.config import is_moe_recipe
 from workers.settings import Settings
@@ -90,6 +92,8 @@ def _parse_merge(raw: bytes) -> MergeJobRequest | MoeJobRequest:
         data = parse_yaml(raw)  # YAML is a superset of JSON: one parser serves both
     except MergeConfigError as e:
         raise HTTPException(422, str(e)) from e
+    if has_lone_surrogate(data):  # YAML's "\ud800" (JSON bodies are checked before routing)
+        raise HTTPException(422, SURROGATE_MESSAGE)
     data.setdefault("kind", "moe" if is_moe_recipe(data) else "merge")
     request_type = MoeJobRequest if data["kind"] == "moe" else MergeJobRequest
     try:

@@ -18,6 +18,7 @@ from service.schemas import (
     ModelList,
     ModelObject,
 )
+from service.template_checks import check_or_422, templates_in
 from workers.lora.adapter_delta import AdapterError, adapter_to_delta
 from workers.lora.extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from workers.settings import Settings
@@ -137,6 +138,8 @@ def import_model(
                     budget = body.delta_error_budget
                     compress_variant(store.path(base.id), tmp, tmp, base_id=base.id, error_budget=budget)
                     fields = describe_delta(tmp)
+            for template in templates_in(tmp):  # before it is registered, not when a request first uses it
+                check_or_422(template, f"cannot import {body.path}")
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
     except (AdapterError, DeltaError) as e:

@@ -90,6 +90,15 @@ def _unless_cancelled(events: Iterator, request_id: str, cancelled: Callable[[],
         yield event
 
 
+def one_line(error: BaseException, models_dir: Path, limit: int = 300) -> str:
+    """An exception as one short line for the client: its type and the first line of its message (those
+    of transformers and torch run to many lines), without the store's path."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    text = text.replace(f"{models_dir}/", "").replace(str(models_dir), "the store")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InferenceWorker:
     def __init__(
         self,
@@ -271,6 +280,12 @@ class InferenceWorker:
         writer.flush()
         try:
             engine = self.engine(model_id)
+        except Exception as e:  # the request's fault only in naming this model: 424, not 500
+            log.exception("cannot load %s", model_id)
+            reason = f"model {model_id!r} cannot be loaded ({one_line(e, self.models_dir)})"
+            self._fail(jobs, writer, reason, 424)
+            return
+        try:
             jobs = self._variant_requests(model_id, jobs)
             models = {job.request.request_id: job.model for job in jobs}
             cancelled = self._cancel_watch([job.request.request_id for job in jobs], writer)
@@ -296,10 +311,14 @@ class InferenceWorker:
                 writer.drop(request_id)
         except Exception as e:
             log.exception("generation failed for %s", model_id)
-            status = {"status": 424} if isinstance(e, ModelFilesChangedError) else {}
-            for job in jobs:
-                writer.add(job.request.request_id, "error", {"error": f"{type(e).__name__}: {e}", **status})
-            writer.flush()
+            status = 424 if isinstance(e, ModelFilesChangedError) else 500
+            self._fail(jobs, writer, one_line(e, self.models_dir), status)
+
+    @staticmethod
+    def _fail(jobs: list[InferenceJob], writer: EventWriter, reason: str, status: int) -> None:
+        for job in jobs:
+            writer.add(job.request.request_id, "error", {"error": reason, "status": status})
+        writer.flush()
 
     def _variant_requests(self, engine_id: str, jobs: list[InferenceJob]) -> list[InferenceJob]:
         """The group's jobs with each variant's delta loaded and its requests naming it."""

@@ -42,9 +42,35 @@ def check_model_directory(directory: Path) -> None:
         )
 
 
+MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255  # Linux's PATH_MAX and NAME_MAX
+
+
+def check_path_text(path: str) -> None:
+    """A path the file system can take at all: no NUL, valid Unicode, not too long (else the first system
+    call on it fails with ValueError, UnicodeEncodeError or ENAMETOOLONG, far from the request)."""
+    if "\x00" in path:
+        raise ModelReferenceError("a path cannot contain a NUL character")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ModelReferenceError("a path must be valid Unicode (it holds a lone surrogate)") from None
+    if len(encoded) > MAX_PATH_BYTES or any(len(name) > MAX_NAME_BYTES for name in encoded.split(b"/")):
+        raise ModelReferenceError(
+            f"a path is at most {MAX_PATH_BYTES} bytes, each of its names at most {MAX_NAME_BYTES}"
+        )
+
+
 def resolve_path(path: str, import_roots: list[Path], directory: bool = True) -> Path:
     """A model directory (or, with directory=False, a file) under one of `import_roots`, after resolving
     symlinks and '..'."""
+    check_path_text(path)
+    try:
+        return _resolve_path(path, import_roots, directory)
+    except OSError as e:  # unreadable on the way (permissions, a loop): the request's path, said without it
+        raise ModelReferenceError(f"cannot read {path}: {e.strerror or type(e).__name__}") from e
+
+
+def _resolve_path(path: str, import_roots: list[Path], directory: bool) -> Path:
     real = Path(os.path.realpath(path))
     roots = [Path(os.path.realpath(r)) for r in import_roots]
     if not any(real == root or real.is_relative_to(root) for root in roots):

@@ -60,6 +60,11 @@ class ModelRecord(BaseModel):
         description="A variant served as base + compressed delta: forms chosen per tensor, worst relative "
         "error, bytes against the base's (the full weights stay in the store)",
     )
+    chat_template_error: str | None = Field(
+        default=None,
+        description="Why the model's chat template is unusable (it exceeded the rendering limits when a "
+        "request used it); chat requests then get 422. Unset: usable, or not used yet",
+    )
 
 
 class Registry:
@@ -99,6 +104,11 @@ class Registry:
     def update(self, record: ModelRecord) -> bool:
         """Replace a registered model's record; False (and nothing written) if it was deleted meanwhile."""
         return bool(self.redis.eval(REPLACE_IF_PRESENT, 1, KEY, record.id, record.model_dump_json()))
+
+    def mark_chat_template_unusable(self, model_id: str, reason: str) -> None:
+        record = self.get(model_id)
+        if record is not None and record.chat_template_error is None:
+            self.update(record.model_copy(update={"chat_template_error": reason}))
 
     def remove(self, model_id: str) -> bool:
         return bool(self.redis.hdel(KEY, model_id))
