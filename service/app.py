@@ -26,6 +26,7 @@ from service.redis_client import connect, connect_async
 from service.routes import console, generate, jobs, models, openai
 from service.schemas import Health
 from workers.settings import Settings, get_settings
+from workers.store.consistency import reconcile_at_start
 
 log = logging.getLogger("strata")
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, expected: tuple[int, int] = (0,
         app.state.settings = settings
         app.state.redis = connect(url)
         app.state.aredis = connect_async(url)
+        await asyncio.to_thread(reconcile_at_start, app.state.redis, settings.models_dir)
         profiling = asyncio.create_task(drain_profile_requests(app.state.redis, settings))
         try:
             yield

@@ -19,6 +19,7 @@ from service.schemas import (
     ModelObject,
 )
 from workers.settings import Settings
+from workers.store.consistency import StoreChangeError, delete_registered, register_placed
 from workers.store.model_files import ModelFileError, copy_contained
 from workers.store.model_store import ModelStore, describe
 from workers.store.references import ModelReferenceError, resolve_path
@@ -83,8 +84,10 @@ def delete_model(
     model_id: str, registry: RegistryDep, store: Annotated[ModelStore, Depends(deps.store)]
 ) -> ModelDeleted:
     _get(registry, model_id)
-    registry.remove(model_id)
-    store.remove(model_id)
+    try:
+        delete_registered(store, registry, model_id)
+    except StoreChangeError as e:
+        raise HTTPException(503, f"cannot delete model {model_id!r}: {e.strerror}") from e
     return ModelDeleted(id=model_id)
 
 
@@ -120,7 +123,6 @@ def import_model(
     except OSError as e:  # no path in the message: it would show the store's staging directory
         raise HTTPException(422, f"cannot import {body.path}: {e.strerror or 'a file cannot be read'}") from e
     record = ModelRecord(id=body.id, recipe={"kind": "import", "path": str(source)}, **info)
-    if not registry.add(record):
-        store.remove(body.id)
+    if not register_placed(store, registry, record):
         raise HTTPException(409, f"model {body.id!r} already exists")
     return ModelObject.of(record)

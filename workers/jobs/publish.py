@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.jobs.context import JobContext
+from workers.store.consistency import register_placed
 from workers.store.model_store import describe
 from workers.store.references import is_registry_id
 from workers.store.registry import ModelRecord, ParentGoneError
@@ -53,15 +54,10 @@ def publish_model(
             raise NonFiniteOutputError(
                 f"tensor {bad!r} of the output holds NaN or infinite values; nothing was registered"
             )
-    record = ModelRecord(
-        id=model_id, parents=parents, recipe=recipe, **describe_with(ctx.store.path(model_id)), **fields
-    )
-    try:
-        added = ctx.registry.add(record, require=[p for p in parents if is_registry_id(p)])
-    except ParentGoneError:
-        ctx.store.remove(model_id)
-        raise
-    if not added:
-        ctx.store.remove(model_id)
+        # described before it moves into place (the rename keeps every file as it is): a failure here
+        # leaves nothing in the store
+        record = ModelRecord(id=model_id, parents=parents, recipe=recipe, **describe_with(tmp), **fields)
+    required = [p for p in parents if is_registry_id(p)]
+    if not register_placed(ctx.store, ctx.registry, record, require=required):
         raise ModelIdTakenError(f"model {model_id!r} was registered by another job meanwhile")
     return record

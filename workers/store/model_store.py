@@ -58,12 +58,28 @@ class ModelStore:
 
     def remove(self, model_id: str) -> None:
         """Move the model out of sight first (one rename), then delete its files."""
+        trash = self.retire(model_id)
+        if trash is not None:
+            self.purge(trash)
+
+    def retire(self, model_id: str) -> Path | None:
+        """Rename the model's directory to a trash name (OSError, and nothing moved, if that fails); the
+        trash path, or None when there was no directory."""
         target = self.path(model_id)
         if not target.exists():
-            return
-        doomed = self.root / STAGING / f"deleted.{model_id}.{uuid.uuid4().hex[:8]}"
-        os.rename(target, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+            return None
+        trash = self.root / STAGING / f"deleted.{model_id}.{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        return trash
+
+    def restore(self, model_id: str, trash: Path) -> None:
+        """Undo `retire`."""
+        os.rename(trash, self.path(model_id))
+
+    @staticmethod
+    def purge(trash: Path) -> None:
+        """Delete a retired directory; what cannot be deleted now is removed at the next start."""
+        shutil.rmtree(trash, ignore_errors=True)
 
     def clean_stale_staging(self) -> list[str]:
         """Remove staging directories left by processes of this host that are no longer alive."""
