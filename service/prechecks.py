@@ -61,7 +61,8 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
         raise HTTPException(
             507,
             f"not enough disk for the output: needs {needed_bytes:,} bytes plus "
-            f"{settings.min_free_bytes:,} to keep free, {free:,} free in {settings.models_dir}",
+            f"{settings.min_free_bytes:,} to keep free (STRATA_MIN_FREE_BYTES), {free:,} free on the store's "
+            "disk",
         )
 
 

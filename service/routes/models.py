@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated
 
@@ -19,9 +20,9 @@ from service.schemas import (
     ModelObject,
 )
 from workers.settings import Settings
-from workers.store.consistency import StoreChangeError, delete_registered, register_placed
+from workers.store.consistency import delete_registered, register_placed
 from workers.store.model_files import ModelFileError, copy_contained
-from workers.store.model_store import ModelStore, describe
+from workers.store.model_store import ModelStore, StoreError, describe
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import ModelRecord, Registry
 
@@ -86,7 +87,7 @@ def delete_model(
     _get(registry, model_id)
     try:
         delete_registered(store, registry, model_id)
-    except StoreChangeError as e:
+    except StoreError as e:
         raise HTTPException(503, f"cannot delete model {model_id!r}: {e.strerror}") from e
     return ModelDeleted(id=model_id)
 
@@ -118,9 +119,13 @@ def import_model(
             info = describe(tmp)
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
+    except StoreError as e:
+        raise HTTPException(503, f"cannot import {body.path}: {e.strerror}") from e
     except ModelFileError as e:  # names the file or tensor, relative to the model directory
         raise HTTPException(422, f"cannot import {body.path}: {e}") from e
     except OSError as e:  # no path in the message: it would show the store's staging directory
+        if e.errno == errno.ENOSPC:
+            raise HTTPException(507, f"cannot import {body.path}: the store's disk is full") from e
         raise HTTPException(422, f"cannot import {body.path}: {e.strerror or 'a file cannot be read'}") from e
     record = ModelRecord(id=body.id, recipe={"kind": "import", "path": str(source)}, **info)
     if not register_placed(store, registry, record):

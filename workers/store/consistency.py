@@ -20,17 +20,13 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
-from workers.store.model_store import ModelStore
+from workers.store.model_store import ModelStore, store_error
 from workers.store.registry import ModelRecord, Registry
 
 log = logging.getLogger("strata")
 
 ORPHANS = ".orphans"
 ORPHAN_GRACE_S = 600.0  # a directory younger than this may be a publish between its rename and register
-
-
-class StoreChangeError(OSError):
-    """The store refused a change (permissions, a full or read-only disk); nothing was changed."""
 
 
 def register_placed(
@@ -52,14 +48,12 @@ def register_placed(
 
 def delete_registered(store: ModelStore, registry: Registry, model_id: str) -> None:
     """Unregister a model and remove its files, in an order where any failure leaves it either fully
-    registered with its files or gone. StoreChangeError (nothing changed) when its directory cannot be
+    registered with its files or gone. StoreError (nothing changed) when its directory cannot be
     moved."""
     try:
         trash = store.retire(model_id)
     except OSError as e:
-        raise StoreChangeError(
-            e.errno, f"the store refused to move the model's files ({e.strerror or 'error'}); nothing changed"
-        ) from None
+        raise store_error(e, "to move the model's files; nothing changed") from None
     try:
         registry.remove(model_id)
     except BaseException:

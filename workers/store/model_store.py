@@ -6,6 +6,7 @@ holds a half-written model. Staging directories of dead processes are removed at
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -29,10 +30,22 @@ class ModelExistsError(FileExistsError):
     pass
 
 
+class StoreError(OSError):
+    """The store refused a change (permissions, a full or read-only disk). Its message gives the real
+    cause and names no path (it would show where the store lives)."""
+
+
+def store_error(e: OSError, doing: str) -> StoreError:
+    return StoreError(e.errno, f"the model store refused {doing} ({e.strerror or type(e).__name__})")
+
+
 class ModelStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store_error(e, "to create its staging directory") from None
 
     def path(self, model_id: str) -> Path:
         return self.root / model_id
@@ -46,13 +59,18 @@ class ModelStore:
         if self.exists(model_id):
             raise ModelExistsError(f"model {model_id!r} already exists in the store")
         tmp = self.root / STAGING / f"{model_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise store_error(e, "a new directory") from None
         try:
             yield tmp
             try:
                 os.rename(tmp, self.path(model_id))
             except OSError as e:
-                raise ModelExistsError(f"model {model_id!r} already exists in the store") from e
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise ModelExistsError(f"model {model_id!r} already exists in the store") from None
+                raise store_error(e, f"to move model {model_id!r} into place") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
