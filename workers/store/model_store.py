@@ -165,6 +165,13 @@ def weights_bytes(directory: Path, float_dtype: torch.dtype | None = None) -> in
     return size
 
 
+def max_rank(directory: Path) -> int:
+    """The largest rank a matrix of the model can have: max over its 2-D tensors of min(rows, columns)."""
+    return max(
+        (min(e.shape) for e in TensorReader(directory).entries.values() if len(e.shape) == 2), default=1
+    )
+
+
 def lora_bytes(directory: Path, max_rank: int) -> int:
     """At most the bytes of a LoRA adapter of this model: rank-r factors of every matrix, but whole
     embeddings and LM head, and whole vectors."""
