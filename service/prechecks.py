@@ -24,6 +24,7 @@ from service.schemas import (
 )
 from workers.early_exit.fit import default_fit_exits
 from workers.merge import METHODS
+from workers.merge.config import MODEL_ID
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
 from workers.merge.plan import SliceError, plan_merge
@@ -33,7 +34,7 @@ from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError
-from workers.store.model_files import read_config
+from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
@@ -47,6 +48,16 @@ def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
         raise HTTPException(422, str(e)) from e
     except ModelFilesChangedError as e:
         raise HTTPException(409, str(e)) from e
+
+
+def ensure_valid_id(model_id: str, field: str) -> None:
+    """A name derived from a directory (a default output name) passes the same check as a given id."""
+    if not MODEL_ID.match(model_id):
+        raise HTTPException(
+            422,
+            f"the output id derived from the input, {shown(model_id)}, is not a valid model id (letters, "
+            f"digits, '.', '_', '-'; at most 128); give {field}",
+        )
 
 
 def ensure_free(model_id: str, registry: Registry) -> None:
@@ -135,6 +146,7 @@ def check_variants(request: VariantsJobRequest, registry: Registry, settings: Se
     if request.prefix is None:
         request.prefix = f"{request.base.rstrip('/').rsplit('/', 1)[-1]}-variant"
     for model_id in request.output_ids:
+        ensure_valid_id(model_id, "prefix")
         ensure_free(model_id, registry)
     source = resolve_or_422(request.base, registry, settings)
     if request.rank is not None:
@@ -160,6 +172,7 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
 def _default_name(request, suffix: str, registry: Registry) -> None:
     if request.name is None:
         request.name = f"{request.model.rstrip('/').rsplit('/', 1)[-1]}-{suffix}-{uuid.uuid4().hex[:6]}"
+    ensure_valid_id(request.name, "name")
     ensure_free(request.name, registry)
 
 

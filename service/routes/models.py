@@ -21,6 +21,7 @@ from service.schemas import (
 )
 from workers.settings import Settings
 from workers.store.consistency import delete_registered, register_placed
+from workers.store.loadable import check_loadable
 from workers.store.model_files import ModelFileError, copy_contained
 from workers.store.model_store import ModelStore, StoreError, describe
 from workers.store.references import ModelReferenceError, resolve_path
@@ -117,6 +118,7 @@ def import_model(
                 ):
                     copy_contained(source, item.name, tmp / item.name)
             info = describe(tmp)
+            check_loadable(tmp)
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
     except StoreError as e:
