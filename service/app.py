@@ -30,6 +30,7 @@ from service.schemas import Health
 from service.security_headers import SecurityHeadersMiddleware
 from service.unicode_guard import UnicodeGuardMiddleware
 from workers.settings import Settings, get_settings
+from workers.store.consistency import reconcile_at_start
 from workers.templates.renderer import renderer as template_renderer
 
 log = logging.getLogger("strata")
@@ -56,6 +57,7 @@ def create_app(
         app.state.settings = settings
         app.state.redis = connect(url)
         app.state.aredis = connect_async(url)
+        await asyncio.to_thread(reconcile_at_start, app.state.redis, settings.models_dir)
         profiling = asyncio.create_task(drain_profile_requests(app.state.redis, settings))
         threading.Thread(target=template_renderer().warm, name="template-sandbox", daemon=True).start()
         try:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from redis import Redis
 
 from service.queue import JobQueue
 from workers.settings import Settings
-from workers.store.model_store import ModelStore
+from workers.store.model_store import ModelStore, StoreError
 from workers.store.registry import Registry
 
 
@@ -24,7 +24,10 @@ def registry(request: Request) -> Registry:
 
 
 def store(request: Request) -> ModelStore:
-    return ModelStore(request.app.state.settings.models_dir)
+    try:
+        return ModelStore(request.app.state.settings.models_dir)
+    except StoreError as e:  # its message names no path
+        raise HTTPException(503, e.strerror) from e
 
 
 def job_queue(request: Request) -> JobQueue:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from service.schemas import (
 from service.template_checks import check_or_422
 from workers.early_exit.fit import default_fit_exits
 from workers.merge import METHODS
+from workers.merge.config import MODEL_ID
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
 from workers.merge.homology import HomologyError, check_homologous
 from workers.merge.plan import SliceError, plan_merge
@@ -36,8 +38,8 @@ from workers.moe.routers import RouterError
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError
 from workers.store.files import FileNotFound, FileStore
-from workers.store.model_files import read_config
-from workers.store.model_store import lora_bytes, weights_bytes
+from workers.store.model_files import read_config, shown
+from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import Registry
 from workers.train.data import DataError, validate_record
@@ -50,6 +52,16 @@ def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
         raise HTTPException(422, str(e)) from e
     except ModelFilesChangedError as e:
         raise HTTPException(409, str(e)) from e
+
+
+def ensure_valid_id(model_id: str, field: str) -> None:
+    """A name derived from a directory (a default output name) passes the same check as a given id."""
+    if not MODEL_ID.match(model_id):
+        raise HTTPException(
+            422,
+            f"the output id derived from the input, {shown(model_id)}, is not a valid model id (letters, "
+            f"digits, '.', '_', '-'; at most 128); give {field}",
+        )
 
 
 def ensure_free(model_id: str, registry: Registry) -> None:
@@ -65,7 +77,25 @@ def ensure_disk(needed_bytes: int, settings: Settings) -> None:
         raise HTTPException(
             507,
             f"not enough disk for the output: needs {needed_bytes:,} bytes plus "
-            f"{settings.min_free_bytes:,} to keep free, {free:,} free in {settings.models_dir}",
+            f"{settings.min_free_bytes:,} to keep free (STRATA_MIN_FREE_BYTES), {free:,} free on the store's "
+            "disk",
+        )
+
+
+def ensure_distinct(field: str, values: list[int] | None) -> None:
+    """A list of depths names each depth once (so its length is bounded by the model's depth)."""
+    if values and len(set(values)) != len(values):
+        raise HTTPException(422, f"{field} lists a depth more than once")
+
+
+def ensure_memory(needed_bytes: int, what: str) -> None:
+    """What a job's options make it hold in memory must fit in half of this machine's."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed_bytes > total // 2:
+        raise HTTPException(
+            422,
+            f"these options need about {needed_bytes:,} bytes of memory ({what}); at most {total // 2:,} "
+            "(half of this machine's)",
         )
 
 
@@ -121,8 +151,15 @@ def check_variants(request: VariantsJobRequest, registry: Registry, settings: Se
     if request.prefix is None:
         request.prefix = f"{request.base.rstrip('/').rsplit('/', 1)[-1]}-variant"
     for model_id in request.output_ids:
+        ensure_valid_id(model_id, "prefix")
         ensure_free(model_id, registry)
     source = resolve_or_422(request.base, registry, settings)
+    if request.rank is not None:
+        top = max_rank(source)
+        if request.rank > top:
+            raise HTTPException(
+                422, f"rank {request.rank} exceeds the model's largest full rank ({top}); give 1..{top}"
+            )
     ensure_disk(request.count * weights_bytes(source), settings)
 
 
@@ -134,11 +171,13 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
+    ensure_distinct("grid", request.grid)
 
 
 def _default_name(request, suffix: str, registry: Registry) -> None:
     if request.name is None:
         request.name = f"{request.model.rstrip('/').rsplit('/', 1)[-1]}-{suffix}-{uuid.uuid4().hex[:6]}"
+    ensure_valid_id(request.name, "name")
     ensure_free(request.name, registry)
 
 
@@ -219,6 +258,8 @@ def check_grow(request: GrowJobRequest, registry: Registry, settings: Settings) 
     growth = 1 + len(request.insert_after or []) / max(layers, 1)
     if request.intermediate_size:
         growth *= request.intermediate_size / max(width, 1)
+    # the job holds the source and the grown model in float32 (twice a 16-bit model's bytes)
+    ensure_memory(int(2 * weights_bytes(path) * (1 + growth)), "the source and grown model")
     ensure_disk(int(weights_bytes(path) * growth), settings)
 
 
@@ -227,6 +268,7 @@ def check_sort(request: SortJobRequest, registry: Registry, settings: Settings) 
     layers = _layers(path).get("num_hidden_layers", 0)
     if request.exits and not all(1 <= k <= layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers}")
+    ensure_distinct("exits", request.exits)
     if request.data:
         try:
             resolve_path(request.data, settings.import_roots, directory=False)
@@ -256,9 +298,22 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
         raise HTTPException(422, f"model {request.model!r} has no exit below full depth")
     if request.exits and not all(1 <= k < layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers - 1} (full depth never has an adapter)")
+    ensure_distinct("exits", request.exits)
+    ensure_distinct("distill_exits", request.distill_exits)
     fitted = set(request.exits or default_fit_exits(layers))
     if request.distill_exits and not set(request.distill_exits) <= fitted:
         raise HTTPException(422, "distill_exits must be among the fitted exits")
+    if request.distill_steps:
+        config = read_config(resolve_or_422(request.model, registry, settings))
+        hidden, vocab = config.get("hidden_size") or 0, config.get("vocab_size") or 0
+        distilled = len(request.distill_exits or fitted)
+        # cached residual streams (each distilled exit and full depth), and a batch's teacher and student
+        # log-probabilities with their gradients
+        cache = request.distill_tokens * hidden * (distilled + 1) * 4
+        batch = request.distill_batch_tokens * vocab * 4 * 4
+        ensure_memory(
+            cache + batch, "distill_tokens x hidden size x distilled exits + distill_batch_tokens x vocab"
+        )
     if request.data and request.examples:
         raise HTTPException(422, "give data or examples, not both")
     for number, record in enumerate(request.examples or [], start=1):

@@ -13,6 +13,9 @@ from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
 from workers.train.finetune import FinetuneConfig
 
+# Seeds reach torch generators (64-bit) after small offsets: bounded so no job fails on one.
+Seed = Annotated[int, Field(ge=0, lt=2**62, description="Random seed, 0 <= seed < 2^62")]
+
 
 def _slug(v: str | None) -> str | None:
     if v is not None and not MODEL_ID.match(v):
@@ -48,7 +51,7 @@ class VariantsJobRequest(BaseModel):
         description="Store each variant as the base + a delta compressed per tensor (low rank, sparse, int8 "
         "or dense) within this relative error, served over the resident base; null: a plain copy",
     )
-    seed: int = 0
+    seed: Seed = 0
     prefix: str | None = None
 
     _check_prefix = field_validator("prefix")(_slug)
@@ -81,7 +84,7 @@ class SparsifyJobRequest(BaseModel):
     base: str = Field(min_length=1, description="The model it was fine-tuned from")
     method: Literal["dare", "magnitude"] = "dare"
     density: float = Field(default=0.1, gt=0, le=1, description="Fraction of delta entries kept")
-    seed: int = 0
+    seed: Seed = 0
     evaluate: bool = Field(default=True, description="Held-out perplexity before and after")
     name: str | None = None
 
@@ -162,7 +165,7 @@ class PruneJobRequest(BaseModel):
     replace: ReplaceOptions | None = Field(default=None, description="Cut depth by block replacement")
     seq_len: int = Field(default=256, ge=8, le=4096)
     calibration_windows: int = Field(default=8, ge=1, le=256)
-    seed: int = 0
+    seed: Seed = 0
     name: str | None = None
 
     _check_name = field_validator("name")(_slug)
@@ -176,8 +179,10 @@ class GrowJobRequest(BaseModel):
     kind: Literal["grow"]
     model: str = Field(min_length=1)
     insert_after: list[int] | None = Field(default=None, description="0-based layer indices")
-    intermediate_size: int | None = Field(default=None, ge=1, description="New MLP width (>= the current)")
-    seed: int = 0
+    intermediate_size: int | None = Field(
+        default=None, ge=1, le=2**31, description="New MLP width (>= the current)"
+    )
+    seed: Seed = 0
     name: str | None = None
 
     _check_name = field_validator("name")(_slug)
@@ -223,7 +228,7 @@ class SortJobRequest(BaseModel):
     )
     adapter_lr: float = Field(default=1e-4, gt=0, le=1, description="Learning rate of the exit adapters")
     bf16_on_cpu: bool = Field(default=False, description="bfloat16 autocast on CPU too (always on CUDA)")
-    seed: int = 0
+    seed: Seed = 0
     name: str | None = None
 
     _check_name = field_validator("name")(_slug)
@@ -269,7 +274,7 @@ class FitExitsJobRequest(BaseModel):
     distill_batch_tokens: int = Field(default=256, ge=1, le=65_536, description="Tokens a distillation step")
     fit_scale: bool = Field(default=True, description="Fit each exit's scale (inverse temperature); else 1")
     scale_tokens: int = Field(default=1024, ge=16, le=65_536, description="Tokens the scales are fitted on")
-    seed: int = Field(default=0, ge=0)
+    seed: Seed = 0
 
 
 class TruncateJobRequest(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated
 
@@ -22,8 +23,10 @@ from service.template_checks import check_or_422, templates_in
 from workers.lora.adapter_delta import AdapterError, adapter_to_delta
 from workers.lora.extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from workers.settings import Settings
+from workers.store.consistency import delete_registered, register_placed
+from workers.store.loadable import check_loadable
 from workers.store.model_files import ModelFileError, copy_contained
-from workers.store.model_store import ModelStore, describe, describe_adapter
+from workers.store.model_store import ModelStore, StoreError, describe, describe_adapter
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import ModelRecord, ParentGoneError, Registry
 from workers.variants_delta import DeltaError, compress_variant, describe_delta
@@ -87,8 +90,10 @@ def delete_model(
     model_id: str, registry: RegistryDep, store: Annotated[ModelStore, Depends(deps.store)]
 ) -> ModelDeleted:
     _get(registry, model_id)
-    registry.remove(model_id)
-    store.remove(model_id)
+    try:
+        delete_registered(store, registry, model_id)
+    except StoreError as e:
+        raise HTTPException(503, f"cannot delete model {model_id!r}: {e.strerror}") from e
     return ModelDeleted(id=model_id)
 
 
@@ -134,6 +139,7 @@ def import_model(
                 fields = {"type": "adapter", **describe_delta(tmp)}
             else:
                 info = describe(tmp)
+                check_loadable(tmp)
                 if base is not None:
                     budget = body.delta_error_budget
                     compress_variant(store.path(base.id), tmp, tmp, base_id=base.id, error_budget=budget)
@@ -142,22 +148,24 @@ def import_model(
                 check_or_422(template, f"cannot import {body.path}")
     except FileExistsError as e:
         raise HTTPException(409, str(e)) from e
+    except StoreError as e:
+        raise HTTPException(503, f"cannot import {body.path}: {e.strerror}") from e
     except (AdapterError, DeltaError) as e:
         raise HTTPException(422, f"cannot import {body.path} over {body.base!r}: {e}") from e
     except ModelFileError as e:  # names the file or tensor, relative to the model directory
         raise HTTPException(422, f"cannot import {body.path}: {e}") from e
     except OSError as e:  # no path in the message: it would show the store's staging directory
+        if e.errno == errno.ENOSPC:
+            raise HTTPException(507, f"cannot import {body.path}: the store's disk is full") from e
         raise HTTPException(422, f"cannot import {body.path}: {e.strerror or 'a file cannot be read'}") from e
     recipe = {"kind": "import", "path": str(source), **({"base": base.id} if base is not None else {})}
     parents = [base.id] if base is not None else []
     record = ModelRecord(id=body.id, recipe=recipe, parents=parents, **info, **fields)
     try:
-        added = registry.add(record, require=parents)
+        added = register_placed(store, registry, record, require=parents)
     except ParentGoneError as e:
-        store.remove(body.id)
         raise HTTPException(409, str(e)) from e
     if not added:
-        store.remove(body.id)
         raise HTTPException(409, f"model {body.id!r} already exists")
     return ModelObject.of(record)
 

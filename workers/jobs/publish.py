@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from workers.jobs.context import JobContext
+from workers.merge.config import MODEL_ID
+from workers.store.consistency import register_placed
+from workers.store.model_files import shown
 from workers.store.model_store import describe
 from workers.store.references import is_registry_id
 from workers.store.registry import ModelRecord, ParentGoneError
@@ -18,6 +21,10 @@ class ModelIdTakenError(ValueError):
 
 
 class NonFiniteOutputError(ValueError):
+    pass
+
+
+class InvalidModelIdError(ValueError):
     pass
 
 
@@ -34,6 +41,8 @@ def publish_model(
     """Run `build(staging_dir)`; register the result as `model_id` only if it completes, holds only finite
     numbers, and every registered parent is still registered at that moment. `describe_with` reads the
     record's fields from the finished directory; `fields` adds others (type, base_model)."""
+    if not MODEL_ID.match(model_id):  # every id, however made, passes the same check
+        raise InvalidModelIdError(f"{shown(model_id)} is not a valid model id; nothing was built")
     if ctx.registry.exists(model_id):
         raise ModelIdTakenError(f"model {model_id!r} already exists")
     with ctx.store.staging(model_id) as tmp:
@@ -53,15 +62,10 @@ def publish_model(
             raise NonFiniteOutputError(
                 f"tensor {bad!r} of the output holds NaN or infinite values; nothing was registered"
             )
-    record = ModelRecord(
-        id=model_id, parents=parents, recipe=recipe, **describe_with(ctx.store.path(model_id)), **fields
-    )
-    try:
-        added = ctx.registry.add(record, require=[p for p in parents if is_registry_id(p)])
-    except ParentGoneError:
-        ctx.store.remove(model_id)
-        raise
-    if not added:
-        ctx.store.remove(model_id)
+        # described before it moves into place (the rename keeps every file as it is): a failure here
+        # leaves nothing in the store
+        record = ModelRecord(id=model_id, parents=parents, recipe=recipe, **describe_with(tmp), **fields)
+    required = [p for p in parents if is_registry_id(p)]
+    if not register_placed(ctx.store, ctx.registry, record, require=required):
         raise ModelIdTakenError(f"model {model_id!r} was registered by another job meanwhile")
     return record

@@ -334,7 +334,8 @@ def fit_replacement(
     report.mse_before = relative_mse(layer, model, pairs)
     scale = [y.square().mean().item() for y in pairs.targets]
     optimizer = torch.optim.AdamW(layer.parameters(), lr=options.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / options.steps)
+    # lr decays linearly to 0 over the steps (steps=0: the copied layer is kept as it is, unfitted)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(options.steps, 1))
     try:
         layer.train()
         for step in range(options.steps):

@@ -6,6 +6,7 @@ holds a half-written model. Staging directories of dead processes are removed at
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -29,10 +30,22 @@ class ModelExistsError(FileExistsError):
     pass
 
 
+class StoreError(OSError):
+    """The store refused a change (permissions, a full or read-only disk). Its message gives the real
+    cause and names no path (it would show where the store lives)."""
+
+
+def store_error(e: OSError, doing: str) -> StoreError:
+    return StoreError(e.errno, f"the model store refused {doing} ({e.strerror or type(e).__name__})")
+
+
 class ModelStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / STAGING).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store_error(e, "to create its staging directory") from None
 
     def path(self, model_id: str) -> Path:
         return self.root / model_id
@@ -46,24 +59,45 @@ class ModelStore:
         if self.exists(model_id):
             raise ModelExistsError(f"model {model_id!r} already exists in the store")
         tmp = self.root / STAGING / f"{model_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise store_error(e, "a new directory") from None
         try:
             yield tmp
             try:
                 os.rename(tmp, self.path(model_id))
             except OSError as e:
-                raise ModelExistsError(f"model {model_id!r} already exists in the store") from e
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise ModelExistsError(f"model {model_id!r} already exists in the store") from None
+                raise store_error(e, f"to move model {model_id!r} into place") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def remove(self, model_id: str) -> None:
         """Move the model out of sight first (one rename), then delete its files."""
+        trash = self.retire(model_id)
+        if trash is not None:
+            self.purge(trash)
+
+    def retire(self, model_id: str) -> Path | None:
+        """Rename the model's directory to a trash name (OSError, and nothing moved, if that fails); the
+        trash path, or None when there was no directory."""
         target = self.path(model_id)
         if not target.exists():
-            return
-        doomed = self.root / STAGING / f"deleted.{model_id}.{uuid.uuid4().hex[:8]}"
-        os.rename(target, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+            return None
+        trash = self.root / STAGING / f"deleted.{model_id}.{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        return trash
+
+    def restore(self, model_id: str, trash: Path) -> None:
+        """Undo `retire`."""
+        os.rename(trash, self.path(model_id))
+
+    @staticmethod
+    def purge(trash: Path) -> None:
+        """Delete a retired directory; what cannot be deleted now is removed at the next start."""
+        shutil.rmtree(trash, ignore_errors=True)
 
     def clean_stale_staging(self) -> list[str]:
         """Remove staging directories left by processes of this host that are no longer alive."""
@@ -129,6 +163,13 @@ def weights_bytes(directory: Path, float_dtype: torch.dtype | None = None) -> in
         dtype = float_dtype if float_dtype is not None and entry.dtype.is_floating_point else entry.dtype
         size += entry.numel * dtype.itemsize
     return size
+
+
+def max_rank(directory: Path) -> int:
+    """The largest rank a matrix of the model can have: max over its 2-D tensors of min(rows, columns)."""
+    return max(
+        (min(e.shape) for e in TensorReader(directory).entries.values() if len(e.shape) == 2), default=1
+    )
 
 
 def lora_bytes(directory: Path, max_rank: int) -> int:

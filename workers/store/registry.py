@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from redis import Redis
 
 KEY = "strata:models"
+QUARANTINE_KEY = "strata:models:quarantine"  # records whose files were gone at startup (see reconcile)
 PROFILE_REQUESTS_KEY = "strata:profile:requests"  # models registered since; the API profiles them
 MAX_PROFILE_REQUESTS = 1000
 
@@ -20,6 +21,13 @@ for i = 3, #ARGV do
 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then return '' end
 return false
+"""
+MOVE = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], value)
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
 """
 REPLACE_IF_PRESENT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -112,3 +120,7 @@ class Registry:
 
     def remove(self, model_id: str) -> bool:
         return bool(self.redis.hdel(KEY, model_id))
+
+    def quarantine(self, model_id: str) -> bool:
+        """Move a record out of the registry into the quarantine hash (kept, restorable by hand)."""
+        return bool(self.redis.eval(MOVE, 2, KEY, QUARANTINE_KEY, model_id))
