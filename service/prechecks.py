@@ -289,6 +289,20 @@ def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path), settings)
 
 
+def check_training_data(examples: list[dict] | None, data: str | None, settings: Settings) -> None:
+    """Inline records are well-formed; a data file lies under an import root."""
+    for number, record in enumerate(examples or [], start=1):
+        try:
+            validate_record(record)
+        except DataError as e:
+            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
+    if data:
+        try:
+            resolve_path(data, settings.import_roots, directory=False)
+        except ModelReferenceError as e:
+            raise HTTPException(422, str(e)) from e
+
+
 def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: Settings) -> None:
     record = registry.get(request.model)
     if record is None:
@@ -316,16 +330,7 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
         )
     if request.data and request.examples:
         raise HTTPException(422, "give data or examples, not both")
-    for number, record in enumerate(request.examples or [], start=1):
-        try:
-            validate_record(record)
-        except DataError as e:
-            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
-    if request.data:
-        try:
-            resolve_path(request.data, settings.import_roots, directory=False)
-        except ModelReferenceError as e:
-            raise HTTPException(422, str(e)) from e
+    check_training_data(request.examples, request.data, settings)
 
 
 def check_extract_lora(request: ExtractLoraJobRequest, registry: Registry, settings: Settings) -> None:
@@ -360,16 +365,7 @@ def check_finetune(request: FinetuneJobRequest, registry: Registry, settings: Se
             except FileNotFound as e:
                 raise HTTPException(422, f"{key}: {e}") from e
             records = stored.records if key == "training_file" else records
-    for number, record in enumerate(request.examples or [], start=1):
-        try:
-            validate_record(record)
-        except DataError as e:
-            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
-    if request.data:
-        try:
-            resolve_path(request.data, settings.import_roots, directory=False)
-        except ModelReferenceError as e:
-            raise HTTPException(422, str(e)) from e
+    check_training_data(request.examples, request.data, settings)
     steps = request.train_config().total_steps(records) if records else request.steps
     if steps is not None and steps > MAX_FINETUNE_STEPS:
         raise HTTPException(

@@ -36,7 +36,9 @@ class MoeJobRequest(MoeConfig):
 
 
 class VariantsJobRequest(BaseModel):
-    """Fine-tune-like variants `<prefix>-1..count`: theta + delta, rms(delta) = scale * rms(theta)."""
+    """Fine-tune-like variants `<prefix>-1..count`: theta + delta, rms(delta) = scale * rms(theta). The
+    deltas are random noise (nothing learned), for synthetic tests of merging and serving; real variants
+    come from `finetune`."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     kind: Literal["variants"]

@@ -1,4 +1,8 @@
-"""Fine-tune-like variants of a model, for demos and benchmarks when no hub is reachable.
+"""Fine-tune-like variants of a model, for synthetic tests, demos and benchmarks of speed and exactness.
+
+Their deltas are random noise: a variant has learned nothing, so a merge of variants says nothing about what
+a merge keeps. For real variants fine-tune (the `finetune` job, /v1/fine_tuning/jobs); for merges judged by
+what they keep, bench/merge_quality.py.
 
 theta' = theta + delta, tensor by tensor, with rms(delta) = scale * rms(theta):
 - dense:    delta = scale * rms(theta) * Z,                      Z ~ N(0, 1)

@@ -186,6 +186,14 @@ def to_openai(view: JobView) -> FineTuningJob:
     )
 
 
+def _after(items: list, after: str | None) -> list:
+    """The items after the one whose id is `after` (all without `after`, none when it is unknown)."""
+    if after is None:
+        return items
+    ids = [item.id for item in items]
+    return items[ids.index(after) + 1 :] if after in ids else []
+
+
 def _job(queue: JobQueue, ft_id: str) -> Job:
     job = queue.fetch(ft_id.removeprefix(PREFIX)) if JOB_ID.match(ft_id) else None
     if job is None or job.meta.get("kind") != "finetune":
@@ -224,10 +232,7 @@ def list_jobs(
     queue: QueueDep, after: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20
 ) -> FineTuningJobList:
     """Newest first; `after`: the last id of the previous page."""
-    jobs = [to_openai(v) for v in queue.list(1000) if v.kind == "finetune"]
-    if after is not None:
-        ids = [j.id for j in jobs]
-        jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+    jobs = _after([to_openai(v) for v in queue.list(1000) if v.kind == "finetune"], after)
     return FineTuningJobList(data=jobs[:limit], has_more=len(jobs) > limit)
 
 
@@ -265,9 +270,7 @@ def job_events(
         )
         for i, e in enumerate(raw)
     ][::-1]
-    if after is not None:
-        ids = [e.id for e in events]
-        events = events[ids.index(after) + 1 :] if after in ids else []
+    events = _after(events, after)
     return FineTuningEventList(data=events[:limit], has_more=len(events) > limit)
 
 
