@@ -50,7 +50,7 @@ from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa
 from workers.inference.worker import load_engine  # noqa: E402
 from workers.merge.executor import tensor_seed  # noqa: E402
 from workers.tensors.safetensors_io import TensorReader  # noqa: E402
-from workers.variants import low_rank_factors, make_variant  # noqa: E402
+from workers.variants import make_variant, random_low_rank_factors  # noqa: E402
 from workers.variants_delta import compress_variant, materialise  # noqa: E402
 
 CONCURRENT = 4
@@ -62,19 +62,25 @@ PROMPTS = [
 ]
 
 
-def in_memory_variant(engine: EarlyExitEngine, reader: TensorReader, seed: int, scale: float, rank: int):
+def tensor_stats(reader: TensorReader) -> dict[str, tuple[tuple[int, ...], float]]:
+    """Each tensor's shape and rms (what the `variants` job scales its perturbation by), read once."""
+    return {
+        name: (tuple(reader.entries[name].shape), float(reader.load(name).float().pow(2).mean().sqrt()))
+        for name in reader.names
+    }
+
+
+def in_memory_variant(engine: EarlyExitEngine, stats: dict, seed: int, scale: float, rank: int):
     """The `variants` job's rank-r perturbation of every tensor (dense for vectors), held as factors."""
     deltas: dict = {}
     dtype = engine.compact.dtype
-    for name in reader.names:
-        theta = reader.load(name)
+    for name, (shape, rms) in stats.items():
         generator = torch.Generator().manual_seed(tensor_seed(seed, name, 0))
-        if theta.dim() == 2:
-            left, right = low_rank_factors(theta, scale, rank, generator)
+        if len(shape) == 2:
+            left, right = random_low_rank_factors(shape, rms, scale, rank, generator)
             deltas[name] = LowRankDelta(right, left, dtype)
         else:
-            rms = theta.float().pow(2).mean().sqrt()
-            deltas[name] = scale * rms * torch.randn(theta.shape, generator=generator)
+            deltas[name] = scale * rms * torch.randn(shape, generator=generator)
     return build_variant(f"v{seed}", engine.compact, deltas)
 
 
@@ -214,9 +220,8 @@ def run(args, work: Path, base_dir: Path) -> None:
         base_bytes -= engine.compact.embed_weight.numel() * 4 - engine.compact.head.bytes
     max_n = max(args.variants)
     with TensorReader(base_dir) as reader:
-        held = [
-            in_memory_variant(engine, reader, seed, args.scale, args.rank) for seed in range(1, max_n + 1)
-        ]
+        stats = tensor_stats(reader)
+    held = [in_memory_variant(engine, stats, seed, args.scale, args.rank) for seed in range(1, max_n + 1)]
     for variant in held:
         engine.add_variant(variant)
     per_variant = statistics.mean(v.bytes for v in held)

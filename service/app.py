@@ -16,12 +16,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import metrics
 from service.auth import ApiKeyMiddleware, load_keys
 from service.body_limit import BodyLimitMiddleware
 from service.cross_site import CrossSiteMiddleware
 from service.embedded_redis import EmbeddedRedis
 from service.errors import short_detail, short_errors
-from service.fleet import live_inference_workers, live_job_workers
+from service.fleet import live_inference_workers, live_job_workers, resident_models
 from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
@@ -137,14 +138,25 @@ def create_app(
             report = Health(status="degraded", redis=False, workers=0)
         else:
             ok = workers >= expected[0] and inference >= expected[1]
+            resident = resident_models(request.app.state.redis)
             report = Health(
-                status="ok" if ok else "degraded", redis=True, workers=workers, inference_workers=inference
+                status="ok" if ok else "degraded",
+                redis=True,
+                workers=workers,
+                inference_workers=inference,
+                resident=resident,
             )
+            metrics.observe_residency(resident)
         return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Prometheus text format: TTFT, inter-token, end-to-end and queue latency, depth, budget outcomes."""
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text format: TTFT, inter-token, end-to-end and queue latency, depth, budget outcomes,
+        and the variants each inference worker holds over each base."""
+        try:
+            metrics.observe_residency(resident_models(request.app.state.redis))
+        except (RedisConnectionError, RedisTimeoutError):
+            pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

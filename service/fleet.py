@@ -7,13 +7,14 @@ dead one stops counting at once; workers elsewhere count while their registratio
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 from redis import Redis
 from rq import Worker
 
-from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY
+from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY, resident_key
 from workers.jobs.queues import QUEUE_NAME
 from workers.processes import process_alive
 
@@ -56,3 +57,12 @@ def live_inference_workers(redis: Redis) -> list[str]:
 
 def inference_worker_heartbeat(redis: Redis, worker_id: str) -> float | None:
     return redis.zscore(WORKERS_KEY, worker_id)
+
+
+def resident_models(redis: Redis) -> dict[str, dict]:
+    """Per live inference worker: the bases (and plain models) it holds and the variants held over each."""
+    workers = live_inference_workers(redis)
+    if not workers:
+        return {}
+    raw = redis.mget([resident_key(worker) for worker in workers])
+    return {worker: json.loads(value) for worker, value in zip(workers, raw, strict=True) if value}

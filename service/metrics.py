@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -32,3 +32,23 @@ DEPTH = Histogram(
 )
 BUDGET = Counter("strata_budget_total", "Requests with a latency budget, by outcome", ["model", "outcome"])
 REJECTED = Counter("strata_requests_rejected_total", "Generation requests refused", ["reason"])
+RESIDENT_VARIANTS = Gauge(
+    "strata_resident_variants",
+    "Variants held as deltas over a base, per inference worker",
+    ["worker", "base"],
+)
+RESIDENT_VARIANT_BYTES = Gauge(
+    "strata_resident_variant_bytes",
+    "Bytes of the deltas held over a base, per inference worker",
+    ["worker", "base"],
+)
+
+
+def observe_residency(resident: dict[str, dict]) -> None:
+    """Set the residency gauges from the workers' reports (as /health last read them)."""
+    RESIDENT_VARIANTS.clear()
+    RESIDENT_VARIANT_BYTES.clear()
+    for worker, bases in resident.items():
+        for base, held in bases.items():
+            RESIDENT_VARIANTS.labels(worker, base).set(len(held.get("variants", [])))
+            RESIDENT_VARIANT_BYTES.labels(worker, base).set(held.get("variant_bytes", 0))

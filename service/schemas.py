@@ -454,3 +454,7 @@ class Health(BaseModel):
     redis: bool
     workers: int = Field(description="Live job workers")
     inference_workers: int = Field(default=0, description="Live inference workers")
+    resident: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per live inference worker: the bases it holds, each with the variants held over it",
+    )

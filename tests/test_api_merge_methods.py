@@ -174,8 +174,7 @@ BAD = {
         "model_stock takes at least 3 models (base included), got 2",
     ),
     "karcher_too_many_iterations": (
-        "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
-        "parameters: {{max_iter: 5000}}\n",
+        "merge_method: karcher\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{max_iter: 5000}}\n",
         "max_iter must be in [0, 1000]",
     ),
     "layer_range_past_the_model": (

@@ -22,23 +22,23 @@ from workers.store.model_files import contained
 from workers.tensors.safetensors_io import PlannedTensor, ShardedWriter, TensorReader
 
 
-def low_rank_factors(
-    theta: torch.Tensor, scale: float, rank: int, generator: torch.Generator
+def random_low_rank_factors(
+    shape: tuple[int, int], rms: float, scale: float, rank: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right) with delta = left @ right, the low-rank delta of a 2-D tensor (module docstring)."""
-    rms = theta.float().pow(2).mean().sqrt()
-    a = torch.randn(theta.shape[0], rank, generator=generator)
-    b = torch.randn(rank, theta.shape[1], generator=generator)
+    """(left, right) with delta = left @ right, the low-rank delta of a 2-D tensor of this shape and rms
+    (module docstring)."""
+    a = torch.randn(shape[0], rank, generator=generator)
+    b = torch.randn(rank, shape[1], generator=generator)
     return scale * rms * a / rank**0.5, b
 
 
 def perturbation(
     theta: torch.Tensor, scale: float, rank: int | None, generator: torch.Generator
 ) -> torch.Tensor:
+    rms = float(theta.float().pow(2).mean().sqrt())
     if rank and theta.dim() == 2:
-        left, right = low_rank_factors(theta, scale, rank, generator)
+        left, right = random_low_rank_factors(tuple(theta.shape), rms, scale, rank, generator)
         return left @ right
-    rms = theta.float().pow(2).mean().sqrt()
     return scale * rms * torch.randn(theta.shape, generator=generator)
 
 

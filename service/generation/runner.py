@@ -44,6 +44,7 @@ from service.generation.schemas import (
     Usage,
 )
 from service.profiling import request_profile
+from workers import composition
 from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile, default_latency
 from workers.generation.quality import ServedQuality, quality_table
@@ -195,7 +196,40 @@ class Generation:
         record = self.state(model_id).record
         if record is None:
             raise HTTPException(404, f"model {model_id!r} is not registered (see GET /v1/models)")
+        if record.type == "adapter" and record.delta is None:
+            raise HTTPException(
+                422,
+                f"{model_id!r} is a LoRA adapter not stored for serving; import it with "
+                f'POST /v1/models/import and "base": {record.base_model!r}',
+            )
         return record
+
+    def composition(
+        self, model: str | None, merge: dict | None
+    ) -> tuple[str, list[tuple[str, float]] | None]:
+        """(the model to run, the per-request merge's coefficients or None). With `merge`, the model is the
+        variants' common base (a `model` given too must be that base); 404/422 for what cannot be served."""
+        if merge is None:
+            if model is None:
+                raise HTTPException(422, "give model (or merge)")
+            return model, None
+        try:
+            recipe = composition.parse(merge)
+            refs = {t.model for t in recipe.models} | ({recipe.base_model} if recipe.base_model else set())
+            bases: dict[str, str | None] = {}
+            for ref in sorted(refs):
+                record = self.registry.get(ref)
+                if record is None:
+                    raise HTTPException(404, f"merge: model {ref!r} is not registered (see GET /v1/models)")
+                bases[ref] = record.base_model if record.delta is not None else None
+            base, terms = composition.terms(recipe, bases)
+        except composition.CompositionError as e:
+            raise HTTPException(422, str(e)) from e
+        if model is not None and model != base:
+            raise HTTPException(
+                422, f"model {model!r} is not the merge's base {base!r}: give the base or leave it out"
+            )
+        return base, terms or None
 
     def text_dir(self, model_id: str) -> Path:
         """Where the model's tokenizer and config are: a LoRA adapter's are its base's."""
@@ -312,6 +346,7 @@ class Generation:
         depth: DepthOptions,
         speculative: SpeculativeOptions | None = None,
         streaming: StreamingOptions | None = None,
+        merge: list[tuple[str, float]] | None = None,
     ) -> Prepared:
         """Check the request, plan its depth and queue it. `streaming`: whether the client reads the tokens
         as they come, and how far apart their chunks may be (if not streamed, the worker writes only a few
@@ -369,6 +404,7 @@ class Generation:
             request=request,
             predicted_ms=plan.predicted_ms,
             speculative=Speculation(**speculative.model_dump()) if speculative else None,
+            merge=merge,
             stream=streaming.stream,
             stream_interval_ms=(
                 s.stream_interval_ms if streaming.stream_interval_ms is None else streaming.stream_interval_ms

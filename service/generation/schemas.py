@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
@@ -113,10 +113,19 @@ class StreamingOptions(BaseModel):
     )
 
 
-class GenerateRequest(DepthOptions, SamplingOptions, StreamingOptions):
+class MergeOptions(BaseModel):
+    merge: dict[str, Any] | None = Field(
+        default=None,
+        description="A per-request merge of variants of one base, mergekit-shaped (merge_method linear or "
+        "task_arithmetic, base_model, models with parameters.weight): served as the base plus the weighted "
+        "sum of their deltas, nothing materialised",
+    )
+
+
+class GenerateRequest(DepthOptions, SamplingOptions, StreamingOptions, MergeOptions):
     model_config = ConfigDict(extra="forbid")
     speculative: SpeculativeOptions | None = None
-    model: str
+    model: str | None = Field(default=None, description="The model; may be left out when `merge` is given")
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     max_new_tokens: int = Field(default=64, ge=1)
@@ -125,6 +134,8 @@ class GenerateRequest(DepthOptions, SamplingOptions, StreamingOptions):
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.model is None and self.merge is None:
+            raise ValueError("give model (or merge)")
         return self
 
 
@@ -187,7 +198,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIRequest(DepthOptions, SamplingOptions, StreamingOptions):
+class OpenAIRequest(DepthOptions, SamplingOptions, StreamingOptions, MergeOptions):
     """Fields shared by the OpenAI endpoints; unknown OpenAI fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")

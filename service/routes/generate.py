@@ -63,14 +63,15 @@ def respond(prepared: Prepared, response_id: str, model: str) -> GenerateRespons
 async def generate(body: GenerateRequest, request: Request):
     """Generate at the deepest exit whose predicted latency fits `latency_budget_ms` (full depth without)."""
     gen = generation(request)
-    prompt_ids = await gen.encode_async(body.model, body.prompt, body.messages)
+    model, merge = gen.composition(body.model, body.merge)
+    prompt_ids = await gen.encode_async(model, body.prompt, body.messages)
     prepared = await gen.prepare(
-        body.model, prompt_ids, body.max_new_tokens, body, body, body.speculative, body
+        model, prompt_ids, body.max_new_tokens, body, body, body.speculative, body, merge
     )
     response_id = new_id("gen")
     if not body.stream:
         await gen.complete(prepared, request.is_disconnected)
-        return respond(prepared, response_id, body.model)
+        return respond(prepared, response_id, model)
 
     async def stream() -> AsyncIterator[str]:  # [DONE] by `ended`
         async with contextlib.aclosing(gen.events(prepared)) as events:  # its cleanup runs now
@@ -81,7 +82,7 @@ async def generate(body: GenerateRequest, request: Request):
                     if data["delta"]:
                         yield sse({"type": "token", "text": data["delta"]})
                     yield sse(
-                        {"type": "done", **respond(prepared, response_id, body.model).model_dump(mode="json")}
+                        {"type": "done", **respond(prepared, response_id, model).model_dump(mode="json")}
                     )
                 elif kind == "error":
                     yield sse(stream_error(data["error"]))

@@ -57,8 +57,11 @@ def streamed(gen, prepared: Prepared, body: OpenAIRequest, chunk) -> StreamingRe
 @router.post("/v1/completions", response_model=Completion, responses=STREAM_DOC)
 async def completions(body: CompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = await gen.encode_async(body.model, body.prompt_text(), None)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, streaming=body)
+    model, merge = gen.composition(body.model, body.merge)
+    prompt_ids = await gen.encode_async(model, body.prompt_text(), None)
+    prepared = await gen.prepare(
+        model, prompt_ids, body.new_tokens(), body, body, streaming=body, merge=merge
+    )
     response_id, created = new_id("cmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)
@@ -87,8 +90,11 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = generation(request)
-    prompt_ids = await gen.encode_async(body.model, None, body.messages)
-    prepared = await gen.prepare(body.model, prompt_ids, body.new_tokens(), body, body, streaming=body)
+    model, merge = gen.composition(body.model, body.merge)
+    prompt_ids = await gen.encode_async(model, None, body.messages)
+    prepared = await gen.prepare(
+        model, prompt_ids, body.new_tokens(), body, body, streaming=body, merge=merge
+    )
     response_id, created = new_id("chatcmpl"), int(time.time())
     if not body.stream:
         text = await gen.complete(prepared, request.is_disconnected)

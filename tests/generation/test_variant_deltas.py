@@ -18,6 +18,7 @@ from workers.generation.deltas import (
     SparseDelta,
     VariantLayoutError,
     build_variant,
+    compose,
 )
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.speculative import speculative_events
@@ -158,3 +159,24 @@ def test_deltas_naming_modules_or_shapes_the_base_lacks_are_refused(tiny_model, 
         build_variant("x", engine.compact, {"model.layers.0.self_attn.o_proj.weight": wrong})
     with pytest.raises(ValueError, match="not loaded"):
         engine.run([greedy([5, 6], 2, "nobody")])
+
+
+def test_a_composition_of_variants_decodes_as_their_merged_model(tiny_model, tokenizer, family, prompts):
+    engine = served(tiny_model, tokenizer, family)
+    parts = [(engine.variants["v1"], 0.3), (engine.variants["v2"], 0.7)]
+    engine.add_variant(compose("mix", engine.compact, parts))
+    merged = copy.deepcopy(tiny_model)
+    base_state, one, two = tiny_model.state_dict(), family["v1"].state_dict(), family["v2"].state_dict()
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            param.copy_(
+                base_state[name] + 0.3 * (one[name] - base_state[name]) + 0.7 * (two[name] - base_state[name])
+            )
+    got = engine.run(
+        [greedy(prompts[1], 4, "mix"), greedy(prompts[1], 4, "v1"), greedy(prompts[2], 4, "mix")]
+    )
+    want = EarlyExitEngine(merged, tokenizer, device="cpu").run(
+        [greedy(prompts[1], 4), greedy(prompts[2], 4)]
+    )
+    assert [got[0].token_ids, got[2].token_ids] == [w.token_ids for w in want]
+    assert got[0].token_ids != got[1].token_ids

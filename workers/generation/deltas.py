@@ -376,3 +376,71 @@ def _own_norm(tensor: str, base: torch.Tensor, delta: object) -> torch.Tensor:
     if not isinstance(delta, torch.Tensor) or delta.shape != base.shape:
         raise VariantLayoutError(f"{tensor!r}: a norm's delta must be a vector of {base.shape[0]} entries")
     return (base.float() + delta.float().to(base.device)).to(base.dtype)
+
+
+class ScaledDelta:
+    """c D: another delta times a coefficient (no copy of its tensors)."""
+
+    def __init__(self, delta: LinearDelta, coefficient: float) -> None:
+        self.delta, self.coefficient = delta, coefficient
+        self.out_features = delta.out_features
+        self.bytes = 0  # shares the delta's tensors
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.delta(x) * self.coefficient
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.delta.rows(ids) * self.coefficient
+
+
+class SumDelta:
+    """D_1 + D_2 + ...: a composition's embedding delta."""
+
+    def __init__(self, deltas: list[LinearDelta]) -> None:
+        self.deltas = deltas
+        self.out_features = deltas[0].out_features
+        self.bytes = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(d(x) for d in self.deltas)  # type: ignore[return-value]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return sum(d.rows(ids) for d in self.deltas)  # type: ignore[return-value]
+
+
+def _scaled(delta: LinearDelta, coefficient: float) -> LinearDelta:
+    if isinstance(delta, LowRankDelta):  # stays low rank: the grouped product still applies
+        return LowRankDelta(delta.a, delta.b * coefficient, delta.a.dtype)
+    return ScaledDelta(delta, coefficient)
+
+
+def compose(name: str, compact, terms: list[tuple[VariantDelta, float]]) -> VariantDelta:
+    """The variant base + sum_i c_i D_i of variants of one base (a linear or task-arithmetic merge of
+    them, exactly, without materialising a weight): every linear's parts side by side, scaled; norms
+    base + sum_i c_i (own_i - base); embeddings summed. Exit adapters: the base's."""
+    out = VariantDelta(name)
+    for variant, c in terms:
+        for key, parts in variant.linears.items():
+            scaled = [
+                SliceDelta(
+                    p.offset,
+                    None if p.delta is None else _scaled(p.delta, c),
+                    None if p.bias is None else p.bias * c,
+                )
+                for p in parts
+            ]
+            out.linears.setdefault(key, []).extend(scaled)
+    bases = {(-1, "final"): compact.final_norm}
+    for i, layer in enumerate(compact.layers):
+        bases[(i, "input")], bases[(i, "post")] = layer.input_norm, layer.post_norm
+    for key in {k for variant, _ in terms for k in variant.norms}:
+        base = bases[key].float()
+        total = base.clone()
+        for variant, c in terms:
+            if key in variant.norms:
+                total += c * (variant.norms[key].float() - base)
+        out.norms[key] = total.to(bases[key].dtype)
+    embeds = [_scaled(v.embed, c) for v, c in terms if v.embed is not None]
+    if embeds:
+        out.embed = embeds[0] if len(embeds) == 1 else SumDelta(embeds)
+    return out

@@ -26,6 +26,7 @@ HEARTBEAT_S = 2.0
 WORKER_TTL_S = 10.0
 EVENTS_TTL_S = 600
 CANCEL_PREFIX = "strata:infer:cancel:"
+RESIDENT_PREFIX = "strata:infer:resident:"  # per worker: its loaded bases and the variants held over each
 
 
 class Speculation(BaseModel):
@@ -37,6 +38,8 @@ class InferenceJob(BaseModel):
     model: str
     request: GenerationRequest
     speculative: Speculation | None = None
+    # a per-request merge: base (`model`) + sum_i c_i D_i of these variants of it (workers.composition)
+    merge: list[tuple[str, float]] | None = None
     enqueued_at: float = Field(default_factory=time.time)
     predicted_ms: float | None = None
     stream: bool = True  # the client reads tokens as they come (else only the finish matters to it)
@@ -49,6 +52,10 @@ def events_key(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return CANCEL_PREFIX + request_id
+
+
+def resident_key(worker_id: str) -> str:
+    return RESIDENT_PREFIX + worker_id
 
 
 def latency_key(model_id: str) -> str:

@@ -3,6 +3,7 @@ and streams tokens back as they are produced."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -18,10 +19,12 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.composition import name as composition_name
 from workers.device import default_device
 from workers.early_exit.adapters import FILENAME as ADAPTERS_FILE
 from workers.early_exit.adapters import load_adapters
 from workers.generation.compact import PRECISIONS, Precision
+from workers.generation.deltas import compose
 from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
 from workers.generation.speculative import speculative_events
@@ -30,10 +33,12 @@ from workers.inference.protocol import (
     HEARTBEAT_S,
     QUEUE_KEY,
     SERVICE_MS_KEY,
+    WORKER_TTL_S,
     WORKERS_KEY,
     InferenceJob,
     cancel_key,
     latency_key,
+    resident_key,
 )
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_store import verify_model
@@ -116,6 +121,7 @@ class InferenceWorker:
         self.max_models = max_models  # bases (and plain models) kept loaded
         self.variant_memory_bytes = variant_memory_bytes  # deltas of variants kept loaded, all bases together
         self.variant_lru: OrderedDict[str, tuple[str, int]] = OrderedDict()  # variant -> (its base, bytes)
+        self.compositions: dict[str, tuple[str, set[str]]] = {}  # per-request merges: key -> (base, variants)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
         self.adapter_stamps: dict[str, tuple[int, int] | None] = {}
@@ -145,6 +151,8 @@ class InferenceWorker:
             dropped, _ = self.engines.popitem(last=False)
             for variant in [v for v, (base, _) in self.variant_lru.items() if base == dropped]:
                 del self.variant_lru[variant]
+            for key in [k for k, (base, _) in self.compositions.items() if base == dropped]:
+                del self.compositions[key]
         return engine
 
     def route(self, model_id: str) -> tuple[str, str | None]:
@@ -178,11 +186,30 @@ class InferenceWorker:
             victim_base, _ = self.variant_lru.pop(victim)
             if victim_base in self.engines:
                 self.engines[victim_base].remove_variant(victim)
+                for key, (_, members) in list(self.compositions.items()):
+                    if victim in members and key not in pinned:  # it holds the victim's tensors
+                        self.engines[victim_base].remove_variant(key)
+                        del self.compositions[key]
+
+    def hold_composition(self, base: str, composition: list[tuple[str, float]], pinned: set[str]) -> str:
+        """The name of base + sum_i c_i D_i in the base's engine, composed from the variants' deltas once
+        and kept (by its recipe) until one of them is dropped."""
+        key = composition_name(base, composition)
+        engine = self.engine(base)
+        if key not in engine.variants:
+            for variant, _ in composition:
+                if self.route(variant) != (base, variant):
+                    raise ValueError(f"{variant!r} is not stored as a delta of {base!r}")
+                self.hold_variant(base, variant, pinned | {key})
+            parts = [(engine.variants[variant], c) for variant, c in composition]
+            engine.add_variant(compose(key, engine.compact, parts))
+            self.compositions[key] = (base, {variant for variant, _ in composition})
+        return key
 
     def resident(self) -> dict[str, dict]:
         """The loaded bases (and plain models) with the variants held over each and their delta bytes."""
-        out = {model: {"variants": [], "variant_bytes": 0} for model in self.engines}
-        for variant, (base, size) in self.variant_lru.items():
+        out = {model: {"variants": [], "variant_bytes": 0} for model in list(self.engines)}
+        for variant, (base, size) in list(self.variant_lru.items()):  # read by the heartbeat thread too
             if base in out:
                 out[base]["variants"].append(variant)
                 out[base]["variant_bytes"] += size
@@ -192,6 +219,7 @@ class InferenceWorker:
         while not self.stopping.is_set():
             try:
                 self.redis.zadd(WORKERS_KEY, {self.id: time.time()})
+                self.redis.set(resident_key(self.id), json.dumps(self.resident()), ex=int(WORKER_TTL_S))
             except Exception as e:  # keep beating through a Redis outage
                 log.warning("heartbeat failed: %s", e)
             self.stopping.wait(HEARTBEAT_S)
@@ -322,9 +350,15 @@ class InferenceWorker:
 
     def _variant_requests(self, engine_id: str, jobs: list[InferenceJob]) -> list[InferenceJob]:
         """The group's jobs with each variant's delta loaded and its requests naming it."""
-        pinned = {job.model for job in jobs}
+        pinned = {job.model for job in jobs} | {v for job in jobs for v, _ in job.merge or []}
         out = []
         for job in jobs:
+            if job.merge:
+                variant = self.hold_composition(engine_id, job.merge, pinned)
+                out.append(
+                    job.model_copy(update={"request": job.request.model_copy(update={"variant": variant})})
+                )
+                continue
             _, variant = self.route(job.model)
             if variant is None or job.model == engine_id:
                 out.append(job)
@@ -372,5 +406,6 @@ class InferenceWorker:
             self.stopping.set()
             try:
                 self.redis.zrem(WORKERS_KEY, self.id)
+                self.redis.delete(resident_key(self.id))
             except RedisConnectionError:
                 pass  # Redis is gone too; readers count a worker as live only while its heartbeat is recent

@@ -9,9 +9,11 @@ from typing import Any
 from workers.device import default_device
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
+from workers.lora.adapter_delta import adapter_to_delta
 from workers.lora.extract import extract_lora
 from workers.store.model_store import describe_adapter
-from workers.store.references import resolve_model
+from workers.store.references import is_registry_id, resolve_model
+from workers.variants_delta import describe_delta
 
 
 def extract_lora_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -33,6 +35,8 @@ def extract_lora_job(spec: dict[str, Any]) -> dict[str, Any]:
             device=default_device(),
             progress=ctx.progress,
         )
+        if is_registry_id(spec["base"]):  # servable over its registered base without merging
+            adapter_to_delta(out_dir, base_dir, out_dir, base_id=spec["base"])
 
     architecture = (base_config.get("architectures") or [base_config.get("model_type", "unknown")])[0]
     record = publish_model(
@@ -41,7 +45,10 @@ def extract_lora_job(spec: dict[str, Any]) -> dict[str, Any]:
         build,
         parents=[spec["model"], spec["base"]],
         recipe=spec,
-        describe_with=lambda d: describe_adapter(d, architecture, base_config.get("num_hidden_layers")),
+        describe_with=lambda d: {
+            **describe_adapter(d, architecture, base_config.get("num_hidden_layers")),
+            "delta": describe_delta(d).get("delta"),
+        },
         type="adapter",
         base_model=spec["base"],
     )
