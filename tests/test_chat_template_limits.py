@@ -123,3 +123,22 @@ def test_a_merge_naming_an_unusable_chat_template_gets_422_before_queueing(tmp_p
         assert c.get("/v1/jobs").json()["data"] == []
         fine = {**recipe, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
         assert c.post("/v1/merges", json=fine).status_code == 202
+
+
+def test_a_merge_taking_an_unusable_template_from_a_directory_fails_and_registers_nothing(server):
+    """Models given by path were never imported: the template the merged model would carry is checked."""
+    root = server.home.parent
+    make_tiny_chat_llama(root / "hostile-base", seed=0)
+    set_template(root / "hostile-base", ENDLESS)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(root / "hostile-base"), "parameters": {"weight": 1.0}}],
+        "name": "hostile-merge",
+    }
+    with server.client() as c:
+        job = c.post("/v1/merges", json=recipe)
+        assert job.status_code == 202, job.text
+        final = server.wait_job(job.json()["id"])
+        assert final["status"] == "failed" and "chat template is unusable" in final["error"], final
+        assert "\n" not in final["error"]
+        assert c.get("/v1/models/hostile-merge").status_code == 404
