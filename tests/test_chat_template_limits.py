@@ -8,28 +8,15 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
+from tests.test_bad_requests import api
 from tests.tiny_models import make_tiny_chat_llama, make_tiny_llama, make_variant
-from workers.settings import Settings
 
 LOOPS = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
 SLOW = LOOPS + "{{ messages[0].content }}"  # seconds in Jinja: 10^8 empty iterations
 HUGE = "{{ 'ab' * 3000000 }}{{ messages[0].content }}"
 ENDLESS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def api(tmp_path, redis_url: str) -> TestClient:
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=redis_url,
-        default_model=False,
-        import_roots=[tmp_path],
-        profile_on_register=False,
-    )
-    return TestClient(create_app(settings))
 
 
 def set_template(directory, template: str, where: str = "chat_template.jinja") -> None:
