@@ -4,37 +4,12 @@ imported with, or a merge recipe naming, a template that does not compile or exc
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from fastapi import HTTPException
 
 from workers.merge.chat_templates import NAMED_TEMPLATES
-from workers.templates.renderer import TemplateUnusable, check
+from workers.templates.renderer import TemplateUnusable, check, templates_in
 
-
-def templates_in(directory: Path) -> list[str]:
-    """Every chat template a tokenizer directory carries: tokenizer_config.json's `chat_template` (one, or
-    a list of named ones), chat_template.jinja, chat_template.json. Unreadable files hold none here (the
-    tokenizer's own checks report them)."""
-    found: list[object] = []
-    for name in ("tokenizer_config.json", "chat_template.json"):
-        try:
-            found.append(json.loads((directory / name).read_text()).get("chat_template"))
-        except (OSError, ValueError, AttributeError):
-            pass
-    try:
-        found.append((directory / "chat_template.jinja").read_text())
-    except (OSError, ValueError):
-        pass
-    templates: list[str] = []
-    for item in found:
-        entries = item if isinstance(item, list) else [item]
-        for entry in entries:
-            template = entry.get("template") if isinstance(entry, dict) else entry
-            if isinstance(template, str) and template.strip():
-                templates.append(template)
-    return templates
+__all__ = ["check_or_422", "templates_in"]
 
 
 def check_or_422(template: str | None, what: str) -> None:

@@ -8,28 +8,15 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
+from tests.test_bad_requests import api
 from tests.tiny_models import make_tiny_chat_llama, make_tiny_llama, make_variant
-from workers.settings import Settings
 
 LOOPS = "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"
 SLOW = LOOPS + "{{ messages[0].content }}"  # seconds in Jinja: 10^8 empty iterations
 HUGE = "{{ 'ab' * 3000000 }}{{ messages[0].content }}"
 ENDLESS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def api(tmp_path, redis_url: str) -> TestClient:
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=redis_url,
-        default_model=False,
-        import_roots=[tmp_path],
-        profile_on_register=False,
-    )
-    return TestClient(create_app(settings))
 
 
 def set_template(directory, template: str, where: str = "chat_template.jinja") -> None:
@@ -123,3 +110,22 @@ def test_a_merge_naming_an_unusable_chat_template_gets_422_before_queueing(tmp_p
         assert c.get("/v1/jobs").json()["data"] == []
         fine = {**recipe, "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}
         assert c.post("/v1/merges", json=fine).status_code == 202
+
+
+def test_a_merge_taking_an_unusable_template_from_a_directory_fails_and_registers_nothing(server):
+    """Models given by path were never imported: the template the merged model would carry is checked."""
+    root = server.home.parent
+    make_tiny_chat_llama(root / "hostile-base", seed=0)
+    set_template(root / "hostile-base", ENDLESS)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(root / "hostile-base"), "parameters": {"weight": 1.0}}],
+        "name": "hostile-merge",
+    }
+    with server.client() as c:
+        job = c.post("/v1/merges", json=recipe)
+        assert job.status_code == 202, job.text
+        final = server.wait_job(job.json()["id"])
+        assert final["status"] == "failed" and "chat template is unusable" in final["error"], final
+        assert "\n" not in final["error"]
+        assert c.get("/v1/models/hostile-merge").status_code == 404

@@ -7,13 +7,11 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.embedded_redis import EmbeddedRedis
+from tests.test_bad_requests import api
 from tests.tiny_models import make_tiny_chat_llama
 from workers.inference.protocol import QUEUE_KEY, WORKERS_KEY, InferenceJob, events_key
-from workers.settings import Settings
 
 REQUESTS = {
     "/v1/generate": {"model": "m", "prompt": "hi", "stream": True},
@@ -40,15 +38,8 @@ def test_redis_dying_mid_stream_ends_it_with_an_error_event_and_done(tmp_path, p
     make_tiny_chat_llama(tmp_path / "m")
     server = EmbeddedRedis(tmp_path / "r")
     url = server.start()
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=url,
-        default_model=False,
-        import_roots=[tmp_path],
-        profile_on_register=False,
-    )
     try:
-        with TestClient(create_app(settings)) as c:
+        with api(tmp_path, url) as c:
             assert (
                 c.post("/v1/models/import", json={"id": "m", "path": str(tmp_path / "m")}).status_code == 201
             )

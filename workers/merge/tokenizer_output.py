@@ -17,6 +17,8 @@ from workers.merge.chat_templates import NAMED_TEMPLATES
 from workers.merge.config import MergeConfig
 from workers.merge.vocabulary import VocabularyPlan
 from workers.store.model_files import contained
+from workers.store.references import is_registry_id
+from workers.templates.renderer import TemplateUnusable, check, templates_in
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -61,7 +63,30 @@ def write_tokenizer(
     config: MergeConfig, paths: dict[str, Path], out_dir: Path, vocabulary: VocabularyPlan | None
 ) -> None:
     """The reference model's tokenizer files as they are; or, when the recipe built a vocabulary or names
-    a chat template, that tokenizer saved afresh (plus the reference's generation config)."""
+    a chat template, that tokenizer saved afresh (plus the reference's generation config). The chat
+    template written is checked (`check_output_template`)."""
+    _write_tokenizer(config, paths, out_dir, vocabulary)
+    check_output_template(config, out_dir)
+
+
+def check_output_template(config: MergeConfig, out_dir: Path) -> None:
+    """A template that came from a model directory given by path was never checked when it was registered
+    (registered models' were, at import, and so were recipes' own, at submission): check it before the
+    merged model is registered with it. ValueError if it is unusable."""
+    if all(is_registry_id(ref) for ref in config.input_models):
+        return
+    for template in templates_in(out_dir):
+        if template.strip() in (t.strip() for t in NAMED_TEMPLATES.values()):
+            continue
+        try:
+            check(template)
+        except TemplateUnusable as e:
+            raise ValueError(f"the merged model's chat template is unusable ({e})") from e
+
+
+def _write_tokenizer(
+    config: MergeConfig, paths: dict[str, Path], out_dir: Path, vocabulary: VocabularyPlan | None
+) -> None:
     reference = paths[config.reference_model]
     template = resolve_chat_template(config, paths) if config.chat_template else None
     if vocabulary is None and template is None:

@@ -14,11 +14,20 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from workers.templates.sandbox import TemplateFailed, TemplateUnusable
 
-__all__ = ["TemplateFailed", "TemplateUnusable", "TemplateRenderer", "check", "renderer", "output_limit"]
+__all__ = [
+    "TemplateFailed",
+    "TemplateUnusable",
+    "TemplateRenderer",
+    "check",
+    "output_limit",
+    "renderer",
+    "templates_in",
+]
 
 TIMEOUT_S = 2.0  # a real template renders in milliseconds
 START_TIMEOUT_S = 120.0  # the sandbox imports transformers' Jinja helpers (seconds on a busy machine)
@@ -152,3 +161,27 @@ def check(template: str) -> None:
         renderer().render(template, SAMPLE, SAMPLE_TOKENS, output_limit(SAMPLE))
     except TemplateFailed:
         pass
+
+
+def templates_in(directory: Path) -> list[str]:
+    """Every chat template a tokenizer directory carries: tokenizer_config.json's `chat_template` (one, or
+    a list of named ones), chat_template.jinja, chat_template.json. Unreadable files hold none here (the
+    tokenizer's own checks report them)."""
+    found: list[object] = []
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        try:
+            found.append(json.loads((directory / name).read_text()).get("chat_template"))
+        except (OSError, ValueError, AttributeError):
+            pass
+    try:
+        found.append((directory / "chat_template.jinja").read_text())
+    except (OSError, ValueError):
+        pass
+    templates: list[str] = []
+    for item in found:
+        entries = item if isinstance(item, list) else [item]
+        for entry in entries:
+            template = entry.get("template") if isinstance(entry, dict) else entry
+            if isinstance(template, str) and template.strip():
+                templates.append(template)
+    return templates
