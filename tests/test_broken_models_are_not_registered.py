@@ -73,10 +73,6 @@ BREAKAGES = {
         lambda p: (p / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}'),
         "tokenizer",
     ),
-    "a tokenizer beyond the embeddings": (
-        lambda p: make_tiny_chat_llama(p, vocab_size=8),  # 8 embeddings, a 128-token tokenizer
-        "beyond the model's vocab_size 8",
-    ),
 }
 
 

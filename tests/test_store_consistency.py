@@ -106,3 +106,17 @@ def test_startup_moves_orphans_aside_and_quarantines_records_without_files(
         imported(c, tmp_path, "lost")
     logged = caplog.text
     assert "'lost'" in logged and "'orphan'" in logged
+
+
+def test_startup_gives_store_files_shared_with_an_import_root_their_own_copy(tmp_path, isolated_redis_url):
+    source = tmp_path / "roots" / "m" / "model.safetensors"
+    stored = tmp_path / "home" / "models" / "m" / "model.safetensors"
+    with api(tmp_path, isolated_redis_url) as c:
+        imported(c, tmp_path)
+    stored.unlink()
+    os.link(source, stored)  # as imports before this version left them: one inode, two directories
+    with api(tmp_path, isolated_redis_url) as c:
+        assert os.stat(stored).st_nlink == 1 and os.stat(stored).st_ino != os.stat(source).st_ino
+        assert stored.read_bytes() == source.read_bytes()
+        r = c.post("/v1/jobs", json={"kind": "truncate", "model": "m", "num_layers": 2})
+        assert r.status_code == 202, r.text
