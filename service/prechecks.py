@@ -33,11 +33,11 @@ from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
 from workers.settings import Settings
-from workers.store.file_manifest import ModelFilesChangedError
+from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
-from workers.store.registry import Registry
+from workers.store.registry import ModelRecord, Registry
 from workers.train.data import DataError, validate_record
 
 
@@ -46,6 +46,14 @@ def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
         return resolve_model(ref, registry, settings.models_dir, settings.import_roots)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
+    except ModelFilesChangedError as e:
+        raise HTTPException(409, str(e)) from e
+
+
+def ensure_intact(record: ModelRecord, settings: Settings) -> None:
+    """The model's files are the ones registered (for jobs that read a record, not a reference)."""
+    try:
+        verify_files(record.id, settings.models_dir / record.id, record.files)
     except ModelFilesChangedError as e:
         raise HTTPException(409, str(e)) from e
 
@@ -164,6 +172,7 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
     if record.type == "adapter":
         raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
+    ensure_intact(record, settings)
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
     ensure_distinct("grid", request.grid)
@@ -288,6 +297,7 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
     record = registry.get(request.model)
     if record is None:
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    ensure_intact(record, settings)
     layers = record.num_layers or 0
     if layers < 2:
         raise HTTPException(422, f"model {request.model!r} has no exit below full depth")

@@ -81,6 +81,9 @@ def test_a_model_whose_files_changed_is_refused_by_jobs_with_409(tmp_path, isola
         assert r.status_code == 409, r.text
         detail = r.json()["detail"]
         assert "'m'" in detail and "model.safetensors" in detail and str(tmp_path) not in detail
+        for body in ({"kind": "profile", "model": "m"}, {"kind": "fit_exits", "model": "m"}):
+            r = c.post("/v1/jobs", json=body)  # jobs that read the record, not a reference
+            assert r.status_code == 409 and "changed on disk" in r.json()["detail"], r.text
         (stored / "config.json").unlink()
         r = c.post("/v1/jobs", json={"kind": "truncate", "model": "m", "num_layers": 2})
         assert r.status_code == 409 and "config.json" in r.json()["detail"], r.text
