@@ -7,21 +7,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import prechecks
-from service.app import create_app
+from tests.local_api import local_api
 from tests.tiny_models import make_tiny_chat_llama
-from workers.settings import Settings
 
 
 @pytest.fixture
 def client(tmp_path, isolated_redis_url):
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=isolated_redis_url,
-        default_model=False,
-        import_roots=[tmp_path / "roots"],
-    )
     make_tiny_chat_llama(tmp_path / "roots" / "m")
-    with TestClient(create_app(settings)) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         assert (
             c.post("/v1/models/import", json={"id": "m", "path": str(tmp_path / "roots" / "m")}).status_code
             == 201
