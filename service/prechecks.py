@@ -39,6 +39,7 @@ from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import ModelRecord, Registry
 from workers.train.data import DataError, validate_record
+from workers.train.sorted_ft import default_exits
 
 
 def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
@@ -93,13 +94,13 @@ def ensure_distinct(field: str, values: list[int] | None) -> None:
 
 
 def ensure_memory(needed_bytes: int, what: str) -> None:
-    """What a job's options make it hold in memory must fit in half of this machine's."""
+    """What a job's options make it hold in memory must not exceed this machine's memory (a rough, low
+    estimate: it stops requests that cannot run, such as terabytes of logits, not tight ones)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed_bytes > total // 2:
+    if needed_bytes > total:
         raise HTTPException(
             422,
-            f"these options need about {needed_bytes:,} bytes of memory ({what}); at most {total // 2:,} "
-            "(half of this machine's)",
+            f"these options need about {needed_bytes:,} bytes of memory ({what}); this machine has {total:,}",
         )
 
 
@@ -273,6 +274,11 @@ def check_sort(request: SortJobRequest, registry: Registry, settings: Settings) 
     if request.exits and not all(1 <= k <= layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers}")
     ensure_distinct("exits", request.exits)
+    # every exit's float32 logits for a batch of batch_size x seq_len tokens, kept for the backward pass
+    exits = len(request.exits or default_exits(layers)) if layers else 1
+    vocab = _layers(path).get("vocab_size") or 0
+    logits = request.batch_size * request.seq_len * vocab * 4 * exits
+    ensure_memory(logits, "batch_size x seq_len x vocab_size x exits, for the logits")
     if request.data:
         try:
             resolve_path(request.data, settings.import_roots, directory=False)

@@ -69,6 +69,9 @@ def test_sizes_whose_memory_cannot_fit_are_refused(client, monkeypatch):
     body = {"kind": "fit_exits", "model": "m", "distill_steps": 1, "distill_tokens": 1_000_000}
     refused(client, body, "memory", "distill_tokens")
     refused(client, {"kind": "grow", "model": "m", "intermediate_size": 2**20}, "memory")
+    refused(
+        client, {"kind": "sort", "model": "m", "batch_size": 1024, "seq_len": 8192}, "memory", "batch_size"
+    )
 
 
 def test_prune_by_replacement_with_no_fitting_steps_runs(server):
