@@ -33,6 +33,14 @@ def test_a_file_hard_linked_out_of_an_import_root_is_refused(tmp_path, isolated_
         os.link(path / "model.safetensors", outside / "copy.safetensors")
         r = c.post("/v1/models/import", json={"id": "linked", "path": str(path)})
         assert r.status_code == 422 and "model.safetensors" in r.json()["detail"], r.text
+        # a job's data file hard-linked to the secret: refused too
+        make_tiny_llama(tmp_path / "roots" / "sound")
+        sound = {"id": "sound", "path": str(tmp_path / "roots" / "sound")}
+        assert c.post("/v1/models/import", json=sound).status_code == 201
+        os.link(outside / "secret.txt", tmp_path / "roots" / "data.jsonl")
+        body = {"kind": "fit_exits", "model": "sound", "data": str(tmp_path / "roots" / "data.jsonl")}
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 422 and "hard link" in r.json()["detail"], r.text
 
 
 def import_tiny(c, tmp_path) -> tuple[Path, Path]:
