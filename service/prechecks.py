@@ -32,8 +32,10 @@ from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_v
 from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
+from workers.prune.target import PruneTarget, plan
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
+from workers.store.loadable import check_architecture
 from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
@@ -216,6 +218,11 @@ def check_prune(request: PruneJobRequest, registry: Registry, settings: Settings
             )
     if request.replace is not None:
         _check_replace(request, source["num_hidden_layers"])
+    if request.target.param_budget is not None:  # the planner, on the model's shapes only (meta device)
+        try:
+            plan(check_architecture(path), PruneTarget.model_validate(request.target.model_dump()))
+        except ValueError as e:
+            raise HTTPException(422, f"target: {e}") from e
     _default_name(request, "pruned", registry)
     ensure_disk(weights_bytes(path), settings)
 

@@ -62,6 +62,11 @@ def test_lists_of_depths_name_each_depth_once(client):
     refused(client, {"kind": "sort", "model": "m", "exits": [2, 2, 4]}, "exits")
 
 
+def test_a_parameter_budget_no_model_meets_is_refused(client):
+    body = {"kind": "prune", "model": "m", "target": {"param_budget": 10}}
+    refused(client, body, "fits in 10 parameters")
+
+
 def test_sizes_whose_memory_cannot_fit_are_refused(client, monkeypatch):
     refused(client, {"kind": "grow", "model": "m", "intermediate_size": 2**40}, "intermediate_size")
     page, pages = 4096, (64 << 20) // 4096  # a machine of 64 MiB
