@@ -35,14 +35,17 @@ from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_v
 from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
+from workers.prune.target import PruneTarget, plan
 from workers.settings import Settings
-from workers.store.file_manifest import ModelFilesChangedError
+from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.files import FileNotFound, FileStore
+from workers.store.loadable import check_architecture
 from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
-from workers.store.registry import Registry
+from workers.store.registry import ModelRecord, Registry
 from workers.train.data import DataError, validate_record
+from workers.train.sorted_ft import default_exits
 
 
 def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
@@ -50,6 +53,14 @@ def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
         return resolve_model(ref, registry, settings.models_dir, settings.import_roots)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
+    except ModelFilesChangedError as e:
+        raise HTTPException(409, str(e)) from e
+
+
+def ensure_intact(record: ModelRecord, settings: Settings) -> None:
+    """The model's files are the ones registered (for jobs that read a record, not a reference)."""
+    try:
+        verify_files(record.id, settings.models_dir / record.id, record.files)
     except ModelFilesChangedError as e:
         raise HTTPException(409, str(e)) from e
 
@@ -89,13 +100,13 @@ def ensure_distinct(field: str, values: list[int] | None) -> None:
 
 
 def ensure_memory(needed_bytes: int, what: str) -> None:
-    """What a job's options make it hold in memory must fit in half of this machine's."""
+    """What a job's options make it hold in memory must not exceed this machine's memory (a rough, low
+    estimate: it stops requests that cannot run, such as terabytes of logits, not tight ones)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed_bytes > total // 2:
+    if needed_bytes > total:
         raise HTTPException(
             422,
-            f"these options need about {needed_bytes:,} bytes of memory ({what}); at most {total // 2:,} "
-            "(half of this machine's)",
+            f"these options need about {needed_bytes:,} bytes of memory ({what}); this machine has {total:,}",
         )
 
 
@@ -169,6 +180,7 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
     if record.type == "adapter":
         raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
+    ensure_intact(record, settings)
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
     ensure_distinct("grid", request.grid)
@@ -211,6 +223,11 @@ def check_prune(request: PruneJobRequest, registry: Registry, settings: Settings
             )
     if request.replace is not None:
         _check_replace(request, source["num_hidden_layers"])
+    if request.target.param_budget is not None:  # the planner, on the model's shapes only (meta device)
+        try:
+            plan(check_architecture(path), PruneTarget.model_validate(request.target.model_dump()))
+        except ValueError as e:
+            raise HTTPException(422, f"target: {e}") from e
     _default_name(request, "pruned", registry)
     ensure_disk(weights_bytes(path), settings)
 
@@ -269,6 +286,11 @@ def check_sort(request: SortJobRequest, registry: Registry, settings: Settings) 
     if request.exits and not all(1 <= k <= layers for k in request.exits):
         raise HTTPException(422, f"exits must lie in 1..{layers}")
     ensure_distinct("exits", request.exits)
+    # every exit's float32 logits for a batch of batch_size x seq_len tokens, kept for the backward pass
+    exits = len(request.exits or default_exits(layers)) if layers else 1
+    vocab = _layers(path).get("vocab_size") or 0
+    logits = request.batch_size * request.seq_len * vocab * 4 * exits
+    ensure_memory(logits, "batch_size x seq_len x vocab_size x exits, for the logits")
     if request.data:
         try:
             resolve_path(request.data, settings.import_roots, directory=False)
@@ -307,6 +329,7 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
     record = registry.get(request.model)
     if record is None:
         raise HTTPException(422, f"model {request.model!r} is not registered (see GET /v1/models)")
+    ensure_intact(record, settings)
     layers = record.num_layers or 0
     if layers < 2:
         raise HTTPException(422, f"model {request.model!r} has no exit below full depth")

@@ -8,23 +8,15 @@ import json
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
-from service.app import create_app
+from tests.local_api import local_api
 from tests.tiny_models import make_tiny_chat_llama
-from workers.settings import Settings
 
 
 @pytest.fixture
 def client(tmp_path, isolated_redis_url):
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=isolated_redis_url,
-        default_model=False,
-        import_roots=[tmp_path / "roots"],
-    )
-    with TestClient(create_app(settings)) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         yield c
 
 
@@ -72,10 +64,6 @@ BREAKAGES = {
     "a tokenizer that does not load": (
         lambda p: (p / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}'),
         "tokenizer",
-    ),
-    "a tokenizer beyond the embeddings": (
-        lambda p: make_tiny_chat_llama(p, vocab_size=8),  # 8 embeddings, a 128-token tokenizer
-        "beyond the model's vocab_size 8",
     ),
 }
 

@@ -7,21 +7,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import prechecks
-from service.app import create_app
+from tests.local_api import local_api
 from tests.tiny_models import make_tiny_chat_llama
-from workers.settings import Settings
 
 
 @pytest.fixture
 def client(tmp_path, isolated_redis_url):
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=isolated_redis_url,
-        default_model=False,
-        import_roots=[tmp_path / "roots"],
-    )
     make_tiny_chat_llama(tmp_path / "roots" / "m")
-    with TestClient(create_app(settings)) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         assert (
             c.post("/v1/models/import", json={"id": "m", "path": str(tmp_path / "roots" / "m")}).status_code
             == 201
@@ -69,6 +62,11 @@ def test_lists_of_depths_name_each_depth_once(client):
     refused(client, {"kind": "sort", "model": "m", "exits": [2, 2, 4]}, "exits")
 
 
+def test_a_parameter_budget_no_model_meets_is_refused(client):
+    body = {"kind": "prune", "model": "m", "target": {"param_budget": 10}}
+    refused(client, body, "fits in 10 parameters")
+
+
 def test_sizes_whose_memory_cannot_fit_are_refused(client, monkeypatch):
     refused(client, {"kind": "grow", "model": "m", "intermediate_size": 2**40}, "intermediate_size")
     page, pages = 4096, (64 << 20) // 4096  # a machine of 64 MiB
@@ -76,6 +74,9 @@ def test_sizes_whose_memory_cannot_fit_are_refused(client, monkeypatch):
     body = {"kind": "fit_exits", "model": "m", "distill_steps": 1, "distill_tokens": 1_000_000}
     refused(client, body, "memory", "distill_tokens")
     refused(client, {"kind": "grow", "model": "m", "intermediate_size": 2**20}, "memory")
+    refused(
+        client, {"kind": "sort", "model": "m", "batch_size": 1024, "seq_len": 8192}, "memory", "batch_size"
+    )
 
 
 def test_prune_by_replacement_with_no_fitting_steps_runs(server):

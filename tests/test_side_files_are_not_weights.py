@@ -7,20 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.test_api_exit_adapters import run_job
 from tests.tiny_models import make_tiny_chat_llama, make_tiny_llama
 from workers.early_exit.adapters import FILENAME
 from workers.tensors.safetensors_io import SafetensorsError, TensorReader
 
 EXAMPLES = [{"prompt": f"say {w}", "response": f" {w} {w} {w}."} for w in ("tea", "sun", "rain", "moon")]
-
-
-def run_job(server, body: dict) -> dict:
-    with server.client() as c:
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-    final = server.wait_job(r.json()["id"], timeout=600)
-    assert final["status"] == "finished", final["error"]
-    return final["result"]
 
 
 def test_after_fit_exits_a_model_merges_with_its_variants_and_extracts_and_sparsifies(server):

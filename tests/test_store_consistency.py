@@ -12,18 +12,10 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.app import create_app
+from tests.local_api import local_api
 from tests.tiny_models import make_tiny_llama
-from workers.settings import Settings
 from workers.store import model_store
 from workers.store.registry import Registry
-
-
-def api(tmp_path, redis_url: str) -> TestClient:
-    settings = Settings(
-        home=tmp_path / "home", redis_url=redis_url, default_model=False, import_roots=[tmp_path / "roots"]
-    )
-    return TestClient(create_app(settings))
 
 
 def imported(c: TestClient, tmp_path, model_id: str = "m") -> None:
@@ -38,7 +30,7 @@ def test_a_delete_that_fails_partway_changes_nothing_and_can_be_retried(
     tmp_path, isolated_redis_url, monkeypatch
 ):
     stored = tmp_path / "home" / "models" / "m"
-    with api(tmp_path, isolated_redis_url) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         imported(c, tmp_path)
 
         def refuse(*_):
@@ -67,7 +59,7 @@ def test_a_delete_that_fails_partway_changes_nothing_and_can_be_retried(
 
 
 def test_an_import_whose_register_fails_leaves_no_directory(tmp_path, isolated_redis_url, monkeypatch):
-    with api(tmp_path, isolated_redis_url) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
 
         def redis_gone(*_, **__):
             raise RedisConnectionError("Connection refused")
@@ -85,7 +77,7 @@ def test_startup_moves_orphans_aside_and_quarantines_records_without_files(
     tmp_path, isolated_redis_url, caplog
 ):
     models = tmp_path / "home" / "models"
-    with api(tmp_path, isolated_redis_url) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         imported(c, tmp_path, "kept")
         imported(c, tmp_path, "lost")
         imported(c, tmp_path, "orphan")
@@ -95,7 +87,7 @@ def test_startup_moves_orphans_aside_and_quarantines_records_without_files(
     (models / "fresh").mkdir()  # a publish between its rename and its register: left alone
     old = time.time() - 3600
     os.utime(models / "orphan", (old, old))
-    with caplog.at_level(logging.WARNING, logger="strata"), api(tmp_path, isolated_redis_url) as c:
+    with caplog.at_level(logging.WARNING, logger="strata"), local_api(tmp_path, isolated_redis_url) as c:
         ids = {m["id"] for m in c.get("/v1/models").json()["data"]}
         assert ids == {"kept"}
         assert not (models / "orphan").exists() and (models / "fresh").is_dir()
@@ -106,3 +98,17 @@ def test_startup_moves_orphans_aside_and_quarantines_records_without_files(
         imported(c, tmp_path, "lost")
     logged = caplog.text
     assert "'lost'" in logged and "'orphan'" in logged
+
+
+def test_startup_gives_store_files_shared_with_an_import_root_their_own_copy(tmp_path, isolated_redis_url):
+    source = tmp_path / "roots" / "m" / "model.safetensors"
+    stored = tmp_path / "home" / "models" / "m" / "model.safetensors"
+    with local_api(tmp_path, isolated_redis_url) as c:
+        imported(c, tmp_path)
+    stored.unlink()
+    os.link(source, stored)  # as imports before this version left them: one inode, two directories
+    with local_api(tmp_path, isolated_redis_url) as c:
+        assert os.stat(stored).st_nlink == 1 and os.stat(stored).st_ino != os.stat(source).st_ino
+        assert stored.read_bytes() == source.read_bytes()
+        r = c.post("/v1/jobs", json={"kind": "truncate", "model": "m", "num_layers": 2})
+        assert r.status_code == 202, r.text

@@ -6,24 +6,10 @@ from __future__ import annotations
 import errno
 import os
 
-from fastapi.testclient import TestClient
-
-from service.app import create_app
+from tests.local_api import local_api
 from tests.tiny_models import make_tiny_llama
 from workers.jobs.errors import one_line_reason
-from workers.settings import Settings
 from workers.store import model_store
-
-
-def api(tmp_path, redis_url: str, **overrides) -> TestClient:
-    settings = Settings(
-        home=tmp_path / "home",
-        redis_url=redis_url,
-        default_model=False,
-        import_roots=[tmp_path / "roots"],
-        **overrides,
-    )
-    return TestClient(create_app(settings))
 
 
 def assert_no_path(detail: str, tmp_path) -> None:
@@ -35,7 +21,7 @@ def test_a_store_that_refuses_the_rename_says_why_not_already_exists(
 ):
     path = tmp_path / "roots" / "m"
     make_tiny_llama(path)
-    with api(tmp_path, isolated_redis_url) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
 
         def refuse(source, target):
             raise PermissionError(errno.EACCES, "Permission denied", str(source), None, str(target))
@@ -53,7 +39,7 @@ def test_a_store_that_refuses_the_rename_says_why_not_already_exists(
 def test_a_broken_staging_directory_is_a_503_without_paths(tmp_path, isolated_redis_url):
     path = tmp_path / "roots" / "m"
     make_tiny_llama(path)
-    with api(tmp_path, isolated_redis_url) as c:
+    with local_api(tmp_path, isolated_redis_url) as c:
         staging = tmp_path / "home" / "models" / ".staging"
         os.rmdir(staging)
         staging.write_text("not a directory")
@@ -66,7 +52,7 @@ def test_a_broken_staging_directory_is_a_503_without_paths(tmp_path, isolated_re
 def test_the_507_for_a_full_disk_shows_no_path(tmp_path, isolated_redis_url):
     path = tmp_path / "roots" / "m"
     make_tiny_llama(path)
-    with api(tmp_path, isolated_redis_url, min_free_bytes=1 << 60) as c:
+    with local_api(tmp_path, isolated_redis_url, min_free_bytes=1 << 60) as c:
         assert c.post("/v1/models/import", json={"id": "m", "path": str(path)}).status_code == 201
         r = c.post("/v1/jobs", json={"kind": "grow", "model": "m", "insert_after": [0]})
         assert r.status_code == 507, r.text

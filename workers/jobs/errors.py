@@ -17,7 +17,10 @@ def one_line_reason(exc: BaseException) -> str:
         message = exc.strerror
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     text = f"{type(exc).__name__}: {'; '.join(lines) or 'failed'}"
-    home = str(get_settings().home)
+    try:
+        home = str(get_settings().home)
+    except ValueError:  # settings that do not validate: nothing to hide then
+        home = ""
     if len(home) > 1:
         text = text.replace(home, "$STRATA_HOME")
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."

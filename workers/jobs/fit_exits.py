@@ -16,6 +16,7 @@ from workers.generation.profiler import default_grid
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
+from workers.store.file_manifest import verify_files
 from workers.store.references import UnknownModelError, resolve_path
 from workers.train.data import read_jsonl
 
@@ -55,6 +56,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     if record is None:
         raise UnknownModelError(f"model {model_id!r} is not registered")
     path = ctx.store.path(model_id)
+    verify_files(model_id, path, record.files)
     records, data = _records(spec, ctx)
     model, tokenizer = load_model(path)
     device = default_device()

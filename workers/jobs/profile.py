@@ -8,6 +8,7 @@ from workers.generation.profiler import ModelProfile, Progress, profile_model
 from workers.inference.protocol import latency_key
 from workers.inference.worker import load_engine
 from workers.jobs.context import JobContext
+from workers.store.file_manifest import verify_files
 from workers.store.references import UnknownModelError
 
 PROFILING_LOCK_PREFIX = "strata:profiling:"  # + model id: a background profile is queued or running
@@ -21,6 +22,7 @@ def profile_and_store(
     record = ctx.registry.get(model_id)
     if record is None:
         raise UnknownModelError(f"model {model_id!r} is not registered")
+    verify_files(model_id, ctx.store.path(model_id), record.files)
     engine = load_engine(ctx.store.path(model_id), precision=ctx.settings.infer_precision)  # as served
     profile = profile_model(engine, model_name=model_id, progress=progress, **options)
     record = ctx.registry.get(model_id) or record

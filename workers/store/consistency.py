@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,18 +70,47 @@ def delete_registered(store: ModelStore, registry: Registry, model_id: str) -> N
 class Reconciliation:
     records_without_files: list[str] = field(default_factory=list)
     orphan_directories: list[str] = field(default_factory=list)
+    unshared_files: list[str] = field(default_factory=list)
+
+
+def unshare(directory: Path) -> list[str]:
+    """Give every file of a model directory that has other hard links (an import from before imports
+    copied) its own copy, swapped in by one rename: the store then shares no data with anyone's files."""
+    done = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink() or not entry.is_file() or entry.stat().st_nlink < 2:
+            continue
+        copy = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.unshare")
+        try:
+            shutil.copy2(entry, copy)
+            os.replace(copy, entry)
+        except OSError:
+            copy.unlink(missing_ok=True)
+            raise
+        done.append(entry.name)
+    return done
 
 
 def reconcile(store: ModelStore, registry: Registry, grace_s: float = ORPHAN_GRACE_S) -> Reconciliation:
     """Registry records whose directory is missing are moved to the registry's quarantine (restorable, out
     of the model list, their id free again); directories of the store no record names, older than
-    `grace_s`, are moved to `<store>/.orphans/` (nothing is deleted). Both are logged."""
+    `grace_s`, are moved to `<store>/.orphans/` (nothing is deleted); files of registered models that share
+    their data with other names get their own copy (`unshare`). All of it is logged."""
     found = Reconciliation()
     registered = {record.id for record in registry.list()}
     for model_id in sorted(registered):
         if not store.path(model_id).is_dir() and registry.quarantine(model_id):
             found.records_without_files.append(model_id)
             log.warning("model %r is registered but its files are gone: record moved to quarantine", model_id)
+        elif store.path(model_id).is_dir():
+            try:
+                names = unshare(store.path(model_id))
+            except OSError as e:
+                log.warning("model %r shares files with other names and cannot copy them: %s", model_id, e)
+                continue
+            found.unshared_files += [f"{model_id}/{name}" for name in names]
+            if names:
+                log.warning("model %r: %s had other hard links; each has its own copy now", model_id, names)
     now = time.time()
     for entry in sorted(store.root.iterdir()):
         if entry.name.startswith(".") or entry.name in registered or not entry.is_dir() or entry.is_symlink():

@@ -79,6 +79,10 @@ def _resolve_path(path: str, import_roots: list[Path], directory: bool) -> Path:
     if not directory:
         if not real.is_file():
             raise ModelReferenceError(f"no file at {path}")
+        if real.stat().st_nlink > 1:  # another name of its data may lie outside every import root
+            raise ModelReferenceError(
+                f"{path} is a hard link (its data has other names); copy the file instead"
+            )
         return real
     if not real.is_dir():
         raise UnknownModelError(f"no model directory at {path}")
