@@ -495,7 +495,8 @@ def make_variants(
     wait: bool = True,
     server: ServerOpt = DEFAULT_SERVER,
 ) -> None:
-    """Derive fine-tune-like variants of a model (homologous, for merge demos)."""
+    """Derive fine-tune-like variants of a model: random noise deltas that learned nothing, for merge demos
+    and synthetic tests (real variants: the finetune job)."""
     body = {
         "kind": "variants",
         "base": base,
