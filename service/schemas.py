@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.early_exit.fit_data import DEFAULT_TEXT, BundledText
+from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
@@ -239,10 +239,13 @@ class FitExitsJobRequest(BaseModel):
         default=DEFAULT_TEXT,
         description="Without data or examples: the default model's chat answers (chat), its own general "
         "text (general: samples without a chat template), its samples opened on everyday topics (everyday), "
-        "original prose written for Strata (prose), or a mix: mixed (a chat record and a general one in "
-        "turn) or prose+chat (a prose record and a chat record in turn; the default)",
+        "original prose written for Strata (prose), human-written manuals, reference, docstrings and "
+        "licences (broad), or a mix: mixed (a chat record and a general one in turn), prose+chat (a prose "
+        "record and a chat record in turn) or broad+prose+chat (one of each in turn; the default)",
     )
-    max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, ge=16, le=10_000_000, description="Fitting tokens used at most"
+    )
     fit_on: Literal["all", "responses"] = Field(
         default="all", description="Fit on every token, or on response tokens only (all serve as context)"
     )

@@ -11,7 +11,13 @@ import torch
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
-from workers.early_exit.fit_data import DEFAULT_TEXT, bundled_paths, bundled_records, fitting_stream
+from workers.early_exit.fit_data import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEXT,
+    bundled_paths,
+    bundled_records,
+    fitting_stream,
+)
 from workers.generation.profiler import default_grid
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
@@ -59,7 +65,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(path)
     device = default_device()
     model.to(device)
-    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", 65_536))
+    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", DEFAULT_MAX_TOKENS))
     seq_len = spec.get("seq_len", 256)
     windows = token_windows(ids, seq_len)
     masks = token_windows(responses, seq_len, dtype=torch.bool) if spec.get("fit_on") == "responses" else None
