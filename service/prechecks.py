@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
+from service.eval_texts import check_eval_text
 from service.schemas import (
     ExtractLoraJobRequest,
     FitExitsJobRequest,
@@ -126,6 +127,8 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"{request.model!r} is a LoRA adapter, not a model")
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
+    if request.eval_text is not None:
+        check_eval_text(request.eval_text, settings.models_dir / request.model, settings.import_roots)
 
 
 def _default_name(request, suffix: str, registry: Registry) -> None:

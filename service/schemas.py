@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.eval_texts import EvalTextSpec
 from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
@@ -60,6 +61,11 @@ class ProfileJobRequest(BaseModel):
     grid: list[int] | None = Field(default=None, description="Exit depths (default every 2 layers + full)")
     repeats: int = Field(default=2, ge=1, le=10)
     if_unprofiled: bool = Field(default=False, description="Do nothing when the model has a profile already")
+    eval_text: EvalTextSpec | None = Field(
+        default=None,
+        description="The text quality is measured on and floors then read (default: the model's designated "
+        "text, else the broad held-out); the broad held-out is measured too",
+    )
 
 
 class SparsifyJobRequest(BaseModel):

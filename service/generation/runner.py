@@ -46,7 +46,7 @@ from service.generation.schemas import (
 from service.profiling import request_profile
 from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile, default_latency
-from workers.generation.quality import ServedQuality, quality_table
+from workers.generation.quality import ServedQuality, evaluation_text, quality_table
 from workers.inference.protocol import (
     EVENTS_TTL_S,
     QUEUE_KEY,
@@ -357,7 +357,8 @@ class Generation:
             plan.predicted_ms,
             depth.latency_budget_ms,
             arrived,
-            quality=plan.quality,
+            quality=plan.quality
+            and plan.quality.model_copy(update={"eval_text": evaluation_text(record.profile)}),
             latency_model=source,
         )
 
