@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from workers.eval.eval_text import EvalText, resolve_eval_text
-from workers.eval.heldout import heldout_texts
+from workers.eval.heldout import DEFAULT_EVAL_TEXT, heldout_texts
 from workers.generation.profiler import ModelProfile, Progress, profile_model
 from workers.inference.protocol import latency_key
 from workers.inference.worker import load_engine
@@ -16,10 +16,12 @@ PROFILING_LOCK_PREFIX = "strata:profiling:"  # + model id: a background profile 
 USER_EVAL_TEXT = "eval_text.txt"  # the user's evaluation text, kept in the model's directory
 
 
-def designated_texts(ctx: JobContext, model_id: str, given: EvalText | None) -> list[EvalText]:
+def designated_texts(
+    ctx: JobContext, model_id: str, given: EvalText | None, also: tuple[str, ...] = ()
+) -> list[EvalText]:
     """The evaluation texts of a profile, the designated one first: the text given, else the model's
     designated text of its last profile (a user's text is kept beside the model), else the broad held-out;
-    the broad held-out is always measured too."""
+    the broad held-out and the bundled texts named in `also` are measured too."""
     record = ctx.registry.get(model_id)
     kept = ctx.store.path(model_id) / USER_EVAL_TEXT
     previous = ((record.profile if record else None) or {}).get("eval_text")
@@ -27,8 +29,11 @@ def designated_texts(ctx: JobContext, model_id: str, given: EvalText | None) -> 
         given = resolve_eval_text({"name": previous}, [])
     elif given is None and previous and kept.is_file():
         given = EvalText(previous, kept.read_text(encoding="utf-8"), "file")
-    broad = resolve_eval_text(None, [])
-    return [given, broad] if given is not None and given.name != broad.name else [broad]
+    texts = [given] if given is not None else []
+    for name in (DEFAULT_EVAL_TEXT, *also):
+        if name not in {t.name for t in texts}:
+            texts.append(resolve_eval_text({"name": name}, []))
+    return texts
 
 
 def profile_and_store(
@@ -36,6 +41,7 @@ def profile_and_store(
     model_id: str,
     progress: Progress | None = None,
     eval_text: EvalText | None = None,
+    also: tuple[str, ...] = (),
     **options: Any,
 ) -> ModelProfile:
     """Profile a registered model (quality with and without its exit adapters, when it has some, on its
@@ -44,7 +50,7 @@ def profile_and_store(
     record = ctx.registry.get(model_id)
     if record is None:
         raise UnknownModelError(f"model {model_id!r} is not registered")
-    texts = designated_texts(ctx, model_id, eval_text)
+    texts = designated_texts(ctx, model_id, eval_text, also)
     engine = load_engine(ctx.store.path(model_id), precision=ctx.settings.infer_precision)  # as served
     profile = profile_model(engine, model_name=model_id, progress=progress, eval_texts=texts, **options)
     if texts[0].source != "bundled" and texts[0] is eval_text:
