@@ -130,6 +130,9 @@ def main() -> None:
     results["machine"]["load_after_fit"] = os.getloadavg()
     log(f"fitted in {results['fit']['seconds_total']} s: {results['fit']['seconds']}")
     fitted.adapters.save(args.out, {"bench": "exit_adapters"})
+    if config.distill_steps:  # the default fit (ridge + scale) of the same pass, beside the distilled one
+        (args.out / "ridge").mkdir(exist_ok=True)
+        fitted.ridge.save(args.out / "ridge", {"bench": "exit_adapters", "stage": "ridge + scale"})
     save()
 
     heldout = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))[: args.heldout_tokens]
