@@ -26,6 +26,7 @@ from workers.device import default_device, describe_device
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
 from workers.early_exit.fit_data import (
+    DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT,
     BundledText,
     bundled_paths,
@@ -65,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--max-tokens", type=int, default=65_536)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument(
         "--data", type=Path, nargs="*", default=[], help="more JSONL records, after the bundled"
     )
@@ -129,6 +130,9 @@ def main() -> None:
     results["machine"]["load_after_fit"] = os.getloadavg()
     log(f"fitted in {results['fit']['seconds_total']} s: {results['fit']['seconds']}")
     fitted.adapters.save(args.out, {"bench": "exit_adapters"})
+    if config.distill_steps:  # the default fit (ridge + scale) of the same pass, beside the distilled one
+        (args.out / "ridge").mkdir(exist_ok=True)
+        fitted.ridge.save(args.out / "ridge", {"bench": "exit_adapters", "stage": "ridge + scale"})
     save()
 
     heldout = tokenizer.encode(HELDOUT_PATH.read_text(encoding="utf-8"))[: args.heldout_tokens]

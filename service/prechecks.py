@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from fastapi import HTTPException
 
+from service.eval_texts import check_eval_text
 from service.schemas import (
     ExtractLoraJobRequest,
     FinetuneJobRequest,
@@ -184,6 +185,8 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
     if request.grid and not all(1 <= k <= (record.num_layers or 0) for k in request.grid):
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
     ensure_distinct("grid", request.grid)
+    if request.eval_text is not None:
+        check_eval_text(request.eval_text, settings.models_dir / request.model, settings.import_roots)
 
 
 def _default_name(request, suffix: str, registry: Registry) -> None:

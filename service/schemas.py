@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.early_exit.fit_data import DEFAULT_TEXT, BundledText
+from service.eval_texts import EvalTextSpec
+from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.store.registry import ModelRecord
@@ -73,6 +74,11 @@ class ProfileJobRequest(BaseModel):
     grid: list[int] | None = Field(default=None, description="Exit depths (default every 2 layers + full)")
     repeats: int = Field(default=2, ge=1, le=10)
     if_unprofiled: bool = Field(default=False, description="Do nothing when the model has a profile already")
+    eval_text: EvalTextSpec | None = Field(
+        default=None,
+        description="The text quality is measured on and floors then read (default: the model's designated "
+        "text, else the broad held-out); the broad held-out is measured too",
+    )
 
 
 class SparsifyJobRequest(BaseModel):
@@ -254,10 +260,13 @@ class FitExitsJobRequest(BaseModel):
         default=DEFAULT_TEXT,
         description="Without data or examples: the default model's chat answers (chat), its own general "
         "text (general: samples without a chat template), its samples opened on everyday topics (everyday), "
-        "original prose written for Strata (prose), or a mix: mixed (a chat record and a general one in "
-        "turn) or prose+chat (a prose record and a chat record in turn; the default)",
+        "original prose written for Strata (prose), human-written manuals, reference, docstrings and "
+        "licences (broad), or a mix: mixed (a chat record and a general one in turn), prose+chat (a prose "
+        "record and a chat record in turn) or broad+prose+chat (one of each in turn; the default)",
     )
-    max_tokens: int = Field(default=65_536, ge=16, le=10_000_000, description="Fitting tokens used at most")
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, ge=16, le=10_000_000, description="Fitting tokens used at most"
+    )
     fit_on: Literal["all", "responses"] = Field(
         default="all", description="Fit on every token, or on response tokens only (all serve as context)"
     )

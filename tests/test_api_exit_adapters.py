@@ -162,3 +162,26 @@ def test_fit_exits_on_the_bundled_general_text_records_which_text(server, lensed
     with server.client() as c:
         record = c.get(f"/v1/models/{MODEL}").json()["strata"]
     assert record["exit_adapters"]["recipe"]["bundled"] == "general"
+    generalisation = result["generalisation"]  # no held-out text shares a source with the general text
+    assert generalisation["in_domain"] == {}
+    assert set(generalisation["out_of_domain"]) == {"heldout", "dpkg-spec"}
+
+
+def test_fit_exits_on_the_default_text_reports_in_and_out_of_domain_ratios_apart(server, lensed):
+    result = run_job(server, {"kind": "fit_exits", "model": MODEL, "max_tokens": 512, "seq_len": 64})
+    assert result["data"]["text"] == "broad+prose+chat" and result["data"]["files"][:2] == [
+        "broad.jsonl",
+        "prose.jsonl",
+    ]
+    generalisation = result["generalisation"]
+    assert list(generalisation["in_domain"]) == ["heldout"]  # prose was fitted, heldout.txt is prose
+    assert list(generalisation["out_of_domain"]) == ["dpkg-spec"]  # never fitted
+    ratios = generalisation["out_of_domain"]["dpkg-spec"]
+    assert list(ratios) == ["2"] and ratios["2"] > 0  # the profiled exits below full depth (grid 2, 4)
+    with server.client() as c:
+        profile = c.get(f"/v1/models/{MODEL}").json()["strata"]["profile"]
+    assert profile["eval_text"] == result["eval_text"] == "broad"
+    assert set(profile["quality_by_text"]) == {"broad", "heldout", "dpkg-spec"}
+    full = profile["quality_by_text"]["dpkg-spec"]["quality"]["4"]["perplexity"]
+    served = profile["quality_by_text"]["dpkg-spec"]["quality"]["2"]["adapter_perplexity"]
+    assert ratios["2"] == pytest.approx(served / full, abs=1e-4)

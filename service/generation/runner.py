@@ -47,7 +47,7 @@ from service.profiling import request_profile
 from workers import composition
 from workers.generation.engine import GenerationRequest
 from workers.generation.latency import LatencyProfile, default_latency
-from workers.generation.quality import ServedQuality, quality_table
+from workers.generation.quality import ServedQuality, evaluation_text, quality_table
 from workers.inference.protocol import (
     EVENTS_TTL_S,
     QUEUE_KEY,
@@ -421,7 +421,8 @@ class Generation:
             plan.predicted_ms,
             depth.latency_budget_ms,
             arrived,
-            quality=plan.quality,
+            quality=plan.quality
+            and plan.quality.model_copy(update={"eval_text": evaluation_text(record.profile)}),
             latency_model=source,
         )
 

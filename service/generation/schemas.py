@@ -153,6 +153,9 @@ class ExitQualityInfo(BaseModel):
     perplexity_ratio: float = Field(description="That perplexity over the full model's")
     top1_agreement: float = Field(description="Profiled fraction of next tokens equal to the full model's")
     exit_adapter: bool = Field(description="Whether the exit's adapter is applied")
+    eval_text: str | None = Field(
+        default=None, description="The model's evaluation text these figures (and quality floors) are on"
+    )
 
 
 class StrataInfo(BaseModel):

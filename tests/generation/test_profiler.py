@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from workers.eval.eval_text import EvalText
 from workers.generation.engine import EarlyExitEngine
 from workers.generation.profiler import (
     HELDOUT_PATH,
@@ -79,7 +80,7 @@ def test_a_tokenizer_too_coarse_for_the_heldout_text_costs_the_quality_table_not
     seen: list[str] = []
     profile = profile_model(
         engine,
-        heldout_text="x",  # one token
+        eval_texts=[EvalText("tiny", "x", "inline")],  # one token
         prompt_lengths=(4,),
         decode_tokens=2,
         repeats=1,

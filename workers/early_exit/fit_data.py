@@ -3,10 +3,13 @@ and tokenised as in fine-tuning, concatenated into one token stream.
 
 Bundled texts (workers/data/, origins in workers/data/README.md), by name in `BUNDLED`: "chat", the default
 model's own chat answers, "general", its own samples without a chat template (general text), "everyday", its
-own samples opened with a line on an everyday topic, "prose", original prose written for this project (essays,
-stories, explainers, advice, local news and letters, diaries), and the two mixes "mixed" (a chat record and a
-general one in turn) and "prose+chat" (a prose record and a chat record in turn; the default,
-`DEFAULT_TEXT`). None includes heldout.txt or heldout_prose.txt, on which exits are scored.
+own samples opened with a line on an everyday topic, "prose", original prose written for this project
+(essays, stories, explainers, advice, local news and letters, diaries), "broad", human-written English shipped
+by Debian and Python (technical manuals, a tutorial, reference prose, docstrings, licences;
+`bench/build_corpus.py`), and the mixes "mixed" (a chat record and a general one in turn), "prose+chat" (a
+prose record and a chat record in turn) and "broad+prose+chat" (a broad, a prose and a chat record in turn;
+the default, `DEFAULT_TEXT`).
+None includes heldout.txt, heldout_prose.txt or broad_heldout.jsonl, on which exits are scored.
 """
 
 from __future__ import annotations
@@ -19,18 +22,23 @@ from typing import Any, Literal
 
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
-BundledText = Literal["chat", "general", "everyday", "prose", "mixed", "prose+chat"]
+BundledText = Literal[
+    "chat", "general", "everyday", "prose", "broad", "mixed", "prose+chat", "broad+prose+chat"
+]
 BUNDLED: dict[str, tuple[str, ...]] = {
     "chat": ("sft.jsonl", "answers.jsonl", "answers_long.jsonl"),
     "general": ("general.jsonl",),
     "everyday": ("everyday.jsonl",),
     "prose": ("prose.jsonl",),
+    "broad": ("broad.jsonl",),
 }
-MIXES: dict[str, tuple[BundledText, BundledText]] = {
+MIXES: dict[str, tuple[BundledText, ...]] = {
     "mixed": ("chat", "general"),
     "prose+chat": ("prose", "chat"),
+    "broad+prose+chat": ("broad", "prose", "chat"),
 }
-DEFAULT_TEXT: BundledText = "prose+chat"
+DEFAULT_TEXT: BundledText = "broad+prose+chat"
+DEFAULT_MAX_TOKENS = 98_304  # of the default text: about 34,000 broad, all 44,314 prose, 20,000 chat tokens
 
 
 def bundled_paths(text: BundledText = DEFAULT_TEXT) -> list[Path]:
@@ -42,8 +50,8 @@ def bundled_paths(text: BundledText = DEFAULT_TEXT) -> list[Path]:
 
 
 def bundled_records(text: BundledText = DEFAULT_TEXT) -> list[dict[str, Any]]:
-    """The records of a bundled text; a mix takes a record of its first text and one of its second in turn
-    (the longer text's remaining records follow)."""
+    """The records of a bundled text; a mix takes a record of each of its texts in turn (when one runs out,
+    the others go on in turn)."""
     if text not in MIXES:
         return [record for path in bundled_paths(text) for record in read_jsonl(path)]
     pairs = zip_longest(*(bundled_records(part) for part in MIXES[text]))

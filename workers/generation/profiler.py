@@ -26,6 +26,7 @@ from torch import nn
 
 from workers.device import describe_device
 from workers.early_exit.adapters import ExitAdapters
+from workers.eval.eval_text import EvalText, resolve_eval_text, scoring_window
 from workers.generation.compact import CompactLlama
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.latency import DecodeSample, LatencyProfile, PrefillSample, fit_latency
@@ -54,6 +55,14 @@ class ExitQuality(BaseModel):
         return self.perplexity, self.top1_agreement
 
 
+class TextQuality(BaseModel):
+    """The quality table of one evaluation text (at the served precision), with the text's size."""
+
+    tokens: int = Field(ge=1, description="Tokens of the text scored (at most max_quality_tokens)")
+    source: str = Field(description="bundled, inline or file")
+    quality: dict[int, ExitQuality]
+
+
 class ModelProfile(BaseModel):
     """What the service needs to pick depths for one model on one machine."""
 
@@ -63,7 +72,16 @@ class ModelProfile(BaseModel):
     num_layers: int
     grid: list[int]
     latency: LatencyProfile
-    quality: dict[int, ExitQuality] = Field(description="Per exit, in the precision the model is served in")
+    quality: dict[int, ExitQuality] = Field(
+        description="Per exit, in the precision the model is served in, on the evaluation text `eval_text`"
+    )
+    eval_text: str = Field(
+        default="heldout",  # profiles stored before evaluation texts had names were all on heldout.txt
+        description="The designated evaluation text: quality floors read `quality`, measured on it",
+    )
+    quality_by_text: dict[str, TextQuality] = Field(
+        default_factory=dict, description="Quality per evaluation text measured, by the text's name"
+    )
     precision: str = Field(default="float32", description="Weight precision of the profiled engine")
     quality_by_precision: dict[str, dict[int, ExitQuality]] = Field(
         default_factory=dict, description="The same table at the served precision and at float32"
@@ -191,7 +209,7 @@ def measure_quality(
 def profile_model(
     engine: EarlyExitEngine,
     grid: Sequence[int] | None = None,
-    heldout_text: str | None = None,
+    eval_texts: Sequence[EvalText] | None = None,
     model_name: str | None = None,
     prompt_lengths: Sequence[int] = (16, 64, 256),
     decode_tokens: int = 16,
@@ -200,16 +218,27 @@ def profile_model(
     progress: Progress | None = None,
     adapters: ExitAdapters | None = None,
 ) -> ModelProfile:
-    """Latency (first 80% of progress) and quality (last 20%) of the engine's model over `grid`."""
+    """Latency (first 80% of progress) and quality (last 20%) of the engine's model over `grid`, quality on
+    each of `eval_texts` (default: the broad held-out); the first is the designated one, whose table
+    (`quality`, also at float32 in `quality_by_precision`) quality floors read. A text the model's tokenizer
+    cannot make two tokens of (or fails on) costs the quality tables, not the profile: latency is measured
+    and `quality_error` says why quality was not (a user's text is checked for a whole window before it is
+    queued)."""
     grid = sorted(set(grid or default_grid(engine.num_layers)))
-    text = heldout_text if heldout_text is not None else HELDOUT_PATH.read_text(encoding="utf-8")
+    texts = list(eval_texts or [resolve_eval_text(None, [])])
+    window = scoring_window(engine.max_positions)
 
     def scaled(start: float, width: float) -> Progress:
         return lambda message, fraction: _report(progress, message, start + width * fraction)
 
     latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
-    token_ids, quality_error = _heldout_ids(engine, text, max_quality_tokens)
-    window = min(256, engine.max_positions or 256)
+    encoded: list[list[int]] = []
+    quality_error = None
+    for text in texts:
+        token_ids, quality_error = _heldout_ids(engine, text.text, max_quality_tokens)
+        if quality_error is not None:
+            break
+        encoded.append(token_ids)
     if quality_error is None and window < 2:
         quality_error = f"quality not measured: the model's context ({window} position) is too short"
     adapters = adapters if adapters is not None else engine.adapters
@@ -218,13 +247,18 @@ def profile_model(
         served = CompactLlama(engine.model, engine.precision, adapters)
     reference = {}
     quality: dict[int, ExitQuality] = {}
+    by_text: dict[str, TextQuality] = {}
     if quality_error is None:
         if engine.precision != "float32":  # what the precision costs, per exit
             reference["float32"] = measure_quality(
-                engine.model, token_ids, grid, window, scaled(0.8, 0.1), adapters
+                engine.model, encoded[0], grid, window, scaled(0.8, 0.1), adapters
             )
         start, width = (0.9, 0.1) if reference else (0.8, 0.2)
-        quality = measure_quality(served, token_ids, grid, window, scaled(start, width))
+        width /= len(texts)
+        for index, (text, ids) in enumerate(zip(texts, encoded, strict=True)):
+            table = measure_quality(served, ids, grid, window, scaled(start + index * width, width))
+            by_text[text.name] = TextQuality(tokens=len(ids), source=text.source, quality=table)
+        quality = by_text[texts[0].name].quality
     else:
         _report(progress, "latency measured; " + quality_error, 1.0)
     return ModelProfile(
@@ -235,6 +269,8 @@ def profile_model(
         grid=grid,
         latency=latency,
         quality=quality,
+        eval_text=texts[0].name,
+        quality_by_text=by_text,
         precision=engine.precision,
         quality_by_precision={engine.precision: quality, **reference} if quality else {},
         quality_error=quality_error,

@@ -26,6 +26,13 @@ class ServedQuality(BaseModel):
     perplexity_ratio: float = Field(description="Perplexity over the full model's, on the held-out text")
     top1_agreement: float = Field(description="Fraction of next tokens equal to the full model's choice")
     exit_adapter: bool = Field(description="Whether these figures (and the answer) use the exit's adapter")
+    eval_text: str | None = Field(default=None, description="The evaluation text these figures are on")
+
+
+def evaluation_text(profile: Mapping[str, Any] | None) -> str | None:
+    """The name of the text a stored profile's quality table was measured on (profiles stored before texts
+    had names were all on heldout.txt), None without a profile."""
+    return (profile.get("eval_text") or "heldout") if profile else None
 
 
 def quality_table(profile: Mapping[str, Any] | None) -> dict[int, ExitQuality]:

@@ -11,14 +11,31 @@ import torch
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
 from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
-from workers.early_exit.fit_data import DEFAULT_TEXT, bundled_paths, bundled_records, fitting_stream
-from workers.generation.profiler import default_grid
+from workers.early_exit.fit_data import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEXT,
+    MIXES,
+    bundled_paths,
+    bundled_records,
+    fitting_stream,
+)
+from workers.eval.heldout import DEFAULT_EVAL_TEXT
+from workers.generation.profiler import ModelProfile, default_grid
+from workers.generation.quality import served_quality
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
 from workers.store.file_manifest import verify_files
 from workers.store.references import UnknownModelError, resolve_path
 from workers.train.data import read_jsonl
+
+IN_DOMAIN_TEXT, OUT_OF_DOMAIN_TEXT = "heldout", "dpkg-spec"  # profiled after every fit, beside "broad"
+# the bundled fitting texts each held-out text shares a source with (none for dpkg-spec, never fitted)
+SOURCE_TEXTS = {
+    "heldout": {"prose", "everyday"},
+    "heldout_prose": {"prose"},
+    **{s: {"broad"} for s in ("gnu-manuals", "vim-manual", "python-reference", "python-docstrings", "legal")},
+}
 
 CONFIG_KEYS = (  # job fields passed to FitConfig as they are
     "ridge",
@@ -61,7 +78,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(path)
     device = default_device()
     model.to(device)
-    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", 65_536))
+    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", DEFAULT_MAX_TOKENS))
     seq_len = spec.get("seq_len", 256)
     windows = token_windows(ids, seq_len)
     masks = token_windows(responses, seq_len, dtype=torch.bool) if spec.get("fit_on") == "responses" else None
@@ -98,8 +115,9 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     # the distilled exits are profiled too (beside the default grid), so that budgets and floors can pick them
     grid = sorted(set(default_grid(record.num_layers or 0)) | set(report.distill_kl))
+    also = (IN_DOMAIN_TEXT, OUT_OF_DOMAIN_TEXT)
     profile = profile_and_store(
-        ctx, model_id, profiling, grid=grid, prompt_lengths=(16, 96), decode_tokens=8, repeats=1
+        ctx, model_id, profiling, also=also, grid=grid, prompt_lengths=(16, 96), decode_tokens=8, repeats=1
     )
     quality = {k: q.model_dump() for k, q in profile.quality.items()}
     return {
@@ -108,4 +126,27 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "fit": report.as_dict(),
         "quality": quality,
+        "eval_text": profile.eval_text,
+        "generalisation": generalisation(profile, data),
     }
+
+
+def generalisation(profile: ModelProfile, data: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per profiled held-out text, each exit's served perplexity ratio to full depth, split into texts from a
+    source the fitting text drew on (in-domain) and the others (out-of-domain)."""
+    fitted = (
+        set(MIXES.get(data.get("text", ""), (data.get("text"),))) if data["source"] == "bundled" else set()
+    )
+    out: dict[str, dict[str, dict[str, float]]] = {"in_domain": {}, "out_of_domain": {}}
+    for name, table in profile.quality_by_text.items():
+        if name == DEFAULT_EVAL_TEXT:  # a mix of in- and out-of-domain sources: the profile's own table
+            continue
+        ratios = {
+            str(depth): round(served.perplexity_ratio, 4)
+            for depth in sorted(table.quality)
+            if depth < profile.num_layers
+            and (served := served_quality(table.quality, depth, profile.num_layers)) is not None
+        }
+        in_domain = bool(SOURCE_TEXTS.get(name, set()) & fitted)
+        out["in_domain" if in_domain else "out_of_domain"][name] = ratios
+    return out
