@@ -232,7 +232,7 @@ def run(args, work: Path, base_dir: Path) -> None:
         single_requests = requests_for(prompts, [None] * args.requests, args.new_tokens, layers)
         delta_requests = requests_for(prompts, names, args.new_tokens, layers)
         copies = None
-        if n <= args.max_copies:
+        if 1 < n <= args.max_copies:  # one full copy is the single model
             dirs = {}
             for i in range(n):
                 out = copies_dir / f"c{i + 1}"
@@ -263,6 +263,8 @@ def run(args, work: Path, base_dir: Path) -> None:
             rows.append((n, mode, rate, p50, p99, memory))
         if copies is not None:
             del copies
+        line = " ".join(f"{mode} {r[0]:.1f} tok/s p99 {r[2]:.2f} s" for mode, r in summary.items())
+        print(f"N={n}: {line} (load {os.getloadavg()[0]:.1f})", flush=True)
     print("| N | mode | tok/s | p50 s | p99 s | resident weight MB | tok/s vs single | p99 vs single |")
     print("|---|---|---|---|---|---|---|---|")
     for n, mode, rate, p50, p99, memory in rows:

@@ -163,7 +163,14 @@ def test_extract_lora_job_registers_a_downloadable_adapter_of_the_base(server, l
     )
     assert record["type"] == "adapter" and record["base_model"] == "lx-base"
     assert record["parents"] == ["lx-a", "lx-base"] and record["architecture"] == "LlamaForCausalLM"
-    assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    # the adapter, and the same factors as a delta the inference workers serve over the base unmerged
+    assert set(files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "variant_delta.json",
+        "variant_delta.safetensors",
+    }
+    assert record["delta"]["base"] == "lx-base" and record["delta"]["forms"]["low_rank"] == 4 * 7
     assert missing.status_code == 404
     assert as_model.status_code == 422 and "LoRA adapter" in as_model.text
     # The download is the adapter the library writes, and peft applies it to the base

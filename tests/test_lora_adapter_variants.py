@@ -90,3 +90,23 @@ def test_adapters_that_do_not_fit_their_base_are_refused_with_nothing_written(ba
     with pytest.raises(AdapterError, match="do not fit"):
         adapter_to_delta(tmp_path / "a", base_dir, tmp_path / "out", base_id="base")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_extracted_adapter_of_a_tied_model_serves_the_fine_tunes_tokens(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from workers.lora.extract import extract_lora
+    from workers.variants import make_variant
+
+    base_model = make_tiny_llama(tmp_path / "base", seed=7, tie_word_embeddings=True)
+    (tmp_path / "tune").mkdir()
+    make_variant(tmp_path / "base", tmp_path / "tune", seed=3, scale=0.05)
+    (tmp_path / "lora").mkdir()
+    extract_lora(tmp_path / "tune", tmp_path / "base", tmp_path / "lora", base_name="base", max_rank=64)
+    adapter_to_delta(tmp_path / "lora", tmp_path / "base", tmp_path / "lora", base_id="base")
+    tokenizer = character_tokenizer()
+    engine = EarlyExitEngine(base_model, tokenizer, device="cpu")
+    engine.add_variant(load_variant(tmp_path / "lora", "lora", engine.compact))
+    tune = AutoModelForCausalLM.from_pretrained(tmp_path / "tune", dtype=torch.float32).eval()
+    got = engine.run([greedy([5, 9, 30, 7], "lora")])[0].token_ids
+    assert got == EarlyExitEngine(tune, tokenizer, device="cpu").run([greedy([5, 9, 30, 7])])[0].token_ids

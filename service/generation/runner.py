@@ -202,6 +202,10 @@ class Generation:
                 f"{model_id!r} is a LoRA adapter not stored for serving; import it with "
                 f'POST /v1/models/import and "base": {record.base_model!r}',
             )
+        if record.type == "adapter" and not self.registry.exists(record.base_model or ""):
+            raise HTTPException(
+                422, f"LoRA adapter {model_id!r} cannot be served: its base {record.base_model!r} is gone"
+            )
         return record
 
     def composition(

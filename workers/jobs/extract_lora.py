@@ -9,7 +9,7 @@ from typing import Any
 from workers.device import default_device
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
-from workers.lora.adapter_delta import adapter_to_delta
+from workers.lora.adapter_delta import AdapterError, adapter_to_delta
 from workers.lora.extract import extract_lora
 from workers.store.model_store import describe_adapter
 from workers.store.references import is_registry_id, resolve_model
@@ -36,7 +36,10 @@ def extract_lora_job(spec: dict[str, Any]) -> dict[str, Any]:
             progress=ctx.progress,
         )
         if is_registry_id(spec["base"]):  # servable over its registered base without merging
-            adapter_to_delta(out_dir, base_dir, out_dir, base_id=spec["base"])
+            try:
+                adapter_to_delta(out_dir, base_dir, out_dir, base_id=spec["base"])
+            except AdapterError as e:  # the adapter stands; it is just not served (generation says so)
+                ctx.note(f"the adapter is not stored for serving: {e}")
 
     architecture = (base_config.get("architectures") or [base_config.get("model_type", "unknown")])[0]
     record = publish_model(

@@ -118,8 +118,18 @@ def adapter_to_delta(adapter_dir: Path, base_dir: Path, out_dir: Path, *, base_i
             modules.setdefault(match.group(1), {})[match.group(2)] = tensor
         out: dict[str, torch.Tensor] = {}
         forms: dict[str, dict[str, Any]] = {}
+        embed = "model.embed_tokens.weight"
         for module, parts in modules.items():
             weight = f"{module}.weight"
+            if (
+                module == "lm_head"
+                and weight not in entries
+                and embed in entries
+                and set(parts) == {"weight"}
+            ):
+                if "model.embed_tokens" in modules:  # a tied head: the embedding's delta is its delta
+                    continue
+                module, weight = "model.embed_tokens", embed
             if weight not in entries:
                 raise AdapterError(
                     f"the adapter targets module {shown(module)}, which the base does not have"
