@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from service.app import create_app
 from tests.tiny_models import CHAT_TEMPLATE, make_tiny_chat_llama, make_tiny_llama
 from workers.settings import Settings
+from workers.store.loadable import PROBE
 
 JSON = {"Content-Type": "application/json"}
 YAML = {"Content-Type": "application/yaml"}
@@ -103,7 +104,10 @@ def test_chat_content_parts_whose_text_is_not_a_string_get_422(tmp_path, isolate
 
 def test_a_tokenizer_that_raises_while_encoding_gets_422(tmp_path, isolated_redis_url):
     make_tiny_llama(tmp_path / "no-unk", vocab_size=128)
-    backend = Tokenizer(models.WordLevel({chr(i): i for i in range(97, 123)}))  # a-z, and no unknown token
+    # a-z and what the import's probe text needs (it must load, encode and decode to be registered), no
+    # unknown token: any other capital letter raises while encoding
+    alphabet = sorted(set(map(chr, range(97, 123))) | set(PROBE))
+    backend = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(alphabet)}))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -114,7 +118,7 @@ def test_a_tokenizer_that_raises_while_encoding_gets_422(tmp_path, isolated_redi
         for path, body in [
             ("/v1/generate", {"model": "no-unk", "prompt": "ABC"}),
             ("/v1/completions", {"model": "no-unk", "prompt": "ABC"}),
-            ("/v1/chat/completions", {"model": "no-unk", "messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/chat/completions", {"model": "no-unk", "messages": [{"role": "user", "content": "HI"}]}),
         ]:
             r = c.post(path, json=body)
             short_4xx(r)

@@ -97,6 +97,7 @@ def test_redis_outage_gives_fast_503_and_recovers_by_itself(tmp_path):
                 "redis": False,
                 "workers": 0,
                 "inference_workers": 0,
+                "resident": {},
             }
             redis_server.start()
             assert c.get("/v1/models").status_code == 200

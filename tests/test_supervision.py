@@ -96,6 +96,7 @@ def test_a_killed_job_worker_is_restarted_and_health_reports_it(supervised):
         assert new and new[0].pid != old.pid
         assert time.monotonic() - killed_at < RESTART_S
         healthy = wait_for(lambda: (r := c.get("/health")).status_code == 200 and r.json(), 120, 0.5)
+        assert healthy and len(healthy.pop("resident")) == 1  # what the one inference worker holds
         assert healthy == {"status": "ok", "redis": True, "workers": 1, "inference_workers": 1}
 
 
