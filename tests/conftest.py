@@ -92,6 +92,15 @@ class Server:
                 time.sleep(0.2)
         raise AssertionError(f"job {job_id} did not end in {timeout} s; log: {self.log.read_text()[-3000:]}")
 
+    def run_job(self, body: dict, timeout: float = 600) -> dict:
+        """Submit a job (202 expected), wait for it, and return its result; it must finish."""
+        with self.client() as c:
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+        final = self.wait_job(r.json()["id"], timeout=timeout)
+        assert final["status"] == "finished", final["error"]
+        return final["result"]
+
     def start_slow_job(self, model_dir: Path, prefix: str) -> str:
         """Import a slow-to-copy model from `model_dir` and start a `variants` job of 16 on it; its id once
         a worker runs it."""

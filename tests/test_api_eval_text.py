@@ -24,13 +24,7 @@ def evaluated(server):
 
 
 def profile(server, **extra) -> dict:
-    body = {"kind": "profile", "model": MODEL, "repeats": 1, "grid": [2, 4], **extra}
-    with server.client() as c:
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-    final = server.wait_job(r.json()["id"], timeout=600)
-    assert final["status"] == "finished", final["error"]
-    return final["result"]
+    return server.run_job({"kind": "profile", "model": MODEL, "repeats": 1, "grid": [2, 4], **extra})
 
 
 def stored_profile(server) -> dict:

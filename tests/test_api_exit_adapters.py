@@ -29,22 +29,13 @@ def lensed(server):
     return path
 
 
-def run_job(server, body: dict) -> dict:
-    with server.client() as c:
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-    final = server.wait_job(r.json()["id"], timeout=600)
-    assert final["status"] == "finished", final["error"]
-    return final["result"]
-
-
 def test_fit_exits_stores_records_and_profiles_the_adapters(server, lensed):
     shallow = {"model": MODEL, "prompt": "the sky", "max_new_tokens": 3, "depth": 2}
     with server.client() as c:  # the inference worker loads the model before it has adapters
         before = c.post("/v1/generate", json=shallow)
         assert before.status_code == 200 and before.json()["strata"]["exit_adapter"] is False
     body = {"kind": "fit_exits", "model": MODEL, "examples": EXAMPLES, "seq_len": 32, "distill_steps": 3}
-    result = run_job(server, {**body, "distill_exits": [2, 3], "distill_batch_tokens": 16})
+    result = server.run_job({**body, "distill_exits": [2, 3], "distill_batch_tokens": 16})
     assert result["exits"] == [1, 2, 3] and result["data"]["source"] == "examples"
     assert sorted(result["fit"]["distill_kl"]) == ["2", "3"]  # only the exits asked for are distilled
     assert result["data"]["tokens"] > 32 and result["fit"]["tokens"] > 0
@@ -156,7 +147,7 @@ def test_a_registered_model_is_profiled_in_the_background(tmp_path, isolated_red
 
 def test_fit_exits_on_the_bundled_general_text_records_which_text(server, lensed):
     body = {"kind": "fit_exits", "model": MODEL, "bundled": "general", "max_tokens": 512, "seq_len": 64}
-    result = run_job(server, body)
+    result = server.run_job(body)
     assert result["data"]["source"] == "bundled" and result["data"]["text"] == "general"
     assert result["data"]["files"] == ["general.jsonl"] and result["data"]["tokens"] == 512
     with server.client() as c:
@@ -168,7 +159,7 @@ def test_fit_exits_on_the_bundled_general_text_records_which_text(server, lensed
 
 
 def test_fit_exits_on_the_default_text_reports_in_and_out_of_domain_ratios_apart(server, lensed):
-    result = run_job(server, {"kind": "fit_exits", "model": MODEL, "max_tokens": 512, "seq_len": 64})
+    result = server.run_job({"kind": "fit_exits", "model": MODEL, "max_tokens": 512, "seq_len": 64})
     assert result["data"]["text"] == "broad+prose+chat" and result["data"]["files"][:2] == [
         "broad.jsonl",
         "prose.jsonl",

@@ -25,17 +25,8 @@ def sorter(server):
     return path
 
 
-def run_job(server, body: dict) -> dict:
-    with server.client() as c:
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-    final = server.wait_job(r.json()["id"], timeout=600)
-    assert final["status"] == "finished", final["error"]
-    return final["result"]
-
-
 def test_truncate_exports_an_exit_that_plain_transformers_loads(server, sorter):
-    result = run_job(server, {"kind": "truncate", "model": "sorter", "num_layers": 2, "name": "sorter-exit2"})
+    result = server.run_job({"kind": "truncate", "model": "sorter", "num_layers": 2, "name": "sorter-exit2"})
     assert result["num_layers"] == 2
     source = AutoModelForCausalLM.from_pretrained(sorter)
     cut = AutoModelForCausalLM.from_pretrained(server.home / "models" / "sorter-exit2")
@@ -45,8 +36,7 @@ def test_truncate_exports_an_exit_that_plain_transformers_loads(server, sorter):
 
 
 def test_sort_trains_every_exit_and_profiles_the_result(server, sorter):
-    result = run_job(
-        server,
+    result = server.run_job(
         {
             "kind": "sort",
             "model": "sorter",
@@ -70,8 +60,8 @@ def test_sort_trains_every_exit_and_profiles_the_result(server, sorter):
 
 def test_sort_with_exit_adapters_stores_records_and_serves_them(server, sorter):
     body = {"kind": "sort", "model": "sorter", "examples": EXAMPLES, "exits": [2, 4], "steps": 3}
-    result = run_job(
-        server, {**body, "batch_size": 2, "seq_len": 64, "exit_adapters": True, "name": "sorted-lens"}
+    result = server.run_job(
+        {**body, "batch_size": 2, "seq_len": 64, "exit_adapters": True, "name": "sorted-lens"}
     )
     assert result["exit_adapters"] == [2]
     adapters = load_adapters(server.home / "models" / "sorted-lens", 4, 64)

@@ -28,12 +28,7 @@ def talker(server):
 
 
 def run_job(server, body: dict) -> dict:
-    with server.client() as c:
-        r = c.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-    final = server.wait_job(r.json()["id"], timeout=300)
-    assert final["status"] == "finished", final["error"]
-    return final["result"]
+    return server.run_job(body, timeout=300)
 
 
 def test_sparsify_with_dare_keeps_about_density_and_reports_deltas_and_perplexity(server, talker):

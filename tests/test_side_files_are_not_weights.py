@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.test_api_exit_adapters import run_job
 from tests.tiny_models import make_tiny_chat_llama, make_tiny_llama
 from workers.early_exit.adapters import FILENAME
 from workers.tensors.safetensors_io import SafetensorsError, TensorReader
@@ -20,8 +19,8 @@ def test_after_fit_exits_a_model_merges_with_its_variants_and_extracts_and_spars
     make_tiny_chat_llama(path, seed=7)
     with server.client() as c:
         assert c.post("/v1/models/import", json={"id": "sidecar", "path": str(path)}).status_code == 201
-    run_job(server, {"kind": "variants", "base": "sidecar", "count": 1, "prefix": "sidecar-v"})
-    run_job(server, {"kind": "fit_exits", "model": "sidecar", "examples": EXAMPLES, "seq_len": 16})
+    server.run_job({"kind": "variants", "base": "sidecar", "count": 1, "prefix": "sidecar-v"})
+    server.run_job({"kind": "fit_exits", "model": "sidecar", "examples": EXAMPLES, "seq_len": 16})
     assert (server.home / "models" / "sidecar" / FILENAME).is_file()
     merge = {
         "kind": "merge",
@@ -32,11 +31,11 @@ def test_after_fit_exits_a_model_merges_with_its_variants_and_extracts_and_spars
             {"model": "sidecar-v-1", "parameters": {"weight": 0.5}},
         ],
     }
-    run_job(server, merge)
-    lora = run_job(server, {"kind": "extract_lora", "model": "sidecar-v-1", "base": "sidecar", "max_rank": 4})
+    server.run_job(merge)
+    lora = server.run_job({"kind": "extract_lora", "model": "sidecar-v-1", "base": "sidecar", "max_rank": 4})
     assert lora["modules"]
     sparse = {"kind": "sparsify", "model": "sidecar", "base": "sidecar-v-1", "evaluate": False}
-    run_job(server, {**sparse, "name": "sidecar-sparse"})
+    server.run_job({**sparse, "name": "sidecar-sparse"})
     with server.client() as c:
         record = c.get("/v1/models/sidecar").json()["strata"]
         merged = c.get("/v1/models/sidecar-merged").json()["strata"]
