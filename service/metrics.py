@@ -34,7 +34,8 @@ BUDGET = Counter("strata_budget_total", "Requests with a latency budget, by outc
 ROUTED = Counter(
     "strata_requests_routed_total",
     "Generation requests queued, by how their worker was chosen (affinity: it holds the base; assigned: "
-    "the base is loading there; new: a new base for the emptiest worker; shared: no worker reports; "
+    "the base is loading there; spilled: a hot base spread to an empty worker; new: a new base for the "
+    "emptiest worker; shared: no worker reports; "
     "resubmitted: sent again after its worker died)",
     ["how"],
 )

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from service.generation.routing import Fleet, WorkerLoad, choose
+from service.generation.routing import SPILL_WAITING, Fleet, WorkerLoad, choose
 from tests.conftest import Server, start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama, make_variant
 from workers.inference.protocol import EVENTS_PREFIX
@@ -40,6 +40,13 @@ def test_a_new_base_goes_to_the_emptiest_worker_then_stays_there_while_it_loads(
     assert choose("c", fleet(("w1", set(), 0), ("w2", set(), 1, {"c"}))) == ("w2", "assigned")
     # ... and the next new base goes to the other worker, though neither reports anything yet
     assert choose("d", fleet(("w1", set(), 1), ("w2", set(), 0, {"c"}))) == ("w1", "new")
+
+
+def test_a_base_with_a_full_batch_waiting_everywhere_it_is_spreads_to_an_empty_worker_only():
+    assert choose("a", fleet(("w1", {"a"}, SPILL_WAITING), ("w2", set(), 0))) == ("w2", "spilled")
+    assert choose("a", fleet(("w1", {"a"}, SPILL_WAITING - 1), ("w2", set(), 0))) == ("w1", "affinity")
+    # no worker holds nothing: it waits where it is rather than make another worker drop a base
+    assert choose("a", fleet(("w1", {"a"}, 50), ("w2", {"b"}, 0))) == ("w1", "affinity")
 
 
 def test_with_no_worker_reporting_the_shared_list_is_used():

@@ -5,6 +5,8 @@ protocol). A request for base B (a variant's base, or the model itself) goes to:
 1. a live worker whose residency report holds B (affinity), the one with the fewest requests waiting;
 2. else a live worker B was routed to within CLAIM_S and that does not report it yet (its load is in
    flight): "assigned";
+   in 1 and 2, when that worker has SPILL_WAITING requests waiting or more and a worker holds nothing, B
+   spreads to that one ("spilled": a hot base gets more workers, and nothing is dropped for it);
 3. else the worker holding (or claimed for) the fewest bases, then with the fewest waiting: an empty
    worker takes a new base; B is claimed for it ("new");
 4. with no live worker reporting its residency, the shared list, which any worker takes from.
@@ -31,7 +33,8 @@ from workers.inference.protocol import (
 )
 from workers.store.registry import ModelRecord
 
-How = Literal["affinity", "assigned", "new", "shared"]
+How = Literal["affinity", "assigned", "spilled", "new", "shared"]
+SPILL_WAITING = 8  # a full batch (the workers' default --max-batch-size) waiting behind the current one
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,14 @@ def read_fleet(redis: Redis, worker_ids: list[str]) -> Fleet:
 
 def choose(base: str, fleet: Fleet) -> tuple[str | None, How]:
     """(the worker to send a request for `base` to, None for the shared list; why it was chosen)."""
-    holders = [w for w in fleet.workers if base in w.bases]
-    if holders:
-        return min(holders, key=lambda w: (w.waiting, w.id)).id, "affinity"
-    claimants = [w for w in fleet.workers if base in w.claimed]
-    if claimants:
-        return min(claimants, key=lambda w: (w.waiting, w.id)).id, "assigned"
+    empty = [w for w in fleet.workers if not w.bases and not w.claimed]
+    for how, has in (("affinity", lambda w: base in w.bases), ("assigned", lambda w: base in w.claimed)):
+        candidates = [w for w in fleet.workers if has(w)]
+        if candidates:
+            best = min(candidates, key=lambda w: (w.waiting, w.id))
+            if best.waiting >= SPILL_WAITING and empty:
+                return min(empty, key=lambda w: (w.waiting, w.id)).id, "spilled"
+            return best.id, how  # type: ignore[return-value]
     if not fleet.workers:
         return None, "shared"
     return min(fleet.workers, key=lambda w: (len(w.bases | w.claimed), w.waiting, w.id)).id, "new"
@@ -104,7 +109,7 @@ def enqueue(redis: Redis, fleet: Fleet, base: str, payload: str) -> tuple[str, H
         pipe.rpush(queue, payload)
         if worker is not None:  # what a killed worker leaves goes away on its own
             pipe.expire(queue, EVENTS_TTL_S)
-        if how in ("new", "assigned"):
+        if how in ("new", "assigned", "spilled"):
             pipe.hset(claims_key(worker), base, time.time())
             pipe.expire(claims_key(worker), int(CLAIM_S) * 2)
         pipe.execute()
