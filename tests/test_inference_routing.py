@@ -18,7 +18,9 @@ import redis
 from service.generation.routing import SPILL_WAITING, Fleet, WorkerLoad, choose
 from tests.conftest import Server, start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama, make_variant
-from workers.inference.protocol import EVENTS_PREFIX
+from workers.generation.engine import GenerationRequest
+from workers.inference.protocol import EVENTS_PREFIX, QUEUE_KEY, InferenceJob
+from workers.inference.worker import InferenceWorker
 
 
 def fleet(*workers: tuple[str, set[str], int] | tuple[str, set[str], int, set[str]]) -> Fleet:
@@ -51,6 +53,29 @@ def test_a_base_with_a_full_batch_waiting_everywhere_it_is_spreads_to_an_empty_w
 
 def test_with_no_worker_reporting_the_shared_list_is_used():
     assert choose("a", fleet()) == (None, "shared")
+
+
+def job(model: str) -> InferenceJob:
+    return InferenceJob(model=model, request=GenerationRequest(prompt_ids=[5, 6], depth=2, max_new_tokens=2))
+
+
+def test_a_worker_takes_what_was_routed_to_it_before_shared_requests_and_hands_back_the_rest(
+    tmp_path, isolated_redis_url
+):
+    conn = redis.Redis.from_url(isolated_redis_url)
+    worker = InferenceWorker(conn, tmp_path, max_batch_size=3)
+    conn.rpush(QUEUE_KEY, job("shared-1").model_dump_json(), job("shared-2").model_dump_json())
+    for name in ("own-1", "own-2"):
+        conn.rpush(worker.queue, job(name).model_dump_json())
+    assert [j.model for j in worker._take_batch()] == ["own-1", "own-2", "shared-1"]
+    conn.rpush(worker.queue, job("own-3").model_dump_json())
+    worker.stopping.set()
+    worker.run()  # stops at once: what is left in its own list goes to the shared one
+    assert [InferenceJob.model_validate_json(r).model for r in conn.lrange(QUEUE_KEY, 0, -1)] == [
+        "shared-2",
+        "own-3",
+    ]
+    assert not conn.exists(worker.queue)
 
 
 # -- two real inference workers ------------------------------------------------------------------------
