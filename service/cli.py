@@ -200,7 +200,13 @@ def worker(
 @app.command()
 def infer(
     max_batch_size: Annotated[int, typer.Option(help="Requests generated together")] = 8,
-    max_models: Annotated[int, typer.Option(help="Models kept loaded")] = 2,
+    max_models: Annotated[
+        int,
+        typer.Option(
+            help="Bases (and plain models) kept loaded, least recently used dropped beyond; the API "
+            "routes each request to a worker that holds its base"
+        ),
+    ] = 2,
 ) -> None:
     """Run a long-lived inference worker: keeps models loaded, generates at per-request exit depths."""
     from workers.inference.worker import InferenceWorker

@@ -468,5 +468,7 @@ class Health(BaseModel):
     inference_workers: int = Field(default=0, description="Live inference workers")
     resident: dict[str, Any] = Field(
         default_factory=dict,
-        description="Per live inference worker: the bases it holds, each with the variants held over it",
+        description="Per live inference worker: the bases it holds, each with the variants held over it, "
+        "their delta bytes and how many times the worker has loaded it (`loads`; above 1: it was dropped "
+        "and loaded again)",
     )

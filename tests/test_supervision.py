@@ -113,7 +113,9 @@ def _stream_until_first_token(client: httpx.Client, body: dict):
 ENDLESS = {"model": "endless", "prompt": "once upon a time", "max_new_tokens": 1000}
 
 
-def test_a_generation_whose_worker_dies_gets_a_prompt_503(supervised):
+def test_a_streamed_generation_whose_worker_dies_gets_a_prompt_503_an_unstreamed_one_is_sent_again(
+    supervised,
+):
     with supervised.client() as c:
         stream, lines = _stream_until_first_token(c, ENDLESS)
         (worker,) = children(supervised, "service.cli infer")
@@ -126,7 +128,8 @@ def test_a_generation_whose_worker_dies_gets_a_prompt_503(supervised):
         assert wait_for(lambda: children(supervised, "service.cli infer"), RESTART_S)
         assert wait_for(lambda: c.get("/health").status_code == 200, 180, 0.5)  # it has registered
 
-        # not streamed: the same, as a 503
+        # not streamed: its client has seen nothing yet, so it is sent again (service.generation.routing) and
+        # answered by the restarted worker
         outcome = {}
 
         def ask() -> None:
@@ -138,11 +141,10 @@ def test_a_generation_whose_worker_dies_gets_a_prompt_503(supervised):
         assert wait_for(lambda: conn.keys(events_key("*")), 180, 0.05), "generation never started"
         (worker,) = children(supervised, "service.cli infer")
         os.kill(worker.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        asker.join(60)
-        assert time.monotonic() - killed_at < 5
+        asker.join(300)
         response = outcome["response"]
-        assert response.status_code == 503 and "died" in response.json()["detail"]
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] > 0
 
 
 def test_an_abandoned_stream_is_cancelled_in_the_worker(supervised):

@@ -34,6 +34,7 @@ from service.fleet import (
     live_inference_workers,
 )
 from service.generation.depth import plan_depth
+from service.generation.routing import enqueue, queued_worker, read_fleet, served_base
 from service.generation.schemas import (
     ChatMessage,
     DepthOptions,
@@ -69,6 +70,7 @@ from workers.templates.renderer import renderer as template_renderer
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 POLL_S = 1.0  # how often a waiting request checks on its worker
 _UNREAD = object()  # a Redis value not read yet
+MAX_RESUBMITS = 2  # times a request whose worker died is sent again
 NO_WORKER_GRACE_S = 15.0  # a queued request waits this long for a (restarted) worker before its 503
 INLINE_ENCODE_CHARS = 4096  # a prompt this short is tokenized on the event loop: a thread hop costs more
 TOKENIZERS_KEPT = 16
@@ -108,10 +110,11 @@ class FleetState:
 
     record: ModelRecord | None
     workers: int  # live inference workers
-    waiting: int  # requests queued
+    waiting: int  # requests in the shared list (those routed to a worker are counted by `read_fleet`)
     service_ms: float  # mean service time of a request
     latency: bytes | None  # the model's stored live latency model
     profile_pending: bool  # a background profile of the model is queued or running
+    worker_ids: tuple[str, ...] = ()  # the live inference workers
 
 
 @dataclass
@@ -131,6 +134,10 @@ class Prepared:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish: dict = field(default_factory=dict)
+    job: InferenceJob | None = None  # as queued (sent again if its worker dies before it is answered)
+    base: str | None = None  # the base it is routed by
+    queue: str | None = None  # the list it was pushed to
+    resubmitted: int = 0
 
     def info(self) -> StrataInfo:
         elapsed = ((self.last_token_at or time.monotonic()) - self.arrived) * 1000
@@ -181,9 +188,11 @@ class Generation:
                 pipe.mget([SERVICE_MS_KEY, latency_key(model_id)])
                 pipe.exists(PROFILING_LOCK_PREFIX + model_id)
                 raw, beats, waiting, (service_ms, latency), pending = pipe.execute()
+            live = live_among(beats)
             self._state[model_id] = FleetState(
                 record=ModelRecord.model_validate_json(raw) if raw else None,
-                workers=len(live_among(beats)),
+                workers=len(live),
+                worker_ids=tuple(live),
                 waiting=waiting,
                 service_ms=float(service_ms or 0.0),
                 latency=latency,
@@ -366,7 +375,7 @@ class Generation:
         if new_tokens > s.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {new_tokens} exceeds the limit of {s.max_new_tokens}")
         state = self.state(model_id)
-        workers, waiting = state.workers, state.waiting
+        workers = state.workers
         if workers == 0:
             metrics.REJECTED.labels("no_worker").inc()
             raise HTTPException(
@@ -374,6 +383,9 @@ class Generation:
                 "no live inference worker: start one with `strata serve` or `strata infer`",
                 headers={"Retry-After": "5"},
             )
+        base = served_base(record)
+        fleet = read_fleet(self.redis, list(state.worker_ids))
+        waiting = state.waiting + fleet.routed_waiting
         if waiting >= s.max_waiting:
             metrics.REJECTED.labels("queue_full").inc()
             raise HTTPException(
@@ -414,7 +426,8 @@ class Generation:
                 s.stream_interval_ms if streaming.stream_interval_ms is None else streaming.stream_interval_ms
             ),
         )
-        self.redis.rpush(QUEUE_KEY, job.model_dump_json())
+        queue, how = enqueue(self.redis, fleet, base, job.model_dump_json())
+        metrics.ROUTED.labels(how).inc()
         metrics.DEPTH.labels(model_id).observe(plan.depth)
         return Prepared(
             request.request_id,
@@ -428,6 +441,9 @@ class Generation:
             quality=plan.quality
             and plan.quality.model_copy(update={"eval_text": evaluation_text(record.profile)}),
             latency_model=source,
+            job=job,
+            base=base,
+            queue=queue,
         )
 
     def _known_latency(
@@ -456,6 +472,7 @@ class Generation:
         worker: str | None = None
         last_event = last_check = time.monotonic()
         ended = False
+        shown = False  # a token has gone to a streaming client: the request can no longer be sent again
         try:
             while True:
                 try:
@@ -470,13 +487,22 @@ class Generation:
                         return
                 if not reply:
                     try:
-                        problem = self._watch(worker, last_event, prepared.first_token_at is not None)
+                        problem = self._watch(
+                            worker, last_event, prepared.first_token_at is not None, prepared.queue
+                        )
+                        resubmit = problem is not None and problem.get("resubmit")
+                        if resubmit and self._resubmit(prepared, shown):
+                            self._delete(key)  # what the dead worker wrote of it
+                            key, last_id, worker = events_key(prepared.request_id), "0-0", None
+                            last_event = time.monotonic()
+                            continue
                     except (RedisConnectionError, RedisTimeoutError) as e:
                         problem = {
                             "error": f"Redis became unavailable ({type(e).__name__}); retry",
                             "status": 503,
                         }
                     if problem is not None:
+                        problem.pop("resubmit", None)
                         self.cancel(prepared.request_id)  # before the caller hears of it
                         yield "error", problem
                         return
@@ -493,6 +519,7 @@ class Generation:
                         prepared.batch_size = data["batch_size"]
                         metrics.QUEUE_TIME.labels(model).observe(data["queue_ms"] / 1000)
                     elif kind == "token":  # `count` tokens (several: merged, see workers.inference.events)
+                        shown = shown or bool(prepared.job and prepared.job.stream)
                         if prepared.first_token_at is None:
                             prepared.first_token_at = now
                             metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - prepared.arrived)
@@ -541,11 +568,20 @@ class Generation:
         _background.add(task)  # the loop keeps weak references only
         task.add_done_callback(_background.discard)
 
-    def _watch(self, worker: str | None, last_event: float, streaming: bool) -> dict | None:
-        """Why waiting longer is pointless (an error event with its HTTP status), or None. The stall clock
-        runs between tokens only: before the first one the worker may be loading the model."""
+    def _watch(
+        self, worker: str | None, last_event: float, streaming: bool, queue: str | None = None
+    ) -> dict | None:
+        """Why waiting longer is pointless (an error event with its HTTP status, `resubmit` where sending
+        the request again may still answer it), or None. The stall clock runs between tokens only: before
+        the first one the worker may be loading the model."""
         quiet = time.monotonic() - last_event
         if worker is None:  # still queued
+            routed = queued_worker(queue or QUEUE_KEY)
+            if routed is not None and not inference_worker_alive(
+                routed, inference_worker_heartbeat(self.redis, routed)
+            ):
+                error = "the inference worker the request was routed to died; retry the request"
+                return {"error": error, "status": 503, "resubmit": True}
             if quiet > NO_WORKER_GRACE_S and self.live_workers() == 0:
                 return {"error": "no live inference worker took the request", "status": 503}
             return None
@@ -556,8 +592,28 @@ class Generation:
                 "status": 504,
             }
         if not inference_worker_alive(worker, inference_worker_heartbeat(self.redis, worker)):
-            return {"error": "the inference worker died while generating; retry the request", "status": 503}
+            error = "the inference worker died while generating; retry the request"
+            return {"error": error, "status": 503, "resubmit": True}
         return None
+
+    def _resubmit(self, prepared: Prepared, shown: bool) -> bool:
+        """Send a request whose worker died again, under a new id, to a live worker (routed as before);
+        False where it cannot be: a streaming client has had some of its tokens, or it was sent
+        MAX_RESUBMITS times. The old id is cancelled and taken out of its list if it is still there."""
+        job = prepared.job
+        if job is None or shown or prepared.resubmitted >= MAX_RESUBMITS or prepared.base is None:
+            return False
+        self.cancel(prepared.request_id)
+        if prepared.queue is not None:
+            self.redis.lrem(prepared.queue, 1, job.model_dump_json())
+        request = job.request.model_copy(update={"request_id": uuid.uuid4().hex})
+        job = job.model_copy(update={"request": request})
+        fleet = read_fleet(self.redis, live_inference_workers(self.redis))
+        prepared.queue, _ = enqueue(self.redis, fleet, prepared.base, job.model_dump_json())
+        metrics.ROUTED.labels("resubmitted").inc()
+        prepared.job, prepared.request_id = job, request.request_id
+        prepared.resubmitted += 1
+        return True
 
     def cancel(self, request_id: str) -> None:
         """Tell the workers to drop the request (skipped if still queued, removed from its batch if not)."""

@@ -1,9 +1,15 @@
 """What the API and the inference workers exchange through Redis.
 
-- requests: a list (RPUSH by the API, BLPOP by workers), bounded by the API;
+- requests: a list per inference worker (RPUSH by the API, which routes each request to a worker that holds
+  its base: `service.generation.routing`) and a shared list any worker takes from when its own is empty
+  (requests with no worker to route to); workers BLPOP their own list first; bounded by the API;
 - events: one Redis stream per request (started, token, finish or error entries), expiring after a while;
   a request that is not streamed gets a token entry a few times a second only (workers.inference.events);
 - liveness: a sorted set of worker ids (`host:pid:nonce`) scored by their last heartbeat;
+- residency: per worker, the bases it holds (with the variants over each and how often it loaded each),
+  written with every heartbeat and at once when it loads or drops a base; the API routes by it;
+- claims: per worker, the bases the API has sent it that it does not report yet (their loads in flight),
+  with when, so a burst of requests for a new base all go to one worker and the next new base elsewhere;
 - cancellation: a key per request the API has given up on (client gone, worker stalled); workers skip
   such requests, or drop them from their batch between steps;
 - the live latency model of each model, updated by workers after every request.
@@ -27,6 +33,9 @@ WORKER_TTL_S = 10.0
 EVENTS_TTL_S = 600
 CANCEL_PREFIX = "strata:infer:cancel:"
 RESIDENT_PREFIX = "strata:infer:resident:"  # per worker: its loaded bases and the variants held over each
+WORKER_QUEUE_PREFIX = QUEUE_KEY + ":"  # per worker: the requests routed to it
+CLAIMS_PREFIX = "strata:infer:claims:"  # per worker: a hash, base -> when the API last routed it there
+CLAIM_S = 60.0  # a claim counts this long after the last request routed by it
 
 
 class Speculation(BaseModel):
@@ -56,6 +65,14 @@ def cancel_key(request_id: str) -> str:
 
 def resident_key(worker_id: str) -> str:
     return RESIDENT_PREFIX + worker_id
+
+
+def worker_queue_key(worker_id: str) -> str:
+    return WORKER_QUEUE_PREFIX + worker_id
+
+
+def claims_key(worker_id: str) -> str:
+    return CLAIMS_PREFIX + worker_id
 
 
 def latency_key(model_id: str) -> str:

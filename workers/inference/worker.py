@@ -10,13 +10,14 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers.composition import name as composition_name
@@ -39,6 +40,7 @@ from workers.inference.protocol import (
     cancel_key,
     latency_key,
     resident_key,
+    worker_queue_key,
 )
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_store import verify_model
@@ -85,6 +87,17 @@ def load_engine(
 
 
 CANCEL_CHECK_S = 0.2
+# Up to ARGV[1] requests from the lists KEYS in order (this worker's own first, then the shared one).
+TAKE_MORE = """
+local out = {}
+for _, key in ipairs(KEYS) do
+  local need = tonumber(ARGV[1]) - #out
+  if need <= 0 then break end
+  local got = redis.call('LPOP', key, need)
+  if got then for _, item in ipairs(got) do out[#out + 1] = item end end
+end
+return out
+"""
 
 
 def _unless_cancelled(events: Iterator, request_id: str, cancelled: Callable[[], set[str]]) -> Iterator:
@@ -123,6 +136,8 @@ class InferenceWorker:
         self.variant_lru: OrderedDict[str, tuple[str, int]] = OrderedDict()  # variant -> (its base, bytes)
         self.compositions: dict[str, tuple[str, set[str]]] = {}  # per-request merges: key -> (base, variants)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.queue = worker_queue_key(self.id)  # the requests the API routes here (taken before QUEUE_KEY's)
+        self.loads: Counter[str] = Counter()  # times each base was loaded: reported, so thrash is visible
         self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
         self.adapter_stamps: dict[str, tuple[int, int] | None] = {}
         self.stopping = threading.Event()
@@ -147,12 +162,17 @@ class InferenceWorker:
             self.models_dir / model_id, max_batch_size=self.max_batch_size, precision=self.precision
         )
         self.engines[model_id] = engine
+        self.loads[model_id] += 1
         while len(self.engines) > self.max_models:
             dropped, _ = self.engines.popitem(last=False)
             for variant in [v for v, (base, _) in self.variant_lru.items() if base == dropped]:
                 del self.variant_lru[variant]
             for key in [k for k, (base, _) in self.compositions.items() if base == dropped]:
                 del self.compositions[key]
+        try:
+            self._publish()  # the API routes this base here from now on, without waiting for a heartbeat
+        except RedisError as e:
+            log.warning("residency not published: %s", e)
         return engine
 
     def route(self, model_id: str) -> tuple[str, str | None]:
@@ -207,31 +227,42 @@ class InferenceWorker:
         return key
 
     def resident(self) -> dict[str, dict]:
-        """The loaded bases (and plain models) with the variants held over each and their delta bytes."""
-        out = {model: {"variants": [], "variant_bytes": 0} for model in list(self.engines)}
+        """The loaded bases (and plain models) with the variants held over each, their delta bytes, and how
+        many times this worker has loaded the base (more than once: it was dropped and needed again)."""
+        out = {
+            model: {"variants": [], "variant_bytes": 0, "loads": self.loads[model]}
+            for model in list(self.engines)
+        }
         for variant, (base, size) in list(self.variant_lru.items()):  # read by the heartbeat thread too
             if base in out:
                 out[base]["variants"].append(variant)
                 out[base]["variant_bytes"] += size
         return out
 
+    def _publish(self) -> None:
+        """Write this worker's heartbeat and residency (the API routes requests by them)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(WORKERS_KEY, {self.id: time.time()})
+            pipe.set(resident_key(self.id), json.dumps(self.resident()), ex=int(WORKER_TTL_S))
+            pipe.execute()
+
     def _heartbeat(self) -> None:
         while not self.stopping.is_set():
             try:
-                self.redis.zadd(WORKERS_KEY, {self.id: time.time()})
-                self.redis.set(resident_key(self.id), json.dumps(self.resident()), ex=int(WORKER_TTL_S))
+                self._publish()
             except Exception as e:  # keep beating through a Redis outage
                 log.warning("heartbeat failed: %s", e)
             self.stopping.wait(HEARTBEAT_S)
 
     def _take_batch(self) -> list[InferenceJob]:
-        """Up to max_batch_size waiting requests, less those the API has given up on meanwhile."""
-        item = self.redis.blpop([QUEUE_KEY], timeout=1)
+        """Up to max_batch_size waiting requests, those routed to this worker first, then shared ones,
+        less those the API has given up on meanwhile."""
+        item = self.redis.blpop([self.queue, QUEUE_KEY], timeout=1)
         if item is None:
             return []
         first = InferenceJob.model_validate_json(item[1])
         with self.redis.pipeline(transaction=False) as pipe:  # one round trip for a request alone
-            pipe.lpop(QUEUE_KEY, self.max_batch_size - 1)
+            pipe.eval(TAKE_MORE, 2, self.queue, QUEUE_KEY, self.max_batch_size - 1)
             pipe.exists(cancel_key(first.request.request_id))
             more, first_gone = pipe.execute()
         jobs = [first, *(InferenceJob.model_validate_json(r) for r in more or [])]
@@ -407,5 +438,8 @@ class InferenceWorker:
             try:
                 self.redis.zrem(WORKERS_KEY, self.id)
                 self.redis.delete(resident_key(self.id))
+                # requests routed here and not taken: the shared list, for the other workers
+                while self.redis.lmove(self.queue, QUEUE_KEY, "LEFT", "RIGHT") is not None:
+                    pass
             except RedisConnectionError:
                 pass  # Redis is gone too; readers count a worker as live only while its heartbeat is recent

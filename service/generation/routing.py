@@ -1,0 +1,122 @@
+"""Routing generation requests by base, so that inference workers serving several bases do not thrash.
+
+Every inference worker takes requests from a list of its own before the shared one (workers.inference.
+protocol). A request for base B (a variant's base, or the model itself) goes to:
+1. a live worker whose residency report holds B (affinity), the one with the fewest requests waiting;
+2. else a live worker B was routed to within CLAIM_S and that does not report it yet (its load is in
+   flight): "assigned";
+   in 1 and 2, when that worker has SPILL_WAITING requests waiting or more and a worker holds nothing, B
+   spreads to that one ("spilled": a hot base gets more workers, and nothing is dropped for it);
+3. else the worker holding (or claimed for) the fewest bases, then with the fewest waiting: an empty
+   worker takes a new base; B is claimed for it ("new");
+4. with no live worker reporting its residency, the shared list, which any worker takes from.
+A dead worker drops out at once (heartbeat and process are checked before routing); what was routed to it
+and not answered is sent again by the waiting request (`Generation.events`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from redis import Redis
+
+from workers.inference.protocol import (
+    CLAIM_S,
+    EVENTS_TTL_S,
+    QUEUE_KEY,
+    claims_key,
+    resident_key,
+    worker_queue_key,
+)
+from workers.store.registry import ModelRecord
+
+How = Literal["affinity", "assigned", "spilled", "new", "shared"]
+SPILL_WAITING = 8  # a full batch (the workers' default --max-batch-size) waiting behind the current one
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    id: str
+    bases: frozenset[str]  # reported as loaded
+    waiting: int  # requests in its own list
+    claimed: frozenset[str] = frozenset()  # routed to it within CLAIM_S, not reported yet
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The live inference workers that report their residency."""
+
+    workers: tuple[WorkerLoad, ...]
+    routed_waiting: int  # requests waiting in the lists of all live workers, reporting or not
+
+
+def served_base(record: ModelRecord) -> str:
+    """The base whose engine serves the model: a variant stored as a delta (or an adapter) is served over
+    its base; anything else as itself."""
+    if record.base_model and (record.delta is not None or record.type == "adapter"):
+        return record.base_model
+    return record.id
+
+
+def read_fleet(redis: Redis, worker_ids: list[str]) -> Fleet:
+    """One round trip: the residency reports, list lengths and claims of `worker_ids` (the live ones)."""
+    if not worker_ids:
+        return Fleet((), 0)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.mget([resident_key(w) for w in worker_ids])
+        for worker in worker_ids:
+            pipe.llen(worker_queue_key(worker))
+            pipe.hgetall(claims_key(worker))
+        reply = pipe.execute()
+    reports, lengths, claims = reply[0], reply[1::2], reply[2::2]
+    fresh = time.time() - CLAIM_S
+    workers = []
+    for worker, raw, waiting, claimed in zip(worker_ids, reports, lengths, claims, strict=True):
+        if raw is None:  # not (yet) reporting: not routed to (a worker writes its report as it starts)
+            continue
+        try:
+            bases = frozenset(json.loads(raw))
+        except (ValueError, TypeError):
+            continue
+        recent = frozenset(b.decode() for b, at in claimed.items() if float(at) >= fresh) - bases
+        workers.append(WorkerLoad(worker, bases, int(waiting), recent))
+    return Fleet(tuple(workers), sum(int(n) for n in lengths))
+
+
+def choose(base: str, fleet: Fleet) -> tuple[str | None, How]:
+    """(the worker to send a request for `base` to, None for the shared list; why it was chosen)."""
+    empty = [w for w in fleet.workers if not w.bases and not w.claimed]
+    for how, has in (("affinity", lambda w: base in w.bases), ("assigned", lambda w: base in w.claimed)):
+        candidates = [w for w in fleet.workers if has(w)]
+        if candidates:
+            best = min(candidates, key=lambda w: (w.waiting, w.id))
+            if best.waiting >= SPILL_WAITING and empty:
+                return min(empty, key=lambda w: (w.waiting, w.id)).id, "spilled"
+            return best.id, how  # type: ignore[return-value]
+    if not fleet.workers:
+        return None, "shared"
+    return min(fleet.workers, key=lambda w: (len(w.bases | w.claimed), w.waiting, w.id)).id, "new"
+
+
+def enqueue(redis: Redis, fleet: Fleet, base: str, payload: str) -> tuple[str, How]:
+    """Push a request for `base` (its JSON) to the list `choose` picks; (that list's key, why)."""
+    worker, how = choose(base, fleet)
+    queue = QUEUE_KEY if worker is None else worker_queue_key(worker)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.rpush(queue, payload)
+        if worker is not None:  # what a killed worker leaves goes away on its own
+            pipe.expire(queue, EVENTS_TTL_S)
+        if how in ("new", "assigned", "spilled"):
+            pipe.hset(claims_key(worker), base, time.time())
+            pipe.expire(claims_key(worker), int(CLAIM_S) * 2)
+        pipe.execute()
+    return queue, how
+
+
+def queued_worker(queue: str) -> str | None:
+    """The worker whose list `queue` is, None for the shared list."""
+    prefix = worker_queue_key("")
+    return queue[len(prefix) :] if queue.startswith(prefix) else None
