@@ -226,6 +226,9 @@ def test_a_lora_job_registers_the_merged_model_and_keeps_the_adapter(server, ft_
         assert view["result"]["truncated"] == len(PAIRS)  # every record is longer than 32 tokens
         record = c.get("/v1/models/ft-lora-out").json()["strata"]
     assert record["parents"] == [ft_base] and record["recipe"]["method"] == "lora"
+    # stored as its base + a compressed delta (served over the resident base), its weights kept beside it
+    assert record["base_model"] == ft_base and record["delta"]["max_relative_error"] <= 0.05
+    assert record["delta"]["bytes_vs_base"] < 0.5
     adapter = server.home / "models" / "ft-lora-out" / "lora_adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
     assert (adapter / "adapter_model.safetensors").is_file()

@@ -72,8 +72,30 @@ def test_a_variants_job_stores_deltas_and_variants_generate_their_own_tokens(ser
         assert completion.choices[0].text == merged
         mixed = {**recipe, "models": [*recipe["models"], {"model": "vl-1", "parameters": {"weight": 1}}]}
         assert c.post("/v1/generate", json={**body, "merge": mixed}).status_code == 200  # same base: fine
+        # ties and dare per request: computed once per recipe, the tokens of the merge job's model
+        for method, seed in (("ties", 0), ("dare_ties", 3)):
+            computed = {
+                "merge_method": method,
+                "base_model": "vbase",
+                "models": [
+                    {"model": "vv-1", "parameters": {"weight": 0.6, "density": 0.5}},
+                    {"model": "vv-2", "parameters": {"weight": 0.4, "density": 0.7}},
+                ],
+                "parameters": {"normalize": True},
+                "seed": seed,
+            }
+            r = c.post("/v1/merges", json={**computed, "name": f"vv-{method}", "delta_error_budget": 0.0})
+            assert server.wait_job(r.json()["id"])["status"] == "finished"
+            record = c.get(f"/v1/models/vv-{method}").json()["strata"]  # a merge naming its base: a delta
+            assert record["base_model"] == "vbase" and record["delta"]["max_relative_error"] == 0.0
+            merged = c.post("/v1/generate", json={**body, "model": f"vv-{method}"}).json()["text"]
+            for _ in range(2):  # the second from the worker's cache
+                r = c.post("/v1/generate", json={**body, "merge": computed})
+                assert r.status_code == 200, r.text
+                assert r.json()["text"] == merged, method
         for bad, message in [
-            ({**recipe, "merge_method": "ties", "base_model": "vbase"}, "needs a merge job"),
+            ({**recipe, "merge_method": "slerp", "base_model": "vbase"}, "needs a merge job"),
+            ({**recipe, "merge_method": "ties"}, "needs base_model"),
             (
                 {**recipe, "models": [*recipe["models"], {"model": "vv-mix", "parameters": {"weight": 1}}]},
                 "mixes",

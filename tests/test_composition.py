@@ -43,7 +43,7 @@ def test_task_arithmetic_scales_by_lambda_and_needs_the_base():
             ),
             "mixes",
         ),
-        (recipe("ties", base_model="base"), "needs a merge job"),
+        (recipe("slerp", base_model="base"), "needs a merge job"),
         (recipe(models=[{"model": "v1", "parameters": {"weight": 1}}] * (MAX_TERMS + 1)), "at most"),
         (recipe(parameters={"normalize": False}), "sum to 1"),
         (recipe(base_model="other"), "mixes"),

@@ -7,8 +7,10 @@ With theta_i = theta_base + D_i (D = 0 for the base itself) and weights w_i:
   (normalize: false is base + delta only when W = sum_i w_i = 1);
 - task_arithmetic:  theta_base + lambda sum_i w_i D_i  (normalize: divided by W as well).
 
-TIES and DARE are not linear in the deltas (sign election, random drops): a request naming them gets a
-CompositionError pointing to a merge job. Nothing here knows about HTTP, Redis or tensors.
+TIES and DARE (ties, dare_linear, dare_ties) are not linear in the deltas (sign election, random drops):
+they become a `Computed` recipe, the merge job's recipe over the same models (same parameters, same
+`seed`), which an inference worker computes once per recipe (workers.composition_merge) and caches by
+`Computed.key`. Nothing here knows about HTTP, Redis or tensors.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-COMPOSABLE = ("linear", "task_arithmetic")
+LINEAR = ("linear", "task_arithmetic")
+COMPUTED = ("ties", "dare_linear", "dare_ties")
+COMPOSABLE = LINEAR + COMPUTED
 MAX_TERMS = 8
+COMPUTED_MODEL_PARAMS = {"weight", "density"}
+COMPUTED_PARAMS = {"normalize", "lambda", "rescale"}
 
 
 class CompositionError(ValueError):
@@ -40,6 +46,39 @@ class Recipe(BaseModel):
     base_model: str | None = None
     models: list[Term] = Field(min_length=1)
     parameters: dict[str, float | bool] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0, lt=2**63, description="the merge job's seed (dare_*)")
+
+
+class Computed(BaseModel):
+    """A TIES or DARE merge of variants of one base, as the merge job's recipe over the same models:
+    served as base + (merged - base), computed once by the inference worker and cached by `key`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    merge_method: str
+    base_model: str
+    models: list[tuple[str, dict[str, float]]]
+    parameters: dict[str, float | bool]
+    seed: int
+
+    def key(self) -> str:
+        """The canonical recipe hash (the same recipe, however its JSON was ordered, the same key)."""
+        body = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return "merge:" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def config(self) -> dict:
+        """The recipe a merge job takes (POST /v1/merges) for the same merge."""
+        return {
+            "merge_method": self.merge_method,
+            "base_model": self.base_model,
+            "models": [{"model": m, "parameters": p} for m, p in self.models],
+            "parameters": self.parameters,
+            "seed": self.seed,
+        }
+
+    @property
+    def variants(self) -> list[str]:
+        """The merged models, in order (the base itself, listed or not, is not merged)."""
+        return [m for m, _ in self.models if m != self.base_model]
 
 
 def parse(recipe: Mapping) -> Recipe:
@@ -51,7 +90,7 @@ def parse(recipe: Mapping) -> Recipe:
         raise CompositionError(f"merge.{where}: {first['msg']}") from e
     if parsed.merge_method not in COMPOSABLE:
         raise CompositionError(
-            f"per-request merges support {' and '.join(COMPOSABLE)}; {parsed.merge_method!r} needs a "
+            f"per-request merges support {', '.join(COMPOSABLE)}; {parsed.merge_method!r} needs a "
             "merge job (POST /v1/merges)"
         )
     if len(parsed.models) > MAX_TERMS:
@@ -61,9 +100,10 @@ def parse(recipe: Mapping) -> Recipe:
     return parsed
 
 
-def terms(recipe: Recipe, bases: Mapping[str, str | None]) -> tuple[str, list[tuple[str, float]]]:
-    """(the base, [(variant, c_i)]) for a parsed recipe; `bases` maps each model it names to the base it
-    is stored as a delta of (None: a plain model, which is a base only of itself)."""
+def terms(recipe: Recipe, bases: Mapping[str, str | None]) -> tuple[str, list[tuple[str, float]] | Computed]:
+    """(the base, [(variant, c_i)]) for a parsed linear recipe, (the base, Computed) for TIES or DARE;
+    `bases` maps each model it names to the base it is stored as a delta of (None: a plain model, which
+    is a base only of itself)."""
     base_of: dict[str, str] = {}
     for term in recipe.models:
         base = bases.get(term.model)
@@ -76,8 +116,10 @@ def terms(recipe: Recipe, bases: Mapping[str, str | None]) -> tuple[str, list[tu
     base = found[0]
     if recipe.base_model is not None and recipe.base_model != base:
         raise CompositionError(f"base_model {recipe.base_model!r} is not the variants' base {base!r}")
-    if recipe.merge_method == "task_arithmetic" and recipe.base_model is None:
-        raise CompositionError("task_arithmetic needs base_model")
+    if recipe.merge_method != "linear" and recipe.base_model is None:
+        raise CompositionError(f"{recipe.merge_method} needs base_model")
+    if recipe.merge_method in COMPUTED:
+        return base, computed(recipe, base)
     weights = []
     for term in recipe.models:
         unknown = set(term.parameters) - {"weight"}
@@ -109,6 +151,36 @@ def terms(recipe: Recipe, bases: Mapping[str, str | None]) -> tuple[str, list[tu
         if term.model != base:
             out[term.model] = out.get(term.model, 0.0) + weight * scale
     return base, sorted(out.items())
+
+
+def computed(recipe: Recipe, base: str) -> Computed:
+    """The Computed form of a TIES or DARE recipe over `base`, its parameters checked as a merge job
+    checks them (workers.merge.config: bounds, required weights)."""
+    from workers.merge.config import MergeConfig  # the merge job's own validation
+
+    for term in recipe.models:
+        unknown = set(term.parameters) - COMPUTED_MODEL_PARAMS
+        if unknown:
+            raise CompositionError(
+                f"{term.model!r}: per-request {recipe.merge_method} does not take {sorted(unknown)}"
+            )
+    unknown = set(recipe.parameters) - COMPUTED_PARAMS
+    if unknown:
+        raise CompositionError(f"per-request {recipe.merge_method} does not take {sorted(unknown)}")
+    out = Computed(
+        merge_method=recipe.merge_method,
+        base_model=base,
+        models=[(t.model, dict(sorted(t.parameters.items()))) for t in recipe.models],
+        parameters=dict(sorted(recipe.parameters.items())),
+        seed=recipe.seed,
+    )
+    if not out.variants:
+        raise CompositionError("the merge names no model besides its base")
+    try:
+        MergeConfig.model_validate(out.config())
+    except ValidationError as e:
+        raise CompositionError(f"merge: {e.errors()[0]['msg']}") from e
+    return out
 
 
 def name(base: str, composition: list[tuple[str, float]]) -> str:

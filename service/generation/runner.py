@@ -219,9 +219,10 @@ class Generation:
 
     def composition(
         self, model: str | None, merge: dict | None
-    ) -> tuple[str, list[tuple[str, float]] | None]:
-        """(the model to run, the per-request merge's coefficients or None). With `merge`, the model is the
-        variants' common base (a `model` given too must be that base); 404/422 for what cannot be served."""
+    ) -> tuple[str, list[tuple[str, float]] | composition.Computed | None]:
+        """(the model to run, the per-request merge's coefficients, its recipe for TIES/DARE (computed by the
+        worker) or None). With `merge`, the model is the variants' common base (a `model` given too must be
+        that base); 404/422 for what cannot be served."""
         if merge is None:
             if model is None:
                 raise HTTPException(422, "give model (or merge)")
@@ -359,7 +360,7 @@ class Generation:
         depth: DepthOptions,
         speculative: SpeculativeOptions | None = None,
         streaming: StreamingOptions | None = None,
-        merge: list[tuple[str, float]] | None = None,
+        merge: list[tuple[str, float]] | composition.Computed | None = None,
     ) -> Prepared:
         """Check the request, plan its depth and queue it. `streaming`: whether the client reads the tokens
         as they come, and how far apart their chunks may be (if not streamed, the worker writes only a few

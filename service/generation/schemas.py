@@ -116,9 +116,11 @@ class StreamingOptions(BaseModel):
 class MergeOptions(BaseModel):
     merge: dict[str, Any] | None = Field(
         default=None,
-        description="A per-request merge of variants of one base, mergekit-shaped (merge_method linear or "
-        "task_arithmetic, base_model, models with parameters.weight): served as the base plus the weighted "
-        "sum of their deltas, nothing materialised",
+        description="A per-request merge of variants of one base, mergekit-shaped (merge_method linear, "
+        "task_arithmetic, ties, dare_linear or dare_ties; base_model; models with parameters weight and, "
+        "for ties/dare, density; seed for dare): linear ones served as the base plus the weighted sum of "
+        "their deltas, nothing materialised; ties/dare computed once per recipe (as a merge job with the "
+        "same recipe would) and cached",
     )
 
 

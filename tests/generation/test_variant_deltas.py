@@ -111,6 +111,9 @@ def test_low_rank_deltas_of_a_low_rank_fine_tune_give_its_tokens(tiny_model, tok
     want = EarlyExitEngine(variant, tokenizer, device="cpu").run([greedy(p, 4) for p in prompts[:3]])
     base = EarlyExitEngine(tiny_model, tokenizer, device="cpu").run([greedy(prompts[3], 4)])
     assert [f.token_ids for f in got] == [f.token_ids for f in want + base]
+    # every row the one variant: its factors once (2-D products), the same tokens
+    alone = engine.run([greedy(p, 4, "lr") for p in prompts[:3]])
+    assert [f.token_ids for f in alone] == [f.token_ids for f in want]
 
 
 def test_sparse_and_int8_deltas_apply_their_products():

@@ -308,8 +308,8 @@ class CompactLlama:
         key: tuple[int, str] = (-1, "final"),
     ) -> torch.Tensor:
         rows = deltas.norm_weight(key, weight) if deltas is not None else None
-        if rows is None:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        if rows is None or rows.dim() == 1:  # the base's weights, or every row's variant's own
+            return F.rms_norm(x, (x.shape[-1],), weight if rows is None else rows, self.eps)
         return F.rms_norm(x, (x.shape[-1],), None, self.eps) * (rows if x.dim() == 3 else rows[:, 0])
 
     def _linear(

@@ -170,7 +170,10 @@ class VariantDelta:
 
 
 class RowDeltas:
-    """The variants of a batch's rows: `variants[r]` is row r's variant (None: the base)."""
+    """The variants of a batch's rows: `variants[r]` is row r's variant (None: the base).
+
+    Built once per batch (when its rows change), not per step: the groups of rows by variant, and per
+    layer, on first use, the factors every decode step of the batch multiplies by."""
 
     def __init__(self, variants: list[VariantDelta | None], device: torch.device) -> None:
         self.variants = variants
@@ -183,12 +186,16 @@ class RowDeltas:
             (variant, None if len(index) == rows else torch.tensor(index, device=device))
             for variant, index in members.values()
         ]
+        # every row one variant: its factors once (2-D products), not a copy per row
+        self.only = self.groups[0][0] if len(self.groups) == 1 and self.groups[0][1] is None else None
         self._norms: dict[tuple[int, str], torch.Tensor | None] = {}
         self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def _stack(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-row factors (rows, in, R), (rows, R, out_total) of the layer's combined low-rank deltas, or
-        None where some variant's delta there is not low rank (or has a bias)."""
+        """The layer's combined low-rank factors in float32, or None where some variant's delta there is
+        not low rank (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R));
+        else per-row (rows, in, R), (rows, R, out_total) (zeros for the base's rows, ranks padded with
+        zeros to the largest)."""
         combined = {}
         for variant, _ in self.groups:
             if variant.linears.get(key):
@@ -198,18 +205,17 @@ class RowDeltas:
                 combined[id(variant)] = factors
         if not combined:
             return None
-        a_any = next(iter(combined.values()))[0]
+        if self.only is not None:
+            return combined[id(self.only)]
         rank = max(a.shape[0] for a, _ in combined.values())
-        rows = len(self.variants)
-        a_rows = torch.zeros(rows, a_any.shape[1], rank, device=a_any.device)
-        b_rows = torch.zeros(rows, rank, out_total, device=a_any.device)
-        for row, variant in enumerate(self.variants):
-            factors = combined.get(id(variant)) if variant is not None else None
-            if factors is not None:
-                a, b = factors
-                a_rows[row, :, : a.shape[0]] = a.T
-                b_rows[row, : a.shape[0]] = b.T
-        return a_rows, b_rows
+        padded = {
+            k: (F.pad(a, (0, 0, 0, rank - a.shape[0])).T, F.pad(b, (0, rank - b.shape[1])).T)
+            for k, (a, b) in combined.items()
+        }
+        a_any, b_any = next(iter(padded.values()))
+        zeros = (torch.zeros_like(a_any), torch.zeros_like(b_any))
+        chosen = [padded.get(id(v), zeros) if v is not None else zeros for v in self.variants]
+        return torch.stack([a for a, _ in chosen]), torch.stack([b for _, b in chosen])
 
     @staticmethod
     def of(variants: list[VariantDelta | None], device: torch.device) -> RowDeltas | None:
@@ -219,17 +225,21 @@ class RowDeltas:
     def linear(self, y: torch.Tensor, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
         """y (the base's output for x) plus each variant's delta on its rows, in place.
 
-        Where every variant's delta on this layer is low rank, all rows go through one grouped product:
-        Y += (X A_rows) B_rows with per-row factors stacked (zeros for the base's rows), two batched matmuls
-        in float32 whatever the number of variants; otherwise each variant's rows are gathered in turn."""
+        Where every variant's delta on this layer is low rank, all rows go through one grouped product in
+        float32 whatever the number of variants: Y += (X A^T) B^T with one variant's factors when every
+        row is that variant, else Y += (X A_rows) B_rows with per-row factors stacked (zeros for the
+        base's rows), two batched matmuls; otherwise each variant's rows are gathered in turn."""
         if key not in self._stacks:
             self._stacks[key] = self._stack(key, y.shape[-1])
         stack = self._stacks[key]
         if stack is not None:
-            a_rows, b_rows = stack
-            flat = x if x.dim() == 3 else x[:, None]
-            add = torch.bmm(torch.bmm(flat.float(), a_rows), b_rows)
-            y += (add if x.dim() == 3 else add[:, 0]).to(y.dtype)
+            a, b = stack
+            if self.only is not None:
+                y += F.linear(F.linear(x.float(), a), b)
+            elif x.dim() == 3:
+                y += torch.bmm(torch.bmm(x.float(), a), b)
+            else:
+                y += torch.bmm(torch.bmm(x.float()[:, None], a), b)[:, 0]
             return y
         for variant, index in self.groups:
             parts = variant.linears.get(key)
@@ -259,10 +269,14 @@ class RowDeltas:
         return hidden
 
     def norm_weight(self, key: tuple[int, str], base: torch.Tensor) -> torch.Tensor | None:
-        """Per-row norm weights (B, 1, H) where some row's variant has its own, else None (the base's)."""
+        """Per-row norm weights (B, 1, H) where some row's variant has its own, else None (the base's);
+        with one variant for every row, its own weights (H) themselves."""
         if key not in self._norms:
             own = [v.norms.get(key) if v is not None else None for v in self.variants]
-            if all(w is None for w in own):
+            if self.only is not None:
+                weight = self.only.norms.get(key)
+                self._norms[key] = None if weight is None else weight.to(base.dtype)
+            elif all(w is None for w in own):
                 self._norms[key] = None
             else:
                 stacked = torch.stack([base if w is None else w.to(base.dtype) for w in own])

@@ -21,6 +21,7 @@ import time
 
 from pydantic import BaseModel, Field
 
+from workers.composition import Computed
 from workers.generation.engine import GenerationRequest
 
 QUEUE_KEY = "strata:infer:queue"
@@ -47,8 +48,9 @@ class InferenceJob(BaseModel):
     model: str
     request: GenerationRequest
     speculative: Speculation | None = None
-    # a per-request merge: base (`model`) + sum_i c_i D_i of these variants of it (workers.composition)
-    merge: list[tuple[str, float]] | None = None
+    # a per-request merge: base (`model`) + sum_i c_i D_i of these variants of it, or a TIES/DARE recipe
+    # over them (workers.composition)
+    merge: list[tuple[str, float]] | Computed | None = None
     enqueued_at: float = Field(default_factory=time.time)
     predicted_ms: float | None = None
     stream: bool = True  # the client reads tokens as they come (else only the finish matters to it)

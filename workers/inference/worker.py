@@ -20,7 +20,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.composition import Computed
 from workers.composition import name as composition_name
+from workers.composition_merge import computed_variant
 from workers.device import default_device
 from workers.early_exit.adapters import FILENAME as ADAPTERS_FILE
 from workers.early_exit.adapters import load_adapters
@@ -126,6 +128,7 @@ class InferenceWorker:
         max_models: int = 2,
         precision: str = "auto",
         variant_memory_bytes: int = 2 << 30,
+        max_computed: int = 2,
     ):
         self.redis = redis
         self.precision = precision
@@ -135,6 +138,9 @@ class InferenceWorker:
         self.variant_memory_bytes = variant_memory_bytes  # deltas of variants kept loaded, all bases together
         self.variant_lru: OrderedDict[str, tuple[str, int]] = OrderedDict()  # variant -> (its base, bytes)
         self.compositions: dict[str, tuple[str, set[str]]] = {}  # per-request merges: key -> (base, variants)
+        # per-request TIES/DARE merges (dense deltas, a model's size each): at most this many, by recipe
+        self.max_computed = max_computed
+        self.computed_lru: OrderedDict[str, str] = OrderedDict()  # recipe key -> its base
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.queue = worker_queue_key(self.id)  # the requests the API routes here (taken before QUEUE_KEY's)
         self.loads: Counter[str] = Counter()  # times each base was loaded: reported, so thrash is visible
@@ -211,9 +217,13 @@ class InferenceWorker:
                         self.engines[victim_base].remove_variant(key)
                         del self.compositions[key]
 
-    def hold_composition(self, base: str, composition: list[tuple[str, float]], pinned: set[str]) -> str:
+    def hold_composition(
+        self, base: str, composition: list[tuple[str, float]] | Computed, pinned: set[str]
+    ) -> str:
         """The name of base + sum_i c_i D_i in the base's engine, composed from the variants' deltas once
-        and kept (by its recipe) until one of them is dropped."""
+        and kept (by its recipe) until one of them is dropped; a TIES/DARE merge: `hold_computed`."""
+        if isinstance(composition, Computed):
+            return self.hold_computed(base, composition, pinned)
         key = composition_name(base, composition)
         engine = self.engine(base)
         if key not in engine.variants:
@@ -224,6 +234,31 @@ class InferenceWorker:
             parts = [(engine.variants[variant], c) for variant, c in composition]
             engine.add_variant(compose(key, engine.compact, parts))
             self.compositions[key] = (base, {variant for variant, _ in composition})
+        return key
+
+    def hold_computed(self, base: str, recipe: Computed, pinned: set[str]) -> str:
+        """The name of base + (merged - base) for a TIES/DARE recipe (workers.composition_merge), computed
+        from the models' files once and kept by the recipe's hash; beyond `max_computed` the least recently
+        used (not in `pinned`) is dropped."""
+        key = recipe.key()
+        engine = self.engine(base)
+        if key in engine.variants and key in self.computed_lru:
+            self.computed_lru.move_to_end(key)
+            return key
+        dirs = {}
+        for variant in recipe.variants:
+            if self.route(variant) != (base, variant):
+                raise ValueError(f"{variant!r} is not stored as a delta of {base!r}")
+            dirs[variant] = self.models_dir / variant
+        engine.add_variant(computed_variant(recipe, self.models_dir / base, dirs, engine.compact, key))
+        self.computed_lru[key] = base
+        while len(self.computed_lru) > self.max_computed:
+            victim = next((k for k in self.computed_lru if k not in pinned and k != key), None)
+            if victim is None:
+                break
+            victim_base = self.computed_lru.pop(victim)
+            if victim_base in self.engines:
+                self.engines[victim_base].remove_variant(victim)
         return key
 
     def resident(self) -> dict[str, dict]:
@@ -381,7 +416,12 @@ class InferenceWorker:
 
     def _variant_requests(self, engine_id: str, jobs: list[InferenceJob]) -> list[InferenceJob]:
         """The group's jobs with each variant's delta loaded and its requests naming it."""
-        pinned = {job.model for job in jobs} | {v for job in jobs for v, _ in job.merge or []}
+        pinned = {job.model for job in jobs}
+        for job in jobs:
+            if isinstance(job.merge, Computed):
+                pinned |= {job.merge.key(), *job.merge.variants}
+            elif job.merge:
+                pinned |= {v for v, _ in job.merge}
         out = []
         for job in jobs:
             if job.merge:

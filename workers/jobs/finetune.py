@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.jobs.as_delta import DEFAULT_BUDGET, delta_base_dir, describe_with_delta, store_as_delta
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.publish import publish_model
@@ -67,6 +68,9 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
     validation = training_data(spec, files, s.import_roots, prefix="validation")
     config = FinetuneConfig.model_validate({k: spec[k] for k in FinetuneConfig.model_fields if k in spec})
     report: dict[str, Any] = {}
+    # stored as the base + a compressed delta (served over it), as the variants job stores its variants
+    budget = spec.get("delta_error_budget", DEFAULT_BUDGET)
+    base_dir = delta_base_dir(ctx, spec["model"], budget)
 
     def progress(info: StepInfo) -> None:
         shown = f"Step {info.step}/{info.total}: training loss={info.loss:.4f}"
@@ -96,12 +100,16 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
             cut = f"{trained.truncated} records were longer than {config.max_length} tokens and were cut"
             _event(ctx, cut, level="warn")
         ctx.note("saving the fine-tuned model")
+        if base_dir is not None and budget is not None:
+            store_as_delta(ctx, spec["model"], base_dir, out_dir, budget)
 
     recipe = {k: v for k, v in spec.items() if k not in ("examples", "name")}
     recipe["data"] = data
     if validation:
         recipe["validation_data"] = validation[1]
-    record = publish_model(ctx, spec["name"], build, parents=[spec["model"]], recipe=recipe)
+    record = publish_model(
+        ctx, spec["name"], build, parents=[spec["model"]], recipe=recipe, describe_with=describe_with_delta
+    )
     _event(ctx, f"New fine-tuned model created: {record.id}")
     out = {"model": record.id, **report}
     if config.method == "lora":

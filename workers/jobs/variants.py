@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.jobs.as_delta import describe_with_delta
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
-from workers.store.model_store import describe
 from workers.store.references import is_registry_id, resolve_model
 from workers.variants import make_variant
-from workers.variants_delta import compress_variant, describe_delta
-
-
-def describe_variant(path) -> dict[str, Any]:
-    return {**describe(path), **describe_delta(path)}
+from workers.variants_delta import compress_variant
 
 
 def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +41,7 @@ def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
                 compress_variant(source, out_dir, out_dir, base_id=spec["base"], error_budget=budget)
 
         publish_model(
-            ctx, model_id, build, parents=[spec["base"]], recipe=spec, describe_with=describe_variant
+            ctx, model_id, build, parents=[spec["base"]], recipe=spec, describe_with=describe_with_delta
         )
         created.append(model_id)
     return {"models": created}

@@ -242,6 +242,15 @@ class MergeConfig(BaseModel):
     )
     name: str | None = Field(default=None, description="Id of the output model (default: derived)")
     seed: int = Field(default=0, ge=-(2**63), lt=2**64, description="Seed for the random methods (dare_*)")
+    delta_error_budget: float | None = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="With a registered base_model: the merge is stored as that base + a delta compressed "
+        "per tensor within this relative error (served over the resident base, as the variants job's "
+        "variants); null: a plain model",
+    )
     tie_break: Literal["mergekit", "first"] = Field(
         default="mergekit",
         description="ties trim, among entries equal to the k-th largest |delta|: the ones mergekit 0.1.5 "
