@@ -580,13 +580,13 @@ def quality_points(
         )
 
 
-def big_rows(measured: Measured, llama_python: Path, llama: LlamaCpp, work: Path, args) -> None:
+def big_rows(measured: Measured, llama_python: Path | None, llama: LlamaCpp | None, work: Path, args) -> None:
     """The TinyLlama-1.1B shape: each engine and precision decoding in a process of its own, in rotating
-    order over `--rounds-1b` rounds."""
+    order over `--rounds-1b` rounds (Strata alone without llama.cpp)."""
     model_dir = dp.random_1b(work)
-    strata_precisions = [p for p in dp.PARITY if p in args.precisions]
-    kinds = tuple(kind for p in strata_precisions for kind in dp.PARITY[p])
-    ggufs = dp.gguf_1b(llama, model_dir, work, kinds)
+    strata_precisions = [p for p in dp.PARITY if p in (args.precisions_1b or args.precisions)]
+    kinds = tuple(kind for p in strata_precisions for kind in dp.PARITY[p]) if llama is not None else ()
+    ggufs = dp.gguf_1b(llama, model_dir, work, kinds) if llama is not None else {}
     generator = torch.Generator().manual_seed(2)
     prompt = torch.randint(
         3, dp.TINYLLAMA_1B["vocab_size"], (args.prompt_tokens_1b,), generator=generator
@@ -713,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser.add_argument("--fit-tokens", type=int, default=32768, help="exit adapters' fitting tokens")
     parser.add_argument("--no-1b", action="store_true", help="skip the TinyLlama-1.1B-shaped rows")
     parser.add_argument("--rounds-1b", type=int, default=2)
+    parser.add_argument(
+        "--precisions-1b", nargs="+", choices=list(dp.PARITY), help="Strata precisions at 1.1B (default all)"
+    )
     parser.add_argument("--new-tokens-1b", type=int, default=32)
     parser.add_argument("--prompt-tokens-1b", type=int, default=128)
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "decode_frontier.png")
@@ -799,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             print("quality done", flush=True)
             if not args.quick:
                 rss_rows(measured, model_dir, prompt, llama_python, ggufs, work, args)
-                if llama is not None and not args.no_1b:
+                if not args.no_1b:
                     big_rows(measured, llama_python, llama, work, args)
         finally:
             if llama is not None:
