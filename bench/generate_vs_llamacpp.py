@@ -149,6 +149,15 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
     return python
 
 
+GGUF_PIN = "gguf==0.19.0"  # llama.cpp's own GGUF writer, for the 1.1B model's conversion
+
+
+def ensure_gguf(python: Path) -> None:
+    """The `gguf` package in llama.cpp's venv (installed once, apart from the build's pins)."""
+    if subprocess.run([str(python), "-c", "import gguf"], capture_output=True).returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", GGUF_PIN], check=True)
+
+
 class LlamaCpp:
     """The driver process in llama.cpp's venv."""
 
@@ -586,7 +595,10 @@ def big_rows(measured: Measured, llama_python: Path | None, llama: LlamaCpp | No
     model_dir = dp.random_1b(work)
     strata_precisions = [p for p in dp.PARITY if p in (args.precisions_1b or args.precisions)]
     kinds = tuple(kind for p in strata_precisions for kind in dp.PARITY[p]) if llama is not None else ()
-    ggufs = dp.gguf_1b(llama, model_dir, work, kinds) if llama is not None else {}
+    ggufs = {}
+    if llama is not None and llama_python is not None:
+        ensure_gguf(llama_python)
+        ggufs = dp.gguf_1b(llama, model_dir, work, kinds)
     generator = torch.Generator().manual_seed(2)
     prompt = torch.randint(
         3, dp.TINYLLAMA_1B["vocab_size"], (args.prompt_tokens_1b,), generator=generator
