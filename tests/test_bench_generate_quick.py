@@ -12,9 +12,13 @@ SUMMARY = re.compile(
     rf"^decode: full_vs_llamacpp_q8={NUMBER} exit60_vs_llamacpp_q8={NUMBER} "
     rf"depth_efficiency_min={NUMBER} exact_fp32=(true|false)$"
 )
+PARITY = re.compile(
+    rf"^decode_parity: int8_vs_q8_0={NUMBER} int4_vs_q4_0={NUMBER} int8_vs_q8_0_1b={NUMBER} "
+    rf"int4_vs_q4_0_1b={NUMBER} frontier_wins=(n/a|[0-5]/5)$"
+)
 
 
-def test_quick_generation_bench_is_exact_and_prints_the_summary_line():
+def test_quick_generation_bench_is_exact_and_prints_both_summary_lines():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "generate_vs_llamacpp.py"), "--quick", "--threads", "1"],
         cwd=ROOT,
@@ -23,9 +27,15 @@ def test_quick_generation_bench_is_exact_and_prints_the_summary_line():
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    match = SUMMARY.match(result.stdout.strip().splitlines()[-1])
+    *_, decode_line, parity_line = result.stdout.strip().splitlines()
+    match = SUMMARY.match(decode_line)
     assert match, result.stdout[-500:]
     assert match.group(4) == "true"  # float32 greedy equals HF generate and the uncached reference
+    parity = PARITY.match(parity_line)
+    assert parity, result.stdout[-500:]
+    assert parity.group(5) == "n/a"  # no llama.cpp in quick mode: no frontier comparison is claimed
+    assert "| strata | int8 | 2 |" in result.stdout  # the batched row
+    assert "| float32 d4 |" in result.stdout and "Pareto front" in result.stdout  # the quality points
     assert float(match.group(3)) > 0
     for precision in ("float32", "bfloat16", "int8"):
         assert f"| strata | {precision} | 4 |" in result.stdout
