@@ -60,6 +60,10 @@ QUICK_METHODS = ("linear", "ties", "dare_ties")
 DENSITIES = (0.3, 0.7)
 WEIGHTS = (0.6,)
 DROPS = (0.5, 0.9, 0.99)
+# Fine-tuning steps (batches of 8) a specialist: about the fewest after which its own held-out score has
+# clearly left the base's (docs/merge-quality.md); arithmetic needs the most.
+STEPS = {"arithmetic": 40, "topic": 10, "extract": 14}
+HELD_OUT = 30  # held-out records a task scored by default (of tasks.HELD_OUT)
 
 
 def variants(method: str, sweep: bool) -> list[tuple[str, dict[str, float]]]:
@@ -99,18 +103,57 @@ def load(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def score_all(path: Path, tokenizer, limit: int) -> dict[str, float]:
-    model = load(path)
-    return {t: round(tasks.evaluate(model, tokenizer, t, limit=limit), 4) for t in tasks.TASKS}
+class Stages:
+    """Wall and CPU seconds per stage (CPU seconds of this process: the load-independent part)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    def add(self, stage: str, wall: float, cpu: float) -> None:
+        total = self.seconds.setdefault(stage, [0.0, 0.0, 0])
+        total[0], total[1], total[2] = total[0] + wall, total[1] + cpu, total[2] + 1
+
+    def timed(self, stage: str, work):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = work()
+        self.add(stage, time.perf_counter() - wall, time.process_time() - cpu)
+        return out
 
 
-def specialise(base: Path, work: Path, tokenizer, config: FinetuneConfig) -> dict[str, Path]:
+def score_all(path: Path, tokenizer, limit: int, stages: Stages, cache: Path) -> dict[str, float]:
+    """Scores on every task's first `limit` held-out records, kept in `cache` for a rerun."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+
+    def run() -> dict[str, float]:
+        scores = tasks.evaluate_tasks(load(path), tokenizer, tasks.TASKS, limit=limit)
+        return {t: round(s, 4) for t, s in scores.items()}
+
+    scores = stages.timed("score", run)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(scores))
+    return scores
+
+
+def specialise(
+    base: Path, work: Path, tokenizer, configs: dict[str, FinetuneConfig], stages: Stages
+) -> dict[str, Path]:
     out = {}
     for task in tasks.TASKS:
         path = work / f"specialist-{task}"
         if not (path / "finetune.json").exists():
-            start = time.perf_counter()
-            report = finetune_model(load(base), tokenizer, path, tasks.load(task, "train"), config)
+            start, cpu = time.perf_counter(), time.process_time()
+            report = finetune_model(
+                load(base),
+                tokenizer,
+                path,
+                tasks.load(task, "train"),
+                configs[task],
+                progress=lambda step, task=task: print(
+                    f"#   {task} step {step.step}/{step.total}: loss {step.loss:.3f}", flush=True
+                ),
+            )
+            stages.add("fine-tune", time.perf_counter() - start, time.process_time() - cpu)
             print(
                 f"# specialist {task}: {report.steps} steps, loss {report.first_loss:.3f} -> "
                 f"{report.final_loss:.3f}, {time.perf_counter() - start:.0f} s",
@@ -120,11 +163,11 @@ def specialise(base: Path, work: Path, tokenizer, config: FinetuneConfig) -> dic
     return out
 
 
-def merge(recipe: dict, paths: dict[str, Path], out: Path) -> Path:
+def merge(recipe: dict, paths: dict[str, Path], out: Path, stages: Stages) -> Path:
     if not out.exists():  # built beside, renamed when complete: a rerun reuses only finished merges
         partial = out.with_name(out.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
-        merge_models(MergeConfig.model_validate(recipe), paths, partial)
+        stages.timed("merge", lambda: merge_models(MergeConfig.model_validate(recipe), paths, partial))
         partial.rename(out)
     return out
 
@@ -136,50 +179,44 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="reuses what a previous run left there")
     parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps a specialist (default 60)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="fine-tuning steps of every specialist (default: STEPS)"
+    )
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="held-out records a task (default all 60)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help=f"held-out records a task (default {HELD_OUT})"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="merge-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    steps = args.steps or (2 if args.quick else 60)
-    limit = args.limit or (2 if args.quick else None)
+    steps = {t: args.steps or (2 if args.quick else STEPS[t]) for t in tasks.TASKS}
+    limit = args.limit or (2 if args.quick else HELD_OUT)
     start = time.perf_counter()
     base = args.model_dir or (tiny_model(work) if args.quick else default_model(work))
     tokenizer = AutoTokenizer.from_pretrained(base)
     load_before = os.getloadavg()[0]
-    config = FinetuneConfig(
-        steps=steps, lr=args.lr, batch_size=args.batch_size, warmup_steps=min(5, steps // 10)
-    )
-    specialists = specialise(base, work, tokenizer, config)
+    configs = {
+        t: FinetuneConfig(steps=n, lr=args.lr, batch_size=args.batch_size, warmup_steps=min(5, n // 10))
+        for t, n in steps.items()
+    }
+    stages = Stages()
+    specialists = specialise(base, work, tokenizer, configs, stages)
     paths = {"base": base, **specialists}
 
-    rows: list[dict] = [{"model": "base", "kind": "base", "scores": score_all(base, tokenizer, limit)}]
-    for task, path in specialists.items():
-        rows.append(
-            {"model": f"specialist {task}", "kind": "specialist", "scores": score_all(path, tokenizer, limit)}
-        )
+    def scored(label: str, kind: str, path: Path) -> dict:
+        cache = work / "scores" / f"{label.replace(' ', '_').replace('=', '-')}.{limit}.json"
+        row = {"model": label, "kind": kind, "scores": score_all(path, tokenizer, limit, stages, cache)}
+        print(f"# {label}: {row['scores']} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return row
+
+    rows: list[dict] = [scored("base", "base", base)]
+    rows += [scored(f"specialist {task}", "specialist", path) for task, path in specialists.items()]
     own = {task: rows[1 + i]["scores"][task] for i, task in enumerate(specialists)}
 
-    for method in MERGE_METHODS:
-        if args.quick and method not in QUICK_METHODS:
-            continue
-        for label, params in variants(method, sweep=not args.quick):
-            recipe = {
-                "merge_method": method,
-                "models": [{"model": t, "parameters": params} for t in specialists],
-                "dtype": "float32",
-                "seed": 0,
-            }
-            if METHODS[method].uses_base:
-                recipe["base_model"] = "base"
-            out = merge(recipe, paths, work / "merges" / label.replace(" ", "_").replace("=", "-"))
-            rows.append({"model": label, "kind": "merge", "scores": score_all(out, tokenizer, limit)})
-            print(f"# {label}: {rows[-1]['scores']}", flush=True)
-
     dare_task = tasks.TASKS[0]
+    dare_rows: list[dict] = []
     for drop in DROPS if not args.quick else (0.9,):
         for rescale in (True, False):
             label = f"DARE {dare_task} drop={drop:g} rescale={'yes' if rescale else 'no'}"
@@ -193,8 +230,28 @@ def main() -> None:
                 "dtype": "float32",
                 "seed": 0,
             }
-            out = merge(recipe, paths, work / "dare" / label.replace(" ", "_").replace("=", "-"))
-            rows.append({"model": label, "kind": "dare", "scores": score_all(out, tokenizer, limit)})
+            out = merge(recipe, paths, work / "dare" / label.replace(" ", "_").replace("=", "-"), stages)
+            dare_rows.append(scored(label, "dare", out))
+
+    # every method at its defaults first, then the sweep: an interrupted run has the headline rows
+    methods = [m for m in MERGE_METHODS if not args.quick or m in QUICK_METHODS]
+    todo = [(m, *v) for m in methods for v in variants(m, sweep=False)]
+    if not args.quick:
+        todo += [(m, *v) for m in methods for v in variants(m, sweep=True)[1:]]
+    merged: dict[str, dict] = {}
+    for method, label, params in todo:
+        recipe = {
+            "merge_method": method,
+            "models": [{"model": t, "parameters": params} for t in specialists],
+            "dtype": "float32",
+            "seed": 0,
+        }
+        if METHODS[method].uses_base:
+            recipe["base_model"] = "base"
+        out = merge(recipe, paths, work / "merges" / label.replace(" ", "_").replace("=", "-"), stages)
+        merged[label] = scored(label, "merge", out)
+    rows += [merged[label] for m in methods for label, _ in variants(m, sweep=not args.quick)]
+    rows += dare_rows
 
     def retained(scores: dict[str, float], over: list[str]) -> float:
         ratios = [scores[t] / own[t] if own[t] > 0 else float("nan") for t in over]
@@ -210,9 +267,12 @@ def main() -> None:
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"load average at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}; "
-        f"{steps} steps a specialist (batch {args.batch_size}, lr {args.lr:g}); "
-        f"{limit or tasks.HELD_OUT} held-out records a task\n"
+        f"fine-tuning steps {steps} (batch {args.batch_size}, lr {args.lr:g}); "
+        f"{limit} held-out records a task"
     )
+    for stage, (wall, cpu, count) in stages.seconds.items():
+        print(f"stage {stage}: {count} x, {wall:.0f} s wall, {cpu:.0f} s CPU")
+    print()
     print("| model | " + " | ".join(tasks.TASKS) + " | mean | retained |")
     print("|---|" + "---|" * (len(tasks.TASKS) + 2))
     for row in rows:
@@ -228,7 +288,9 @@ def main() -> None:
     own_mean = sum(own.values()) / len(own)
     seconds = time.perf_counter() - start
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "own": own, "seconds": seconds}, indent=2))
+        args.json.write_text(
+            json.dumps({"rows": rows, "own": own, "seconds": seconds, "stages": stages.seconds}, indent=2)
+        )
     print(
         f"merge_quality: best_method={best['model'].replace(' ', ':')} retained_min={best['retained']:.3f} "
         f"base_mean={base_mean:.3f} specialist_own_mean={own_mean:.3f} "
