@@ -62,7 +62,7 @@ WEIGHTS = (0.6,)
 DROPS = (0.5, 0.9, 0.99)
 # Fine-tuning steps (batches of 8) a specialist: about the fewest after which its own held-out score has
 # clearly left the base's (docs/merge-quality.md); arithmetic needs the most.
-STEPS = {"arithmetic": 40, "topic": 10, "extract": 14}
+STEPS = {"arithmetic": 16, "topic": 6, "extract": 10}
 HELD_OUT = 30  # held-out records a task scored by default (of tasks.HELD_OUT)
 
 
@@ -163,6 +163,46 @@ def specialise(
     return out
 
 
+def slug(label: str) -> str:
+    return label.replace(" ", "_").replace("=", "-")
+
+
+def merge_jobs(specialists: dict[str, Path], quick: bool) -> list[tuple[str, str, dict, str]]:
+    """(label, kind, recipe, folder) of every model to merge, the headline rows first (so an interrupted
+    run has them): DARE on one specialist (90% first), every method at its defaults, then the sweep."""
+    jobs = []
+    dare_task = tasks.TASKS[0]
+    for drop in sorted(DROPS, key=lambda d: d != 0.9) if not quick else (0.9,):
+        for rescale in (True, False):
+            label = f"DARE {dare_task} drop={drop:g} rescale={'yes' if rescale else 'no'}"
+            recipe = {
+                "merge_method": "dare_linear",
+                "base_model": "base",
+                "models": [
+                    {"model": dare_task, "parameters": {"weight": 1.0, "density": round(1 - drop, 4)}}
+                ],
+                "parameters": {"rescale": rescale},
+                "dtype": "float32",
+                "seed": 0,
+            }
+            jobs.append((label, "dare", recipe, "dare"))
+    methods = [m for m in MERGE_METHODS if not quick or m in QUICK_METHODS]
+    todo = [(m, *v) for m in methods for v in variants(m, sweep=False)]
+    if not quick:
+        todo += [(m, *v) for m in methods for v in variants(m, sweep=True)[1:]]
+    for method, label, params in todo:
+        recipe = {
+            "merge_method": method,
+            "models": [{"model": t, "parameters": params} for t in specialists],
+            "dtype": "float32",
+            "seed": 0,
+        }
+        if METHODS[method].uses_base:
+            recipe["base_model"] = "base"
+        jobs.append((label, "merge", recipe, "merges"))
+    return jobs
+
+
 def merge(recipe: dict, paths: dict[str, Path], out: Path, stages: Stages) -> Path:
     if not out.exists():  # built beside, renamed when complete: a rerun reuses only finished merges
         partial = out.with_name(out.name + ".partial")
@@ -188,7 +228,20 @@ def main() -> None:
         "--limit", type=int, default=None, help=f"held-out records a task (default {HELD_OUT})"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--shard",
+        type=lambda v: tuple(int(x) for x in v.split("/")),
+        default=None,
+        metavar="K/N",
+        help="only merge and score jobs K, K+N, ... into --work (needs the specialists; no table)",
+    )
+    parser.add_argument(
+        "--cached-only", action="store_true", help="the table of what --work already holds, nothing new"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="merge-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     steps = {t: args.steps or (2 if args.quick else STEPS[t]) for t in tasks.TASKS}
@@ -202,56 +255,46 @@ def main() -> None:
         for t, n in steps.items()
     }
     stages = Stages()
-    specialists = specialise(base, work, tokenizer, configs, stages)
+    if args.shard is not None or args.cached_only:
+        specialists = {t: work / f"specialist-{t}" for t in tasks.TASKS}
+        if not all((path / "finetune.json").exists() for path in specialists.values()):
+            raise SystemExit("--shard and --cached-only need the specialists: run without them first")
+    else:
+        specialists = specialise(base, work, tokenizer, configs, stages)
     paths = {"base": base, **specialists}
 
-    def scored(label: str, kind: str, path: Path) -> dict:
-        cache = work / "scores" / f"{label.replace(' ', '_').replace('=', '-')}.{limit}.json"
+    def scored(label: str, kind: str, path: Path) -> dict | None:
+        cache = work / "scores" / f"{slug(label)}.{limit}.json"
+        if args.cached_only and not cache.exists():
+            return None
         row = {"model": label, "kind": kind, "scores": score_all(path, tokenizer, limit, stages, cache)}
         print(f"# {label}: {row['scores']} ({time.perf_counter() - start:.0f} s)", flush=True)
         return row
 
-    rows: list[dict] = [scored("base", "base", base)]
-    rows += [scored(f"specialist {task}", "specialist", path) for task, path in specialists.items()]
-    own = {task: rows[1 + i]["scores"][task] for i, task in enumerate(specialists)}
-
+    jobs = merge_jobs(specialists, args.quick)
+    if args.shard is not None:  # this process's share of the merges; the table comes from a later run
+        index, count = args.shard
+        for i, (label, kind, recipe, folder) in enumerate(jobs):
+            if i % count == index:
+                scored(label, kind, merge(recipe, paths, work / folder / slug(label), stages))
+        return
+    found: dict[str, dict | None] = {}
+    found["base"] = scored("base", "base", base)
+    for task, path in specialists.items():
+        found[f"specialist {task}"] = scored(f"specialist {task}", "specialist", path)
+    if any(row is None for row in found.values()):
+        raise SystemExit("--cached-only: the base and the specialists are not scored yet")
+    own = {task: found[f"specialist {task}"]["scores"][task] for task in specialists}
+    for label, kind, recipe, folder in jobs:
+        out = work / folder / slug(label)
+        if args.cached_only and not out.exists():
+            continue
+        found[label] = scored(label, kind, merge(recipe, paths, out, stages))
+    shown = ["base", *(f"specialist {t}" for t in specialists)]
+    shown += [label for m in MERGE_METHODS for label, _ in variants(m, sweep=not args.quick)]
+    shown += [label for label, kind, _, _ in jobs if kind == "dare"]
+    rows = [found[label] for label in shown if found.get(label) is not None]
     dare_task = tasks.TASKS[0]
-    dare_rows: list[dict] = []
-    for drop in DROPS if not args.quick else (0.9,):
-        for rescale in (True, False):
-            label = f"DARE {dare_task} drop={drop:g} rescale={'yes' if rescale else 'no'}"
-            recipe = {
-                "merge_method": "dare_linear",
-                "base_model": "base",
-                "models": [
-                    {"model": dare_task, "parameters": {"weight": 1.0, "density": round(1 - drop, 4)}}
-                ],
-                "parameters": {"rescale": rescale},
-                "dtype": "float32",
-                "seed": 0,
-            }
-            out = merge(recipe, paths, work / "dare" / label.replace(" ", "_").replace("=", "-"), stages)
-            dare_rows.append(scored(label, "dare", out))
-
-    # every method at its defaults first, then the sweep: an interrupted run has the headline rows
-    methods = [m for m in MERGE_METHODS if not args.quick or m in QUICK_METHODS]
-    todo = [(m, *v) for m in methods for v in variants(m, sweep=False)]
-    if not args.quick:
-        todo += [(m, *v) for m in methods for v in variants(m, sweep=True)[1:]]
-    merged: dict[str, dict] = {}
-    for method, label, params in todo:
-        recipe = {
-            "merge_method": method,
-            "models": [{"model": t, "parameters": params} for t in specialists],
-            "dtype": "float32",
-            "seed": 0,
-        }
-        if METHODS[method].uses_base:
-            recipe["base_model"] = "base"
-        out = merge(recipe, paths, work / "merges" / label.replace(" ", "_").replace("=", "-"), stages)
-        merged[label] = scored(label, "merge", out)
-    rows += [merged[label] for m in methods for label, _ in variants(m, sweep=not args.quick)]
-    rows += dare_rows
 
     def retained(scores: dict[str, float], over: list[str]) -> float:
         ratios = [scores[t] / own[t] if own[t] > 0 else float("nan") for t in over]
@@ -280,10 +323,13 @@ def main() -> None:
         kept = f"{row['retained']:.3f}" if "retained" in row else ""
         print(f"| {row['model']} | {cells} | {row['mean']:.3f} | {kept} |")
     merges = [r for r in rows if r["kind"] == "merge"]
-    best = max(merges, key=lambda r: (r["retained"] if r["retained"] == r["retained"] else -1, r["mean"]))
-    dare90 = next(
-        r for r in rows if r["kind"] == "dare" and "drop=0.9 " in r["model"] and "rescale=yes" in r["model"]
+    nan = {"model": "none", "retained": float("nan")}
+    best = max(
+        merges,
+        key=lambda r: (r["retained"] if r["retained"] == r["retained"] else -1, r["mean"]),
+        default=nan,
     )
+    dare90 = next((r for r in rows if r["model"] == f"DARE {dare_task} drop=0.9 rescale=yes"), nan)
     base_mean = rows[0]["mean"]
     own_mean = sum(own.values()) / len(own)
     seconds = time.perf_counter() - start
