@@ -5,8 +5,13 @@
 2. Merge the three specialists with every method that takes a base model (linear averages them), at the
    documented defaults (weight 1) and a small sweep of density and weight.
 3. Score every model (base, specialists, merges) on every task's held-out split (greedy replies).
-4. The DARE paper's experiment on a real delta: drop 50/90/99% of one specialist's delta (dare_linear on
-   that specialist alone), with and without the 1/(1-p) rescale, and score it on its own task.
+4. The DARE paper's experiment on a real delta: drop 50/90/99% of the extract specialist's delta
+   (dare_linear on that specialist alone), with and without the 1/(1-p) rescale, scored on its own task.
+
+The scores come from Strata's batched engine (greedy, float32, each reply ending at EOS or the task's
+`MAX_NEW_TOKENS`), all three tasks' prompts of a model in one run. `--work DIR` keeps the specialists,
+merges and scores for a rerun; `--shard K/N` lets N processes share the merges, `--cached-only` prints
+the table of what DIR holds.
 
 Table: score per task and the mean; for merges `retained` = min over tasks of merged score / specialist
 score on that specialist's own task. Summary line:
@@ -64,6 +69,9 @@ DROPS = (0.5, 0.9, 0.99)
 # clearly left the base's (docs/merge-quality.md); arithmetic needs the most.
 STEPS = {"arithmetic": 16, "topic": 6, "extract": 10}
 HELD_OUT = 30  # held-out records a task scored by default (of tasks.HELD_OUT)
+# The DARE experiment's specialist: extraction is a skill the base lacks entirely (it scores 0) and its
+# specialist learns outright, so what dropping its delta costs is measurable.
+DARE_TASK = "extract"
 
 
 def variants(method: str, sweep: bool) -> list[tuple[str, dict[str, float]]]:
@@ -171,7 +179,7 @@ def merge_jobs(specialists: dict[str, Path], quick: bool) -> list[tuple[str, str
     """(label, kind, recipe, folder) of every model to merge, the headline rows first (so an interrupted
     run has them): DARE on one specialist (90% first), every method at its defaults, then the sweep."""
     jobs = []
-    dare_task = tasks.TASKS[0]
+    dare_task = DARE_TASK
     for drop in sorted(DROPS, key=lambda d: d != 0.9) if not quick else (0.9,):
         for rescale in (True, False):
             label = f"DARE {dare_task} drop={drop:g} rescale={'yes' if rescale else 'no'}"
@@ -294,7 +302,7 @@ def main() -> None:
     shown += [label for m in MERGE_METHODS for label, _ in variants(m, sweep=not args.quick)]
     shown += [label for label, kind, _, _ in jobs if kind == "dare"]
     rows = [found[label] for label in shown if found.get(label) is not None]
-    dare_task = tasks.TASKS[0]
+    dare_task = DARE_TASK
 
     def retained(scores: dict[str, float], over: list[str]) -> float:
         ratios = [scores[t] / own[t] if own[t] > 0 else float("nan") for t in over]
