@@ -25,6 +25,6 @@ def test_quick_bench_prints_the_table_and_summary_line(tmp_path):
     match = SUMMARY.search(result.stdout)
     assert match, result.stdout[-2000:]
     assert int(match.group(1)) == 1 + 3 + 3 + 2  # base, specialists, merges, DARE with and without rescale
-    for row in ("| base |", "| specialist topic |", "| ties |", "| DARE arithmetic drop=0.9 rescale=no |"):
+    for row in ("| base |", "| specialist topic |", "| ties |", "| DARE extract drop=0.9 rescale=no |"):
         assert row in result.stdout
     assert (tmp_path / "specialist-extract" / "finetune.json").is_file()

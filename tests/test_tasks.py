@@ -63,3 +63,23 @@ def test_scorers(task, reply, reference, right):
 def test_unknown_tasks_are_refused():
     with pytest.raises(ValueError, match="unknown task"):
         tasks.task_path("../etc", "train")
+
+
+def test_engine_replies_equal_transformers_greedy_generate(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import make_tiny_chat_llama
+    from workers.generation.engine import default_eos_ids
+
+    model = make_tiny_chat_llama(tmp_path, seed=3, max_position_embeddings=1024)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    conversations = [tasks.prompt_and_reference(r)[0] for t in tasks.TASKS for r in tasks.load(t, "test")[:2]]
+    ours = tasks.replies(model, tokenizer, conversations, max_new_tokens=7, batch_size=4)
+    eos = sorted(default_eos_ids(model, tokenizer))
+    for conversation, reply in zip(conversations, ours, strict=True):
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        ids = model.generate(**batch, max_new_tokens=7, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        expected = tokenizer.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert reply == expected
+    assert any(ours) and len(set(ours)) > 1  # real, differing replies, not empty strings

@@ -201,38 +201,45 @@ def score(task: str, replies: Sequence[str], references: Sequence[str]) -> float
 
 
 def replies(
-    model, tokenizer, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 16
+    model, tokenizer, conversations: Sequence[list[dict[str, str]]], max_new_tokens: int, batch_size: int = 32
 ) -> list[str]:
-    """Greedy replies (chat template, generation prompt), in left-padded batches."""
-    import torch
-
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                for c in conversations[start : start + batch_size]
-            ]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.inference_mode():
-                ids = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-                )
-            out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return out
+    """Greedy replies (chat template, generation prompt) from Strata's batched engine, each ending at EOS."""
+    return _engine_replies(model, tokenizer, [(c, max_new_tokens) for c in conversations], batch_size)
 
 
-def evaluate(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 16) -> float:
+def _engine_replies(
+    model, tokenizer, jobs: Sequence[tuple[list[dict[str, str]], int]], batch_size: int
+) -> list[str]:
+    """Greedy replies to (conversation, max_new_tokens) pairs in one engine run: the engine batches prompts
+    of similar length and drops each row at its EOS; in float32 its greedy tokens equal HF generate's
+    (tests/generation/test_engine_greedy.py)."""
+    from workers.early_exit.forward import num_layers
+    from workers.generation.engine import EarlyExitEngine, GenerationRequest
+
+    engine = EarlyExitEngine(model, tokenizer, max_batch_size=batch_size)
+    depth = num_layers(model)
+    requests = []
+    for conversation, max_new_tokens in jobs:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        requests.append(GenerationRequest(prompt_ids=ids, depth=depth, max_new_tokens=max_new_tokens))
+    return [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in engine.run(requests)]
+
+
+def evaluate(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 32) -> float:
     """The model's score on the task's held-out split (the first `limit` records)."""
-    records = load(task, "test")[:limit]
-    pairs = [prompt_and_reference(r) for r in records]
-    got = replies(model, tokenizer, [p for p, _ in pairs], MAX_NEW_TOKENS[task], batch_size)
-    return score(task, got, [ref for _, ref in pairs])
+    return evaluate_tasks(model, tokenizer, [task], limit, batch_size)[task]
+
+
+def evaluate_tasks(
+    model, tokenizer, names: Sequence[str], limit: int | None = None, batch_size: int = 32
+) -> dict[str, float]:
+    """The model's score on each task's held-out split (the first `limit` records), all prompts of all
+    tasks decoded in one engine run, each task with its own `MAX_NEW_TOKENS`."""
+    pairs = {t: [prompt_and_reference(r) for r in load(t, "test")[:limit]] for t in names}
+    jobs = [(prompt, MAX_NEW_TOKENS[t]) for t in names for prompt, _ in pairs[t]]
+    got = iter(_engine_replies(model, tokenizer, jobs, batch_size))
+    return {t: score(t, [next(got) for _ in pairs[t]], [ref for _, ref in pairs[t]]) for t in names}
 
 
 def write_all(directory: Path | None = None) -> list[Path]:
