@@ -78,7 +78,7 @@ def distillation_gap(
     return total / len(batches)
 
 
-def _cycled(batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+def cycled(batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
     """The windows in order, over and over, as trainer batches (every token a target)."""
     for ids in cycle(batches):
         yield Batch(ids, ids, torch.ones_like(ids))
@@ -130,7 +130,7 @@ def heal(
             progress(info.step, steps, f"heal loss {info.loss:.4f}")
 
     config = TrainConfig(steps=steps, lr=lr, schedule="constant", batch_size=1, max_grad_norm=1.0)
-    stream = loading.sampler if loading is not None else _cycled(batches)
+    stream = loading.sampler if loading is not None else cycled(batches)
     result = train(student, [], loss_fn, config, progress=on_step, device=device, stream=stream)
     report.seconds = result.seconds
     report.kd_after = distillation_gap(student, teacher, batches[:GAP_WINDOWS], temperature)

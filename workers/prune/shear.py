@@ -94,6 +94,43 @@ class Shape:
         )
 
 
+SHAPE_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
+def shape_of_model(source_config: dict, target_config: dict) -> dict[str, int]:
+    """The target sizes a `target_model`'s config.json gives; ValueError unless it is of the source's
+    architecture family (model_type) with the source's head_dim (heads are cut whole)."""
+    family, other = source_config.get("model_type"), target_config.get("model_type")
+    if family != other:
+        raise ValueError(
+            f"target_model is a {other!r} model, the source a {family!r} one: same family needed"
+        )
+
+    def head_dim(config: dict) -> int | None:
+        heads = config.get("num_attention_heads")
+        return config.get("head_dim") or (
+            config["hidden_size"] // heads if heads and config.get("hidden_size") else None
+        )
+
+    if head_dim(source_config) != head_dim(target_config):
+        raise ValueError(
+            f"target_model has head_dim {head_dim(target_config)}, the source {head_dim(source_config)}: "
+            "heads are cut whole, so they must match"
+        )
+    sizes = {key: target_config.get(key) for key in SHAPE_KEYS}
+    sizes["num_key_value_heads"] = sizes["num_key_value_heads"] or sizes["num_attention_heads"]
+    missing = [key for key, value in sizes.items() if not isinstance(value, int)]
+    if missing:
+        raise ValueError(f"target_model's config lacks {', '.join(missing)}")
+    return sizes  # type: ignore[return-value]
+
+
 def check_shape(source: Shape, target: Shape) -> None:
     """ValueError unless `target` is reachable from `source` by cutting: no size larger, heads divisible
     into the KV groups, no more query heads per group than the source has."""
@@ -273,9 +310,19 @@ def _norms(model: nn.Module) -> list[nn.Module]:
     return [*norms, decoder_stack(model).norm]
 
 
-def extract(model: nn.Module, gates: Gates) -> nn.Module:
-    """A copy of `model` cut to the gates' kept components: exactly the target shape (module docstring)."""
-    kept = gates.keep()
+def first_components(source: Shape, target: Shape) -> dict[str, torch.Tensor]:
+    """Keep the first n_t of each family (the first layers, groups, heads, channels, dimensions): the
+    selection of a baseline that uses no importance at all, in the form `extract` takes."""
+    gates = Gates(source, target, 1.0)
+    return {
+        name: torch.arange(gates.sizes[name]).expand(*a.shape[:-1], -1).clone()
+        for name, a in gates.logits.items()
+    }
+
+
+def extract(model: nn.Module, kept: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of `model` cut to the kept components (`Gates.keep()`): exactly the target shape (module
+    docstring)."""
     kv_heads, n_rep, head_dim = attention_shape(model)
     out = copy.deepcopy(model)
     layers = list(decoder_layers(out))
@@ -334,10 +381,10 @@ def extract(model: nn.Module, gates: Gates) -> nn.Module:
         config.hidden_size = d_new
     config.head_dim = head_dim
     config.num_key_value_heads = len(kept["kv"][0]) if "kv" in kept else kv_heads
-    heads_per_group = gates.sizes.get("head", n_rep)
+    heads_per_group = kept["head"].shape[-1] if "head" in kept else n_rep
     config.num_attention_heads = config.num_key_value_heads * heads_per_group
-    if hasattr(config, "intermediate_size") and "intermediate" in kept:
-        config.intermediate_size = gates.sizes["intermediate"]
+    if "intermediate" in kept:
+        config.intermediate_size = kept["intermediate"].shape[-1]
     return out
 
 
