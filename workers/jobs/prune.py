@@ -85,7 +85,9 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         domains = None
         if healing and (dbl or domain_specs):
             sources = domain_sources({"domains": domain_specs}, s.import_roots)
-            domains = load_domains(tokenizer, sources, spec["seq_len"], heldout)
+            mask_steps = (spec.get("masks") or {}).get("steps", 40) if mode == "learned" else 0
+            windows = healing.get("steps", 30) + mask_steps + 2 * heldout + 1  # enough never to cycle
+            domains = load_domains(tokenizer, sources, spec["seq_len"], heldout, windows * spec["seq_len"])
         weights = [1.0 if isinstance(d, str) else d.get("weight", 1.0) for d in domain_specs or []] or None
         mask_options = MaskOptions.model_validate({"seq_len": spec["seq_len"], **(spec.get("masks") or {})})
         stream = None
