@@ -6,14 +6,16 @@
 # 2. bench/generate_gpu.py: decode speed per depth with CUDA graphs against HF generate on the same GPU;
 # 3. bench.soft_run: answers of the model at full depth to the SFT prompts (the fitting/training text),
 #    quality before, Sorted Fine-Tuning with and without jointly trained exit adapters, samples;
-# 4. bench.exit_adapters: exit adapters alone (ridge + distillation) on that larger text.
+# 4. bench.exit_adapters: exit adapters alone (ridge + distillation) on that larger text;
+# 5. bench.shearing (step "shear", not in the default STEPS): LLM-Shearing at full size, learned masks vs
+#    activation scores at 15 % and 50 % removed, healed with and without dynamic batch loading.
 # Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
 # some of them (default: "tests decode soft lens").
 set -uo pipefail
 MODEL=$1
 OUT=$2
 WORK=${3:-/tmp/strata-gpu}
-read -r T_TESTS T_DECODE T_SOFT T_LENS <<<"${STEP_LIMITS:-60 120 270 110}"
+read -r T_TESTS T_DECODE T_SOFT T_LENS T_SHEAR <<<"${STEP_LIMITS:-60 120 270 110 600}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 SOFT_EXTRA=${SOFT_EXTRA:-}
@@ -55,5 +57,12 @@ if want lens; then
     --max-tokens 400000 --distill-exits 15,18,21,24,27 --distill-steps 2000 --distill-batch-tokens 512 \
     --lr 5e-4 --distill-tokens 65536 --sample-exits 15,21,27 $LENS_EXTRA >>"$OUT/log.txt" 2>&1
   log "exit adapters rc=$?"
+fi
+if want shear; then
+  log "LLM-Shearing: learned masks vs activation, with and without DBL"
+  timeout "${T_SHEAR:-600}" "$PY" -m bench.shearing --work "$WORK" --device cuda --threads 8 --mask-steps 400 --heal-steps 400 \
+    --update-every 50 --seq-len 256 --heldout-windows 8 --max-tokens 65536 --out "$OUT/shearing.json" \
+    >"$OUT/shearing.txt" 2>&1
+  log "shearing rc=$?"
 fi
 rm -f "$OUT/lens/exit_adapters.safetensors"  # 38 MB; the figures are in results.json

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--device", default="cpu", help="where the mask phase and healing train (cuda on a GPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
             model, source_dev, domains, None, 1, args.update_every if dbl else None, seed=1
         )
         start = time.perf_counter()
-        report = heal(model, source, gap_batches, steps=steps, lr=args.heal_lr, device="cpu", loading=loading)
+        report = heal(
+            model, source, gap_batches, steps=steps, lr=args.heal_lr, device=args.device, loading=loading
+        )
         row = {
             **extra,
             **measure(model),
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs["activation_pruned"] = measure(activation)
         learner = copy.deepcopy(source)
         options = MaskOptions(steps=args.mask_steps, seq_len=args.seq_len)
-        gates, mask_report = learn_masks(learner, shape, fixed_stream(0), options, device="cpu")
+        gates, mask_report = learn_masks(learner, shape, fixed_stream(0), options, device=args.device)
         learned = extract(learner, gates.keep())
         del learner
         mask_info = {
