@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--mask-lr", type=float, default=MaskOptions().mask_lr)
+    p.add_argument("--multiplier-lr", type=float, default=MaskOptions().multiplier_lr)
+    p.add_argument("--learned-only", action="store_true", help="only the learned arms (a mask-phase variant)")
     p.add_argument("--device", default="cpu", help="where the mask phase and healing train (cuda on a GPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -167,7 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         act_seconds = round(time.perf_counter() - start, 1)
         runs["activation_pruned"] = measure(activation)
         learner = copy.deepcopy(source)
-        options = MaskOptions(steps=args.mask_steps, seq_len=args.seq_len)
+        options = MaskOptions(
+            steps=args.mask_steps,
+            seq_len=args.seq_len,
+            mask_lr=args.mask_lr,
+            multiplier_lr=args.multiplier_lr,
+        )
         gates, mask_report = learn_masks(learner, shape, fixed_stream(0), options, device=args.device)
         learned = extract(learner, gates.keep())
         del learner
@@ -184,8 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{mask_report.expected} of target {mask_report.target}]",
             flush=True,
         )
-        for dbl in (False, True):
+        for dbl in (True, False):
             tag = "dbl" if dbl else "fixed"
+            runs[f"learned_{tag}"] = healed(
+                f"learned {tag}", copy.deepcopy(learned), args.heal_steps, dbl, mask_info
+            )
+            if args.learned_only:
+                continue
             runs[f"activation_{tag}"] = healed(
                 f"activation {tag}",
                 copy.deepcopy(activation),
@@ -193,9 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
                 dbl,
                 {"prune_seconds": act_seconds},
             )
-            runs[f"learned_{tag}"] = healed(
-                f"learned {tag}", copy.deepcopy(learned), args.heal_steps, dbl, mask_info
-            )
+        if args.learned_only:
+            results["runs"][f"{fraction:g}"] = runs
+            continue
         baseline = extract(source, first_components(Shape.of(source.config), shape))
         runs["first_layers_fixed"] = healed(
             "first layers fixed", baseline, args.mask_steps + args.heal_steps, False, {}
@@ -204,6 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out:  # after each fraction, so a cut-short run keeps what it measured
             Path(args.out).write_text(json.dumps(results, indent=1))
 
+    if args.learned_only:
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return results
     print("\n| removed | arm | overall ppl | " + " | ".join(names) + " | gap spread | steps | seconds |")
     print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
     for fraction, runs in results["runs"].items():

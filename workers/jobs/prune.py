@@ -28,13 +28,11 @@ from workers.train.dynamic_batches import DomainSampler, domain_losses, dynamic_
 
 def target_of(spec_target: dict[str, Any], source_dir: Path, ctx: JobContext) -> PruneTarget:
     """The PruneTarget of a request's target: its sizes, or those of its target_model's config."""
-    sizes = {k: v for k, v in spec_target.items() if k != "target_model"}
-    if spec_target.get("target_model"):
-        s = ctx.settings
-        other = resolve_model(spec_target["target_model"], ctx.registry, s.models_dir, s.import_roots)
-        sizes = {**shape_of_model(read_config(source_dir), read_config(other)), "axes": sizes.get("axes", ())}
-        sizes.pop("axes") if not sizes["axes"] else None
-    return PruneTarget.model_validate(sizes)
+    if not spec_target.get("target_model"):
+        return PruneTarget.model_validate({k: v for k, v in spec_target.items() if k != "target_model"})
+    s = ctx.settings
+    other = resolve_model(spec_target["target_model"], ctx.registry, s.models_dir, s.import_roots)
+    return PruneTarget.model_validate(shape_of_model(read_config(source_dir), read_config(other)))
 
 
 def domain_sources(healing: dict[str, Any], import_roots: list[Path]) -> dict[str, Path | None]:
@@ -121,11 +119,13 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         )
         if spec["compare_random"] and mode != "random" and not cuts_within:
             random_progress = ctx.phase(prune_end, prune_end + 0.05, "random baseline")
-            random_target = PruneTarget(
-                num_hidden_layers=result.plan.num_hidden_layers,
-                intermediate_size=result.plan.intermediate_size,
-                num_key_value_heads=result.plan.num_key_value_heads,
-            )
+            random_target = target
+            if mode == "learned":  # the learned shape's sizes, planned or given
+                random_target = PruneTarget(
+                    num_hidden_layers=result.plan.num_hidden_layers,
+                    intermediate_size=result.plan.intermediate_size,
+                    num_key_value_heads=result.plan.num_key_value_heads,
+                )
             baseline = prune(
                 model,
                 random_target,
