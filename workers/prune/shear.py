@@ -175,10 +175,6 @@ def lagrangian(
     return (lambda1 * gap + lambda2 * gap.square()).mean()
 
 
-# gate families: name -> (the target size per row, rows x gates)
-FAMILIES = ("layer", "kv", "head", "intermediate", "hidden")
-
-
 class Gates(nn.Module):
     """The gate logits of every family the target shrinks, and their Lagrange multipliers."""
 
