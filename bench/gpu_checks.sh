@@ -10,6 +10,8 @@
 # 5. parity (issue 27): bench/generate_gpu.py on the default model and on the random TinyLlama-1.1B-shaped
 #    model (bench/decode_parity.py makes it), Strata against HF eager at batch 1 and 8, and vLLM's full model
 #    at batch 1 and 8 where vLLM is installed (bench/vllm_decode.py; skipped otherwise).
+# 6. bench.shearing (step "shear", not in the default STEPS): LLM-Shearing at full size, learned masks vs
+#    activation scores at 15 % and 50 % removed, healed with and without dynamic batch loading.
 # Without a CUDA GPU every step is skipped (the script says so and exits 0).
 # Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
 # some of them (default: "tests decode soft lens").
@@ -17,7 +19,7 @@ set -uo pipefail
 MODEL=$1
 OUT=$2
 WORK=${3:-/tmp/strata-gpu}
-read -r T_TESTS T_DECODE T_SOFT T_LENS T_PARITY <<<"${STEP_LIMITS:-60 120 270 110 240}"
+read -r T_TESTS T_DECODE T_SOFT T_LENS T_PARITY T_SHEAR <<<"${STEP_LIMITS:-60 120 270 110 240 600}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 SOFT_EXTRA=${SOFT_EXTRA:-}
@@ -75,5 +77,12 @@ from bench.decode_parity import random_1b; print(random_1b(Path(sys.argv[1])))' 
     timeout "$T_PARITY" "$PY" bench/vllm_decode.py --model "$m" --batch 8 >>"$OUT/vllm.txt" 2>&1
     log "vllm $m rc=$?"
   done
+fi
+if want shear; then
+  log "LLM-Shearing: learned masks vs activation, with and without DBL"
+  timeout "${T_SHEAR:-600}" "$PY" -m bench.shearing --work "$WORK" --device cuda --threads 8 --mask-steps 400 --heal-steps 400 \
+    --update-every 50 --seq-len 256 --heldout-windows 8 --max-tokens 65536 --out "$OUT/shearing.json" \
+    >"$OUT/shearing.txt" 2>&1
+  log "shearing rc=$?"
 fi
 rm -f "$OUT/lens/exit_adapters.safetensors"  # 38 MB; the figures are in results.json

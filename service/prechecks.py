@@ -17,6 +17,7 @@ from service.schemas import (
     FinetuneJobRequest,
     FitExitsJobRequest,
     GrowJobRequest,
+    HealOptions,
     MergeJobRequest,
     MoeJobRequest,
     ProfileJobRequest,
@@ -28,7 +29,7 @@ from service.schemas import (
 )
 from service.template_checks import check_or_422
 from workers.early_exit.fit import default_fit_exits
-from workers.early_exit.fit_data import enough_tokens
+from workers.early_exit.fit_data import BUNDLED, enough_tokens
 from workers.merge import METHODS
 from workers.merge.config import MODEL_ID
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
@@ -38,6 +39,8 @@ from workers.merge.vocabulary import VocabularyError, build_vocabulary, builds_v
 from workers.moe.build import check_moe_inputs, output_bytes
 from workers.moe.layouts import LayoutError
 from workers.moe.routers import RouterError
+from workers.prune.prune import target_shape
+from workers.prune.shear import Shape, check_shape, shape_of_model
 from workers.prune.target import PruneTarget, plan
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
@@ -47,7 +50,7 @@ from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import ModelRecord, Registry
-from workers.train.data import DataError, iter_jsonl, validate_record
+from workers.train.data import DataError, iter_jsonl, read_jsonl, validate_record
 from workers.train.sorted_ft import default_exits
 
 
@@ -216,26 +219,81 @@ def check_sparsify(request: SparsifyJobRequest, registry: Registry, settings: Se
 def check_prune(request: PruneJobRequest, registry: Registry, settings: Settings) -> None:
     path = resolve_or_422(request.model, registry, settings)
     config = _layers(path)
+    target = request.target
+    learned_only = {
+        "hidden_size": target.hidden_size,
+        "num_attention_heads": target.num_attention_heads,
+        "target_model": target.target_model,
+    }
+    given = [key for key, value in learned_only.items() if value is not None]
+    if given and request.mode != "learned":
+        raise HTTPException(422, f"target {', '.join(given)} needs mode learned")
+    if request.mode == "learned" and request.replace is not None:
+        raise HTTPException(422, "replace does not combine with mode learned")
+    if request.masks is not None and request.mode != "learned":
+        raise HTTPException(422, "masks (the mask phase) needs mode learned")
+    sizes = target.model_dump(exclude={"target_model", "axes"})
+    if target.target_model is not None:
+        other = resolve_or_422(target.target_model, registry, settings)
+        try:
+            sizes = shape_of_model(config, read_config(other))
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
     source = {
         "num_hidden_layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "num_attention_heads": config.get("num_attention_heads"),
         "intermediate_size": config.get("intermediate_size"),
         "num_key_value_heads": config.get("num_key_value_heads", config.get("num_attention_heads")),
     }
     for key, have in source.items():
-        want = getattr(request.target, key)
+        want = sizes.get(key)
         if want is not None and have is not None and want > have:
             raise HTTPException(
                 422, f"target {key}={want} exceeds the source's {have}; use a grow job to grow"
             )
+    heads, kv = (
+        sizes.get("num_attention_heads"),
+        sizes.get("num_key_value_heads") or source["num_key_value_heads"],
+    )
+    if heads is not None and kv and heads % kv:
+        raise HTTPException(
+            422, f"target num_attention_heads={heads} is not divisible into num_key_value_heads={kv} groups"
+        )
     if request.replace is not None:
         _check_replace(request, source["num_hidden_layers"])
-    if request.target.param_budget is not None:  # the planner, on the model's shapes only (meta device)
+    if target.param_budget is not None or request.mode == "learned":  # the shape, on the meta device
         try:
-            plan(check_architecture(path), PruneTarget.model_validate(request.target.model_dump()))
+            model = check_architecture(path)
+            prune_target = PruneTarget.model_validate({**sizes, "axes": target.axes})
+            if request.mode == "learned":
+                shape = target_shape(model, prune_target)
+                check_shape(Shape.of(model.config), shape)
+                if shape == Shape.of(model.config):
+                    raise ValueError("the target shape equals the source's: nothing to prune")
+            else:
+                plan(model, prune_target)
         except ValueError as e:
             raise HTTPException(422, f"target: {e}") from e
+    if request.heal is not None:
+        _check_domains(request.heal, settings)
     _default_name(request, "pruned", registry)
     ensure_disk(weights_bytes(path), settings)
+
+
+def _check_domains(heal: HealOptions, settings: Settings) -> None:
+    """Domains are bundled texts by name, or JSONL files under an import root whose records are valid."""
+    for item in heal.domains or []:
+        name, path = (item, None) if isinstance(item, str) else (item.name, item.path)
+        if path is None and name not in BUNDLED:
+            raise HTTPException(
+                422, f"unknown domain {shown(name)}: give a path, or one of {', '.join(BUNDLED)}"
+            )
+        if path is not None:
+            try:
+                read_jsonl(resolve_path(path, settings.import_roots, directory=False))
+            except (ModelReferenceError, DataError) as e:
+                raise HTTPException(422, f"domain {shown(name)}: {e}") from e
 
 
 def _check_replace(request: PruneJobRequest, layers: int | None) -> None:

@@ -11,6 +11,7 @@ from service.eval_texts import EvalTextSpec
 from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
+from workers.prune.shear import MaskOptions
 from workers.store.registry import ModelRecord
 from workers.train.finetune import FinetuneConfig
 
@@ -105,18 +106,50 @@ class PruneTargetRequest(BaseModel):
     intermediate_size: int | None = Field(default=None, ge=1)
     num_key_value_heads: int | None = Field(default=None, ge=1, description="Query heads follow their group")
     param_budget: int | None = Field(default=None, ge=1, description="Parameters the planner must fit")
+    hidden_size: int | None = Field(
+        default=None, ge=1, description="mode learned: the hidden dimension (embeddings, norms, head with it)"
+    )
+    num_attention_heads: int | None = Field(
+        default=None, ge=1, description="mode learned: query heads (a multiple of num_key_value_heads)"
+    )
+    target_model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="mode learned: a registered model whose config gives the shape",
+    )
     axes: list[Literal["depth", "mlp", "kv"]] = Field(
         default=["mlp", "kv"], min_length=1, description="What a param_budget may shrink"
     )
 
     @model_validator(mode="after")
     def _something(self) -> PruneTargetRequest:
-        sizes = (self.num_hidden_layers, self.intermediate_size, self.num_key_value_heads, self.param_budget)
-        if all(v is None for v in sizes):
+        sizes = (
+            self.num_hidden_layers,
+            self.intermediate_size,
+            self.num_key_value_heads,
+            self.param_budget,
+            self.hidden_size,
+            self.num_attention_heads,
+        )
+        if self.target_model is not None and any(v is not None for v in sizes):
+            raise ValueError("give target_model or sizes, not both")
+        if self.target_model is None and all(v is None for v in sizes):
             raise ValueError(
-                "give one of num_hidden_layers, intermediate_size, num_key_value_heads, param_budget"
+                "give one of num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, "
+                "intermediate_size, param_budget, target_model"
             )
         return self
+
+
+class DomainRequest(BaseModel):
+    """A data domain for healing: a bundled text by name, or a JSONL file under an import root."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+    path: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="JSONL under an import root"
+    )
+    weight: float = Field(default=1.0, gt=0, le=1e6, description="Initial sampling weight (normalised)")
 
 
 class HealOptions(BaseModel):
@@ -132,6 +165,32 @@ class HealOptions(BaseModel):
         description="calibration: the pruning calibration text; instructions: the bundled instruction set "
         "(workers/data/sft.jsonl, chat template applied), about 20x more tokens",
     )
+    domains: list[DomainRequest | str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Heal on these domains instead of `data` (bundled texts by name: chat, general, "
+        "everyday, prose, broad; or {name, path, weight}); default with dynamic_batch_loading: all five",
+    )
+    dynamic_batch_loading: bool = Field(
+        default=False,
+        description="Sample the domains by weights updated every update_every steps from each domain's loss "
+        "gap to the source model's (LLM-Shearing); false: a fixed mix",
+    )
+    update_every: int = Field(default=10, ge=1, le=100_000, description="Steps between weight updates")
+    heldout_windows: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="Per domain: dev windows (weight updates) and as many test windows",
+    )
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> HealOptions:
+        names = [d if isinstance(d, str) else d.name for d in self.domains or []]
+        if len(set(names)) != len(names):
+            raise ValueError("domain names must be unique")
+        return self
 
 
 class ReplaceOptions(BaseModel):
@@ -167,7 +226,12 @@ class PruneJobRequest(BaseModel):
     kind: Literal["prune"]
     model: str = Field(min_length=1)
     target: PruneTargetRequest
-    mode: Literal["activation", "random"] = "activation"
+    mode: Literal["activation", "random", "learned"] = Field(
+        default="activation",
+        description="learned: hard-concrete masks on layers, heads, MLP channels and the hidden dimension, "
+        "trained toward the exact target shape with Lagrange multipliers (LLM-Shearing), on the heal data",
+    )
+    masks: MaskOptions | None = Field(default=None, description="mode learned: the mask phase")
     compare_random: bool = Field(default=True, description="Also report a random selection's perplexity")
     heal: HealOptions | None = None
     replace: ReplaceOptions | None = Field(default=None, description="Cut depth by block replacement")

@@ -5,12 +5,16 @@ arXiv 2105.13880): the teacher's guidance fades out linearly while the language-
     a_s = a_0 * (1 - s / S)          for step s = 0 .. S-1
 
 The t^2 factor keeps the KL gradient on the scale of the CE gradient (Hinton et al., 2015).
+The loop is the shared trainer's (`workers.train.trainer.train`, constant lr, clipping at norm 1); healing
+supplies the loss and the batches: the windows cycled in order, or, with dynamic batch loading, batches drawn
+from several domains by weights updated from their loss gaps (`workers.train.dynamic_batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import cycle
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,9 @@ from torch import nn
 
 from workers.device import default_device
 from workers.prune.layers import Progress
+from workers.train.data import Batch
+from workers.train.dynamic_batches import DynamicLoading
+from workers.train.trainer import StepInfo, TrainConfig, train
 
 GAP_WINDOWS = 8  # kd_before / kd_after are measured on the first this-many batches
 
@@ -29,6 +36,7 @@ class HealReport:
     kd_before: float = 0.0
     kd_after: float = 0.0
     device: str = "cpu"
+    seconds: float = 0.0
 
 
 def alpha_at(step: int, steps: int, alpha0: float) -> float:
@@ -70,6 +78,12 @@ def distillation_gap(
     return total / len(batches)
 
 
+def cycled(batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+    """The windows in order, over and over, as trainer batches (every token a target)."""
+    for ids in cycle(batches):
+        yield Batch(ids, ids, torch.ones_like(ids))
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -80,9 +94,12 @@ def heal(
     temperature: float = 2.0,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    loading: DynamicLoading | None = None,
 ) -> HealReport:
     """Train `student` in place for `steps` AdamW steps on the batches (cycled), guided by `teacher`.
 
+    With `loading`, the batches come from its domain sampler instead, its weights updated after every step
+    (`batches` then only serve the kd_before / kd_after measure).
     Runs on CUDA when available (or on `device`), then returns both models to where they were.
     The defaults are the best of those tried on SmolLM2-135M with the 1.7K-token calibration text
     (docs/prune-grow.md): a larger lr, or a0 below 1, let the CE term overfit so little text.
@@ -95,24 +112,27 @@ def heal(
     teacher.to(device).eval()
     report = HealReport(steps=steps, device=str(device))
     report.kd_before = distillation_gap(student, teacher, batches[:GAP_WINDOWS], temperature)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    student.train()
-    try:
-        for step in range(steps):
-            ids = batches[step % len(batches)].to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-            logits = student(input_ids=ids, use_cache=False).logits
-            loss = heal_loss(logits, teacher_logits, ids, alpha_at(step, steps, alpha0), temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            report.losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, steps, f"heal loss {loss.item():.4f}")
-    finally:
-        student.eval()
+    done = [0]
+
+    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+        ids = batch.input_ids
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits
+        return heal_loss(logits, teacher_logits, ids, alpha_at(done[0], steps, alpha0), temperature)
+
+    def on_step(info: StepInfo) -> None:
+        done[0] = info.step
+        report.losses.append(info.loss)
+        if loading is not None:
+            loading.step(info.step)
+        if progress is not None:
+            progress(info.step, steps, f"heal loss {info.loss:.4f}")
+
+    config = TrainConfig(steps=steps, lr=lr, schedule="constant", batch_size=1, max_grad_norm=1.0)
+    stream = loading.sampler if loading is not None else cycled(batches)
+    result = train(student, [], loss_fn, config, progress=on_step, device=device, stream=stream)
+    report.seconds = result.seconds
     report.kd_after = distillation_gap(student, teacher, batches[:GAP_WINDOWS], temperature)
     student.to(homes[0])
     teacher.to(homes[1])

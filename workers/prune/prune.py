@@ -3,13 +3,16 @@
 Depth goes first (layers ranked by block influence on the source model); widths are ranked afterwards,
 on the depth-pruned model, so the activation statistics describe the layers that remain.
 mode="random" replaces both rankings by seeded uniform draws at the same target, as a baseline.
+mode="learned" learns hard-concrete masks at every granularity, the hidden dimension included, towards the
+target shape and keeps the top-scoring components (`workers.prune.shear`, LLM-Shearing).
 With `replace`, the depth cut of n layers removes a block of n + 1 contiguous layers and puts one fitted
 layer in its place (`workers.prune.replace`): the same parameter count as dropping n layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,13 +20,16 @@ import torch
 from torch import nn
 
 from workers.prune.depth import drop_layers, least_influential, random_layers
+from workers.prune.heal import cycled
 from workers.prune.influence import block_influence
-from workers.prune.layers import Progress
+from workers.prune.layers import Progress, decoder_layers
 from workers.prune.replace import Block, FitOptions, FitReport, replace_block
+from workers.prune.shear import MaskOptions, MaskReport, Shape, extract, learn_masks
 from workers.prune.target import PrunePlan, PruneTarget, costs, plan
 from workers.prune.width import activation_scores, prune_width_, random_scores
+from workers.train.data import Batch
 
-Mode = Literal["activation", "random"]
+Mode = Literal["activation", "random", "learned"]
 
 
 @dataclass
@@ -35,6 +41,7 @@ class PruneResult:
     influence: list[float] | None = None
     replaced: Block | None = None  # with `replace`: the block cut and the layer its replacement started from
     fit: FitReport | None = None
+    masks: MaskReport | None = None  # mode learned: the mask phase
 
     @property
     def removed_fraction(self) -> float:
@@ -58,15 +65,28 @@ def prune(
     replace: FitOptions | None = None,
     fitting: Sequence[torch.Tensor] | None = None,
     masks: Sequence[torch.Tensor] | None = None,
+    stream: Iterator[Batch] | None = None,
+    mask_options: MaskOptions | None = None,
 ) -> PruneResult:
     """A pruned copy of `model` whose config equals the planned sizes exactly; the source is untouched.
 
     `replace`: cut the depth by block replacement, the layer fitted on `fitting` (default: calibration),
     whose response tokens `masks` marks (`workers.prune.replace.replace_block`).
+    mode "learned": the mask phase trains on `stream` (default: the calibration windows, cycled).
     """
-    if mode not in ("activation", "random"):
-        raise ValueError(f"mode must be 'activation' or 'random', got {mode!r}")
+    if mode not in ("activation", "random", "learned"):
+        raise ValueError(f"mode must be 'activation', 'random' or 'learned', got {mode!r}")
+    if mode == "learned":
+        if replace is not None:
+            raise ValueError("replace does not combine with mode learned")
+        return _learned(model, target, stream or cycled(calibration), mask_options, progress)
     the_plan = plan(model, target)
+    c = costs(model)
+    if target.hidden_size not in (None, model.config.hidden_size) or target.num_attention_heads not in (
+        None,
+        the_plan.num_attention_heads,
+    ):
+        raise ValueError("only mode learned cuts hidden_size or query heads within a KV group")
     c = costs(model)
     result = PruneResult(model=model, plan=the_plan, source_params=model.num_parameters())
     n_remove = c.layers - the_plan.num_hidden_layers
@@ -101,4 +121,48 @@ def prune(
     if progress is not None:
         progress(1, 1, "pruned")
     result.model = pruned
+    return result
+
+
+def target_shape(model: nn.Module, target: PruneTarget) -> Shape:
+    """The exact shape a target asks for: layers, MLP and KV sizes as `plan` gives them (a budget planned
+    along its axes), the hidden size and query heads as given (default: the source's, query heads following
+    their KV groups)."""
+    the_plan = plan(model, target)
+    return Shape(
+        num_hidden_layers=the_plan.num_hidden_layers,
+        hidden_size=target.hidden_size or model.config.hidden_size,
+        num_attention_heads=target.num_attention_heads or the_plan.num_attention_heads,
+        num_key_value_heads=the_plan.num_key_value_heads,
+        intermediate_size=the_plan.intermediate_size,
+    )
+
+
+def _learned(
+    model: nn.Module,
+    target: PruneTarget,
+    stream: Iterator[Batch],
+    options: MaskOptions | None,
+    progress: Progress | None,
+) -> PruneResult:
+    shape = target_shape(model, target)
+    learner = copy.deepcopy(model)
+    gates, report = learn_masks(learner, shape, stream, options, progress)
+    kept = gates.keep()
+    pruned = extract(learner, kept)
+    del learner
+    layers = len(decoder_layers(model))
+    kept_layers = set(kept["layer"].tolist()) if "layer" in kept else set(range(layers))
+    the_plan = PrunePlan(
+        num_hidden_layers=shape.num_hidden_layers,
+        intermediate_size=shape.intermediate_size,
+        num_key_value_heads=shape.num_key_value_heads,
+        num_attention_heads=shape.num_attention_heads,
+        hidden_size=shape.hidden_size,
+        params=pruned.num_parameters(),
+    )
+    result = PruneResult(model=pruned, plan=the_plan, source_params=model.num_parameters(), masks=report)
+    result.removed_layers = [i for i in range(layers) if i not in kept_layers]
+    if progress is not None:
+        progress(1, 1, "pruned")
     return result

@@ -42,15 +42,25 @@ class PruneTarget(BaseModel):
     intermediate_size: int | None = Field(default=None, ge=1)
     num_key_value_heads: int | None = Field(default=None, ge=1)
     param_budget: int | None = Field(default=None, ge=1)
+    hidden_size: int | None = Field(default=None, ge=1, description="mode learned only")
+    num_attention_heads: int | None = Field(default=None, ge=1, description="mode learned only")
     axes: tuple[Axis, ...] = ("mlp", "kv")
     intermediate_multiple: int = Field(default=8, ge=1)
 
     @model_validator(mode="after")
     def _something_to_do(self) -> PruneTarget:
-        sizes = (self.num_hidden_layers, self.intermediate_size, self.num_key_value_heads, self.param_budget)
+        sizes = (
+            self.num_hidden_layers,
+            self.intermediate_size,
+            self.num_key_value_heads,
+            self.param_budget,
+            self.hidden_size,
+            self.num_attention_heads,
+        )
         if all(v is None for v in sizes):
             raise ValueError(
-                "give at least one of num_hidden_layers, intermediate_size, num_key_value_heads, param_budget"
+                "give at least one of num_hidden_layers, hidden_size, num_attention_heads, "
+                "num_key_value_heads, intermediate_size, param_budget"
             )
         if not self.axes:
             raise ValueError("axes must name at least one of depth, mlp, kv")
@@ -65,6 +75,7 @@ class PrunePlan(BaseModel):
     num_key_value_heads: int
     num_attention_heads: int
     params: int
+    hidden_size: int | None = None  # set where the hidden dimension is cut (mode learned)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,17 @@ One optimiser step averages the losses of `grad_accum` micro-batches of `batch_s
 
 where s(t) = (t + 1) / W during the W warm-up steps, then decays from 1 to 0 at the last step (linear or
 cosine) or stays 1 (constant).
+
+A feature may also bring its own batch `stream` (healing cycles fixed windows; dynamic batch loading samples
+domains by weights it updates as it goes) and `extra_groups` of parameters outside the model with their own
+learning rates (mask learning: the gate logits descend, the Lagrange multipliers ascend, `maximize=True`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -123,16 +127,19 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
-def _optimizer(params: Iterable[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(
+    params: Iterable[tuple[str, nn.Parameter]], config: TrainConfig, extra_groups: Sequence[dict] = ()
+) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in params:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    if not decay and not no_decay:
+    if not decay and not no_decay and not any(group["params"] for group in extra_groups):
         raise ValueError("nothing to train: no parameter requires a gradient")
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({"weight_decay": 0.0, **group} for group in extra_groups),
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
 
@@ -169,23 +176,28 @@ def train(
     checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: str | torch.device | None = None,
+    stream: Iterator[Batch] | None = None,
+    extra_groups: Sequence[dict] = (),
 ) -> TrainResult:
     """Train the parameters of `model` that require gradients, in place; the model ends in eval mode.
 
     `should_stop()` is asked before every optimiser step: True raises TrainingCancelled.
+    `stream`: the batches to train on (default: `rows` in seeded shuffled epochs); `rows` then only sizes
+    an epoch. `extra_groups`: AdamW parameter groups (dicts with "params" and e.g. "lr", "maximize") trained
+    beside the model's parameters, under the same schedule.
     """
     config = config or TrainConfig()
-    if not rows:
+    if not rows and stream is None:
         raise ValueError("no training rows")
     device = torch.device(device) if device is not None else default_device()
-    total = config.total_steps(len(rows))
+    total = config.total_steps(max(1, len(rows)))
     torch.manual_seed(config.seed)
     model.to(device).train()
-    optimizer = _optimizer(model.named_parameters(), config)
+    optimizer = _optimizer(model.named_parameters(), config, extra_groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, total, config.schedule)
     )
-    stream = batches(rows, config.batch_size, config.seed, pad_id)
+    stream = stream if stream is not None else batches(rows, config.batch_size, config.seed, pad_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult(steps=total, rows=len(rows), device=describe_device(device))
     start = time.perf_counter()
