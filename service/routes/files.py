@@ -48,10 +48,11 @@ def get_or_404(store: FileStore, file_id: str) -> FileRecord:
 async def upload_file(
     store: StoreDep,
     file: Annotated[UploadFile, File(description="JSONL: one training record per line")],
-    purpose: Annotated[str, Form(description='"fine-tune"')],
+    purpose: Annotated[str, Form(description='"fine-tune" or "distill"')],
 ) -> FileRecord:
-    """A training set: every line a JSON record ({"messages"} with an assistant turn, {"prompt",
-    "completion"} or {"text"}), checked before anything is stored (400 naming the first bad line), at
+    """A training set: every line a JSON record (fine-tune: {"messages"} with an assistant turn, {"prompt",
+    "completion"} or {"text"}; distill: {"input", "label"?, "rationale"?}), checked before anything is
+    stored (400 naming the first bad line), at
     most STRATA_MAX_FILE_BYTES (413)."""
     data = await file.read(store.max_bytes + 1)
     try:

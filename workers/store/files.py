@@ -19,10 +19,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from workers.distill.records import read_distill_jsonl, validate_distill_record
 from workers.train.data import DataError, read_jsonl, validate_record
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
-PURPOSES = ("fine-tune",)
+# fine-tune: training records (workers/train/data.py); distill: {"input", "label"?, "rationale"?}
+PURPOSES = ("fine-tune", "distill")
 
 
 class FileContentError(ValueError):
@@ -59,8 +61,10 @@ def clean_filename(name: str | None) -> str:
     return base[:200] or "upload.jsonl"
 
 
-def check_jsonl(data: bytes) -> int:
-    """The number of training records in `data`, or FileContentError naming the first bad line."""
+def check_jsonl(data: bytes, purpose: str = "fine-tune") -> int:
+    """The number of records in `data` (training records, or distillation records for purpose
+    "distill"), or FileContentError naming the first bad line."""
+    validate = validate_distill_record if purpose == "distill" else validate_record
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -74,7 +78,7 @@ def check_jsonl(data: bytes) -> int:
         except json.JSONDecodeError as e:
             raise FileContentError(f"line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
         try:
-            validate_record(record, number)
+            validate(record, line=number)
         except DataError as e:
             raise FileContentError(str(e)) from None
         count += 1
@@ -99,7 +103,7 @@ class FileStore:
             raise FileContentError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose[:40]!r}")
         if len(data) > self.max_bytes:
             raise FileTooLargeError(f"the file has {len(data):,} bytes; at most {self.max_bytes:,}")
-        records = check_jsonl(data)
+        records = check_jsonl(data, purpose)
         record = FileRecord(
             id=f"file-{uuid.uuid4().hex[:24]}",
             bytes=len(data),
@@ -141,7 +145,9 @@ class FileStore:
         return self._paths(file_id)[0]
 
     def records(self, file_id: str) -> list[dict[str, Any]]:
-        """The file's records (validated again as they are read)."""
+        """The file's records (validated again as they are read, as its purpose needs)."""
+        if self.get(file_id).purpose == "distill":
+            return read_distill_jsonl(self.content_path(file_id))
         return read_jsonl(self.content_path(file_id))
 
     def delete(self, file_id: str) -> FileRecord:
