@@ -101,19 +101,19 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps a student (default 300)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps a student (default 150)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--teacher-train", type=int, default=None, help="training inputs asked (default 24)")
-    parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 24)")
+    parser.add_argument("--teacher-train", type=int, default=None, help="training inputs asked (default 16)")
+    parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 16)")
     parser.add_argument("--shots", type=int, default=2, help="teacher demonstrations")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy box)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steps = args.steps or (3 if args.quick else 300)
-    teacher_train = args.teacher_train or (4 if args.quick else 24)
-    teacher_test = args.teacher_test or (4 if args.quick else 24)
+    steps = args.steps or (3 if args.quick else 150)
+    teacher_train = args.teacher_train or (4 if args.quick else 16)
+    teacher_test = args.teacher_test or (4 if args.quick else 16)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -159,7 +159,7 @@ def main() -> None:
     demos = demonstrations_for(TASK, None, train)[: args.shots]
     asked_train, asked_test = train[-teacher_train:], test[:teacher_test]  # demos are train[:3]
     prompts = [teacher_prompt(TASK, demos, r["input"]) for r in asked_train + asked_test]
-    complete = engine_teacher(model, teacher_tokenizer, None, max_new_tokens=64)
+    complete = engine_teacher(model, teacher_tokenizer, None, max_new_tokens=48)
     cache = AnswerCache(args.work / f"teacher-{teacher_name}-{args.shots}shot.jsonl")
     answers, _ = ask_teacher(prompts, complete, cache, teacher_name)
     del model

@@ -382,6 +382,7 @@ class DistillJobRequest(DistillOptions):
     train_file: str = Field(min_length=1, description="An uploaded file id (file-...) or a JSONL path")
     eval_file: str = Field(min_length=1, description="Held-out records with gold labels, file id or path")
     task: TaskSpec = Field(default_factory=TaskSpec)
+    seed: Seed = 0
     name: str | None = None
 
     _check_name = field_validator("name")(_slug)

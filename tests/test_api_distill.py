@@ -16,8 +16,8 @@ from tests.conftest import _real_redis, start_server, stop_server
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_chat_llama, make_tiny_llama
 from workers.distill import multistep
 
-TRAIN = [{**r, "input": r["input"][:70]} for r in multistep.load("train")[:12]]
-TEST = [{**r, "input": r["input"][:70]} for r in multistep.load("test")[:3]]
+TRAIN = [{**r, "input": r["input"][:70].strip()} for r in multistep.load("train")[:12]]
+TEST = [{**r, "input": r["input"][:70].strip()} for r in multistep.load("test")[:3]]
 GOLD = {r["input"]: r for r in TRAIN + TEST}
 OPTIONS = {"steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 96, "label_max_new_tokens": 4}
 
@@ -81,7 +81,7 @@ def distill_server(tmp_path_factory, teacher_url):
         "STRATA_TEACHER_HOSTS": "127.0.0.1",
     }
     server = start_server(root / "home", env, infer_workers=0)
-    make_tiny_llama(root / "student", seed=0, vocab_size=DISTILL_VOCAB_SIZE)
+    make_tiny_llama(root / "student", seed=0, vocab_size=DISTILL_VOCAB_SIZE, max_position_embeddings=1024)
     distill_tokenizer().save_pretrained(root / "student")
     make_tiny_chat_llama(root / "chars", seed=1)
     with server.client() as c:

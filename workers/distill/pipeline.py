@@ -108,7 +108,7 @@ def distill_step_by_step(
             "no_rationale": len(train_records) - len(kept),
         }
     else:
-        cache = cache or AnswerCache(Path("/dev/null"))
+        cache = cache or AnswerCache()
         demos = demonstrations_for(
             task, [d.model_dump() for d in options.demonstrations or []] or None, train_records
         )

@@ -144,7 +144,8 @@ def train_student(
     if rationales:
         train_config = train_config.model_copy(update={"batch_size": 2 * config.batch_size})
     trained = _with_lora(model, config) if config.method == "lora" else model
-    loss_fn = multitask_loss(prefix_ids(tokenizer, RATIONALE_PREFIX), rationale_weight)
+    marker = prefix_ids(tokenizer, RATIONALE_PREFIX)
+    loss_fn = multitask_loss(marker, rationale_weight)
     result: TrainResult = train(
         trained,
         rows,
@@ -159,12 +160,7 @@ def train_student(
     trained.to("cpu")
     if config.method == "lora":
         trained = trained.merge_and_unload()
-    rationale_rows = sum(
-        1
-        for row in rows
-        if row.input_ids[: len(prefix_ids(tokenizer, RATIONALE_PREFIX))]
-        == prefix_ids(tokenizer, RATIONALE_PREFIX)
-    )
+    rationale_rows = sum(row.input_ids[: len(marker)] == marker for row in rows)
     report = {
         "steps": result.steps,
         "label_rows": len(rows) - rationale_rows,

@@ -139,12 +139,13 @@ def cache_key(teacher_id: str, prompt: str) -> str:
 
 
 class AnswerCache:
-    """Teacher continuations by cache_key, in an append-only JSONL file (a torn last line is ignored)."""
+    """Teacher continuations by cache_key, in an append-only JSONL file (a torn last line is ignored);
+    without a path, in memory only."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else None
         self.answers: dict[str, str] = {}
-        if self.path.is_file():
+        if self.path is not None and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
@@ -153,11 +154,13 @@ class AnswerCache:
                     continue
 
     def add(self, entries: dict[str, str]) -> None:
+        self.answers.update(entries)
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             for key, text in entries.items():
                 handle.write(json.dumps({"key": key, "text": text}) + "\n")
-        self.answers.update(entries)
 
 
 def ask_teacher(
