@@ -395,6 +395,9 @@ def check_finetune(request: FinetuneJobRequest, registry: Registry, settings: Se
                 stored = files.get(file_id)
             except FileNotFound as e:
                 raise HTTPException(422, f"{key}: {e}") from e
+            if stored.purpose != "fine-tune":
+                purpose = stored.purpose
+                raise HTTPException(422, f"{key}: {file_id} was uploaded for {purpose!r}, not 'fine-tune'")
             records = stored.records if key == "training_file" else records
     check_training_data(request.examples, request.data, settings)
     steps = request.train_config().total_steps(records) if records else request.steps

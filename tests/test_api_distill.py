@@ -221,4 +221,7 @@ def test_malformed_records_are_refused_at_upload_and_fine_tune_files_are_not_dis
         chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
         fine_tune = upload(c, chat, purpose="fine-tune").json()["id"]
         r = c.post("/v1/jobs", json=body(data_files, train_file=fine_tune))
-    assert r.status_code == 422 and "purpose 'distill'" in r.text
+        assert r.status_code == 422 and "purpose 'distill'" in r.text
+        ft = {"kind": "finetune", "model": "student", "training_file": data_files["train"], "steps": 1}
+        r = c.post("/v1/jobs", json=ft)
+    assert r.status_code == 422 and "uploaded for 'distill', not 'fine-tune'" in r.text
