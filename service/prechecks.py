@@ -13,6 +13,7 @@ from fastapi import HTTPException
 
 from service.eval_texts import check_eval_text
 from service.schemas import (
+    DistillJobRequest,
     ExtractLoraJobRequest,
     FinetuneJobRequest,
     FitExitsJobRequest,
@@ -24,12 +25,16 @@ from service.schemas import (
     PruneJobRequest,
     SortJobRequest,
     SparsifyJobRequest,
+    TeacherEndpointRef,
     TruncateJobRequest,
     VariantsJobRequest,
 )
 from service.template_checks import check_or_422
+from workers.distill.student import check_tokenizer
+from workers.distill.teacher import endpoint_for
 from workers.early_exit.fit import default_fit_exits
 from workers.early_exit.fit_data import BUNDLED, enough_tokens
+from workers.jobs.distill import distill_data
 from workers.merge import METHODS
 from workers.merge.config import MODEL_ID
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
@@ -494,7 +499,59 @@ def check_finetune(request: FinetuneJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path, torch.float32), settings)
 
 
+def check_distill(request: DistillJobRequest, registry: Registry, settings: Settings) -> None:
+    """The student (and a model teacher) resolve, an endpoint teacher is configured and allowed, both
+    record files are well-formed for the task, the evaluation records have gold labels, "data" brings
+    rationales, the student's tokenizer can spell the [label] / [rationale] format, the run is bounded,
+    the output id is free and fits on disk (float32)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_or_422(request.student, registry, settings)
+    teacher = request.teacher
+    if isinstance(teacher, TeacherEndpointRef):
+        try:
+            endpoint_for(teacher.endpoint, settings.teacher_endpoints, settings.teacher_hosts)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+    elif not isinstance(teacher, str):
+        layers = _layers(resolve_or_422(teacher.model, registry, settings)).get("num_hidden_layers", 0)
+        if teacher.depth is not None and teacher.depth > layers:
+            raise HTTPException(422, f"teacher.depth must lie in 1..{layers}")
+    files = FileStore(settings.files_dir, settings.max_file_bytes)
+    loaded = {}
+    for key in ("train_file", "eval_file"):
+        try:
+            loaded[key], _ = distill_data(getattr(request, key), files, settings.import_roots, request.task)
+        except (DataError, FileNotFound, ModelReferenceError) as e:
+            raise HTTPException(422, f"{key}: {e}") from e
+    if any("label" not in r for r in loaded["eval_file"]):
+        raise HTTPException(422, "eval_file: every evaluation record needs a gold label")
+    if teacher == "data" and not any("rationale" in r and "label" in r for r in loaded["train_file"]):
+        raise HTTPException(422, 'teacher "data" needs training records with a rationale and a label')
+    if "label_only" in request.baselines and not any("label" in r for r in loaded["train_file"]):
+        raise HTTPException(422, "the label_only baseline needs training records with gold labels")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        check_tokenizer(tokenizer, loaded["train_file"][:8] + loaded["eval_file"][:8])
+    except DataError as e:
+        raise HTTPException(422, f"student: {e}") from e
+    except (OSError, ValueError) as e:
+        raise HTTPException(422, "student: its tokenizer could not be loaded") from e
+    steps = request.train_config().total_steps(2 * len(loaded["train_file"]))
+    runs = 1 + len(set(request.baselines))
+    if steps * runs > MAX_FINETUNE_STEPS:
+        raise HTTPException(
+            422, f"the runs would take {steps * runs:,} optimiser steps; at most {MAX_FINETUNE_STEPS:,}"
+        )
+    if request.name is None:
+        request.name = f"{request.student.rstrip('/').rsplit('/', 1)[-1]}-sbs-{uuid.uuid4().hex[:6]}"
+    ensure_valid_id(request.name, "name")
+    ensure_free(request.name, registry)
+    ensure_disk(weights_bytes(path, torch.float32), settings)
+
+
 PRECHECKS = {
+    "distill": check_distill,
     "finetune": check_finetune,
     "fit_exits": check_fit_exits,
     "sort": check_sort,

@@ -33,6 +33,7 @@ JOB_FUNCTIONS = {
     "fit_exits": "workers.jobs.fit_exits.fit_exits_job",
     "extract_lora": "workers.jobs.extract_lora.extract_lora_job",
     "finetune": "workers.jobs.finetune.finetune_job",
+    "distill": "workers.jobs.distill.distill_job",
 }
 STATUS = {
     JobStatus.QUEUED: "queued",

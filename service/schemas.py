@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.eval_texts import EvalTextSpec
+from workers.distill.pipeline import DistillOptions
+from workers.distill.records import TaskSpec
 from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, BundledText
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
@@ -411,6 +413,48 @@ class FinetuneJobRequest(FinetuneConfig):
     _check_name = field_validator("name")(_slug)
 
 
+class TeacherModel(BaseModel):
+    """A model registered in Strata, run by the job's worker in-process at exit depth `depth` (default:
+    full depth)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=128)
+    depth: int | None = Field(default=None, ge=1, le=100_000)
+
+
+class TeacherEndpointRef(BaseModel):
+    """An OpenAI-compatible endpoint configured by name in STRATA_TEACHER_ENDPOINTS (URL and key come from
+    the settings, never from a request), and the model to ask there."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=200)
+
+
+class DistillJobRequest(DistillOptions):
+    """Distilling step-by-step (arXiv 2305.02301): the teacher's few-shot chain-of-thought rationales and
+    labels train the student on two tasks, `[label] <input>` -> label and `[rationale] <input>` ->
+    rationale, with loss L_label + rationale_weight * L_rationale on the target tokens; only the label task
+    runs at inference. Records `{"input", "label"?, "rationale"?}` (upload with purpose "distill", or a
+    JSONL path under an import root); teacher answers that do not parse or disagree with a gold label are
+    dropped and counted. The result and the model's record hold `eval`: held-out accuracy of
+    `step_by_step`, of each baseline (`label_only`: gold labels; `distill_labels`: teacher labels) and
+    of the teacher's few-shot answers."""
+
+    kind: Literal["distill"]
+    student: str = Field(min_length=1, description="The model to train (registered id or directory)")
+    teacher: Literal["data"] | TeacherModel | TeacherEndpointRef = Field(
+        description='"data" (each record brings its rationale), a registered model, or a configured endpoint'
+    )
+    train_file: str = Field(min_length=1, description="An uploaded file id (file-...) or a JSONL path")
+    eval_file: str = Field(min_length=1, description="Held-out records with gold labels, file id or path")
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    seed: Seed = 0
+    name: str | None = None
+
+    _check_name = field_validator("name")(_slug)
+
+
 JobRequest = Annotated[
     MergeJobRequest
     | MoeJobRequest
@@ -423,7 +467,8 @@ JobRequest = Annotated[
     | FitExitsJobRequest
     | TruncateJobRequest
     | ExtractLoraJobRequest
-    | FinetuneJobRequest,
+    | FinetuneJobRequest
+    | DistillJobRequest,
     Field(discriminator="kind"),
 ]
 

@@ -133,3 +133,18 @@ def make_tiny_chat_llama(path: Path, seed: int = 0, **config_overrides) -> Llama
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
     return model
+
+
+def distill_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character like `character_tokenizer`, with the brackets and arithmetic signs that
+    distillation records need ("[label]", "3 * 4 = 12"); its vocab has DISTILL_VOCAB_SIZE entries."""
+    tokens = list(dict.fromkeys(SPECIALS + CHARACTERS + list("[]*+=()")))
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+DISTILL_VOCAB_SIZE = len(dict.fromkeys(SPECIALS + CHARACTERS + list("[]*+=()")))

@@ -8,8 +8,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class TeacherEndpoint(BaseModel):
+    """An OpenAI-compatible API that distill jobs may ask for rationales: its base URL (e.g.
+    https://api.example.com/v1) and its key, given itself or as the name of an environment variable."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    api_key: str | None = None
+    api_key_env: str | None = None
 
 
 class Settings(BaseSettings):
@@ -81,6 +91,13 @@ class Settings(BaseSettings):
     )
     max_merge_models: int = Field(default=64, gt=0, description="Models one merge recipe may list")
     min_free_bytes: int = Field(default=256 << 20, ge=0, description="Disk to keep free beyond a new model")
+    teacher_endpoints: dict[str, TeacherEndpoint] = Field(
+        default_factory=dict,
+        description='Teachers of distill jobs, by name (JSON: {"name": {"url", "api_key" or "api_key_env"}})',
+    )
+    teacher_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names a teacher endpoint may have (comma-separated)"
+    )
 
     @field_validator("home")
     @classmethod
@@ -94,7 +111,7 @@ class Settings(BaseSettings):
             return [Path(p.strip()).expanduser() for p in v.split(",") if p.strip()]
         return v
 
-    @field_validator("allowed_hosts", mode="before")
+    @field_validator("allowed_hosts", "teacher_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, v: object) -> object:
         return [h.strip() for h in v.split(",") if h.strip()] if isinstance(v, str) else v

@@ -55,13 +55,13 @@ def get_or_404(store: FileStore, file_id: str) -> FileRecord:
 @router.post("/v1/files", response_model=FileRecord)
 async def upload_file(
     store: StoreDep,
-    file: Annotated[UploadFile, File(description="fine-tune: JSONL, a record per line; user_data: text")],
-    purpose: Annotated[str, Form(description='"fine-tune" or "user_data"')],
+    file: Annotated[UploadFile, File(description="JSONL, a record per line (fine-tune, distill); or text")],
+    purpose: Annotated[str, Form(description='"fine-tune", "distill" or "user_data"')],
 ) -> FileRecord:
     """A training set (purpose "fine-tune": every line a JSON record, {"messages"} with an assistant turn,
-    {"prompt", "completion"} or {"text"}; 400 naming the first bad line) or the user's own text (purpose
-    "user_data": UTF-8, e.g. a profile's evaluation text), checked before anything is stored, at most
-    STRATA_MAX_FILE_BYTES (413)."""
+    {"prompt", "completion"} or {"text"}; "distill": {"input", "label"?, "rationale"?}; 400 naming the first
+    bad line) or the user's own text (purpose "user_data": UTF-8, e.g. a profile's evaluation text), checked
+    before anything is stored, at most STRATA_MAX_FILE_BYTES (413)."""
     data = await file.read(store.max_bytes + 1)
     try:
         return await run_in_threadpool(store.put, data, file.filename, purpose)

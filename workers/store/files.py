@@ -16,17 +16,22 @@ import os
 import re
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from workers.distill.records import read_distill_jsonl, validate_distill_record
 from workers.train.data import DataError, read_jsonl, validate_record
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
-PURPOSES = ("fine-tune", "user_data")
+# fine-tune: training records (workers/train/data.py); distill: {"input", "label"?, "rationale"?};
+# user_data: the user's own UTF-8 text
 TRAINING = "fine-tune"
+DISTILL = "distill"
 USER_TEXT = "user_data"
+PURPOSES = (TRAINING, DISTILL, USER_TEXT)
 
 
 class FileContentError(ValueError):
@@ -63,8 +68,10 @@ def clean_filename(name: str | None) -> str:
     return base[:200] or "upload.jsonl"
 
 
-def check_jsonl(data: bytes) -> int:
-    """The number of training records in `data`, or FileContentError naming the first bad line."""
+def check_jsonl(data: bytes, purpose: str = "fine-tune") -> int:
+    """The number of records in `data` (training records, or distillation records for purpose
+    "distill"), or FileContentError naming the first bad line."""
+    validate = validate_distill_record if purpose == "distill" else validate_record
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -78,7 +85,7 @@ def check_jsonl(data: bytes) -> int:
         except json.JSONDecodeError as e:
             raise FileContentError(f"line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
         try:
-            validate_record(record, number)
+            validate(record, line=number)
         except DataError as e:
             raise FileContentError(str(e)) from None
         count += 1
@@ -100,7 +107,7 @@ def check_text(data: bytes) -> int:
     return len(text.splitlines())
 
 
-CHECKS = {TRAINING: check_jsonl, USER_TEXT: check_text}
+CHECKS = {TRAINING: check_jsonl, DISTILL: partial(check_jsonl, purpose=DISTILL), USER_TEXT: check_text}
 
 
 class FileStore:
@@ -168,7 +175,10 @@ class FileStore:
         return record
 
     def records(self, file_id: str) -> list[dict[str, Any]]:
-        """A training file's records (validated again as they are read)."""
+        """A training or distillation file's records (validated again as they are read, as its purpose
+        needs)."""
+        if self.get(file_id).purpose == DISTILL:
+            return read_distill_jsonl(self.content_path(file_id))
         self.of_purpose(file_id, TRAINING)
         return read_jsonl(self.content_path(file_id))
 

@@ -68,6 +68,11 @@ class ModelRecord(BaseModel):
         description="A variant served as base + compressed delta: forms chosen per tensor, worst relative "
         "error, bytes against the base's (the full weights stay in the store)",
     )
+    eval: dict[str, Any] | None = Field(
+        default=None,
+        description="Held-out evaluation made by the job that built the model (distill: the accuracy of the "
+        "step-by-step student, its baselines and the teacher)",
+    )
     chat_template_error: str | None = Field(
         default=None,
         description="Why the model's chat template is unusable (it exceeded the rendering limits when a "

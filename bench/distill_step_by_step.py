@@ -1,0 +1,229 @@
+"""Distilling step-by-step (arXiv 2305.02301) on the bundled multistep task: is a rationale worth data?
+
+The task (workers/distill/multistep.py): multi-step arithmetic word problems, 400 training and 60
+held-out records, each with its worked steps as the gold rationale. For each training-set size (12.5, 50
+and 100 % of the training split, nested, the same seed) a fresh student is trained with the same options
+and the same number of steps
+
+- `step_by_step`: the [label] and [rationale] tasks, L_label + lambda L_rationale (lambda = 1), on the
+  rationales supplied in the data (the issue's fallback when the teacher's own rationales are too poor);
+- `label_only`: the [label] task on the gold labels (standard fine-tuning);
+
+and scored on the 60 held-out records (greedy label task, numeric exact match). The teacher: the default
+model (SmolLM2-135M-Instruct) prompted few-shot with chain of thought (the job's template, in-process
+engine at full depth) on `--teacher-test` held-out inputs (its few-shot accuracy) and on the first
+`--teacher-train` training inputs; its parsed answers are filtered as the job filters them, and
+`distill_labels` (standard distillation: the student trained on the teacher's kept labels) and
+`step_by_step_teacher` (the student trained on the teacher's own kept rationales) are trained on what is
+kept, at the 12.5 % size.
+
+The student is a small LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M parameters) with a
+character tokenizer: on this 2-core machine shared with other jobs one optimiser step of the 135M default
+model on 16 rows took about 120 s (2 threads, load 17), so nine 135M trainings do not fit a bench run; the
+small student takes about 1 s a step on one thread.
+
+Table: accuracy per method and size. Summary line:
+
+    distill_step_by_step: sbs_beats_label_only=<k>/3 data_fraction_to_match=<x> sbs_100=<x>
+        label_only_100=<x> teacher_few_shot=<x> teacher_kept=<k>/<n> distill_labels=<x> seconds=<s>
+
+where data_fraction_to_match is the smallest size at which step_by_step reaches label_only's accuracy at
+100 % (none: at no size). `--quick` (a few steps, a few held-out records, a tiny random teacher) checks
+that the pipeline runs; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer  # noqa: E402
+from workers.distill import multistep  # noqa: E402
+from workers.distill.pipeline import DistillOptions, keep_teacher_answers  # noqa: E402
+from workers.distill.prompts import demonstrations_for, parse_answer, teacher_prompt  # noqa: E402
+from workers.distill.records import TaskSpec, is_correct  # noqa: E402
+from workers.distill.student import label_accuracy, train_student  # noqa: E402
+from workers.distill.teacher import AnswerCache, ask_teacher, engine_teacher  # noqa: E402
+from workers.jobs.models import load_model  # noqa: E402
+
+FRACTIONS = (0.125, 0.5, 1.0)
+TASK = TaskSpec(**multistep.TASK)
+
+
+def student(seed: int, quick: bool) -> LlamaForCausalLM:
+    size = (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+        if quick
+        else dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+    )
+    config = LlamaConfig(
+        vocab_size=DISTILL_VOCAB_SIZE,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        **size,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def teacher_model(work: Path, quick: bool):
+    if quick:
+        from tests.tiny_models import make_tiny_chat_llama
+
+        path = work / "tiny-teacher"
+        if not (path / "config.json").exists():
+            make_tiny_chat_llama(path, seed=0, max_position_embeddings=1024)
+        return load_model(path), "tiny-random"
+    from bench.merge_quality import default_model
+
+    return load_model(default_model(work)), "SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps a student (default 150)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--teacher-train", type=int, default=None, help="training inputs asked (default 16)")
+    parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 16)")
+    parser.add_argument("--shots", type=int, default=2, help="teacher demonstrations")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy box)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 150)
+    teacher_train = args.teacher_train or (4 if args.quick else 16)
+    teacher_test = args.teacher_test or (4 if args.quick else 16)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    train, test = multistep.load("train"), multistep.load("test")
+    if args.quick:
+        test = test[:4]
+    tokenizer = distill_tokenizer()
+    options = DistillOptions(
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=steps // 10,
+        schedule="cosine",
+        max_length=256,
+        seed=0,
+    )
+    table: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+
+    def run(name: str, size: str, records: list[dict], rationales: bool) -> None:
+        t0 = time.perf_counter()
+        model, stats = train_student(
+            student(0, args.quick), tokenizer, records, options, rationales=rationales
+        )
+        score = label_accuracy(model, tokenizer, TASK, test, options.label_max_new_tokens)
+        table.setdefault(name, {})[size] = score["accuracy"]
+        seconds[f"{name}@{size}"] = round(time.perf_counter() - t0, 1)
+        print(
+            f"{name} at {size}: accuracy {score['accuracy']:.3f} ({score['correct']}/{score['examples']}), "
+            f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, {seconds[f'{name}@{size}']} s",
+            flush=True,
+        )
+
+    for fraction in FRACTIONS:
+        subset = train[: round(fraction * len(train))]
+        size = f"{fraction:g}"
+        run("step_by_step", size, subset, True)
+        run("label_only", size, [{"input": r["input"], "label": r["label"]} for r in subset], False)
+
+    # the teacher: few-shot CoT from the default model, its answers filtered as the job filters them
+    t0 = time.perf_counter()
+    (model, teacher_tokenizer), teacher_name = teacher_model(args.work, args.quick)
+    demos = demonstrations_for(TASK, None, train)[: args.shots]
+    asked_train, asked_test = train[-teacher_train:], test[:teacher_test]  # demos are train[:3]
+    prompts = [teacher_prompt(TASK, demos, r["input"]) for r in asked_train + asked_test]
+    complete = engine_teacher(model, teacher_tokenizer, None, max_new_tokens=48)
+    cache = AnswerCache(args.work / f"teacher-{teacher_name}-{args.shots}shot.jsonl")
+    answers, _ = ask_teacher(prompts, complete, cache, teacher_name)
+    del model
+    test_answers = answers[len(asked_train) :]
+    right = sum(
+        (p := parse_answer(TASK, a)) is not None and is_correct(TASK, p[1], r["label"])
+        for a, r in zip(test_answers, asked_test, strict=True)
+    )
+    teacher_accuracy = right / len(asked_test)
+    kept, counts = keep_teacher_answers(TASK, asked_train, answers[: len(asked_train)])
+    seconds["teacher"] = round(time.perf_counter() - t0, 1)
+    print(
+        f"teacher {teacher_name} {args.shots}-shot: accuracy {teacher_accuracy:.3f} on {len(asked_test)}; "
+        f"train answers {counts}; {seconds['teacher']} s",
+        flush=True,
+    )
+    print("teacher sample answer:", json.dumps(test_answers[0][:300]), flush=True)
+    if kept:
+        run("distill_labels", "teacher", [{"input": r["input"], "label": r["label"]} for r in kept], False)
+        run("step_by_step_teacher", "teacher", kept, True)
+
+    sizes = [f"{f:g}" for f in FRACTIONS]
+    print()
+    print(
+        f"| method | {' | '.join(f'{float(s) * 100:g} % ({round(float(s) * len(train))})' for s in sizes)} |"
+    )
+    print("|---|" + "---|" * len(sizes))
+    for name in ("step_by_step", "label_only"):
+        print(f"| {name} | " + " | ".join(f"{table[name][s]:.3f}" for s in sizes) + " |")
+    if kept:
+        for name in ("distill_labels", "step_by_step_teacher"):
+            print(
+                f"| {name} (on the teacher's {len(kept)} kept of {len(asked_train)}) | "
+                f"{table[name]['teacher']:.3f} | | |"
+            )
+    print(
+        f"| teacher {teacher_name} {args.shots}-shot CoT ({len(asked_test)} held-out) | "
+        f"{teacher_accuracy:.3f} | {teacher_accuracy:.3f} | {teacher_accuracy:.3f} |"
+    )
+
+    beats = sum(table["step_by_step"][s] > table["label_only"][s] for s in sizes)
+    target = table["label_only"]["1"]
+    matched = [float(s) for s in sizes if table["step_by_step"][s] >= target]
+    fraction_to_match = f"{min(matched):g}" if matched else "none"
+    distill_labels = f"{table['distill_labels']['teacher']:.3f}" if kept else "none_kept"
+    total = round(time.perf_counter() - started)
+    print()
+    print(
+        f"distill_step_by_step: sbs_beats_label_only={beats}/{len(sizes)} data_fraction_to_match="
+        f"{fraction_to_match} sbs_100={table['step_by_step']['1']:.3f} label_only_100={target:.3f} "
+        f"teacher_few_shot={teacher_accuracy:.3f} teacher_kept={len(kept)}/{len(asked_train)} "
+        f"distill_labels={distill_labels} seconds={total}"
+    )
+    if args.json:
+        report = {
+            "table": table,
+            "teacher": {"name": teacher_name, "accuracy": teacher_accuracy, "filter": counts},
+            "steps": steps,
+            "seconds": seconds,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "load": os.getloadavg(),
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Distilling step-by-step: the answer format and its parser, scorers, the teacher cache and endpoint
+client (against a real local HTTP server), the multi-task loss, and the pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tests.generation.conftest import character_tokenizer
+from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_llama
+from workers.distill import multistep
+from workers.distill.pipeline import DistillOptions, distill_step_by_step, keep_teacher_answers
+from workers.distill.prompts import (
+    LABEL_PREFIX,
+    RATIONALE_PREFIX,
+    demonstrations_for,
+    parse_answer,
+    teacher_prompt,
+)
+from workers.distill.records import TaskSpec, check_records, is_correct
+from workers.distill.student import check_tokenizer, encode_task, multitask_loss, prefix_ids
+from workers.distill.teacher import AnswerCache, TeacherError, ask_teacher, endpoint_for, endpoint_teacher
+from workers.settings import TeacherEndpoint
+from workers.train.data import DataError, collate
+from workers.train.trainer import causal_lm_loss
+
+SHORT = TaskSpec()
+TOPIC = TaskSpec(type="classification", labels=["sports", "food"])
+CHOICE = TaskSpec(type="multiple_choice")
+
+
+@pytest.mark.parametrize(
+    "task, text, parsed",
+    [
+        (SHORT, " 2 * 3 = 6. 6 + 1 = 7.\nAnswer: 7\n\nInput: next", ("2 * 3 = 6. 6 + 1 = 7.", "7")),
+        (SHORT, "Reasoning: 4 + 4 = 8.\nAnswer: 8.", ("4 + 4 = 8.", "8")),
+        (SHORT, " 4 + 4 = 8, so 8.", None),  # no Answer line
+        (SHORT, " Answer: 8", None),  # no rationale
+        (TOPIC, " a goal is sport.\nAnswer: Sports", ("a goal is sport.", "sports")),
+        (TOPIC, " it is about cars.\nAnswer: cars", None),  # outside the label set
+        (CHOICE, " the second fits.\nAnswer: (B) blue", ("the second fits.", "B")),
+    ],
+)
+def test_teacher_answers_parse_only_in_the_stated_format(task, text, parsed):
+    assert parse_answer(task, text) == parsed
+
+
+@pytest.mark.parametrize(
+    "task, reply, gold, right",
+    [
+        (SHORT, "14", "14", True),
+        (SHORT, "14.0", "14", True),
+        (SHORT, "15", "14", False),
+        (SHORT, "Paris.", "paris", True),
+        (TOPIC, "FOOD", "food", True),
+        (TOPIC, "sports", "food", False),
+        (CHOICE, "C)", "C", True),
+        (CHOICE, "D", "C", False),
+    ],
+)
+def test_scorers(task, reply, gold, right):
+    assert is_correct(task, reply, gold) is right
+
+
+def test_malformed_records_and_tasks_are_refused():
+    with pytest.raises(DataError, match="record|input"):
+        check_records([{"input": "ok", "label": "1"}, {"text": "no input"}])
+    with pytest.raises(DataError, match="line 1: 'input'"):
+        check_records([{"input": "", "label": "1"}])
+    with pytest.raises(DataError, match="not one of the task's labels"):
+        check_records([{"input": "a match", "label": "weather"}], TOPIC)
+    with pytest.raises(ValueError, match="needs labels"):
+        TaskSpec(type="classification")
+
+
+def test_teacher_answers_that_fail_to_parse_or_disagree_with_gold_are_dropped_and_counted():
+    records = [{"input": "a", "label": "3"}, {"input": "b", "label": "4"}, {"input": "c"}]
+    answers = [" 1 + 2 = 3.\nAnswer: 3", " 2 + 3 = 5.\nAnswer: 5", "no format"]
+    kept, counts = keep_teacher_answers(SHORT, records, answers)
+    assert kept == [{"input": "a", "rationale": "1 + 2 = 3.", "label": "3"}]
+    assert counts == {"queried": 3, "kept": 1, "unparseable": 1, "disagree": 1}
+
+
+def test_the_few_shot_prompt_shows_the_demonstrations_and_ends_at_the_reasoning_cue():
+    demos = demonstrations_for(SHORT, None, multistep.load("train"))
+    prompt = teacher_prompt(SHORT, demos, "What is 2 + 2?")
+    assert prompt.endswith("Input: What is 2 + 2?\nReasoning:")
+    assert prompt.count("Answer: ") == 3 and demos[0]["rationale"] in prompt
+    with pytest.raises(ValueError, match="needs demonstrations"):
+        demonstrations_for(TOPIC, None, [{"input": "x", "label": "food"}])
+
+
+def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(tmp_path):
+    multistep.write(tmp_path)
+    for split in ("train", "test"):
+        assert (tmp_path / f"multistep.{split}.jsonl").read_text() == multistep.path(split).read_text()
+    train, test = multistep.load("train"), multistep.load("test")
+    assert (len(train), len(test)) == (multistep.TRAIN, multistep.HELD_OUT)
+    assert not {r["input"] for r in train} & {r["input"] for r in test}
+    for record in check_records(train + test, TaskSpec(**multistep.TASK)):
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", record["rationale"])
+        assert len(steps) == 3
+        for a, op, b, c in steps:
+            assert eval(f"{a} {op} {b}") == int(c)  # noqa: S307 - digits and one operator
+        assert steps[-1][3] == record["label"]
+
+
+def test_a_tokenizer_that_cannot_spell_the_prefixes_is_refused():
+    with pytest.raises(DataError, match=r"cannot spell '\[label\]'"):
+        check_tokenizer(character_tokenizer(), [])
+    check_tokenizer(distill_tokenizer(), [{"input": "3 * 4 = ?", "label": "12", "rationale": "3 * 4 = 12."}])
+
+
+def test_the_multitask_loss_is_label_loss_plus_lambda_times_rationale_loss():
+    tokenizer = distill_tokenizer()
+    torch.manual_seed(0)
+    model = make_tiny_llama_in_memory()
+    records = [("tom has 3 and 4", "7", "3 + 4 = 7."), ("ann has 5 and 1", "6", "5 + 1 = 6.")]
+    labels = [encode_task(tokenizer, LABEL_PREFIX, x, y) for x, y, _ in records]
+    rationales = [encode_task(tokenizer, RATIONALE_PREFIX, x, r) for x, _, r in records]
+    loss_fn = multitask_loss(prefix_ids(tokenizer, RATIONALE_PREFIX), 0.5)
+    with torch.no_grad():
+        mixed = float(loss_fn(model, collate([labels[0], rationales[0], labels[1], rationales[1]])))
+        label_loss = float(causal_lm_loss(model, collate(labels)))
+        rationale_loss = float(causal_lm_loss(model, collate(rationales)))
+        only_labels = float(loss_fn(model, collate(labels)))
+    assert mixed == pytest.approx(label_loss + 0.5 * rationale_loss, rel=1e-5)
+    assert only_labels == pytest.approx(label_loss, rel=1e-5)
+
+
+def make_tiny_llama_in_memory() -> LlamaForCausalLM:
+    from tests.tiny_models import tiny_llama_config
+
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=DISTILL_VOCAB_SIZE)).eval()
+
+
+def test_the_cache_answers_a_retry_without_asking_and_a_failure_says_what_was_cached(tmp_path):
+    prompts = [f"q{i}" for i in range(5)]
+    asked: list[str] = []
+
+    def flaky(batch: list[str]) -> list[str]:
+        asked.extend(batch)
+        if "q4" in batch:
+            raise TeacherError("the teacher endpoint failed 5 times (last: HTTP 503)")
+        return [f"answer to {p}" for p in batch]
+
+    cache = AnswerCache(tmp_path / "cache.jsonl")
+    with pytest.raises(TeacherError, match="4 of 5 teacher answers are cached"):
+        ask_teacher(prompts, flaky, cache, "t", batch_size=2)
+    asked.clear()
+    again = AnswerCache(tmp_path / "cache.jsonl")  # a retried job reads the file afresh
+    answers, cached = ask_teacher(prompts, lambda b: [f"late {p}" for p in b], again, "t", batch_size=2)
+    assert cached == 4 and answers[:4] == [f"answer to q{i}" for i in range(4)] and answers[4] == "late q4"
+    assert ask_teacher(prompts, lambda b: 1 / 0, AnswerCache(tmp_path / "cache.jsonl"), "t")[1] == 5
+    assert ask_teacher(prompts[:1], lambda b: ["other"], again, "another teacher")[0] == ["other"]
+
+
+class _Teacher(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint: /ok/v1 answers every query, /flaky/v1 fails twice per query
+    before answering, /down/v1 always answers 503."""
+
+    calls: dict[str, int] = {}
+
+    def log_message(self, *args) -> None:
+        return None
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        route = self.path.split("/")[1]
+        _Teacher.calls[route] = _Teacher.calls.get(route, 0) + 1
+        if route == "down" or (route == "flaky" and _Teacher.calls[route] % 3):
+            self.send_response(503)
+            self.end_headers()
+            return
+        query = body["messages"][0]["content"].rsplit("Input: ", 1)[1]
+        content = f"Reasoning: thinking about {query.split(chr(10))[0][:10]}.\nAnswer: 42"
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_an_endpoint_teacher_retries_with_backoff_then_answers_or_fails_with_the_reason(teacher_url):
+    prompt = teacher_prompt(SHORT, demonstrations_for(SHORT, None, []), "what is 6 * 7?")
+    flaky = endpoint_teacher(
+        TeacherEndpoint(url=f"{teacher_url}/flaky/v1"), "m", 32, retries=3, backoff_s=0.01
+    )
+    assert parse_answer(SHORT, flaky([prompt])[0]) == ("thinking about what is 6 .", "42")
+    down = endpoint_teacher(TeacherEndpoint(url=f"{teacher_url}/down/v1"), "m", 32, retries=2, backoff_s=0.01)
+    before = _Teacher.calls.get("down", 0)
+    with pytest.raises(TeacherError, match=r"failed 3 times \(last: HTTP 503\)"):
+        down([prompt])
+    assert _Teacher.calls["down"] - before == 3
+
+
+def test_endpoints_come_from_the_settings_and_their_host_must_be_allowed():
+    endpoints = {
+        "local": TeacherEndpoint(url="http://127.0.0.1:9/v1"),
+        "far": TeacherEndpoint(url="https://x.example/v1"),
+    }
+    assert endpoint_for("local", endpoints, ["127.0.0.1"]).url.endswith(":9/v1")
+    with pytest.raises(ValueError, match="not on the allow-list"):
+        endpoint_for("far", endpoints, ["127.0.0.1"])
+    with pytest.raises(ValueError, match="not configured"):
+        endpoint_for("http://evil", endpoints, ["evil"])
+
+
+def test_distilling_trains_the_student_and_every_baseline_and_evaluates_them(tmp_path):
+    make_tiny_llama(tmp_path / "student", seed=0, vocab_size=DISTILL_VOCAB_SIZE)
+    tokenizer = distill_tokenizer()
+
+    def load():
+        return LlamaForCausalLM.from_pretrained(tmp_path / "student").eval(), tokenizer
+
+    train = [{**r, "input": r["input"][:60]} for r in multistep.load("train")[:16]]
+    train[0] = {"input": train[0]["input"], "label": train[0]["label"]}  # no rationale: not in step_by_step
+    test = multistep.load("test")[:4]
+    options = DistillOptions(
+        steps=6, batch_size=4, lr=3e-3, max_length=96, baselines=["label_only", "distill_labels"]
+    )
+    phases: list[str] = []
+    result = distill_step_by_step(
+        load,
+        train,
+        test,
+        SHORT,
+        options,
+        out_dir=tmp_path / "out",
+        report=lambda p, d, t, m: phases.append(p),
+    )
+    assert set(result["eval"]) == {"step_by_step", "label_only", "distill_labels"}  # no teacher was queried
+    assert all(0 <= v["accuracy"] <= 1 and v["examples"] == 4 for v in result["eval"].values())
+    assert result["teacher_data"] == {"records": 16, "kept": 15, "no_rationale": 1}
+    sbs, label_only = result["training"]["step_by_step"], result["training"]["label_only"]
+    assert (sbs["label_rows"], sbs["rationale_rows"], label_only["label_rows"]) == (15, 15, 16)
+    assert sbs["final_loss"] < sbs["first_loss"] and label_only["final_loss"] < label_only["first_loss"]
+    assert (tmp_path / "out" / "config.json").is_file() and "evaluation" in phases
+    with pytest.raises(DataError, match="no training records left"):
+        distill_step_by_step(load, [{"input": "x", "label": "1"}], test, SHORT, options)
