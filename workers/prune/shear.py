@@ -56,9 +56,9 @@ class MaskOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(default=40, ge=1, le=100_000)
-    mask_lr: float = Field(default=0.5, gt=0, le=10, description="AdamW lr of the gate logits (paper: 1.0)")
+    mask_lr: float = Field(default=1.0, gt=0, le=10, description="AdamW lr of the gate logits (the paper's)")
     multiplier_lr: float = Field(
-        default=0.05, gt=0, le=10, description="AdamW lr (ascent) of the multipliers (paper: 1.0)"
+        default=1.0, gt=0, le=10, description="AdamW lr (ascent) of the multipliers (the paper's)"
     )
     model_lr: float = Field(default=1e-4, ge=0, le=1, description="lr of the model's weights (0: frozen)")
     temperature: float = Field(default=2 / 3, gt=0, le=10, description="Hard-concrete temperature b")
