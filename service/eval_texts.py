@@ -18,36 +18,43 @@ from workers.eval.eval_text import (
     resolve_eval_text,
     scoring_window,
 )
+from workers.store.files import FileStore
 from workers.store.model_files import read_config
 
 TOKENS_PREFIX_CHARS = 50_000  # enough characters to hold one window of tokens in any realistic text
 
 
 class EvalTextSpec(BaseModel):
-    """The text a profile measures quality on, and which quality floors then read: `text` (inline) or `path`
-    (a UTF-8 file under an import root) with an optional `name`, or `name` alone for a bundled held-out
-    text (broad, heldout, heldout_prose, dpkg-spec, gnu-manuals, vim-manual, python-reference,
-    python-docstrings, legal)."""
+    """The text a profile measures quality on, and which quality floors then read: `text` (inline), `path`
+    (a UTF-8 file under an import root) or `file` (an uploaded file's id, purpose "user_data") with an
+    optional `name`, or `name` alone for a bundled held-out text (broad, heldout, heldout_prose, dpkg-spec,
+    gnu-manuals, vim-manual, python-reference, python-docstrings, legal)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="The text's name in the profile")
     text: str | None = Field(default=None, max_length=MAX_EVAL_TEXT_BYTES, description="The text itself")
     path: str | None = Field(default=None, max_length=4096, description="A UTF-8 file under an import root")
+    file: str | None = Field(
+        default=None,
+        max_length=64,
+        description='An uploaded file id (POST /v1/files, purpose "user_data")',
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalTextSpec:
-        if self.text is not None and self.path is not None:
-            raise ValueError("give text or path, not both")
-        if self.text is None and self.path is None and self.name is None:
-            raise ValueError("give text, path or the name of a bundled evaluation text")
+        given = [k for k in ("text", "path", "file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of text, path or file, not {' and '.join(given)}")
+        if not given and self.name is None:
+            raise ValueError("give text, path, file or the name of a bundled evaluation text")
         return self
 
 
-def check_eval_text(spec: EvalTextSpec, model_path: Path, import_roots: list[Path]) -> None:
-    """4xx unless the text can be profiled: a known name, UTF-8, within the size limit, under an import
-    root, at least one scoring window of the model's tokens."""
+def check_eval_text(spec: EvalTextSpec, model_path: Path, import_roots: list[Path], files: FileStore) -> None:
+    """4xx unless the text can be profiled: a known name or file, UTF-8, within the size limit, under an
+    import root, at least one scoring window of the model's tokens."""
     try:
-        text = resolve_eval_text(spec.model_dump(exclude_none=True), import_roots)
+        text = resolve_eval_text(spec.model_dump(exclude_none=True), import_roots, files)
     except UnknownEvalTextError as e:
         raise HTTPException(404, str(e)) from None
     except EvalTextTooLargeError as e:

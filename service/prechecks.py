@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from service.schemas import (
 )
 from service.template_checks import check_or_422
 from workers.early_exit.fit import default_fit_exits
-from workers.early_exit.fit_data import BUNDLED
+from workers.early_exit.fit_data import BUNDLED, enough_tokens
 from workers.merge import METHODS
 from workers.merge.config import MODEL_ID
 from workers.merge.executor import DTYPES, MissingParameterError, tensor_parameters
@@ -43,13 +44,13 @@ from workers.prune.shear import Shape, check_shape, shape_of_model
 from workers.prune.target import PruneTarget, plan
 from workers.settings import Settings
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
-from workers.store.files import FileNotFound, FileStore
+from workers.store.files import TRAINING, FileContentError, FileNotFound, FileStore
 from workers.store.loadable import check_architecture
 from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import ModelRecord, Registry
-from workers.train.data import DataError, read_jsonl, validate_record
+from workers.train.data import DataError, iter_jsonl, read_jsonl, validate_record
 from workers.train.sorted_ft import default_exits
 
 
@@ -190,7 +191,8 @@ def check_profile(request: ProfileJobRequest, registry: Registry, settings: Sett
         raise HTTPException(422, f"grid depths must lie in 1..{record.num_layers}")
     ensure_distinct("grid", request.grid)
     if request.eval_text is not None:
-        check_eval_text(request.eval_text, settings.models_dir / request.model, settings.import_roots)
+        files = FileStore(settings.files_dir, settings.max_file_bytes)
+        check_eval_text(request.eval_text, settings.models_dir / request.model, settings.import_roots, files)
 
 
 def _default_name(request, suffix: str, registry: Registry) -> None:
@@ -413,9 +415,41 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
         ensure_memory(
             cache + batch, "distill_tokens x hidden size x distilled exits + distill_batch_tokens x vocab"
         )
-    if request.data and request.examples:
-        raise HTTPException(422, "give data or examples, not both")
+    given = [k for k in ("training_file", "data", "examples") if getattr(request, k)]
+    if len(given) > 1:
+        raise HTTPException(422, f"give one of training_file, data or examples, not {' and '.join(given)}")
     check_training_data(request.examples, request.data, settings)
+    records = user_fitting_records(request, settings)
+    if records is not None:
+        from service.generation.runner import load_tokenizer  # the API's cached tokenizers
+
+        path = resolve_or_422(request.model, registry, settings)
+        tokenizer = load_tokenizer(path, (path / "config.json").stat().st_mtime)
+        try:
+            count = enough_tokens(tokenizer, records, request.seq_len)
+        except DataError as e:
+            raise HTTPException(422, f"{given[0]}: {e}") from e
+        if count < request.seq_len:
+            raise HTTPException(
+                422, f"the fitting text has {count} tokens; at least one window of seq_len={request.seq_len}"
+            )
+
+
+def user_fitting_records(request: FitExitsJobRequest, settings: Settings) -> Iterable[dict] | None:
+    """The user's fitting records, read lazily (an uploaded file, a file under an import root, or inline),
+    None for a bundled text; 422 for a file that is missing or of another purpose."""
+    if request.examples:
+        return request.examples
+    try:
+        if request.training_file:
+            files = FileStore(settings.files_dir, settings.max_file_bytes)
+            files.of_purpose(request.training_file, TRAINING)
+            return iter_jsonl(files.content_path(request.training_file))
+        if request.data:
+            return iter_jsonl(resolve_path(request.data, settings.import_roots, directory=False))
+    except (FileNotFound, FileContentError, ModelReferenceError) as e:
+        raise HTTPException(422, f"{'training_file' if request.training_file else 'data'}: {e}") from e
+    return None
 
 
 def check_extract_lora(request: ExtractLoraJobRequest, registry: Registry, settings: Settings) -> None:
@@ -446,8 +480,8 @@ def check_finetune(request: FinetuneJobRequest, registry: Registry, settings: Se
         file_id = getattr(request, key)
         if file_id:
             try:
-                stored = files.get(file_id)
-            except FileNotFound as e:
+                stored = files.of_purpose(file_id, TRAINING)
+            except (FileNotFound, FileContentError) as e:
                 raise HTTPException(422, f"{key}: {e}") from e
             records = stored.records if key == "training_file" else records
     check_training_data(request.examples, request.data, settings)

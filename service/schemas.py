@@ -316,17 +316,20 @@ class FitExitsJobRequest(BaseModel):
     kind: Literal["fit_exits"]
     model: str = Field(min_length=1, description="A registered model; the adapters are stored with it")
     exits: list[int] | None = Field(default=None, min_length=1, description="Default: every depth below L")
+    training_file: str | None = Field(
+        default=None, max_length=64, description='An uploaded file id (POST /v1/files, purpose "fine-tune")'
+    )
     data: str | None = Field(default=None, description="A JSONL file under an import root (default: bundled)")
     examples: list[dict[str, Any]] | None = Field(
         default=None, description='Inline records: {"prompt", "response"} or {"messages"}', max_length=100_000
     )
     bundled: BundledText = Field(
         default=DEFAULT_TEXT,
-        description="Without data or examples: the default model's chat answers (chat), its own general "
-        "text (general: samples without a chat template), its samples opened on everyday topics (everyday), "
-        "original prose written for Strata (prose), human-written manuals, reference, docstrings and "
-        "licences (broad), or a mix: mixed (a chat record and a general one in turn), prose+chat (a prose "
-        "record and a chat record in turn) or broad+prose+chat (one of each in turn; the default)",
+        description="Without training_file, data or examples: the default model's chat answers (chat), its "
+        "own general text (general: samples without a chat template), its samples opened on everyday topics "
+        "(everyday), original prose written for Strata (prose), human-written manuals, reference, docstrings "
+        "and licences (broad), or a mix: mixed (a chat record and a general one in turn), prose+chat (a "
+        "prose record and a chat record in turn) or broad+prose+chat (one of each in turn; the default)",
     )
     max_tokens: int = Field(
         default=DEFAULT_MAX_TOKENS, ge=16, le=10_000_000, description="Fitting tokens used at most"

@@ -77,7 +77,7 @@ def test_a_text_file_under_an_import_root_is_read_and_named_after_it(server, eva
         ("bundled_name", 422, "is a bundled evaluation text"),
         ("outside_roots", 422, "outside the import roots"),
         ("missing_file", 422, "no file at"),
-        ("text_and_path", 422, "not both"),
+        ("text_and_path", 422, "not text and path"),
         ("bad_name", 422, "should match pattern"),
     ],
 )

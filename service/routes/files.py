@@ -1,4 +1,5 @@
-"""OpenAI's /v1/files: upload a JSONL training set (validated line by line first), list, read, delete."""
+"""OpenAI's /v1/files: upload a JSONL training set (validated line by line first) or a UTF-8 text (user_data),
+list, read, delete."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from service import deps
 from service.schemas import ERROR_RESPONSES
 from workers.settings import Settings
-from workers.store.files import FileContentError, FileNotFound, FileRecord, FileStore, FileTooLargeError
+from workers.store.files import (
+    TRAINING,
+    FileContentError,
+    FileNotFound,
+    FileRecord,
+    FileStore,
+    FileTooLargeError,
+)
 
 router = APIRouter(tags=["files"], responses={**ERROR_RESPONSES, 400: ERROR_RESPONSES[422]})
 UPLOAD_SLACK = 64 << 10  # multipart framing around the file, allowed beyond STRATA_MAX_FILE_BYTES
@@ -47,12 +55,13 @@ def get_or_404(store: FileStore, file_id: str) -> FileRecord:
 @router.post("/v1/files", response_model=FileRecord)
 async def upload_file(
     store: StoreDep,
-    file: Annotated[UploadFile, File(description="JSONL: one training record per line")],
-    purpose: Annotated[str, Form(description='"fine-tune"')],
+    file: Annotated[UploadFile, File(description="fine-tune: JSONL, a record per line; user_data: text")],
+    purpose: Annotated[str, Form(description='"fine-tune" or "user_data"')],
 ) -> FileRecord:
-    """A training set: every line a JSON record ({"messages"} with an assistant turn, {"prompt",
-    "completion"} or {"text"}), checked before anything is stored (400 naming the first bad line), at
-    most STRATA_MAX_FILE_BYTES (413)."""
+    """A training set (purpose "fine-tune": every line a JSON record, {"messages"} with an assistant turn,
+    {"prompt", "completion"} or {"text"}; 400 naming the first bad line) or the user's own text (purpose
+    "user_data": UTF-8, e.g. a profile's evaluation text), checked before anything is stored, at most
+    STRATA_MAX_FILE_BYTES (413)."""
     data = await file.read(store.max_bytes + 1)
     try:
         return await run_in_threadpool(store.put, data, file.filename, purpose)
@@ -75,7 +84,8 @@ def get_file(file_id: str, store: StoreDep) -> FileRecord:
 @router.get("/v1/files/{file_id}/content", response_class=FileResponse)
 def file_content(file_id: str, store: StoreDep) -> FileResponse:
     record = get_or_404(store, file_id)
-    return FileResponse(store.content_path(record.id), media_type="application/jsonl")
+    media_type = "application/jsonl" if record.purpose == TRAINING else "text/plain; charset=utf-8"
+    return FileResponse(store.content_path(record.id), media_type=media_type)
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)

@@ -24,7 +24,7 @@ from service.prechecks import PRECHECKS
 from service.queue import JobQueue, job_view
 from service.schemas import ERROR_RESPONSES, FinetuneJobRequest, JobView
 from workers.settings import Settings
-from workers.store.files import FileNotFound, FileStore
+from workers.store.files import TRAINING, FileContentError, FileNotFound, FileStore
 from workers.store.model_files import ModelFileError
 from workers.store.registry import Registry
 
@@ -205,8 +205,9 @@ def _create(
     body: FineTuningJobCreate, queue: JobQueue, registry: Registry, settings: Settings
 ) -> FineTuningJob:
     try:
-        records = FileStore(settings.files_dir, settings.max_file_bytes).get(body.training_file).records
-    except FileNotFound as e:
+        store = FileStore(settings.files_dir, settings.max_file_bytes)
+        records = store.of_purpose(body.training_file, TRAINING).records
+    except (FileNotFound, FileContentError) as e:
         raise HTTPException(400, f"training_file: {e}") from e
     request = to_request(body, records)
     try:

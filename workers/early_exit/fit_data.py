@@ -73,6 +73,17 @@ def fitting_stream(
     return ids, responses
 
 
+def enough_tokens(tokenizer, records: Iterable[Mapping[str, Any]], needed: int) -> int:
+    """Tokens of the records' stream, counted record by record and stopping once `needed` are reached (a
+    check of a large file encodes only its first records)."""
+    count = 0
+    for record in records:
+        count += len(encode_records(tokenizer, [record])[0].input_ids)
+        if count >= needed:
+            break
+    return count
+
+
 def fitting_ids(tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
     """The token stream of `fitting_stream` alone."""
     return fitting_stream(tokenizer, records, max_tokens)[0]

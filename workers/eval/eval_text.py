@@ -1,9 +1,9 @@
 """A profile's evaluation text: a bundled held-out text by name (`workers/eval/heldout.py`), or the user's
-own, inline or a UTF-8 file under an import root, checked before anything is measured or stored.
+own, inline, a UTF-8 file under an import root or an uploaded file (POST /v1/files, purpose "user_data"),
+checked before anything is measured or stored.
 
-The spec is a mapping with at most one of "text" (inline) and "path" (a file), and "name" (the text's name in
-the profile; alone, a bundled held-out text). Another source (an uploaded file's id) is one more key read in
-`resolve_eval_text`.
+The spec is a mapping with at most one of "text" (inline), "path" (a file) and "file" (an uploaded file's id),
+and "name" (the text's name in the profile; alone, a bundled held-out text).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.eval.heldout import DEFAULT_EVAL_TEXT, heldout_texts
+from workers.store.files import FileContentError, FileNotFound, FileStore
 from workers.store.references import resolve_path
 
 MAX_EVAL_TEXT_BYTES = 2_000_000
@@ -55,9 +56,11 @@ def _decode(raw: bytes) -> str:
         raise EvalTextError(f"the evaluation text is not UTF-8 (byte {e.start})") from None
 
 
-def resolve_eval_text(spec: Mapping[str, Any] | None, import_roots: Sequence[Path]) -> EvalText:
+def resolve_eval_text(
+    spec: Mapping[str, Any] | None, import_roots: Sequence[Path], files: FileStore | None = None
+) -> EvalText:
     """The evaluation text a spec names (None: the broad held-out, `DEFAULT_EVAL_TEXT`); EvalTextError when it
-    is unknown, too large, not UTF-8 or outside the import roots."""
+    is unknown, too large, not UTF-8, outside the import roots or an uploaded file of another purpose."""
     spec = spec or {}
     name = spec.get("name")
     if name is not None and not re.match(NAME_PATTERN, name):
@@ -77,6 +80,19 @@ def resolve_eval_text(spec: Mapping[str, Any] | None, import_roots: Sequence[Pat
         text, source = _decode(path.read_bytes()), "file"
         _check_size(len(text.encode("utf-8")))  # the file may have grown since
         name = name or path.stem[:64]
+    elif spec.get("file") is not None:
+        if files is None:
+            raise EvalTextError("uploaded files cannot be read here")
+        try:
+            record = files.get(spec["file"])
+        except FileNotFound as e:
+            raise UnknownEvalTextError(str(e)) from None
+        _check_size(record.bytes)
+        try:
+            text, source = files.text(record.id), "file"
+        except FileContentError as e:
+            raise EvalTextError(f"{e} (upload the text with purpose 'user_data')") from None
+        name = name or record.id
     else:
         name = name or DEFAULT_EVAL_TEXT
         if name not in bundled:

@@ -26,6 +26,7 @@ from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
 from workers.store.file_manifest import verify_files
+from workers.store.files import FileStore
 from workers.store.references import UnknownModelError, resolve_path
 from workers.train.data import read_jsonl
 
@@ -47,7 +48,16 @@ CONFIG_KEYS = (  # job fields passed to FitConfig as they are
     "scale_tokens",
     "seed",
 )
-RECIPE_KEYS = ("exits", "bundled", "max_tokens", "fit_on", "seq_len", "distill_exits", *CONFIG_KEYS)
+RECIPE_KEYS = (
+    "training_file",
+    "exits",
+    "bundled",
+    "max_tokens",
+    "fit_on",
+    "seq_len",
+    "distill_exits",
+    *CONFIG_KEYS,
+)
 
 
 def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -56,6 +66,12 @@ def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]
         records = spec["examples"]
         digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
         return records, {"source": "examples", "records": len(records), "sha256_16": digest}
+    if spec.get("training_file"):
+        files = FileStore(ctx.settings.files_dir, ctx.settings.max_file_bytes)
+        stored = files.get(spec["training_file"])
+        records = files.records(stored.id)
+        source = {"file": stored.id, "filename": stored.filename, "sha256_16": stored.sha256[:16]}
+        return records, {"source": "uploaded", **source, "records": len(records)}
     if spec.get("data"):
         path = resolve_path(spec["data"], ctx.settings.import_roots, directory=False)
         records = read_jsonl(path)

@@ -11,6 +11,7 @@ from workers.inference.protocol import latency_key
 from workers.inference.worker import load_engine
 from workers.jobs.context import JobContext
 from workers.store.file_manifest import verify_files
+from workers.store.files import FileStore
 from workers.store.references import UnknownModelError
 
 PROFILING_LOCK_PREFIX = "strata:profiling:"  # + model id: a background profile is queued or running
@@ -86,7 +87,8 @@ def _profile(ctx: JobContext, spec: dict[str, Any], model_id: str) -> dict[str, 
         ctx.progress(int(fraction * 1000), 1000, message)
 
     given = spec.get("eval_text")
-    eval_text = resolve_eval_text(given, ctx.settings.import_roots) if given else None
+    files = FileStore(ctx.settings.files_dir, ctx.settings.max_file_bytes)
+    eval_text = resolve_eval_text(given, ctx.settings.import_roots, files) if given else None
     profile = profile_and_store(
         ctx,
         model_id,

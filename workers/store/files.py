@@ -1,4 +1,6 @@
-"""Uploaded data files (training sets): validated JSONL under `<home>/files/`, addressed by `file-<hex>` ids.
+"""Uploaded data files under `<home>/files/`, addressed by `file-<hex>` ids: training sets (purpose
+"fine-tune": JSONL, validated record by record) and the user's own text (purpose "user_data": UTF-8 text, for
+example a held-out text a profile measures quality on).
 
 A file is checked line by line before anything is written (FileContentError names the first bad line and
 why, and nothing is stored), then written to a temporary name and renamed into place, its metadata last: a
@@ -22,7 +24,9 @@ from pydantic import BaseModel, Field
 from workers.train.data import DataError, read_jsonl, validate_record
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "user_data")
+TRAINING = "fine-tune"
+USER_TEXT = "user_data"
 
 
 class FileContentError(ValueError):
@@ -49,7 +53,7 @@ class FileRecord(BaseModel):
     status: Literal["processed"] = "processed"
     status_details: str | None = None
     sha256: str = Field(description="Digest of the content, recorded in the lineage of models trained on it")
-    records: int
+    records: int = Field(description="Training records (fine-tune) or lines of text (user_data)")
 
 
 def clean_filename(name: str | None) -> str:
@@ -83,6 +87,22 @@ def check_jsonl(data: bytes) -> int:
     return count
 
 
+def check_text(data: bytes) -> int:
+    """The number of lines of `data`, or FileContentError unless it is non-blank UTF-8 text without NUL."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileContentError(f"the file is not UTF-8 text (byte {e.start})") from None
+    if "\x00" in text:
+        raise FileContentError("the file holds a NUL character; plain text expected")
+    if not text.strip():
+        raise FileContentError("the file holds no text")
+    return len(text.splitlines())
+
+
+CHECKS = {TRAINING: check_jsonl, USER_TEXT: check_text}
+
+
 class FileStore:
     def __init__(self, root: Path, max_bytes: int):
         self.root = Path(root)
@@ -99,7 +119,7 @@ class FileStore:
             raise FileContentError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose[:40]!r}")
         if len(data) > self.max_bytes:
             raise FileTooLargeError(f"the file has {len(data):,} bytes; at most {self.max_bytes:,}")
-        records = check_jsonl(data)
+        records = CHECKS[purpose](data)
         record = FileRecord(
             id=f"file-{uuid.uuid4().hex[:24]}",
             bytes=len(data),
@@ -140,9 +160,22 @@ class FileStore:
         self.get(file_id)
         return self._paths(file_id)[0]
 
+    def of_purpose(self, file_id: str, purpose: str) -> FileRecord:
+        """The file's record; FileContentError unless it was uploaded with `purpose`."""
+        record = self.get(file_id)
+        if record.purpose != purpose:
+            raise FileContentError(f"{file_id} was uploaded for {record.purpose!r}, not {purpose!r}")
+        return record
+
     def records(self, file_id: str) -> list[dict[str, Any]]:
-        """The file's records (validated again as they are read)."""
+        """A training file's records (validated again as they are read)."""
+        self.of_purpose(file_id, TRAINING)
         return read_jsonl(self.content_path(file_id))
+
+    def text(self, file_id: str) -> str:
+        """A user_data file's text."""
+        self.of_purpose(file_id, USER_TEXT)
+        return self.content_path(file_id).read_bytes().decode("utf-8")
 
     def delete(self, file_id: str) -> FileRecord:
         """Remove a file: its metadata first (it is gone from listings at once), then its content."""

@@ -99,21 +99,29 @@ def shipped_data_path() -> Path:
     return Path(str(files("workers").joinpath("data", "sft.jsonl")))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file (blank lines skipped); DataError names the first bad line."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
+def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSONL file one by one (blank lines skipped); DataError names the first bad line."""
+    with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"line {number}: not UTF-8 text") from None
+            if not line.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(line)
             except json.JSONDecodeError as error:
                 message = f"line {number}: invalid JSON ({error.msg} at column {error.colno})"
                 raise DataError(message) from None
-            records.append(validate_record(record, number))
+            yield validate_record(record, number)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSONL file (blank lines skipped); DataError names the first bad line."""
+    records = list(iter_jsonl(path))
     if not records:
-        raise DataError(f"{path} holds no records")
+        raise DataError(f"{Path(path).name} holds no records")
     return records
 
 
