@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tests.tiny_models import tiny_llama_config
+from workers.generation.compact import CompactLlama
 from workers.prune.prune import prune, target_shape
 from workers.prune.shear import (
     Gates,
@@ -155,8 +156,6 @@ def test_shapes_that_cannot_be_cut_are_refused(tiny):
 
 def test_the_serving_engine_runs_a_sheared_model_as_transformers_does():
     """Hidden size no longer heads x head_dim, 2 query heads per KV group: CompactLlama reads head_dim."""
-    from workers.generation.compact import CompactLlama
-
     model = eight_head_llama(tied=True)
     gates = Gates(Shape.of(model.config), TARGET, 2 / 3)
     with torch.no_grad():
