@@ -168,3 +168,12 @@ def test_the_serving_engine_runs_a_sheared_model_as_transformers_does():
     with torch.no_grad():
         want = small(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_mask_phase_cuts_rows_to_its_sequence_length():
+    model = eight_head_llama(tied=False)
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    learn_masks(model, TARGET, random_stream(), MaskOptions(steps=2, seq_len=10), device="cpu")
+    handle.remove()
+    assert seen == [10, 10]
