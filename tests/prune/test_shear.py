@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tests.tiny_models import tiny_llama_config
+from workers.generation.compact import CompactLlama
 from workers.prune.prune import prune, target_shape
 from workers.prune.shear import (
     Gates,
@@ -151,3 +152,28 @@ def test_shapes_that_cannot_be_cut_are_refused(tiny):
         shape_of_model(
             config, {**config, "hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 2}
         )
+
+
+def test_the_serving_engine_runs_a_sheared_model_as_transformers_does():
+    """Hidden size no longer heads x head_dim, 2 query heads per KV group: CompactLlama reads head_dim."""
+    model = eight_head_llama(tied=True)
+    gates = Gates(Shape.of(model.config), TARGET, 2 / 3)
+    with torch.no_grad():
+        for logits in gates.logits.values():
+            logits.normal_(generator=torch.Generator().manual_seed(4))
+    small = extract(model, gates.keep()).eval()
+    engine = CompactLlama(small)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    got = engine.forward(ids, torch.arange(12)[None], engine.new_cache(3, 1, 32), 3, last_only=False)
+    with torch.no_grad():
+        want = small(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_mask_phase_cuts_rows_to_its_sequence_length():
+    model = eight_head_llama(tied=False)
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[1]))
+    learn_masks(model, TARGET, random_stream(), MaskOptions(steps=2, seq_len=10), device="cpu")
+    handle.remove()
+    assert seen == [10, 10]

@@ -81,7 +81,6 @@ def prune(
             raise ValueError("replace does not combine with mode learned")
         return _learned(model, target, stream or cycled(calibration), mask_options, progress)
     the_plan = plan(model, target)
-    c = costs(model)
     if target.hidden_size not in (None, model.config.hidden_size) or target.num_attention_heads not in (
         None,
         the_plan.num_attention_heads,

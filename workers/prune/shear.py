@@ -56,13 +56,13 @@ class MaskOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     steps: int = Field(default=40, ge=1, le=100_000)
-    mask_lr: float = Field(default=0.5, gt=0, le=10, description="AdamW lr of the gate logits (paper: 1.0)")
+    mask_lr: float = Field(default=1.0, gt=0, le=10, description="AdamW lr of the gate logits (the paper's)")
     multiplier_lr: float = Field(
-        default=0.05, gt=0, le=10, description="AdamW lr (ascent) of the multipliers (paper: 1.0)"
+        default=1.0, gt=0, le=10, description="AdamW lr (ascent) of the multipliers (the paper's)"
     )
     model_lr: float = Field(default=1e-4, ge=0, le=1, description="lr of the model's weights (0: frozen)")
     temperature: float = Field(default=2 / 3, gt=0, le=10, description="Hard-concrete temperature b")
-    seq_len: int = Field(default=256, ge=8, le=4096)
+    seq_len: int = Field(default=256, ge=8, le=4096, description="Rows are cut to this many tokens")
     batch_size: int = Field(default=1, ge=1, le=64)
     warmup: float = Field(
         default=0.2,
@@ -417,6 +417,8 @@ def learn_masks(
     ramp_steps = options.warmup * options.steps
 
     def loss_fn(net: nn.Module, batch: Batch) -> torch.Tensor:
+        n = options.seq_len  # rows longer than the mask phase's sequence length are cut to it
+        batch = Batch(batch.input_ids[:, :n], batch.labels[:, :n], batch.attention_mask[:, :n])
         gates.clamp_()
         gates.sample(generator)
         ramp = min(1.0, (done[0] + 1) / ramp_steps) if ramp_steps else 1.0
