@@ -201,7 +201,8 @@ def main() -> None:
             )
     print(
         f"| teacher {teacher_name} {args.shots}-shot CoT ({len(asked_test)} held-out) | "
-        f"{teacher_accuracy:.3f} | {teacher_accuracy:.3f} | {teacher_accuracy:.3f} |"
+        + " | ".join(f"{teacher_accuracy:.3f}" for _ in sizes)
+        + " |"
     )
 
     beats = sum(table["step_by_step"][s] > table["label_only"][s] for s in sizes)
