@@ -20,7 +20,8 @@ kept, at the 12.5 % size.
 The student is a small LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M parameters) with a
 character tokenizer: on this 2-core machine shared with other jobs one optimiser step of the 135M default
 model on 16 rows took about 120 s (2 threads, load 17), so nine 135M trainings do not fit a bench run; the
-small student takes about 1 s a step on one thread.
+small student took 1.3 to 2 s a step with rationales and 0.4 to 0.9 s without, on one thread, at load 18
+to 28. Results and their reading: docs/distill-step-by-step.md.
 
 Table: accuracy per method and size. Summary line:
 
@@ -108,6 +109,9 @@ def main() -> None:
     parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 16)")
     parser.add_argument("--shots", type=int, default=2, help="teacher demonstrations")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy box)")
+    parser.add_argument(
+        "--fractions", type=float, nargs="+", default=list(FRACTIONS), help="training-set sizes (1 = all)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,7 +151,7 @@ def main() -> None:
             flush=True,
         )
 
-    for fraction in FRACTIONS:
+    for fraction in args.fractions:
         subset = train[: round(fraction * len(train))]
         size = f"{fraction:g}"
         run("step_by_step", size, subset, True)
@@ -181,7 +185,7 @@ def main() -> None:
         run("distill_labels", "teacher", [{"input": r["input"], "label": r["label"]} for r in kept], False)
         run("step_by_step_teacher", "teacher", kept, True)
 
-    sizes = [f"{f:g}" for f in FRACTIONS]
+    sizes = [f"{f:g}" for f in args.fractions]
     print()
     print(
         f"| method | {' | '.join(f'{float(s) * 100:g} % ({round(float(s) * len(train))})' for s in sizes)} |"
@@ -197,7 +201,8 @@ def main() -> None:
             )
     print(
         f"| teacher {teacher_name} {args.shots}-shot CoT ({len(asked_test)} held-out) | "
-        f"{teacher_accuracy:.3f} | {teacher_accuracy:.3f} | {teacher_accuracy:.3f} |"
+        + " | ".join(f"{teacher_accuracy:.3f}" for _ in sizes)
+        + " |"
     )
 
     beats = sum(table["step_by_step"][s] > table["label_only"][s] for s in sizes)

@@ -121,7 +121,7 @@ def validate_distill_record(record: Any, task: TaskSpec | None = None, line: int
         raise DataError(f"{where}'label' must be one line")
     if task is not None and record.get("label") is not None and task.label_set is not None:
         if canonical_label(task, record["label"]) is None:
-            raise DataError(f"{where}label {record['label'][:40]!r} is not one of the task's labels")
+            raise DataError(f"{where}the label is not one of the task's labels")
     return {k: record[k] for k in ("input", "label", "rationale") if record.get(k) is not None}
 
 

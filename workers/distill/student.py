@@ -60,16 +60,18 @@ def check_tokenizer(tokenizer, samples: Sequence[Mapping[str, str]]) -> None:
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError("the student's tokenizer has no EOS token, so its answers could not end")
     unk = getattr(tokenizer, "unk_token_id", None)
-    texts = [LABEL_PREFIX, RATIONALE_PREFIX]
-    for record in samples:
-        texts += [record[k] for k in ("input", "label", "rationale") if record.get(k)]
-    for text in texts:
+    texts = [(repr(LABEL_PREFIX), LABEL_PREFIX), (repr(RATIONALE_PREFIX), RATIONALE_PREFIX)]
+    for number, record in enumerate(samples, start=1):  # named by place: no record content is echoed
+        texts += [
+            (f"the {k} of record {number}", record[k])
+            for k in ("input", "label", "rationale")
+            if record.get(k)
+        ]
+    for shown, text in texts:
         ids = _ids(tokenizer, text)
-        back = tokenizer.decode(ids)
-        if (unk is not None and unk in ids) or back.strip() != text.strip():
-            shown = text if len(text) <= 40 else text[:40] + "..."
+        if (unk is not None and unk in ids) or tokenizer.decode(ids).strip() != text.strip():
             raise DataError(
-                f"the student's tokenizer cannot spell {shown!r} (unknown or changed characters); the "
+                f"the student's tokenizer cannot spell {shown} (unknown or changed characters); the "
                 f"{LABEL_PREFIX} / {RATIONALE_PREFIX} format needs a tokenizer that can"
             )
     label, rationale = prefix_ids(tokenizer, LABEL_PREFIX), prefix_ids(tokenizer, RATIONALE_PREFIX)
