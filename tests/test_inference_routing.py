@@ -15,11 +15,11 @@ import httpx
 import pytest
 import redis
 
-from service.generation.routing import SPILL_WAITING, Fleet, WorkerLoad, choose
+from service.generation.routing import SPILL_WAITING, Fleet, WorkerLoad, choose, enqueue, read_fleet
 from tests.conftest import Server, start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama, make_variant
 from workers.generation.engine import GenerationRequest
-from workers.inference.protocol import EVENTS_PREFIX, QUEUE_KEY, InferenceJob
+from workers.inference.protocol import EVENTS_PREFIX, QUEUE_KEY, InferenceJob, worker_queue_key
 from workers.inference.worker import InferenceWorker
 
 
@@ -49,6 +49,16 @@ def test_a_base_with_a_full_batch_waiting_everywhere_it_is_spreads_to_an_empty_w
     assert choose("a", fleet(("w1", {"a"}, SPILL_WAITING - 1), ("w2", set(), 0))) == ("w1", "affinity")
     # no worker holds nothing: it waits where it is rather than make another worker drop a base
     assert choose("a", fleet(("w1", {"a"}, 50), ("w2", {"b"}, 0))) == ("w1", "affinity")
+
+
+def test_requests_routed_from_the_same_stale_view_still_see_each_others_claims(isolated_redis_url):
+    conn = redis.Redis.from_url(isolated_redis_url)
+    stale = fleet(("w1", set(), 0), ("w2", set(), 0))  # read by all three before any of them was routed
+    assert enqueue(conn, stale, "a", "{}") == (worker_queue_key("w1"), "new")
+    assert enqueue(conn, stale, "b", "{}") == (worker_queue_key("w2"), "new")
+    assert enqueue(conn, stale, "a", "{}") == (worker_queue_key("w1"), "assigned")
+    assert conn.llen(worker_queue_key("w1")) == 2 and conn.llen(worker_queue_key("w2")) == 1
+    assert set(read_fleet(conn, ["w1"]).workers) == set()  # w1 writes no residency report: not routed to
 
 
 def test_with_no_worker_reporting_the_shared_list_is_used():

@@ -8,7 +8,8 @@ protocol). A request for base B (a variant's base, or the model itself) goes to:
    in 1 and 2, when that worker has SPILL_WAITING requests waiting or more and a worker holds nothing, B
    spreads to that one ("spilled": a hot base gets more workers, and nothing is dropped for it);
 3. else the worker holding (or claimed for) the fewest bases, then with the fewest waiting: an empty
-   worker takes a new base; B is claimed for it ("new");
+   worker takes a new base; B is claimed for it ("new"). That choice is made again inside Redis, atomically
+   with the claim (CLAIM_NEW), so concurrent requests (API threads or processes) see each other's claims;
 4. with no live worker reporting its residency, the shared list, which any worker takes from.
 A dead worker drops out at once (heartbeat and process are checked before routing); what was routed to it
 and not answered is sent again by the waiting request (`Generation.events`).
@@ -101,15 +102,60 @@ def choose(base: str, fleet: Fleet) -> tuple[str | None, How]:
     return min(fleet.workers, key=lambda w: (len(w.bases | w.claimed), w.waiting, w.id)).id, "new"
 
 
+# Rule 3 of `choose`, run by Redis on the claims as they are now, and the claim written in the same step.
+# KEYS: the claims hashes of the reporting workers; ARGV: base, now, oldest fresh claim, TTL of a claims
+# hash, then per worker a JSON [id, reported bases, waiting]. Returns [worker id, how].
+CLAIM_NEW = """
+local base, now, fresh = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local best, best_key
+for i, key in ipairs(KEYS) do
+  local w = cjson.decode(ARGV[4 + i])
+  local held, n = {}, 0
+  for _, b in ipairs(w[2]) do held[b] = true; n = n + 1 end
+  local claims = redis.call('HGETALL', key)
+  for j = 1, #claims, 2 do
+    if tonumber(claims[j + 1]) >= fresh and not held[claims[j]] then
+      if claims[j] == base then  -- claimed by a request routed meanwhile: follow it
+        redis.call('HSET', key, base, now)
+        return {w[1], 'assigned'}
+      end
+      n = n + 1
+    end
+  end
+  local rank = {n, w[3], w[1]}
+  if best == nil or rank[1] < best[1] or (rank[1] == best[1] and (rank[2] < best[2]
+      or (rank[2] == best[2] and rank[3] < best[3]))) then
+    best, best_key = rank, key
+  end
+end
+redis.call('HSET', best_key, base, now)
+redis.call('EXPIRE', best_key, ARGV[4])
+return {best[3], 'new'}
+"""
+
+
+def claim_new(redis: Redis, fleet: Fleet, base: str) -> tuple[str, How]:
+    """(the worker that takes `base`, "new"; or the one a concurrent request claimed it for, "assigned")."""
+    now = time.time()
+    workers = [json.dumps([w.id, sorted(w.bases), w.waiting]) for w in fleet.workers]
+    keys = [claims_key(w.id) for w in fleet.workers]
+    worker, how = redis.eval(
+        CLAIM_NEW, len(keys), *keys, base, now, now - CLAIM_S, int(CLAIM_S) * 2, *workers
+    )
+    return worker.decode(), how.decode()  # type: ignore[return-value]
+
+
 def enqueue(redis: Redis, fleet: Fleet, base: str, payload: str) -> tuple[str, How]:
     """Push a request for `base` (its JSON) to the list `choose` picks; (that list's key, why)."""
     worker, how = choose(base, fleet)
+    if how == "new":
+        worker, how = claim_new(redis, fleet, base)
     queue = QUEUE_KEY if worker is None else worker_queue_key(worker)
     with redis.pipeline(transaction=False) as pipe:
         pipe.rpush(queue, payload)
         if worker is not None:  # what a killed worker leaves goes away on its own
             pipe.expire(queue, EVENTS_TTL_S)
-        if how in ("new", "assigned", "spilled"):
+        if how in ("assigned", "spilled"):
             pipe.hset(claims_key(worker), base, time.time())
             pipe.expire(claims_key(worker), int(CLAIM_S) * 2)
         pipe.execute()
