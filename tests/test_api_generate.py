@@ -161,6 +161,7 @@ def test_profile_job_on_a_chosen_grid(server, chatty):
             "exactly one of prompt or messages",
         ),
         ({"prompt": "x", "max_new_tokens": 10**6}, 422, "exceeds the limit"),
+        ({"prompt": "x" * 200, "max_new_tokens": 100}, 422, "exceed the model's context of 256 tokens"),
         ({"prompt": "x", "model": "nope"}, 404, "not registered"),
         ({"prompt": "x", "stream": True, "stream_interval_ms": 5000}, 422, "stream_interval_ms"),
         ({"prompt": "x", "stream": True, "stream_interval_ms": -1}, 422, "stream_interval_ms"),

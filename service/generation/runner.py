@@ -94,6 +94,12 @@ def load_tokenizer(path: Path, mtime: float):  # mtime: a re-created model gets 
     return tokenizer
 
 
+@lru_cache(maxsize=256)
+def context_length(config: Path, mtime: float) -> int | None:  # mtime: a re-created model is read afresh
+    value = read_config(config.parent).get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def tokenizer_loaded(path: Path, mtime: float) -> bool:
     return (path, mtime) in _tokenizers
 
@@ -252,6 +258,11 @@ class Generation:
             return self.settings.models_dir / (record.base_model or model_id)
         return self.settings.models_dir / model_id
 
+    def context_length(self, model_id: str) -> int | None:
+        """The model's max_position_embeddings (None when its config gives none)."""
+        config = self.text_dir(model_id) / "config.json"
+        return context_length(config, config.stat().st_mtime)
+
     def tokenizer(self, model_id: str):
         self.record(model_id)  # 404 before anything is read from disk
         path = self.text_dir(model_id)
@@ -375,6 +386,13 @@ class Generation:
             )
         if new_tokens > s.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens {new_tokens} exceeds the limit of {s.max_new_tokens}")
+        context = self.context_length(model_id)
+        if context is not None and len(prompt_ids) + new_tokens > context:
+            raise HTTPException(
+                422,
+                f"the prompt's {len(prompt_ids)} tokens + max_new_tokens {new_tokens} exceed the model's "
+                f"context of {context} tokens",
+            )
         state = self.state(model_id)
         workers = state.workers
         if workers == 0:
