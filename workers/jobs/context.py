@@ -16,6 +16,8 @@ from workers.store.registry import Registry
 
 CANCELED_AT = "strata:jobs:canceled-at:"  # + job id: set when a user cancels the job
 
+MAX_EVENTS = 1000  # a job's newest events kept
+
 
 @dataclass
 class JobContext:
@@ -52,6 +54,17 @@ class JobContext:
             return
         self._last = now
         self.job.meta["progress"] = round(done / total, 4) if total else 1.0
+        self.job.meta["message"] = message
+        self.job.save_meta()
+
+    def event(self, message: str, level: str = "info", data: dict | None = None) -> None:
+        """Append an event (the fine-tuning API's /events) to the job's meta, the newest MAX_EVENTS kept;
+        it is also the job's current message."""
+        if self.job is None:
+            return
+        events = self.job.meta.setdefault("events", [])
+        events.append({"created_at": int(time.time()), "level": level, "message": message, "data": data})
+        del events[:-MAX_EVENTS]
         self.job.meta["message"] = message
         self.job.save_meta()
 

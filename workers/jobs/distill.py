@@ -18,7 +18,6 @@ from workers.distill.pipeline import DistillOptions, distill_step_by_step
 from workers.distill.records import TaskSpec, check_records, read_distill_jsonl
 from workers.distill.teacher import AnswerCache, endpoint_for, endpoint_teacher, engine_teacher
 from workers.jobs.context import JobContext
-from workers.jobs.finetune import _event
 from workers.jobs.models import load_model
 from workers.jobs.publish import publish_model
 from workers.store.files import FILE_ID, FileStore
@@ -65,7 +64,7 @@ def distill_job(spec: dict[str, Any]) -> dict[str, Any]:
     task = TaskSpec.model_validate(spec.get("task") or {})
     options = DistillOptions.model_validate({k: spec[k] for k in DistillOptions.model_fields if k in spec})
     files = FileStore(s.files_dir, s.max_file_bytes)
-    _event(ctx, "Reading the training and evaluation records")
+    ctx.event("Reading the training and evaluation records")
     train_records, train_source = distill_data(spec["train_file"], files, s.import_roots, task)
     eval_records, eval_source = distill_data(spec["eval_file"], files, s.import_roots, task)
 
@@ -94,7 +93,7 @@ def distill_job(spec: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(round((start + (end - start) * fraction) * 10_000), 10_000, f"{phase}: {message}")
         if phase not in seen:
             seen.add(phase)
-            _event(ctx, f"{phase}: {message}")
+            ctx.event(f"{phase}: {message}")
 
     evaluation: dict[str, Any] = {}  # filled by build; the record is made from it after build returns
     outcome: dict[str, Any] = {}
@@ -122,5 +121,5 @@ def distill_job(spec: dict[str, Any]) -> dict[str, Any]:
     recipe["data"] = {"train": train_source, "eval": eval_source}
     record = publish_model(ctx, spec["name"], build, parents=parents, recipe=recipe, eval=evaluation)
     summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in evaluation.items())
-    _event(ctx, f"New distilled model created: {record.id} (held-out accuracy: {summary})")
+    ctx.event(f"New distilled model created: {record.id} (held-out accuracy: {summary})")
     return {"model": record.id, **outcome}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,6 @@ from workers.store.references import resolve_model, resolve_path
 from workers.train.data import read_jsonl
 from workers.train.finetune import ADAPTER_DIR, FinetuneConfig, finetune_model
 from workers.train.trainer import StepInfo
-
-MAX_EVENTS = 1000  # the newest are kept
-
-
-def _event(ctx: JobContext, message: str, level: str = "info", data: dict | None = None) -> None:
-    if ctx.job is None:
-        return
-    events = ctx.job.meta.setdefault("events", [])
-    events.append({"created_at": int(time.time()), "level": level, "message": message, "data": data})
-    del events[:-MAX_EVENTS]
-    ctx.job.meta["message"] = message
-    ctx.job.save_meta()
 
 
 def training_data(
@@ -60,7 +47,7 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
     s = ctx.settings
     source = resolve_model(spec["model"], ctx.registry, s.models_dir, s.import_roots)
     files = FileStore(s.files_dir, s.max_file_bytes)
-    _event(ctx, "Validating training file")
+    ctx.event("Validating training file")
     found = training_data(spec, files, s.import_roots)
     if found is None:
         raise ValueError("no training data: give training_file, data or examples")
@@ -80,11 +67,11 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
         if info.val_loss is not None:
             metrics["valid_loss"] = round(info.val_loss, 5)
         ctx.progress(info.step, info.total + max(1, info.total // 20), shown, force=True)
-        _event(ctx, shown, data=metrics)
+        ctx.event(shown, data=metrics)
 
     def build(out_dir: Path) -> None:
         model, tokenizer = load_model(source)
-        _event(ctx, f"Fine-tuning job started ({config.method}, {len(records)} records)")
+        ctx.event(f"Fine-tuning job started ({config.method}, {len(records)} records)")
         trained = finetune_model(
             model,
             tokenizer,
@@ -98,7 +85,7 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
         report.update(trained.model_dump(mode="json"))
         if trained.truncated:
             cut = f"{trained.truncated} records were longer than {config.max_length} tokens and were cut"
-            _event(ctx, cut, level="warn")
+            ctx.event(cut, level="warn")
         ctx.note("saving the fine-tuned model")
         if base_dir is not None and budget is not None:
             store_as_delta(ctx, spec["model"], base_dir, out_dir, budget)
@@ -110,7 +97,7 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
     record = publish_model(
         ctx, spec["name"], build, parents=[spec["model"]], recipe=recipe, describe_with=describe_with_delta
     )
-    _event(ctx, f"New fine-tuned model created: {record.id}")
+    ctx.event(f"New fine-tuned model created: {record.id}")
     out = {"model": record.id, **report}
     if config.method == "lora":
         out["adapter"] = ADAPTER_DIR
