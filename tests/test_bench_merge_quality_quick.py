@@ -13,14 +13,22 @@ SUMMARY = re.compile(
 )
 
 
-def test_quick_bench_prints_the_table_and_summary_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "merge_quality.py"), "--quick", "--work", str(tmp_path)],
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "merge_quality.py"), "--quick", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1800,
     )
+
+
+def table(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("|")]
+
+
+def test_quick_bench_prints_the_table_and_summary_line(tmp_path):
+    result = run_bench("--work", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     match = SUMMARY.search(result.stdout)
     assert match, result.stdout[-2000:]
@@ -28,3 +36,9 @@ def test_quick_bench_prints_the_table_and_summary_line(tmp_path):
     for row in ("| base |", "| specialist topic |", "| ties |", "| DARE extract drop=0.9 rescale=no |"):
         assert row in result.stdout
     assert (tmp_path / "specialist-extract" / "finetune.json").is_file()
+
+    # a rerun over the same --work computes nothing and prints the same table from what is kept there
+    (tmp_path / "tiny" / "model.safetensors").unlink()  # it could not score or merge anything anew
+    again = run_bench("--work", str(tmp_path), "--cached-only")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert table(again.stdout) == table(result.stdout)
