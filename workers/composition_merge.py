@@ -25,7 +25,7 @@ from workers.merge.executor import tensor_seed
 from workers.merge.parameters import resolve
 from workers.merge.registry import METHODS, TensorGroup
 from workers.tensors.safetensors_io import TensorReader
-from workers.variants_delta import DELTA_WEIGHTS, _decoded, delta_base, read_parts
+from workers.variants_delta import DELTA_WEIGHTS, decoded_delta, delta_base, read_parts
 
 
 class _Model:
@@ -42,7 +42,7 @@ class _Model:
             return self.reader.load(name).to(base.dtype)
         if name not in self.parts:
             return base
-        return (base.float() + _decoded(self.parts[name], tuple(base.shape))).to(base.dtype)
+        return (base.float() + decoded_delta(self.parts[name], tuple(base.shape))).to(base.dtype)
 
 
 def _has_weights(directory: Path) -> bool:

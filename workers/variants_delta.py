@@ -252,7 +252,7 @@ def describe_delta(model_dir: Path) -> dict[str, Any]:
     return {"base_model": base, "delta": report.summary()}
 
 
-def _decoded(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+def decoded_delta(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     """D_hat (float32) from a tensor's stored parts."""
     if "lora_A" in parts:
         return parts["lora_B"].float() @ parts["lora_A"].float()
@@ -345,7 +345,7 @@ def materialise(base_dir: Path, delta_dir: Path, out_dir: Path, max_shard_bytes:
             for name, entry in entries.items():
                 theta = base.load(name)
                 if name in parts:
-                    theta = (theta.float() + _decoded(parts[name], tuple(entry.shape))).to(entry.dtype)
+                    theta = (theta.float() + decoded_delta(parts[name], tuple(entry.shape))).to(entry.dtype)
                 writer.write(name, theta)
             writer.close()
         except BaseException:
