@@ -84,6 +84,7 @@ BAD = [
     ({"target": {"hidden_size": 128}, "mode": "learned"}, "exceeds"),
     ({"target": {"target_model": "shear-qwen"}, "mode": "learned"}, "family"),
     ({"target": {"num_attention_heads": 3}, "mode": "learned"}, "divisible"),
+    ({"target": {"hidden_size": 30}, "mode": "learned"}, "not a multiple of num_attention_heads"),
     ({"target": {"hidden_size": 32}}, "needs mode learned"),
     (
         {"target": {"num_hidden_layers": 2}, "mode": "learned", "heal": {"domains": ["klingon"]}},

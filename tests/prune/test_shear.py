@@ -140,6 +140,7 @@ def test_shapes_that_cannot_be_cut_are_refused(tiny):
     for bad, message in (
         (Shape(4, 80, 4, 2, 128), "hidden_size=80 must lie"),
         (Shape(4, 64, 3, 2, 128), "not divisible"),
+        (Shape(4, 62, 4, 2, 128), "not a multiple of num_attention_heads=4"),
         (Shape(4, 64, 4, 1, 128), "query heads per KV group"),
     ):
         with pytest.raises(ValueError, match=message):

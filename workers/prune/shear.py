@@ -133,7 +133,8 @@ def shape_of_model(source_config: dict, target_config: dict) -> dict[str, int]:
 
 def check_shape(source: Shape, target: Shape) -> None:
     """ValueError unless `target` is reachable from `source` by cutting: no size larger, heads divisible
-    into the KV groups, no more query heads per group than the source has."""
+    into the KV groups, the hidden size a multiple of the heads, no more query heads per group than the
+    source has."""
     for name in Shape.__dataclass_fields__:
         want, have = getattr(target, name), getattr(source, name)
         if not 1 <= want <= have:
@@ -144,6 +145,11 @@ def check_shape(source: Shape, target: Shape) -> None:
         raise ValueError(
             f"target num_attention_heads={target.num_attention_heads} is not divisible into "
             f"num_key_value_heads={target.num_key_value_heads} groups"
+        )
+    if target.hidden_size % target.num_attention_heads:
+        raise ValueError(
+            f"target hidden_size={target.hidden_size} is not a multiple of num_attention_heads="
+            f"{target.num_attention_heads} (transformers' Llama config requires it)"
         )
     n_rep = source.num_attention_heads // source.num_key_value_heads
     if target.num_attention_heads // target.num_key_value_heads > n_rep:
