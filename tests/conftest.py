@@ -82,7 +82,7 @@ class Server:
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
 
-    def wait_job(self, job_id: str, timeout: float = 120) -> dict:
+    def wait_job(self, job_id: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
         with self.client() as c:
             while time.monotonic() < deadline:
