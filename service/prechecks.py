@@ -380,13 +380,18 @@ def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path), settings)
 
 
-def check_training_data(examples: list[dict] | None, data: str | None, settings: Settings) -> None:
-    """Inline records are well-formed; a data file lies under an import root."""
-    for number, record in enumerate(examples or [], start=1):
+def check_examples(examples: list[dict] | None) -> None:
+    """Inline records are well-formed."""
+    for number, record in enumerate(examples or []):
         try:
             validate_record(record)
         except DataError as e:
-            raise HTTPException(422, f"examples[{number - 1}]: {e}") from e
+            raise HTTPException(422, f"examples[{number}]: {e}") from e
+
+
+def check_training_data(examples: list[dict] | None, data: str | None, settings: Settings) -> None:
+    """Inline records are well-formed; a data file lies under an import root."""
+    check_examples(examples)
     if data:
         try:
             resolve_path(data, settings.import_roots, directory=False)
@@ -423,8 +428,8 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
     given = [k for k in ("training_file", "data", "examples") if getattr(request, k)]
     if len(given) > 1:
         raise HTTPException(422, f"give one of training_file, data or examples, not {' and '.join(given)}")
-    check_training_data(request.examples, request.data, settings)
-    records = user_fitting_records(request, settings)
+    check_examples(request.examples)
+    records = user_fitting_records(request, settings)  # resolves a data file or an uploaded one
     if records is not None:
         from service.generation.runner import load_tokenizer  # the API's cached tokenizers
 

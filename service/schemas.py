@@ -14,6 +14,7 @@ from workers.early_exit.fit_data import DEFAULT_MAX_TOKENS, DEFAULT_TEXT, Bundle
 from workers.merge.config import MODEL_ID, MergeConfig
 from workers.moe.config import MoeConfig
 from workers.prune.shear import MaskOptions
+from workers.prune.target import SIZE_FIELDS, sizes_given
 from workers.store.registry import ModelRecord
 from workers.train.finetune import FinetuneConfig
 
@@ -125,21 +126,10 @@ class PruneTargetRequest(BaseModel):
 
     @model_validator(mode="after")
     def _something(self) -> PruneTargetRequest:
-        sizes = (
-            self.num_hidden_layers,
-            self.intermediate_size,
-            self.num_key_value_heads,
-            self.param_budget,
-            self.hidden_size,
-            self.num_attention_heads,
-        )
-        if self.target_model is not None and any(v is not None for v in sizes):
+        if self.target_model is not None and sizes_given(self):
             raise ValueError("give target_model or sizes, not both")
-        if self.target_model is None and all(v is None for v in sizes):
-            raise ValueError(
-                "give one of num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, "
-                "intermediate_size, param_budget, target_model"
-            )
+        if self.target_model is None and not sizes_given(self):
+            raise ValueError(f"give one of {', '.join(SIZE_FIELDS)}, target_model")
         return self
 
 

@@ -6,13 +6,12 @@ registered)."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from tests.conftest import _real_redis, start_server, stop_server
+from tests.teacher_endpoint import teacher_endpoint
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_chat_llama, make_tiny_llama
 from workers.distill import multistep
 
@@ -22,48 +21,25 @@ GOLD = {r["input"]: r for r in TRAIN + TEST}
 OPTIONS = {"steps": 3, "batch_size": 4, "lr": 1e-3, "max_length": 96, "label_max_new_tokens": 4}
 
 
-class _Teacher(BaseHTTPRequestHandler):
-    """/ok/v1: an OpenAI-compatible chat endpoint that knows the gold answers (the first of each two
-    training inputs it answers wrongly, to be dropped); /down/v1: always 503."""
-
-    calls: dict[str, int] = {}
-    keys: list[str] = []
-
-    def log_message(self, *args) -> None:
+def _answer(route: str, call: int, query: str) -> str | None:
+    """/ok/v1 knows the gold answers (the first of each two training inputs it answers wrongly, to be
+    dropped); /down/v1 is always 503."""
+    if route != "ok":
         return None
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        route = self.path.split("/")[1]
-        _Teacher.calls[route] = _Teacher.calls.get(route, 0) + 1
-        _Teacher.keys.append(self.headers.get("Authorization", ""))
-        if route != "ok":
-            self.send_response(503)
-            self.end_headers()
-            return
-        query = body["messages"][0]["content"].rsplit("Input: ", 1)[1].split("\nReasoning:")[0]
-        gold = GOLD[query]
-        wrong = TRAIN.index(gold) % 2 == 0 if gold in TRAIN else False
-        label = str(int(gold["label"]) + 1) if wrong else gold["label"]
-        content = f"{gold['rationale']}\nAnswer: {label}"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+    gold = GOLD[query.split("\nReasoning:")[0]]
+    wrong = TRAIN.index(gold) % 2 == 0 if gold in TRAIN else False
+    label = str(int(gold["label"]) + 1) if wrong else gold["label"]
+    return f"{gold['rationale']}\nAnswer: {label}"
 
 
 @pytest.fixture(scope="module")
-def teacher_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def teacher():
+    with teacher_endpoint(_answer) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
-def distill_server(tmp_path_factory, teacher_url):
+def distill_server(tmp_path_factory, teacher):
     """`strata serve` with teacher endpoints configured: local (allowed), down (allowed, always 503) and
     far (a host not on the allow-list); a tiny student with a tokenizer that spells the format, one
     without, and a tiny random teacher model."""
@@ -71,8 +47,8 @@ def distill_server(tmp_path_factory, teacher_url):
     redis = _real_redis(root / "redis")
     url = next(redis)
     endpoints = {
-        "local": {"url": f"{teacher_url}/ok/v1", "api_key": "sk-teacher"},
-        "down": {"url": f"{teacher_url}/down/v1"},
+        "local": {"url": f"{teacher.url}/ok/v1", "api_key": "sk-teacher"},
+        "down": {"url": f"{teacher.url}/down/v1"},
         "far": {"url": "https://teacher.example/v1"},
     }
     env = {
@@ -135,11 +111,13 @@ def test_rationales_in_the_data_train_the_student_and_both_baselines(distill_ser
     assert record["recipe"]["data"]["train"]["file"] == data_files["train"]
 
 
-def test_an_endpoint_teacher_is_asked_filtered_scored_and_cached_for_a_retry(distill_server, data_files):
+def test_an_endpoint_teacher_is_asked_filtered_scored_and_cached_for_a_retry(
+    distill_server, data_files, teacher
+):
     spec = body(data_files, teacher={"endpoint": "local", "model": "big"}, baselines=["distill_labels"])
     first = distill_server.run_job({**spec, "name": "sbs-endpoint"})
-    asked = _Teacher.calls["ok"]
-    assert asked == len(TRAIN) + len(TEST) and set(_Teacher.keys) == {"Bearer sk-teacher"}
+    asked = teacher.calls["ok"]
+    assert asked == len(TRAIN) + len(TEST) and set(teacher.keys) == {"Bearer sk-teacher"}
     assert first["teacher_data"] == {
         "queried": len(TRAIN),
         "kept": len(TRAIN) // 2,
@@ -151,7 +129,7 @@ def test_an_endpoint_teacher_is_asked_filtered_scored_and_cached_for_a_retry(dis
         first["eval"]["teacher"]["accuracy"] == 1.0 and first["training"]["step_by_step"]["label_rows"] == 6
     )
     again = distill_server.run_job({**spec, "name": "sbs-endpoint-2"})  # the same request, retried
-    assert _Teacher.calls["ok"] == asked and again["teacher_data"]["from_cache"] == asked
+    assert teacher.calls["ok"] == asked and again["teacher_data"]["from_cache"] == asked
     assert again["eval"]["teacher"] == first["eval"]["teacher"]
 
 

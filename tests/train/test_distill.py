@@ -3,16 +3,14 @@ client (against a real local HTTP server), the multi-task loss, and the pipeline
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from tests.generation.conftest import character_tokenizer
+from tests.teacher_endpoint import teacher_endpoint
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_llama
 from workers.distill import multistep
 from workers.distill.pipeline import DistillOptions, distill_step_by_step, keep_teacher_answers
@@ -161,53 +159,30 @@ def test_the_cache_answers_a_retry_without_asking_and_a_failure_says_what_was_ca
     assert ask_teacher(prompts[:1], lambda b: ["other"], again, "another teacher")[0] == ["other"]
 
 
-class _Teacher(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint: /ok/v1 answers every query, /flaky/v1 fails twice per query
-    before answering, /down/v1 always answers 503."""
-
-    calls: dict[str, int] = {}
-
-    def log_message(self, *args) -> None:
+def _answer(route: str, call: int, query: str) -> str | None:
+    """/ok/v1 answers every query, /flaky/v1 fails twice per query before answering, /down/v1 is 503."""
+    if route == "down" or (route == "flaky" and call % 3):
         return None
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        route = self.path.split("/")[1]
-        _Teacher.calls[route] = _Teacher.calls.get(route, 0) + 1
-        if route == "down" or (route == "flaky" and _Teacher.calls[route] % 3):
-            self.send_response(503)
-            self.end_headers()
-            return
-        query = body["messages"][0]["content"].rsplit("Input: ", 1)[1]
-        content = f"Reasoning: thinking about {query.split(chr(10))[0][:10]}.\nAnswer: 42"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+    return f"Reasoning: thinking about {query.split(chr(10))[0][:10]}.\nAnswer: 42"
 
 
 @pytest.fixture(scope="module")
-def teacher_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+def teacher():
+    with teacher_endpoint(_answer) as served:
+        yield served
 
 
-def test_an_endpoint_teacher_retries_with_backoff_then_answers_or_fails_with_the_reason(teacher_url):
+def test_an_endpoint_teacher_retries_with_backoff_then_answers_or_fails_with_the_reason(teacher):
     prompt = teacher_prompt(SHORT, demonstrations_for(SHORT, None, []), "what is 6 * 7?")
     flaky = endpoint_teacher(
-        TeacherEndpoint(url=f"{teacher_url}/flaky/v1"), "m", 32, retries=3, backoff_s=0.01
+        TeacherEndpoint(url=f"{teacher.url}/flaky/v1"), "m", 32, retries=3, backoff_s=0.01
     )
     assert parse_answer(SHORT, flaky([prompt])[0]) == ("thinking about what is 6 .", "42")
-    down = endpoint_teacher(TeacherEndpoint(url=f"{teacher_url}/down/v1"), "m", 32, retries=2, backoff_s=0.01)
-    before = _Teacher.calls.get("down", 0)
+    down = endpoint_teacher(TeacherEndpoint(url=f"{teacher.url}/down/v1"), "m", 32, retries=2, backoff_s=0.01)
+    before = teacher.calls.get("down", 0)
     with pytest.raises(TeacherError, match=r"failed 3 times \(last: HTTP 503\)"):
         down([prompt])
-    assert _Teacher.calls["down"] - before == 3
+    assert teacher.calls["down"] - before == 3
 
 
 def test_endpoints_come_from_the_settings_and_their_host_must_be_allowed():

@@ -26,8 +26,8 @@ from torch import nn
 from workers.distill.prompts import LABEL_PREFIX, RATIONALE_PREFIX
 from workers.distill.records import TaskSpec, is_correct
 from workers.train.data import IGNORE_INDEX, Batch, DataError, EncodedExample, prepare_rows
-from workers.train.finetune import FinetuneConfig, _with_lora, split_validation
-from workers.train.trainer import LossFn, StepInfo, TrainResult, train
+from workers.train.finetune import FinetuneConfig, split_validation, train_and_merge
+from workers.train.trainer import LossFn, StepInfo
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -140,28 +140,22 @@ def train_student(
     val_rows, _ = task_rows(tokenizer, held, rationales, config.max_length) if held else ([], 0)
     if not rows:
         raise DataError("no training rows left after cutting records to max_length")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else 0
     train_config = config.train_config()
     if rationales:
         train_config = train_config.model_copy(update={"batch_size": 2 * config.batch_size})
-    trained = _with_lora(model, config) if config.method == "lora" else model
     marker = prefix_ids(tokenizer, RATIONALE_PREFIX)
-    loss_fn = multitask_loss(marker, rationale_weight)
-    result: TrainResult = train(
-        trained,
+    trained, result = train_and_merge(
+        model,
+        tokenizer,
         rows,
-        loss_fn,
-        train_config,
+        multitask_loss(marker, rationale_weight),
+        config,
+        train_config=train_config,
         val_rows=val_rows,
-        pad_id=pad_id,
         progress=progress,
         should_stop=should_stop,
         device=device,
     )
-    trained.to("cpu")
-    if config.method == "lora":
-        trained = trained.merge_and_unload()
     rationale_rows = sum(row.input_ids[: len(marker)] == marker for row in rows)
     report = {
         "steps": result.steps,

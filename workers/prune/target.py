@@ -31,6 +31,21 @@ from workers.prune.width import attention_shape
 Axis = Literal["depth", "mlp", "kv"]
 
 
+SIZE_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "param_budget",
+)
+
+
+def sizes_given(target: object) -> bool:
+    """Whether `target` (a PruneTarget or a request shaped like one) names any size or a budget."""
+    return any(getattr(target, name) is not None for name in SIZE_FIELDS)
+
+
 class PruneTarget(BaseModel):
     """What the pruned model should be: explicit sizes, or a parameter budget for the planner to meet.
 
@@ -49,19 +64,8 @@ class PruneTarget(BaseModel):
 
     @model_validator(mode="after")
     def _something_to_do(self) -> PruneTarget:
-        sizes = (
-            self.num_hidden_layers,
-            self.intermediate_size,
-            self.num_key_value_heads,
-            self.param_budget,
-            self.hidden_size,
-            self.num_attention_heads,
-        )
-        if all(v is None for v in sizes):
-            raise ValueError(
-                "give at least one of num_hidden_layers, hidden_size, num_attention_heads, "
-                "num_key_value_heads, intermediate_size, param_budget"
-            )
+        if not sizes_given(self):
+            raise ValueError(f"give at least one of {', '.join(SIZE_FIELDS)}")
         if not self.axes:
             raise ValueError("axes must name at least one of depth, mlp, kv")
         return self

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from workers.train.data import EncodedExample, encode_records, prepare_rows
-from workers.train.trainer import StepInfo, TrainConfig, causal_lm_loss, train
+from workers.train.trainer import LossFn, StepInfo, TrainConfig, TrainResult, causal_lm_loss, train
 
 ADAPTER_DIR = "lora_adapter"  # the PEFT adapter of a LoRA run, beside the merged model
 REPORT_FILE = "finetune.json"
@@ -121,6 +121,44 @@ def _with_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     return get_peft_model(model, lora)
 
 
+def train_and_merge(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[EncodedExample],
+    loss_fn: LossFn,
+    config: FinetuneConfig,
+    *,
+    train_config: TrainConfig | None = None,
+    val_rows: Sequence[EncodedExample] = (),
+    adapter_dir: Path | None = None,
+    progress: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """Train `model` on encoded rows with `loss_fn` (through a LoRA wrapper when config.method is "lora");
+    returns the trained model on the CPU (LoRA merged into it, the PEFT adapter saved to `adapter_dir`
+    when given) and the trainer's result. `train_config` overrides config.train_config()."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    trained = _with_lora(model, config) if config.method == "lora" else model
+    result = train(
+        trained,
+        rows,
+        loss_fn,
+        train_config or config.train_config(),
+        val_rows=val_rows,
+        pad_id=pad_id if pad_id is not None else 0,
+        progress=progress,
+        should_stop=should_stop,
+        device=device,
+    )
+    trained.to("cpu")
+    if config.method == "lora":
+        if adapter_dir is not None:
+            trained.save_pretrained(adapter_dir)
+        trained = trained.merge_and_unload()
+    return trained, result
+
+
 def finetune(
     model: nn.Module,
     tokenizer,
@@ -141,25 +179,18 @@ def finetune(
     val_rows, _ = encode_split(tokenizer, validation, config.max_length) if validation else ([], 0)
     if not rows:
         raise ValueError("no training rows left after cutting records to max_length")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = pad_id if pad_id is not None else 0
-    trained = _with_lora(model, config) if config.method == "lora" else model
-    result = train(
-        trained,
+    trained, result = train_and_merge(
+        model,
+        tokenizer,
         rows,
         causal_lm_loss,
-        config.train_config(),
+        config,
         val_rows=val_rows,
-        pad_id=pad_id,
+        adapter_dir=adapter_dir,
         progress=progress,
         should_stop=should_stop,
         device=device,
     )
-    trained.to("cpu")
-    if config.method == "lora":
-        if adapter_dir is not None:
-            trained.save_pretrained(adapter_dir)
-        trained = trained.merge_and_unload()
     report = FinetuneReport(
         method=config.method,
         steps=result.steps,
