@@ -22,7 +22,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.cross_site import CrossSiteMiddleware
 from service.embedded_redis import EmbeddedRedis
 from service.errors import short_detail, short_errors
-from service.fleet import live_inference_workers, live_job_workers, resident_models
+from service.fleet import live_inference_workers, live_job_workers, resident_models, worker_capacities
 from service.profiling import drain_profile_requests
 from service.queue import TooManyJobs
 from service.redis_client import connect, connect_async
@@ -145,6 +145,7 @@ def create_app(
                 workers=workers,
                 inference_workers=inference,
                 resident=resident,
+                capacity=worker_capacities(request.app.state.redis),
             )
             metrics.observe_residency(resident)
         return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)

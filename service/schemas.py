@@ -571,3 +571,8 @@ class Health(BaseModel):
         "their delta bytes and how many times the worker has loaded it (`loads`; above 1: it was dropped "
         "and loaded again)",
     )
+    capacity: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per live inference worker: the bases it keeps loaded (--max-models); requests are "
+        "routed by it",
+    )

@@ -4,6 +4,7 @@ being generated, are still answered by the others."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,13 +20,24 @@ from service.generation.routing import SPILL_WAITING, Fleet, WorkerLoad, choose,
 from tests.conftest import Server, start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama, make_variant
 from workers.generation.engine import GenerationRequest
-from workers.inference.protocol import EVENTS_PREFIX, QUEUE_KEY, InferenceJob, worker_queue_key
+from workers.inference.protocol import (
+    EVENTS_PREFIX,
+    QUEUE_KEY,
+    InferenceJob,
+    capacity_key,
+    resident_key,
+    worker_queue_key,
+)
 from workers.inference.worker import InferenceWorker
 
 
-def fleet(*workers: tuple[str, set[str], int] | tuple[str, set[str], int, set[str]]) -> Fleet:
+def fleet(*workers: tuple) -> Fleet:
+    """Workers as (id, bases, waiting[, claimed[, capacity]])."""
     loads = tuple(
-        WorkerLoad(w[0], frozenset(w[1]), w[2], frozenset(w[3] if len(w) > 3 else ())) for w in workers
+        WorkerLoad(
+            w[0], frozenset(w[1]), w[2], frozenset(w[3] if len(w) > 3 else ()), w[4] if len(w) > 4 else 1
+        )
+        for w in workers
     )
     return Fleet(loads, sum(w.waiting for w in loads))
 
@@ -44,11 +56,40 @@ def test_a_new_base_goes_to_the_emptiest_worker_then_stays_there_while_it_loads(
     assert choose("d", fleet(("w1", set(), 1), ("w2", set(), 0, {"c"}))) == ("w1", "new")
 
 
-def test_a_base_with_a_full_batch_waiting_everywhere_it_is_spreads_to_an_empty_worker_only():
+def test_a_base_with_a_full_batch_waiting_everywhere_it_is_spreads_only_where_nothing_is_dropped():
     assert choose("a", fleet(("w1", {"a"}, SPILL_WAITING), ("w2", set(), 0))) == ("w2", "spilled")
     assert choose("a", fleet(("w1", {"a"}, SPILL_WAITING - 1), ("w2", set(), 0))) == ("w1", "affinity")
     # no worker holds nothing: it waits where it is rather than make another worker drop a base
     assert choose("a", fleet(("w1", {"a"}, 50), ("w2", {"b"}, 0))) == ("w1", "affinity")
+
+
+def test_a_busy_base_spreads_to_a_worker_with_room_for_it_never_to_a_full_one():
+    # w2 keeps two bases and holds one: taking a drops nothing there
+    busy = ("w1", {"a"}, SPILL_WAITING, set(), 2)
+    assert choose("a", fleet(busy, ("w2", {"b"}, 0, set(), 2))) == ("w2", "spilled")
+    assert choose("a", fleet(busy, ("w2", {"b"}, 0, {"c"}, 2))) == ("w1", "affinity")  # full with a claim
+    # of two workers with room, the one holding fewer
+    assert choose("a", fleet(busy, ("w2", {"b"}, 0, set(), 4), ("w3", {"c", "d"}, 0, set(), 4))) == (
+        "w2",
+        "spilled",
+    )
+
+
+def test_a_new_base_goes_to_a_worker_with_room_before_a_full_one_that_holds_fewer():
+    full, roomy = ("w1", {"a"}, 0, set(), 1), ("w2", {"b", "c"}, 5, set(), 4)
+    assert choose("d", fleet(full, roomy)) == ("w2", "new")
+
+
+def test_the_atomic_claim_in_redis_prefers_room_too_and_capacity_is_read_from_the_report(
+    isolated_redis_url,
+):
+    conn = redis.Redis.from_url(isolated_redis_url)
+    stale = fleet(("w1", {"a"}, 0, set(), 1), ("w2", {"b", "c"}, 5, set(), 4))
+    assert enqueue(conn, stale, "d", "{}") == (worker_queue_key("w2"), "new")
+    conn.set(resident_key("w3"), json.dumps({"x": {}}))
+    conn.set(capacity_key("w3"), 3)
+    conn.set(resident_key("w4"), json.dumps({}))  # an older worker that does not say: one base
+    assert {(w.id, w.capacity) for w in read_fleet(conn, ["w3", "w4"]).workers} == {("w3", 3), ("w4", 1)}
 
 
 def test_requests_routed_from_the_same_stale_view_still_see_each_others_claims(isolated_redis_url):
@@ -140,7 +181,7 @@ def holder(srv: Server, base: str) -> str:
 
 
 def test_each_base_stays_on_its_worker_and_nothing_is_loaded_twice(two_workers):
-    srv, _ = two_workers
+    srv, conn = two_workers
     models = ["base-a", "base-b", "tune-a"] * 6
     with ThreadPoolExecutor(4) as pool:
         texts = list(pool.map(lambda m: generate(srv, m), models))
@@ -153,6 +194,9 @@ def test_each_base_stays_on_its_worker_and_nothing_is_loaded_twice(two_workers):
     assert set(report[a]) == {"base-a"} and report[a]["base-a"]["variants"] == ["tune-a"], report
     assert set(report[b]) == {"base-b"}, report
     assert report[a]["base-a"]["loads"] == 1 and report[b]["base-b"]["loads"] == 1, report
+    assert conn.get(capacity_key(a)) == conn.get(capacity_key(b)) == b"2"  # --max-models, for routing
+    with srv.client() as c:
+        assert c.get("/health").json()["capacity"] == {a: 2, b: 2}
     with srv.client() as c:  # the same in /metrics
         text = c.get("/metrics").text
     assert f'strata_base_loads{{base="base-a",worker="{a}"}} 1.0' in text

@@ -97,6 +97,7 @@ def test_a_killed_job_worker_is_restarted_and_health_reports_it(supervised):
         assert time.monotonic() - killed_at < RESTART_S
         healthy = wait_for(lambda: (r := c.get("/health")).status_code == 200 and r.json(), 120, 0.5)
         assert healthy and len(healthy.pop("resident")) == 1  # what the one inference worker holds
+        assert list(healthy.pop("capacity").values()) == [2]  # and how many bases it keeps
         assert healthy == {"status": "ok", "redis": True, "workers": 1, "inference_workers": 1}
 
 

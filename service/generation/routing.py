@@ -1,18 +1,23 @@
 """Routing generation requests by base, so that inference workers serving several bases do not thrash.
 
 Every inference worker takes requests from a list of its own before the shared one (workers.inference.
-protocol). A request for base B (a variant's base, or the model itself) goes to:
+protocol), and reports the bases it holds and how many it keeps (its capacity, `--max-models`). A
+request for base B (a variant's base, or the model itself) goes to:
 1. a live worker whose residency report holds B (affinity), the one with the fewest requests waiting;
 2. else a live worker B was routed to within CLAIM_S and that does not report it yet (its load is in
    flight): "assigned";
-   in 1 and 2, when that worker has SPILL_WAITING requests waiting or more and a worker holds nothing, B
-   spreads to that one ("spilled": a hot base gets more workers, and nothing is dropped for it);
-3. else the worker holding (or claimed for) the fewest bases, then with the fewest waiting: an empty
-   worker takes a new base; B is claimed for it ("new"). That choice is made again inside Redis, atomically
-   with the claim (CLAIM_NEW), so concurrent requests (API threads or processes) see each other's claims;
+   in 1 and 2, when that worker has SPILL_WAITING requests waiting or more and another worker has room
+   for B (it holds and is claimed for fewer bases than its capacity, so taking B drops nothing), B
+   spreads to the one of those holding fewest ("spilled": a hot base gets more workers, and nothing is
+   dropped for it);
+3. else a worker with room before a full one, then the one holding (or claimed for) the fewest bases,
+   then with the fewest waiting; B is claimed for it ("new"). That choice is made again inside Redis,
+   atomically with the claim (CLAIM_NEW), so concurrent requests (API threads or processes) see each
+   other's claims;
 4. with no live worker reporting its residency, the shared list, which any worker takes from.
-A dead worker drops out at once (heartbeat and process are checked before routing); what was routed to it
-and not answered is sent again by the waiting request (`Generation.events`).
+A worker that does not report its capacity counts as keeping one base. A dead worker drops out at once
+(heartbeat and process are checked before routing); what was routed to it and not answered is sent again
+by the waiting request (`Generation.events`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from workers.inference.protocol import (
     CLAIM_S,
     EVENTS_TTL_S,
     QUEUE_KEY,
+    capacity_key,
     claims_key,
     resident_key,
     worker_queue_key,
@@ -44,6 +50,15 @@ class WorkerLoad:
     bases: frozenset[str]  # reported as loaded
     waiting: int  # requests in its own list
     claimed: frozenset[str] = frozenset()  # routed to it within CLAIM_S, not reported yet
+    capacity: int = 1  # bases it keeps loaded (1 when it does not say)
+
+    @property
+    def held(self) -> int:
+        return len(self.bases | self.claimed)
+
+    @property
+    def has_room(self) -> bool:
+        return self.held < self.capacity
 
 
 @dataclass(frozen=True)
@@ -68,14 +83,17 @@ def read_fleet(redis: Redis, worker_ids: list[str]) -> Fleet:
         return Fleet((), 0)
     with redis.pipeline(transaction=False) as pipe:
         pipe.mget([resident_key(w) for w in worker_ids])
+        pipe.mget([capacity_key(w) for w in worker_ids])
         for worker in worker_ids:
             pipe.llen(worker_queue_key(worker))
             pipe.hgetall(claims_key(worker))
         reply = pipe.execute()
-    reports, lengths, claims = reply[0], reply[1::2], reply[2::2]
+    reports, capacities, lengths, claims = reply[0], reply[1], reply[2::2], reply[3::2]
     fresh = time.time() - CLAIM_S
     workers = []
-    for worker, raw, waiting, claimed in zip(worker_ids, reports, lengths, claims, strict=True):
+    for worker, raw, capacity, waiting, claimed in zip(
+        worker_ids, reports, capacities, lengths, claims, strict=True
+    ):
         if raw is None:  # not (yet) reporting: not routed to (a worker writes its report as it starts)
             continue
         try:
@@ -83,28 +101,35 @@ def read_fleet(redis: Redis, worker_ids: list[str]) -> Fleet:
         except (ValueError, TypeError):
             continue
         recent = frozenset(b.decode() for b, at in claimed.items() if float(at) >= fresh) - bases
-        workers.append(WorkerLoad(worker, bases, int(waiting), recent))
+        workers.append(WorkerLoad(worker, bases, int(waiting), recent, _capacity(capacity)))
     return Fleet(tuple(workers), sum(int(n) for n in lengths))
+
+
+def _capacity(raw: bytes | None) -> int:
+    try:
+        return max(1, int(raw)) if raw is not None else 1
+    except ValueError:
+        return 1
 
 
 def choose(base: str, fleet: Fleet) -> tuple[str | None, How]:
     """(the worker to send a request for `base` to, None for the shared list; why it was chosen)."""
-    empty = [w for w in fleet.workers if not w.bases and not w.claimed]
     for how, has in (("affinity", lambda w: base in w.bases), ("assigned", lambda w: base in w.claimed)):
         candidates = [w for w in fleet.workers if has(w)]
         if candidates:
             best = min(candidates, key=lambda w: (w.waiting, w.id))
-            if best.waiting >= SPILL_WAITING and empty:
-                return min(empty, key=lambda w: (w.waiting, w.id)).id, "spilled"
+            roomy = [w for w in fleet.workers if w.has_room and base not in w.bases | w.claimed]
+            if best.waiting >= SPILL_WAITING and roomy:
+                return min(roomy, key=lambda w: (w.held, w.waiting, w.id)).id, "spilled"
             return best.id, how  # type: ignore[return-value]
     if not fleet.workers:
         return None, "shared"
-    return min(fleet.workers, key=lambda w: (len(w.bases | w.claimed), w.waiting, w.id)).id, "new"
+    return min(fleet.workers, key=lambda w: (not w.has_room, w.held, w.waiting, w.id)).id, "new"
 
 
 # Rule 3 of `choose`, run by Redis on the claims as they are now, and the claim written in the same step.
 # KEYS: the claims hashes of the reporting workers; ARGV: base, now, oldest fresh claim, TTL of a claims
-# hash, then per worker a JSON [id, reported bases, waiting]. Returns [worker id, how].
+# hash, then per worker a JSON [id, reported bases, waiting, capacity]. Returns [worker id, how].
 CLAIM_NEW = """
 local base, now, fresh = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local best, best_key
@@ -122,22 +147,27 @@ for i, key in ipairs(KEYS) do
       n = n + 1
     end
   end
-  local rank = {n, w[3], w[1]}
-  if best == nil or rank[1] < best[1] or (rank[1] == best[1] and (rank[2] < best[2]
-      or (rank[2] == best[2] and rank[3] < best[3]))) then
-    best, best_key = rank, key
+  local full = 0
+  if n >= w[4] then full = 1 end
+  local rank = {full, n, w[3], w[1]}
+  local better = best == nil
+  if not better then
+    for r = 1, 4 do
+      if rank[r] ~= best[r] then better = rank[r] < best[r]; break end
+    end
   end
+  if better then best, best_key = rank, key end
 end
 redis.call('HSET', best_key, base, now)
 redis.call('EXPIRE', best_key, ARGV[4])
-return {best[3], 'new'}
+return {best[4], 'new'}
 """
 
 
 def claim_new(redis: Redis, fleet: Fleet, base: str) -> tuple[str, How]:
     """(the worker that takes `base`, "new"; or the one a concurrent request claimed it for, "assigned")."""
     now = time.time()
-    workers = [json.dumps([w.id, sorted(w.bases), w.waiting]) for w in fleet.workers]
+    workers = [json.dumps([w.id, sorted(w.bases), w.waiting, w.capacity]) for w in fleet.workers]
     keys = [claims_key(w.id) for w in fleet.workers]
     worker, how = redis.eval(
         CLAIM_NEW, len(keys), *keys, base, now, now - CLAIM_S, int(CLAIM_S) * 2, *workers

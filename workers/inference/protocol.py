@@ -36,6 +36,7 @@ CANCEL_PREFIX = "strata:infer:cancel:"
 RESIDENT_PREFIX = "strata:infer:resident:"  # per worker: its loaded bases and the variants held over each
 WORKER_QUEUE_PREFIX = QUEUE_KEY + ":"  # per worker: the requests routed to it
 CLAIMS_PREFIX = "strata:infer:claims:"  # per worker: a hash, base -> when the API last routed it there
+CAPACITY_PREFIX = "strata:infer:capacity:"  # per worker: how many bases it keeps loaded (--max-models)
 CLAIM_S = 60.0  # a claim counts this long after the last request routed by it
 
 
@@ -67,6 +68,10 @@ def cancel_key(request_id: str) -> str:
 
 def resident_key(worker_id: str) -> str:
     return RESIDENT_PREFIX + worker_id
+
+
+def capacity_key(worker_id: str) -> str:
+    return CAPACITY_PREFIX + worker_id
 
 
 def worker_queue_key(worker_id: str) -> str:

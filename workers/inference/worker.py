@@ -40,6 +40,7 @@ from workers.inference.protocol import (
     WORKERS_KEY,
     InferenceJob,
     cancel_key,
+    capacity_key,
     latency_key,
     resident_key,
     worker_queue_key,
@@ -279,6 +280,7 @@ class InferenceWorker:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(WORKERS_KEY, {self.id: time.time()})
             pipe.set(resident_key(self.id), json.dumps(self.resident()), ex=int(WORKER_TTL_S))
+            pipe.set(capacity_key(self.id), self.max_models, ex=int(WORKER_TTL_S))
             pipe.execute()
 
     def _heartbeat(self) -> None:
@@ -477,7 +479,7 @@ class InferenceWorker:
             self.stopping.set()
             try:
                 self.redis.zrem(WORKERS_KEY, self.id)
-                self.redis.delete(resident_key(self.id))
+                self.redis.delete(resident_key(self.id), capacity_key(self.id))
                 # requests routed here and not taken: the shared list, for the other workers
                 while self.redis.lmove(self.queue, QUEUE_KEY, "LEFT", "RIGHT") is not None:
                     pass
