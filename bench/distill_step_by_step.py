@@ -17,11 +17,11 @@ engine at full depth) on `--teacher-test` held-out inputs (its few-shot accuracy
 `step_by_step_teacher` (the student trained on the teacher's own kept rationales) are trained on what is
 kept, at the 12.5 % size.
 
-The student is a small LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M parameters) with a
-character tokenizer: on this 2-core machine shared with other jobs one optimiser step of the 135M default
-model on 16 rows took about 120 s (2 threads, load 17), so nine 135M trainings do not fit a bench run; the
-small student took 1.3 to 2 s a step with rationales and 0.4 to 0.9 s without, on one thread, at load 18
-to 28. Results and their reading: docs/distill-step-by-step.md.
+The student (`--student`): `small`, a LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M
+parameters) with a character tokenizer, or `default`, the default model itself (SmolLM2-135M-Instruct,
+its own tokenizer; lr 2e-4 unless `--lr`). The small one takes about a second a step and cannot learn the
+task (docs/distill-step-by-step.md); the default one can, at several seconds a step on two cores.
+Results and their reading: docs/distill-step-by-step.md.
 
 Table: accuracy per method and size. Summary line:
 
@@ -62,7 +62,17 @@ FRACTIONS = (0.125, 0.5, 1.0)
 TASK = TaskSpec(**multistep.TASK)
 
 
-def student(seed: int, quick: bool) -> LlamaForCausalLM:
+def student(kind: str, work: Path, seed: int, quick: bool):
+    """A fresh student and its tokenizer: `small` (from scratch, a character tokenizer) or `default` (the
+    default model, SmolLM2-135M-Instruct, with its own tokenizer)."""
+    if kind == "default" and not quick:
+        from bench.merge_quality import default_model
+
+        return load_model(default_model(work))
+    return small_student(seed, quick), distill_tokenizer()
+
+
+def small_student(seed: int, quick: bool) -> LlamaForCausalLM:
     size = (
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
         if quick
@@ -103,7 +113,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps a student (default 150)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--student",
+        choices=("small", "default"),
+        default="small",
+        help="small: 0.8 M parameters from scratch; default: SmolLM2-135M-Instruct",
+    )
+    parser.add_argument("--lr", type=float, default=None, help="default 2e-3 (small), 2e-4 (default)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--teacher-train", type=int, default=None, help="training inputs asked (default 16)")
     parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 16)")
@@ -124,11 +140,11 @@ def main() -> None:
     train, test = multistep.load("train"), multistep.load("test")
     if args.quick:
         test = test[:4]
-    tokenizer = distill_tokenizer()
+    lr = args.lr or (2e-4 if args.student == "default" else 2e-3)
     options = DistillOptions(
         steps=steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=lr,
         warmup_steps=steps // 10,
         schedule="cosine",
         max_length=256,
@@ -139,9 +155,8 @@ def main() -> None:
 
     def run(name: str, size: str, records: list[dict], rationales: bool) -> None:
         t0 = time.perf_counter()
-        model, stats = train_student(
-            student(0, args.quick), tokenizer, records, options, rationales=rationales
-        )
+        fresh, tokenizer = student(args.student, args.work, 0, args.quick)
+        model, stats = train_student(fresh, tokenizer, records, options, rationales=rationales)
         score = label_accuracy(model, tokenizer, TASK, test, options.label_max_new_tokens)
         table.setdefault(name, {})[size] = score["accuracy"]
         seconds[f"{name}@{size}"] = round(time.perf_counter() - t0, 1)
@@ -222,7 +237,9 @@ def main() -> None:
         report = {
             "table": table,
             "teacher": {"name": teacher_name, "accuracy": teacher_accuracy, "filter": counts},
+            "student": args.student,
             "steps": steps,
+            "lr": lr,
             "seconds": seconds,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "load": os.getloadavg(),
