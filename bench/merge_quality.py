@@ -65,10 +65,13 @@ QUICK_METHODS = ("linear", "ties", "dare_ties")
 DENSITIES = (0.3, 0.7)
 WEIGHTS = (0.6,)
 DROPS = (0.5, 0.9, 0.99)
-# Fine-tuning steps (batches of 8) a specialist. Topic and extract have learned their task outright by
-# then (30/30 held out); 16 arithmetic steps teach only the bare-number format (3/30 right): it needs far
-# more (docs/merge-quality.md).
-STEPS = {"arithmetic": 16, "topic": 6, "extract": 10}
+# Fine-tuning (steps of 8 records, learning rate) a specialist: the same for every task, about two epochs of
+# its 400 records. Arithmetic needs that much (on this CPU, quiet: 16 steps at 1e-4 taught only the
+# bare-number format, 3/30 right; 48 at 2e-4 gave 11/30, 96 at 2e-4 16/30, 96 at 4e-4 8/30). Topic and
+# extract learn outright in 6 and 10 steps at 1e-4, but deltas that brief are 4 to 6 times smaller (L2) than
+# arithmetic's, and every merge that sums deltas then follows arithmetic and loses extraction
+# (docs/merge-quality.md): one recipe for all keeps the deltas comparable.
+RECIPES = {task: (96, 2e-4) for task in ("arithmetic", "topic", "extract")}
 HELD_OUT = 30  # held-out records a task scored by default (of tasks.HELD_OUT)
 # The DARE experiment's specialist: extraction is a skill the base lacks entirely (it scores 0) and its
 # specialist learns outright, so what dropping its delta costs is measurable.
@@ -229,9 +232,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="reuses what a previous run left there")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument(
-        "--steps", type=int, default=None, help="fine-tuning steps of every specialist (default: STEPS)"
+        "--steps", type=int, default=None, help="fine-tuning steps of every specialist (default: RECIPES)"
     )
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None, help="every specialist's (default: RECIPES)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--limit", type=int, default=None, help=f"held-out records a task (default {HELD_OUT})"
@@ -253,14 +256,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="merge-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    steps = {t: args.steps or (2 if args.quick else STEPS[t]) for t in tasks.TASKS}
+    steps = {t: args.steps or (2 if args.quick else RECIPES[t][0]) for t in tasks.TASKS}
+    rates = {t: args.lr or RECIPES[t][1] for t in tasks.TASKS}
     limit = args.limit or (2 if args.quick else HELD_OUT)
     start = time.perf_counter()
     base = args.model_dir or (tiny_model(work) if args.quick else default_model(work))
     tokenizer = AutoTokenizer.from_pretrained(base)
     load_before = os.getloadavg()[0]
     configs = {
-        t: FinetuneConfig(steps=n, lr=args.lr, batch_size=args.batch_size, warmup_steps=min(5, n // 10))
+        t: FinetuneConfig(steps=n, lr=rates[t], batch_size=args.batch_size, warmup_steps=min(5, n // 10))
         for t, n in steps.items()
     }
     stages = Stages()
@@ -319,7 +323,7 @@ def main() -> None:
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"load average at start {load_before:.1f}, at end {os.getloadavg()[0]:.1f}; "
-        f"fine-tuning steps {steps} (batch {args.batch_size}, lr {args.lr:g}); "
+        f"fine-tuning steps {steps}, learning rates {rates} (batch {args.batch_size}); "
         f"{limit} held-out records a task"
     )
     for stage, (wall, cpu, count) in stages.seconds.items():
