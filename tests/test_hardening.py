@@ -98,6 +98,7 @@ def test_redis_outage_gives_fast_503_and_recovers_by_itself(tmp_path):
                 "workers": 0,
                 "inference_workers": 0,
                 "resident": {},
+                "capacity": {},
             }
             redis_server.start()
             assert c.get("/v1/models").status_code == 200
