@@ -133,19 +133,19 @@ def create_app(
         try:
             request.app.state.redis.ping()
             workers = len(live_job_workers(request.app.state.redis))
-            inference = len(live_inference_workers(request.app.state.redis))
+            inference_ids = live_inference_workers(request.app.state.redis)
         except (RedisConnectionError, RedisTimeoutError):
             report = Health(status="degraded", redis=False, workers=0)
         else:
-            ok = workers >= expected[0] and inference >= expected[1]
+            ok = workers >= expected[0] and len(inference_ids) >= expected[1]
             resident = resident_models(request.app.state.redis)
             report = Health(
                 status="ok" if ok else "degraded",
                 redis=True,
                 workers=workers,
-                inference_workers=inference,
+                inference_workers=len(inference_ids),
                 resident=resident,
-                capacity=worker_capacities(request.app.state.redis),
+                capacity=worker_capacities(request.app.state.redis, inference_ids),
             )
             metrics.observe_residency(resident)
         return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)

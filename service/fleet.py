@@ -14,7 +14,7 @@ import time
 from redis import Redis
 from rq import Worker
 
-from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY, capacity_key, resident_key
+from workers.inference.protocol import WORKER_TTL_S, WORKERS_KEY, capacity_key, capacity_of, resident_key
 from workers.jobs.queues import QUEUE_NAME
 from workers.processes import process_alive
 
@@ -68,10 +68,11 @@ def resident_models(redis: Redis) -> dict[str, dict]:
     return {worker: json.loads(value) for worker, value in zip(workers, raw, strict=True) if value}
 
 
-def worker_capacities(redis: Redis) -> dict[str, int]:
-    """Per live inference worker that reports it: the bases it keeps loaded."""
-    workers = live_inference_workers(redis)
+def worker_capacities(redis: Redis, workers: list[str]) -> dict[str, int]:
+    """Per inference worker of `workers` (the live ones) that reports it: the bases it keeps loaded."""
     if not workers:
         return {}
     raw = redis.mget([capacity_key(worker) for worker in workers])
-    return {worker: int(value) for worker, value in zip(workers, raw, strict=True) if value is not None}
+    return {
+        worker: capacity_of(value) for worker, value in zip(workers, raw, strict=True) if value is not None
+    }

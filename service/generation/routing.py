@@ -34,6 +34,7 @@ from workers.inference.protocol import (
     EVENTS_TTL_S,
     QUEUE_KEY,
     capacity_key,
+    capacity_of,
     claims_key,
     resident_key,
     worker_queue_key,
@@ -101,15 +102,8 @@ def read_fleet(redis: Redis, worker_ids: list[str]) -> Fleet:
         except (ValueError, TypeError):
             continue
         recent = frozenset(b.decode() for b, at in claimed.items() if float(at) >= fresh) - bases
-        workers.append(WorkerLoad(worker, bases, int(waiting), recent, _capacity(capacity)))
+        workers.append(WorkerLoad(worker, bases, int(waiting), recent, capacity_of(capacity)))
     return Fleet(tuple(workers), sum(int(n) for n in lengths))
-
-
-def _capacity(raw: bytes | None) -> int:
-    try:
-        return max(1, int(raw)) if raw is not None else 1
-    except ValueError:
-        return 1
 
 
 def choose(base: str, fleet: Fleet) -> tuple[str | None, How]:

@@ -74,6 +74,14 @@ def capacity_key(worker_id: str) -> str:
     return CAPACITY_PREFIX + worker_id
 
 
+def capacity_of(raw: bytes | str | None) -> int:
+    """A worker's reported capacity (1 when it reports none, or nothing readable)."""
+    try:
+        return max(1, int(raw)) if raw is not None else 1
+    except ValueError:
+        return 1
+
+
 def worker_queue_key(worker_id: str) -> str:
     return WORKER_QUEUE_PREFIX + worker_id
 
