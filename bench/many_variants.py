@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.random_llama import TINY, write_character_tokenizer, write_random_llama  # noqa: E402
 from workers.default_model import convert_default_model  # noqa: E402
 from workers.eval.texts import heldout_text  # noqa: E402
-from workers.generation.deltas import LowRankDelta, build_variant  # noqa: E402
+from workers.generation.deltas import LowRankDelta, RowDeltas, build_variant  # noqa: E402
 from workers.generation.engine import EarlyExitEngine, GenerationRequest  # noqa: E402
 from workers.inference.worker import load_engine  # noqa: E402
 from workers.merge.executor import tensor_seed  # noqa: E402
@@ -221,10 +221,15 @@ def run(args, work: Path, base_dir: Path) -> None:
     max_n = max(args.variants)
     with TensorReader(base_dir) as reader:
         stats = tensor_stats(reader)
-    held = [in_memory_variant(engine, stats, seed, args.scale, args.rank) for seed in range(1, max_n + 1)]
-    for variant in held:
-        engine.add_variant(variant)
+    floats = [in_memory_variant(engine, stats, seed, args.scale, args.rank) for seed in range(1, max_n + 1)]
+    held = [engine.add_variant(variant) for variant in floats]  # int8 factors on a quantised engine
     per_variant = statistics.mean(v.bytes for v in held)
+    if held[0] is not floats[0]:
+        agreement, ppl_ratio = served_agreement(engine, floats[0], held[0], heldout_text(), 256)
+        print(
+            f"served as held ({engine.precision} engine) vs float factors, variant v1, 256 held-out tokens: "
+            f"top-1 agreement {agreement:.4f}, perplexity ratio {ppl_ratio:.5f}"
+        )
     copies_dir = work / "copies"
     rows, results = [], {}
     for n in args.variants:
@@ -286,6 +291,26 @@ def run(args, work: Path, base_dir: Path) -> None:
         f"p99_vs_single={deltas[2] / single[2]:.3f} bytes_per_variant_vs_base={per_variant / base_bytes:.4f} "
         f"ppl_delta_max={ppl_delta:.5f}"
     )
+
+
+@torch.inference_mode()
+def served_agreement(
+    engine: EarlyExitEngine, floats, held, text: str, max_tokens: int
+) -> tuple[float, float]:
+    """(greedy top-1 agreement, perplexity ratio) of the engine serving `held` (the variant as the engine
+    holds it) against the same variant with its float factors, teacher-forced on held-out text."""
+    ids = torch.tensor([engine.tokenizer.encode(text)[:max_tokens]])
+    out = []
+    for variant in (floats, held):
+        cache = engine.compact.new_cache(engine.num_layers, 1, ids.shape[1])
+        positions = torch.arange(ids.shape[1])[None]
+        rows = RowDeltas([variant], engine.device)
+        depth = engine.num_layers
+        logits = engine.compact.forward(ids, positions, cache, depth, last_only=False, deltas=rows)
+        logits = logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+        out.append((logits.argmax(-1), float(nll.exp())))
+    return float((out[0][0] == out[1][0]).float().mean()), out[1][1] / out[0][1]
 
 
 def quality_rows(args, work: Path, base_dir: Path) -> float:

@@ -45,7 +45,7 @@ from torch import nn
 
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import decoder_stack
-from workers.generation.deltas import RowDeltas
+from workers.generation.deltas import RowDeltas, int8_kernel_fits
 
 Precision = Literal["float32", "bfloat16", "int8", "int4", "int8_dynamic"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8", "int4", "int8_dynamic")
@@ -66,10 +66,6 @@ def layer_mask_kinds(config, depth: int) -> list[str]:
         return list(kinds[:depth])
     kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
     return [kind] * depth
-
-
-def _has_int8_kernel(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 class QuantLinear:
@@ -97,7 +93,7 @@ class QuantLinear:
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
             self.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(dtype)
-            self.fast_int8 = _has_int8_kernel(weight.device)
+            self.fast_int8 = int8_kernel_fits(weight.device, self.in_features)
             self.bytes = self.weight.numel() + self.scale.numel() * self.scale.element_size()
         else:
             self.weight = weight.to(dtype).contiguous()

@@ -4,6 +4,9 @@ which a batch mixes variants of one base.
 A variant v of a base is the base's weights plus, per tensor, a delta D_v in one of these forms:
 
 - low rank:  D = B A             (B: out x r, A: r x in),  applied as  y += (x A^T) B^T
+- int8 low rank: the same with A = diag(s) A_q (a scale per rank row) and B = B_q diag(c) (a scale per rank
+             column), A_q, B_q in [-127, 127]: how a quantised engine (int8, int4 weights, bfloat16
+             activations) holds low-rank deltas, at the base's own precision class
 - dense:     D                   (in the activation dtype),  y += x D^T
 - int8:      D = s_o q_oi        (per output channel, q in [-127, 127]),  y += x (s q)^T
 - sparse:    D in CSR            (float32),  y += (D x^T)^T
@@ -17,11 +20,16 @@ where `slice` is the part of a fused projection (q, k, v of qkv; gate, up of gat
 Embedding rows add D_embed[ids]; norms a variant changed are applied per row with its own weights. With D
 stored exactly (dense), a variant's rows compute what its full model computes, up to float rounding of
 x (W + D)^T against x W^T + x D^T. Nothing here knows about requests, files or Redis.
+
+How a layer's sum over the batch's variants is computed, fastest first: int8 low-rank deltas on the CPU in
+one compiled call per layer (KernelStack, workers.generation.lowrank_kernel), else in two int8 products
+(Int8Stack); float low-rank deltas in one grouped float32 product; anything else variant by variant.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.early_exit.adapters import ExitAdapters
+from workers.generation.lowrank_kernel import KernelPlan, lowrank_kernel
 
 
 class LinearDelta(Protocol):
@@ -55,6 +64,72 @@ class LowRankDelta:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.b) @ self.a
+
+
+def int8_kernel_fits(device: torch.device, in_features: int) -> bool:
+    """Whether torch's CPU int8 weight kernel (`_weight_int8pack_mm`) may multiply by a weight of this many
+    input columns: it reads past the end of its input (a segmentation fault, measured with torch 2.13
+    on AVX-512) for a number of columns that is not a multiple of 16 with most batch sizes."""
+    return device.type == "cpu" and in_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (.., in) times (diag(scale) q)^T for int8 q (out x in): torch's int8 weight kernel where it applies
+    (the CPU, bfloat16 activations: what the int8 engine's own linears use), else q dequantised."""
+    shape = x.shape
+    if x.dtype == torch.bfloat16 and int8_kernel_fits(x.device, shape[-1]):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), q, scale)
+        return y.view(*shape[:-1], q.shape[0])
+    return F.linear(x, q.to(x.dtype)) * scale
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with w ~= diag(s) q, q int8 in [-127, 127], one scale per row (zero rows: scale 1)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+class Int8LowRankDelta:
+    """D = (B_q diag(c)) (diag(s) A_q), int8 factors: y = ((x (diag(s) A_q)^T) * c) B_q^T. Per rank row of A
+    and per rank column of B, each scale covers one singular direction, so a quantised factor keeps its
+    relative error near 1/254 of that direction's largest entry. B_q is held transposed (`qbt`, r x out:
+    each direction's column contiguous, as the compiled kernel reads it)."""
+
+    def __init__(
+        self, qa: torch.Tensor, sa: torch.Tensor, qbt: torch.Tensor, sb: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        self.qa, self.qbt = qa.contiguous(), qbt.contiguous()
+        self.sa, self.sb = sa.to(dtype), sb.to(dtype)
+        self.dtype = dtype
+        self.out_features, self.rank = qbt.shape[1], qa.shape[0]
+        scales = (self.sa.numel() + self.sb.numel()) * self.sa.element_size()
+        self.bytes = self.qa.numel() + self.qbt.numel() + scales
+
+    @property
+    def qb(self) -> torch.Tensor:
+        """B_q (out x r), a view."""
+        return self.qbt.T
+
+    @staticmethod
+    def of(delta: LowRankDelta, dtype: torch.dtype) -> Int8LowRankDelta:
+        qa, sa = _quantize_rows(delta.a)
+        qbt, sb = _quantize_rows(delta.b.T)
+        return Int8LowRankDelta(qa, sa, qbt, sb, dtype)
+
+    def scaled(self, coefficient: float) -> Int8LowRankDelta:
+        """c D, sharing the int8 factors."""
+        return Int8LowRankDelta(self.qa, self.sa, self.qbt, self.sb * coefficient, self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = int8_matmul(x, self.qa, self.sa.to(x.dtype)) * self.sb.to(x.dtype)
+        ones = torch.ones(self.out_features, dtype=x.dtype, device=x.device)
+        return int8_matmul(t, self.qb.contiguous(), ones)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        b = self.qbt.index_select(1, ids.reshape(-1)).T.to(self.dtype) * self.sb
+        return (b @ (self.qa.to(self.dtype) * self.sa[:, None])).reshape(*ids.shape, -1)
 
 
 class DenseDelta:
@@ -157,16 +232,167 @@ class VariantDelta:
             start += rank
         return a, b
 
+    def quantized(self, dtype: torch.dtype) -> VariantDelta:
+        """This variant with its low-rank deltas held as int8 factors (Int8LowRankDelta) in a quantised
+        engine of activation dtype `dtype`; other parts, norms and adapters as they are. A delta shared by
+        two places (a tied head's and the embedding's) stays shared."""
+        done: dict[int, object] = {}
+
+        def q(delta):
+            if not isinstance(delta, LowRankDelta):
+                return delta
+            if id(delta) not in done:
+                done[id(delta)] = Int8LowRankDelta.of(delta, dtype)
+            return done[id(delta)]
+
+        out = VariantDelta(self.name, norms=self.norms, adapters=self.adapters)
+        for key, parts in self.linears.items():
+            out.linears[key] = [SliceDelta(p.offset, q(p.delta), p.bias) for p in parts]
+        out.embed = q(self.embed)
+        return out
+
     @property
     def bytes(self) -> int:
+        """Bytes of the tensors this variant holds (a delta shared by two places counted once)."""
+        seen = {id(p.delta) for parts in self.linears.values() for p in parts}
         total = sum(part.bytes for parts in self.linears.values() for part in parts)
         total += sum(w.numel() * w.element_size() for w in self.norms.values())
-        if self.embed is not None:
+        if self.embed is not None and id(self.embed) not in seen:
             total += self.embed.bytes
         if self.adapters is not None:
             maps = self.adapters.maps.values()
             total += sum((a.weight.numel() + a.bias.numel()) * a.weight.element_size() for a in maps)
         return total
+
+
+@dataclass
+class Int8Stack:
+    """A layer's int8 low-rank deltas for a batch: the factors of the batch's variants side by side,
+    A (sum R x in) with row scales, B (out_total x sum R, zeros outside each slice), and per row the
+    column scales c of its own variant's columns (zeros elsewhere: the base's rows and the other variants'
+    columns), so Y += ((X A^T) * mask) B^T is every row's own delta in two int8 products."""
+
+    a: torch.Tensor
+    a_scale: torch.Tensor
+    b: torch.Tensor
+    ones: torch.Tensor
+    mask: torch.Tensor  # (rows, sum R); (sum R,) when every row is one variant
+
+    def applies(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        return True
+
+    def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = int8_matmul(x, self.a, self.a_scale)
+        mask = self.mask[:, None] if x.dim() == 3 and self.mask.dim() == 2 else self.mask
+        y += int8_matmul(t * mask, self.b, self.ones)
+        return y
+
+
+@dataclass
+class KernelStack:
+    """The same sum as Int8Stack in one compiled call (workers.generation.lowrank_kernel)."""
+
+    plan: KernelPlan
+
+    def applies(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        return self.plan.applies(y, x)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.plan.add(y, x)
+
+
+Groups = list[tuple[VariantDelta, torch.Tensor | None]]
+PartsOf = Callable[[VariantDelta], list[SliceDelta]]
+
+
+def _int8_parts(groups: Groups, parts_of: PartsOf) -> list[tuple[torch.Tensor | None, SliceDelta]] | None:
+    """(row index, part) of every group's parts, or None where some part is not int8 low rank (or has a
+    bias) or there is none."""
+    chosen: list[tuple[torch.Tensor | None, SliceDelta]] = []
+    for variant, index in groups:
+        parts = parts_of(variant)
+        if any(not isinstance(p.delta, Int8LowRankDelta) or p.bias is not None for p in parts):
+            return None
+        chosen += [(index, part) for part in parts]
+    return chosen or None
+
+
+def _kernel_plan(
+    groups: Groups,
+    rows: int,
+    parts_of: PartsOf,
+    chosen: list[tuple[torch.Tensor | None, SliceDelta]],
+    out_total: int,
+) -> KernelPlan | None:
+    """The compiled kernel's plan for the chosen int8 parts, or None where the kernel is not built or the
+    batch is not on the CPU in bfloat16."""
+    first: Int8LowRankDelta = chosen[0][1].delta  # type: ignore[assignment]
+    if first.qa.device.type != "cpu" or first.dtype != torch.bfloat16:
+        return None
+    module = lowrank_kernel()
+    if module is None:
+        return None
+    ranges = [(0, 0)] * rows
+    start = 0
+    for variant, index in groups:
+        width = sum(p.delta.rank for p in parts_of(variant))  # type: ignore[union-attr]
+        for row in range(rows) if index is None else index.tolist():
+            ranges[row] = (start, start + width)
+        start += width
+    factors = [(p.offset, p.delta.qa, p.delta.sa, p.delta.qbt, p.delta.sb) for _, p in chosen]  # type: ignore[union-attr]
+    return KernelPlan.build(module, ranges, factors, out_total)
+
+
+def _embed_parts(variant: VariantDelta) -> list[SliceDelta]:
+    return [] if variant.embed is None else [SliceDelta(0, variant.embed)]
+
+
+def _int8_stack(
+    groups: Groups, rows: int, key: tuple[int, str], out_total: int
+) -> Int8Stack | KernelStack | None:
+    """The stack of `key` for a batch's groups (the compiled kernel's where it is built and the batch is
+    on the CPU in bfloat16), or None where some variant's delta there is not int8 low rank (or has a
+    bias)."""
+
+    def parts_of(variant: VariantDelta) -> list[SliceDelta]:
+        return variant.linears.get(key, [])
+
+    chosen = _int8_parts(groups, parts_of)
+    if chosen is None:
+        return None
+    plan = _kernel_plan(groups, rows, parts_of, chosen, out_total)
+    if plan is not None:
+        return KernelStack(plan)
+    a_parts, sa_parts, b_blocks, masks = [], [], [], []
+    for index, part in chosen:
+        d: Int8LowRankDelta = part.delta  # type: ignore[assignment]
+        block = torch.zeros(out_total, d.rank, dtype=torch.int8, device=d.qa.device)
+        block[part.offset : part.offset + d.out_features] = d.qb
+        a_parts.append(d.qa)
+        sa_parts.append(d.sa)
+        b_blocks.append(block)
+        masks.append((index, d.sb))
+    a, a_scale, b = torch.cat(a_parts), torch.cat(sa_parts), torch.cat(b_blocks, dim=1)
+    dtype = a_scale.dtype
+    if len(groups) == 1 and groups[0][1] is None:
+        mask = torch.cat([scale for _, scale in masks])
+    else:
+        mask = torch.zeros(rows, a.shape[0], dtype=dtype, device=a.device)
+        start = 0
+        for index, scale in masks:
+            columns = slice(start, start + scale.shape[0])
+            if index is None:
+                mask[:, columns] = scale
+            else:
+                mask[index, columns] = scale
+            start += scale.shape[0]
+    pad = -a.shape[0] % 16  # zero rank columns up to the int8 kernel's inner size (int8_kernel_fits)
+    a, a_scale = F.pad(a, (0, 0, 0, pad)).contiguous(), F.pad(a_scale, (0, pad), value=1.0)
+    b, mask = F.pad(b, (0, pad)).contiguous(), F.pad(mask, (0, pad))
+    return Int8Stack(a, a_scale, b, torch.ones(out_total, dtype=dtype, device=a.device), mask)
+
+
+_Stack = tuple[torch.Tensor, torch.Tensor] | Int8Stack | KernelStack
 
 
 class RowDeltas:
@@ -189,13 +415,20 @@ class RowDeltas:
         # every row one variant: its factors once (2-D products), not a copy per row
         self.only = self.groups[0][0] if len(self.groups) == 1 and self.groups[0][1] is None else None
         self._norms: dict[tuple[int, str], torch.Tensor | None] = {}
-        self._stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._stacks: dict[tuple[int, str], _Stack | None] = {}
+        self._embed_plan: KernelPlan | None | bool = False  # False: not built yet
 
-    def _stack(self, key: tuple[int, str], out_total: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The layer's combined low-rank factors in float32, or None where some variant's delta there is
-        not low rank (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R));
-        else per-row (rows, in, R), (rows, R, out_total) (zeros for the base's rows, ranks padded with
-        zeros to the largest)."""
+    def _stack(
+        self, key: tuple[int, str], out_total: int
+    ) -> _Stack | None:
+        """The layer's combined low-rank factors: an Int8Stack (or KernelStack) where every variant's delta
+        there is int8 low rank; else in float32, or None where some variant's delta there is not low rank
+        (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R)); else per-row
+        (rows, in, R), (rows, R, out_total) (zeros for the base's rows, ranks padded with zeros to the
+        largest)."""
+        int8 = _int8_stack(self.groups, len(self.variants), key, out_total)
+        if int8 is not None:
+            return int8
         combined = {}
         for variant, _ in self.groups:
             if variant.linears.get(key):
@@ -225,14 +458,19 @@ class RowDeltas:
     def linear(self, y: torch.Tensor, x: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
         """y (the base's output for x) plus each variant's delta on its rows, in place.
 
-        Where every variant's delta on this layer is low rank, all rows go through one grouped product in
-        float32 whatever the number of variants: Y += (X A^T) B^T with one variant's factors when every
-        row is that variant, else Y += (X A_rows) B_rows with per-row factors stacked (zeros for the
-        base's rows), two batched matmuls; otherwise each variant's rows are gathered in turn."""
+        Where every variant's delta on this layer is int8 low rank (a quantised engine), all rows go
+        through one compiled call (KernelStack) or two int8 products (Int8Stack). Where every one is low
+        rank in float, through one grouped product in float32 whatever the number of variants:
+        Y += (X A^T) B^T with one variant's factors when every row is that variant, else
+        Y += (X A_rows) B_rows with per-row factors stacked (zeros for the base's rows), two batched
+        matmuls. Otherwise each variant's rows are gathered in turn."""
         if key not in self._stacks:
             self._stacks[key] = self._stack(key, y.shape[-1])
         stack = self._stacks[key]
-        if stack is not None:
+        if isinstance(stack, (Int8Stack, KernelStack)):
+            if stack.applies(y, x):
+                return stack.add(y, x)
+        elif stack is not None:
             a, b = stack
             if self.only is not None:
                 y += F.linear(F.linear(x.float(), a), b)
@@ -259,6 +497,18 @@ class RowDeltas:
         return y
 
     def embed(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden (the base's embeddings of ids) plus each row's variant's embedding delta, in place: one
+        compiled call where every variant's is int8 low rank, else each variant's rows in turn."""
+        if self._embed_plan is False:
+            chosen = _int8_parts(self.groups, _embed_parts)
+            self._embed_plan = (
+                None
+                if chosen is None
+                else _kernel_plan(self.groups, len(self.variants), _embed_parts, chosen, hidden.shape[-1])
+            )
+        plan = self._embed_plan
+        if plan is not None and hidden.dtype is torch.bfloat16 and hidden.is_contiguous():
+            return plan.add_rows(hidden, ids)
         for variant, index in self.groups:
             if variant.embed is None:
                 continue
@@ -425,6 +675,8 @@ class SumDelta:
 def _scaled(delta: LinearDelta, coefficient: float) -> LinearDelta:
     if isinstance(delta, LowRankDelta):  # stays low rank: the grouped product still applies
         return LowRankDelta(delta.a, delta.b * coefficient, delta.a.dtype)
+    if isinstance(delta, Int8LowRankDelta):
+        return delta.scaled(coefficient)
     return ScaledDelta(delta, coefficient)
 
 

@@ -30,6 +30,7 @@ from workers.generation.compact import PRECISIONS, Precision
 from workers.generation.deltas import compose
 from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationEvent, TokenEvent
 from workers.generation.latency import LatencyProfile
+from workers.generation.lowrank_kernel import lowrank_kernel
 from workers.generation.speculative import speculative_events
 from workers.inference.events import PROGRESS_S, EventWriter
 from workers.inference.protocol import (
@@ -203,8 +204,7 @@ class InferenceWorker:
         path = self.models_dir / variant
         config = engine.model.config
         own = load_adapters(path, config.num_hidden_layers, config.hidden_size)
-        held = load_variant(path, variant, engine.compact, own)
-        engine.add_variant(held)
+        held = engine.add_variant(load_variant(path, variant, engine.compact, own))
         self.variant_lru[variant] = (base, held.bytes)
         while sum(size for _, size in self.variant_lru.values()) > self.variant_memory_bytes:
             victim = next((v for v in self.variant_lru if v not in pinned), None)
@@ -465,6 +465,11 @@ class InferenceWorker:
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat, daemon=True)
         beat.start()
+        device = default_device()
+        if device.type == "cpu" and resolve_precision(self.precision, device) in ("int8", "int4"):
+            # variants' deltas on a quantised engine use the compiled kernel: built (once per machine) now,
+            # not when the first batch of variants is waiting for it
+            threading.Thread(target=lowrank_kernel, daemon=True, name="lowrank-kernel").start()
         log.info("inference worker %s listening", self.id)
         try:
             while not self.stopping.is_set():
