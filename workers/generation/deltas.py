@@ -418,9 +418,7 @@ class RowDeltas:
         self._stacks: dict[tuple[int, str], _Stack | None] = {}
         self._embed_plan: KernelPlan | None | bool = False  # False: not built yet
 
-    def _stack(
-        self, key: tuple[int, str], out_total: int
-    ) -> _Stack | None:
+    def _stack(self, key: tuple[int, str], out_total: int) -> _Stack | None:
         """The layer's combined low-rank factors: an Int8Stack (or KernelStack) where every variant's delta
         there is int8 low rank; else in float32, or None where some variant's delta there is not low rank
         (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R)); else per-row
