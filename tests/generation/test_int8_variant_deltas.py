@@ -20,7 +20,7 @@ from workers.generation.deltas import (
     build_variant,
 )
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
-from workers.generation.lowrank_kernel import _build, lowrank_kernel
+from workers.generation.lowrank_kernel import _load_or_build, lowrank_kernel
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj")
 
@@ -162,4 +162,20 @@ def test_the_int8_weight_kernel_is_not_given_an_input_size_it_would_read_past():
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("STRATA_LOWRANK_KERNEL", "0")
-    assert _build() is None
+    assert _load_or_build() == (None, True)
+
+
+def test_while_another_process_builds_the_kernel_torch_serves_without_waiting(monkeypatch, tmp_path):
+    import fcntl
+
+    from workers.generation import lowrank_kernel as kernel
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernel, "_built", {})
+    name, root = kernel.build_place()
+    root.mkdir(parents=True)
+    with open(root / f"{name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert kernel._load_or_build() == (None, False)  # another process builds it: not waited for
+        assert kernel.lowrank_kernel() is None and "module" not in kernel._built  # asked again later
+    assert not (root / f"{name}.so").exists()
