@@ -9,7 +9,7 @@ TinyLlama-1.1B shape, in memory, and on the quality-speed frontier.
   (every step reads every weight and does the same arithmetic whatever they are), so random weights time
   exactly what a trained model of that shape would; only the tokens differ.
 - Memory: each engine decodes in a process of its own (`python bench/decode_parity.py strata ...` for
-  Strata, a fresh driver for llama.cpp), which then reports its peak resident set (ru_maxrss).
+  Strata, a fresh driver for llama.cpp), which then reports its peak resident set (VmHWM).
 - The frontier: every (precision, depth, exit adapter) of Strata and every quantisation llama.cpp's
   quantiser makes (`FRONTIER_QUANTS`), each a point (decode tok/s, held-out perplexity / Strata float32
   full-depth perplexity) on the same tokens: windows of the "dpkg-spec" held-out source, which no exit
@@ -247,6 +247,19 @@ def plot(points: list[Point], path: Path, title: str) -> bool:
 # ------------------------------------------------------------------------------ one engine in its own process
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM of /proc/self/status, which starts afresh at exec
+    (ru_maxrss does not: Linux starts a child's at the RSS of the process that forked it, here the
+    gigabytes of the bench), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def strata_process(model_dir: Path, precision: str, prompt: list[int], new_tokens: int, threads: int) -> dict:
     """Strata decoding in a process of its own: {"decode_tok_s", "ttft_ms", "peak_rss_mb"}."""
     import subprocess
@@ -296,7 +309,7 @@ def _strata_main(args: argparse.Namespace) -> None:
                 "decode_tok_s": (args.new_tokens - 1) / result.decode_ms * 1000,
                 "ttft_ms": result.prefill_ms,
                 "wall_s": time.perf_counter() - started,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
             }
         ),
         flush=True,

@@ -13,7 +13,7 @@ Reads one JSON command per line on stdin and answers one JSON line on stdout:
     {"cmd": "ppl", "model": path, "threads": n, "windows": [[ids], ...]}
         -> {"nll", "tokens"}: the summed negative log-likelihood of tokens 2..n of every window given the
         ones before it, from llama.cpp's logits of every position (logits_all), and how many were scored
-    {"cmd": "rss"} -> {"peak_rss_mb"}: this process's peak resident memory (ru_maxrss)
+    {"cmd": "rss"} -> {"peak_rss_mb"}: this process's peak resident memory (VmHWM)
     {"cmd": "quit"}
 
 Models stay loaded between runs (one at a time), so alternating runs measure decoding, not loading.
@@ -171,6 +171,19 @@ def perplexity(path: str, threads: int, windows: list[list[int]]) -> dict:
     return {"nll": nll, "tokens": count}
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss starts at
+    the forking process's RSS on Linux), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def convert(source: str, target: str) -> dict:
     """A float32 GGUF of the LLaMA in `source` (config.json, safetensors), tensor by tensor from a memory
     map. Q and K rows are permuted from Hugging Face's rotate-half layout to GGUF's interleaved one (as
@@ -246,7 +259,7 @@ def main() -> None:
             elif command["cmd"] == "convert":
                 answer = convert(command["source"], command["target"])
             elif command["cmd"] == "rss":
-                answer = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                answer = {"peak_rss_mb": peak_rss_mb()}
             elif command["cmd"] == "ppl":
                 answer = perplexity(command["model"], command["threads"], command["windows"])
             elif command["cmd"] == "batch":
