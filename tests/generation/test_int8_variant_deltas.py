@@ -14,13 +14,12 @@ from workers.generation.compact import QuantLinear
 from workers.generation.deltas import (
     Int8LowRankDelta,
     Int8Stack,
-    KernelStack,
     LowRankDelta,
     RowDeltas,
     build_variant,
 )
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
-from workers.generation.lowrank_kernel import _load_or_build, lowrank_kernel
+from workers.generation.lowrank_kernel import KernelPlan, _load_or_build, lowrank_kernel
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj")
 
@@ -111,7 +110,7 @@ def test_a_mixed_batch_adds_every_rows_own_delta_in_the_kernel_and_the_torch_pro
             y = torch.zeros(*x.shape[:-1], out_total, dtype=torch.bfloat16)
             got[name] = batch.linear(y, x, key).float()
             stack = batch._stacks[key]
-            assert isinstance(stack, KernelStack if module is not None else Int8Stack)
+            assert isinstance(stack, KernelPlan if module is not None else Int8Stack)
         assert lowrank_kernel() is not None, "the kernel builds on this machine"
         for name, y in got.items():
             torch.testing.assert_close(y, want, rtol=0.02, atol=0.02 * want.abs().max().item(), msg=name)

@@ -22,7 +22,7 @@ stored exactly (dense), a variant's rows compute what its full model computes, u
 x (W + D)^T against x W^T + x D^T. Nothing here knows about requests, files or Redis.
 
 How a layer's sum over the batch's variants is computed, fastest first: int8 low-rank deltas on the CPU in
-one compiled call per layer (KernelStack, workers.generation.lowrank_kernel), else in two int8 products
+one compiled call per layer (KernelPlan, workers.generation.lowrank_kernel), else in two int8 products
 (Int8Stack); float low-rank deltas in one grouped float32 product; anything else variant by variant.
 """
 
@@ -288,45 +288,26 @@ class Int8Stack:
         return y
 
 
-@dataclass
-class KernelStack:
-    """The same sum as Int8Stack in one compiled call (workers.generation.lowrank_kernel)."""
-
-    plan: KernelPlan
-
-    def applies(self, y: torch.Tensor, x: torch.Tensor) -> bool:
-        return self.plan.applies(y, x)
-
-    def add(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.plan.add(y, x)
-
-
 Groups = list[tuple[VariantDelta, torch.Tensor | None]]
-PartsOf = Callable[[VariantDelta], list[SliceDelta]]
+Grouped = list[tuple[torch.Tensor | None, list[SliceDelta]]]  # (row index or None: every row, parts)
 
 
-def _int8_parts(groups: Groups, parts_of: PartsOf) -> list[tuple[torch.Tensor | None, SliceDelta]] | None:
-    """(row index, part) of every group's parts, or None where some part is not int8 low rank (or has a
-    bias) or there is none."""
-    chosen: list[tuple[torch.Tensor | None, SliceDelta]] = []
+def _int8_parts(groups: Groups, parts_of: Callable[[VariantDelta], list[SliceDelta]]) -> Grouped | None:
+    """Each group's row index with its parts, or None where some part is not int8 low rank (or has a bias)
+    or no group has one."""
+    grouped: Grouped = []
     for variant, index in groups:
         parts = parts_of(variant)
         if any(not isinstance(p.delta, Int8LowRankDelta) or p.bias is not None for p in parts):
             return None
-        chosen += [(index, part) for part in parts]
-    return chosen or None
+        grouped.append((index, parts))
+    return grouped if any(parts for _, parts in grouped) else None
 
 
-def _kernel_plan(
-    groups: Groups,
-    rows: int,
-    parts_of: PartsOf,
-    chosen: list[tuple[torch.Tensor | None, SliceDelta]],
-    out_total: int,
-) -> KernelPlan | None:
-    """The compiled kernel's plan for the chosen int8 parts, or None where the kernel is not built or the
+def _kernel_plan(rows: int, grouped: Grouped, out_total: int) -> KernelPlan | None:
+    """The compiled kernel's plan for the groups' int8 parts, or None where the kernel is not built or the
     batch is not on the CPU in bfloat16."""
-    first: Int8LowRankDelta = chosen[0][1].delta  # type: ignore[assignment]
+    first: Int8LowRankDelta = next(parts[0] for _, parts in grouped if parts).delta  # type: ignore[assignment]
     if first.qa.device.type != "cpu" or first.dtype != torch.bfloat16:
         return None
     module = lowrank_kernel()
@@ -334,12 +315,16 @@ def _kernel_plan(
         return None
     ranges = [(0, 0)] * rows
     start = 0
-    for variant, index in groups:
-        width = sum(p.delta.rank for p in parts_of(variant))  # type: ignore[union-attr]
+    for index, parts in grouped:
+        width = sum(p.delta.rank for p in parts)  # type: ignore[union-attr]
         for row in range(rows) if index is None else index.tolist():
             ranges[row] = (start, start + width)
         start += width
-    factors = [(p.offset, p.delta.qa, p.delta.sa, p.delta.qbt, p.delta.sb) for _, p in chosen]  # type: ignore[union-attr]
+    factors = [
+        (p.offset, p.delta.qa, p.delta.sa, p.delta.qbt, p.delta.sb)  # type: ignore[union-attr]
+        for _, parts in grouped
+        for p in parts
+    ]
     return KernelPlan.build(module, ranges, factors, out_total)
 
 
@@ -349,29 +334,26 @@ def _embed_parts(variant: VariantDelta) -> list[SliceDelta]:
 
 def _int8_stack(
     groups: Groups, rows: int, key: tuple[int, str], out_total: int
-) -> Int8Stack | KernelStack | None:
-    """The stack of `key` for a batch's groups (the compiled kernel's where it is built and the batch is
-    on the CPU in bfloat16), or None where some variant's delta there is not int8 low rank (or has a
+) -> Int8Stack | KernelPlan | None:
+    """The stack of `key` for a batch's groups (the compiled kernel's plan where it is built and the batch
+    is on the CPU in bfloat16), or None where some variant's delta there is not int8 low rank (or has a
     bias)."""
-
-    def parts_of(variant: VariantDelta) -> list[SliceDelta]:
-        return variant.linears.get(key, [])
-
-    chosen = _int8_parts(groups, parts_of)
-    if chosen is None:
+    grouped = _int8_parts(groups, lambda variant: variant.linears.get(key, []))
+    if grouped is None:
         return None
-    plan = _kernel_plan(groups, rows, parts_of, chosen, out_total)
+    plan = _kernel_plan(rows, grouped, out_total)
     if plan is not None:
-        return KernelStack(plan)
+        return plan
     a_parts, sa_parts, b_blocks, masks = [], [], [], []
-    for index, part in chosen:
-        d: Int8LowRankDelta = part.delta  # type: ignore[assignment]
-        block = torch.zeros(out_total, d.rank, dtype=torch.int8, device=d.qa.device)
-        block[part.offset : part.offset + d.out_features] = d.qb
-        a_parts.append(d.qa)
-        sa_parts.append(d.sa)
-        b_blocks.append(block)
-        masks.append((index, d.sb))
+    for index, parts in grouped:
+        for part in parts:
+            d: Int8LowRankDelta = part.delta  # type: ignore[assignment]
+            block = torch.zeros(out_total, d.rank, dtype=torch.int8, device=d.qa.device)
+            block[part.offset : part.offset + d.out_features] = d.qb
+            a_parts.append(d.qa)
+            sa_parts.append(d.sa)
+            b_blocks.append(block)
+            masks.append((index, d.sb))
     a, a_scale, b = torch.cat(a_parts), torch.cat(sa_parts), torch.cat(b_blocks, dim=1)
     dtype = a_scale.dtype
     if len(groups) == 1 and groups[0][1] is None:
@@ -392,7 +374,7 @@ def _int8_stack(
     return Int8Stack(a, a_scale, b, torch.ones(out_total, dtype=dtype, device=a.device), mask)
 
 
-_Stack = tuple[torch.Tensor, torch.Tensor] | Int8Stack | KernelStack
+_Stack = tuple[torch.Tensor, torch.Tensor] | Int8Stack | KernelPlan
 
 
 class RowDeltas:
@@ -419,11 +401,11 @@ class RowDeltas:
         self._embed_plan: KernelPlan | None | bool = False  # False: not built yet
 
     def _stack(self, key: tuple[int, str], out_total: int) -> _Stack | None:
-        """The layer's combined low-rank factors: an Int8Stack (or KernelStack) where every variant's delta
-        there is int8 low rank; else in float32, or None where some variant's delta there is not low rank
-        (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R)); else per-row
-        (rows, in, R), (rows, R, out_total) (zeros for the base's rows, ranks padded with zeros to the
-        largest)."""
+        """The layer's combined low-rank factors: an Int8Stack (or the kernel's KernelPlan) where every
+        variant's delta there is int8 low rank; else in float32, or None where some variant's delta there
+        is not low rank (or has a bias): with one variant for every row, its (A (R x in), B (out_total x R));
+        else per-row (rows, in, R), (rows, R, out_total) (zeros for the base's rows, ranks padded with
+        zeros to the largest)."""
         int8 = _int8_stack(self.groups, len(self.variants), key, out_total)
         if int8 is not None:
             return int8
@@ -457,7 +439,7 @@ class RowDeltas:
         """y (the base's output for x) plus each variant's delta on its rows, in place.
 
         Where every variant's delta on this layer is int8 low rank (a quantised engine), all rows go
-        through one compiled call (KernelStack) or two int8 products (Int8Stack). Where every one is low
+        through one compiled call (KernelPlan) or two int8 products (Int8Stack). Where every one is low
         rank in float, through one grouped product in float32 whatever the number of variants:
         Y += (X A^T) B^T with one variant's factors when every row is that variant, else
         Y += (X A_rows) B_rows with per-row factors stacked (zeros for the base's rows), two batched
@@ -465,7 +447,7 @@ class RowDeltas:
         if key not in self._stacks:
             self._stacks[key] = self._stack(key, y.shape[-1])
         stack = self._stacks[key]
-        if isinstance(stack, (Int8Stack, KernelStack)):
+        if isinstance(stack, (Int8Stack, KernelPlan)):
             if stack.applies(y, x):
                 return stack.add(y, x)
         elif stack is not None:
@@ -498,12 +480,9 @@ class RowDeltas:
         """hidden (the base's embeddings of ids) plus each row's variant's embedding delta, in place: one
         compiled call where every variant's is int8 low rank, else each variant's rows in turn."""
         if self._embed_plan is False:
-            chosen = _int8_parts(self.groups, _embed_parts)
-            self._embed_plan = (
-                None
-                if chosen is None
-                else _kernel_plan(self.groups, len(self.variants), _embed_parts, chosen, hidden.shape[-1])
-            )
+            grouped = _int8_parts(self.groups, _embed_parts)
+            rows = len(self.variants)
+            self._embed_plan = None if grouped is None else _kernel_plan(rows, grouped, hidden.shape[-1])
         plan = self._embed_plan
         if plan is not None and hidden.dtype is torch.bfloat16 and hidden.is_contiguous():
             return plan.add_rows(hidden, ids)

@@ -14,6 +14,7 @@ built (no compiler) or STRATA_LOWRANK_KERNEL=0, `lowrank_kernel()` is None and t
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -59,13 +60,17 @@ def lowrank_kernel():
 FLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 
-def build_place() -> tuple[str, Path]:
-    """(module name, folder) of this machine's build: the name hashes the source, torch's version, the
-    flags and the CPU."""
+@functools.cache
+def _module_name() -> str:
+    """The build's name: a hash of the source, torch's version, the flags and the CPU (read once)."""
     key = f"{SOURCE.read_text()}{torch.__version__}{FLAGS}{_cpu_tag()}"
-    name = f"strata_lowrank_rows_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return f"strata_lowrank_rows_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def build_place() -> tuple[str, Path]:
+    """(module name, folder) of this machine's build."""
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    return name, Path(extensions) / "strata"
+    return _module_name(), Path(extensions) / "strata"
 
 
 def _load_or_build() -> tuple[object, bool]:
