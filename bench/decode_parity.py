@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from bench.peak_rss import peak_rss_mb  # noqa: E402
 
 TINYLLAMA_1B = dict(
     hidden_size=2048,
@@ -245,19 +246,6 @@ def plot(points: list[Point], path: Path, title: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ one engine in its own process
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory: VmHWM of /proc/self/status, which starts afresh at exec
-    (ru_maxrss does not: Linux starts a child's at the RSS of the process that forked it, here the
-    gigabytes of the bench), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def strata_process(model_dir: Path, precision: str, prompt: list[int], new_tokens: int, threads: int) -> dict:

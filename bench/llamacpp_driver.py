@@ -27,12 +27,12 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import sys
 import time
 
 import llama_cpp
 import numpy as np
+from peak_rss import peak_rss_mb  # bench/peak_rss.py: this script's folder is first on sys.path
 
 FTYPES = {  # llama.cpp's file types by the bench's names
     "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
@@ -169,19 +169,6 @@ def perplexity(path: str, threads: int, windows: list[list[int]]) -> dict:
         nll += float((log_z - logits[np.arange(len(window) - 1), window[1:]]).sum())
         count += len(window) - 1
     return {"nll": nll, "tokens": count}
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss starts at
-    the forking process's RSS on Linux), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def convert(source: str, target: str) -> dict:

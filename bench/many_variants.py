@@ -300,12 +300,11 @@ def served_agreement(
     """(greedy top-1 agreement, perplexity ratio) of the engine serving `held` (the variant as the engine
     holds it) against the same variant with its float factors, teacher-forced on held-out text."""
     ids = torch.tensor([engine.tokenizer.encode(text)[:max_tokens]])
+    positions, depth = torch.arange(ids.shape[1])[None], engine.num_layers
     out = []
     for variant in (floats, held):
-        cache = engine.compact.new_cache(engine.num_layers, 1, ids.shape[1])
-        positions = torch.arange(ids.shape[1])[None]
+        cache = engine.compact.new_cache(depth, 1, ids.shape[1])
         rows = RowDeltas([variant], engine.device)
-        depth = engine.num_layers
         logits = engine.compact.forward(ids, positions, cache, depth, last_only=False, deltas=rows)
         logits = logits[0, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
