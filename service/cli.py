@@ -164,6 +164,7 @@ def worker(
     else:
         import workers.jobs.extract_lora  # noqa: F401  (import torch & co once, before forking work-horses)
         import workers.jobs.grow  # noqa: F401
+        import workers.jobs.materialise  # noqa: F401
         import workers.jobs.merge  # noqa: F401
         import workers.jobs.profile  # noqa: F401
         import workers.jobs.prune  # noqa: F401

@@ -19,6 +19,7 @@ from service.schemas import (
     FitExitsJobRequest,
     GrowJobRequest,
     HealOptions,
+    MaterialiseJobRequest,
     MergeJobRequest,
     MoeJobRequest,
     ProfileJobRequest,
@@ -55,13 +56,14 @@ from workers.store.model_files import read_config, shown
 from workers.store.model_store import lora_bytes, max_rank, weights_bytes
 from workers.store.references import ModelReferenceError, resolve_model, resolve_path
 from workers.store.registry import ModelRecord, Registry
+from workers.tensors.safetensors_io import stored_delta_base
 from workers.train.data import DataError, iter_jsonl, read_jsonl, validate_record
 from workers.train.sorted_ft import default_exits
 
 
 def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
     try:
-        return resolve_model(ref, registry, settings.models_dir, settings.import_roots)
+        return resolve_model(ref, registry, settings.models_dir, settings.import_roots, tensors=False)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
     except ModelFilesChangedError as e:
@@ -380,6 +382,16 @@ def check_truncate(request: TruncateJobRequest, registry: Registry, settings: Se
     ensure_disk(weights_bytes(path), settings)
 
 
+def check_materialise(request: MaterialiseJobRequest, registry: Registry, settings: Settings) -> None:
+    path = resolve_or_422(request.model, registry, settings)
+    if stored_delta_base(path) is None:
+        raise HTTPException(
+            422, f"model {request.model!r} holds its full weights; download them from its /files"
+        )
+    _default_name(request, "full", registry)
+    ensure_disk(weights_bytes(path), settings)
+
+
 def check_examples(examples: list[dict] | None) -> None:
     """Inline records are well-formed."""
     for number, record in enumerate(examples or []):
@@ -561,6 +573,7 @@ PRECHECKS = {
     "fit_exits": check_fit_exits,
     "sort": check_sort,
     "truncate": check_truncate,
+    "materialise": check_materialise,
     "merge": check_merge,
     "moe": check_moe,
     "variants": check_variants,

@@ -30,6 +30,7 @@ JOB_FUNCTIONS = {
     "grow": "workers.jobs.grow.grow_job",
     "sort": "workers.jobs.sort.sort_job",
     "truncate": "workers.jobs.truncate.truncate_job",
+    "materialise": "workers.jobs.materialise.materialise_job",
     "fit_exits": "workers.jobs.fit_exits.fit_exits_job",
     "extract_lora": "workers.jobs.extract_lora.extract_lora_job",
     "finetune": "workers.jobs.finetune.finetune_job",

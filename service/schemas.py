@@ -58,6 +58,11 @@ class VariantsJobRequest(BaseModel):
         description="Store each variant as the base + a delta compressed per tensor (low rank, sparse, int8 "
         "or dense) within this relative error, served over the resident base; null: a plain copy",
     )
+    keep_full_weights: bool = Field(
+        default=False,
+        description="Keep each variant's full weights in the store beside its delta (default: the store "
+        "keeps the delta alone; jobs, downloads via `materialise`, and merges read base + delta)",
+    )
     seed: Seed = 0
     prefix: str | None = None
 
@@ -359,6 +364,18 @@ class TruncateJobRequest(BaseModel):
     _check_name = field_validator("name")(_slug)
 
 
+class MaterialiseJobRequest(BaseModel):
+    """A variant stored as its delta alone (record `delta.full_weights: false`), written out as a full model
+    of its own: base + delta, the weights it is served with, to download from /files or export."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    kind: Literal["materialise"]
+    model: str = Field(min_length=1)
+    name: str | None = Field(default=None, description="Id of the full model (default: <model>-full-<6 hex>)")
+
+    _check_name = field_validator("name")(_slug)
+
+
 class ExtractLoraJobRequest(BaseModel):
     """A PEFT LoRA adapter from a fine-tune and its base, as mergekit-extract-lora makes it: each linear
     layer's delta as B @ A from a truncated SVD (rank <= max_rank, singular values <= sv_epsilon dropped);
@@ -385,6 +402,11 @@ class FinetuneJobRequest(FinetuneConfig):
 
     kind: Literal["finetune"]
     model: str = Field(min_length=1, description="The model to fine-tune (registered id or directory)")
+    keep_full_weights: bool = Field(
+        default=False,
+        description="Keep the fine-tune's full weights beside its delta to `model` (default: the delta "
+        "alone, materialised where a job reads the model)",
+    )
     training_file: str | None = Field(default=None, description="An uploaded file id (file-...)")
     validation_file: str | None = Field(default=None, description="An uploaded file id (file-...)")
     data: str | None = Field(default=None, description="A JSONL file under an import root")
@@ -456,6 +478,7 @@ JobRequest = Annotated[
     | SortJobRequest
     | FitExitsJobRequest
     | TruncateJobRequest
+    | MaterialiseJobRequest
     | ExtractLoraJobRequest
     | FinetuneJobRequest
     | DistillJobRequest,
@@ -533,6 +556,10 @@ class ImportRequest(BaseModel):
     )
     delta_error_budget: float = Field(
         default=0.05, ge=0, lt=1, description="With `base`: see the variants job"
+    )
+    keep_full_weights: bool = Field(
+        default=False,
+        description="With `base`: keep the full weights beside the delta (see the variants job)",
     )
 
     _check_id = field_validator("id")(_slug)

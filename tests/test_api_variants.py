@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny_models import make_tiny_chat_llama
 from workers.generation.reference import greedy_reference
+from workers.store.delta_only import full_model_dir
 
 
 def test_a_variants_job_stores_deltas_and_variants_generate_their_own_tokens(server):
@@ -38,7 +39,8 @@ def test_a_variants_job_stores_deltas_and_variants_generate_their_own_tokens(ser
         prompt = "the cat sat"
         ids = tokenizer.encode(prompt)
         for model_id in ("vv-1", "vv-2"):
-            full = AutoModelForCausalLM.from_pretrained(server.home / "models" / model_id).eval()
+            stored = full_model_dir(server.home / "models", model_id)  # the delta alone: base + delta
+            full = AutoModelForCausalLM.from_pretrained(stored).eval()
             with torch.no_grad():
                 expected = tokenizer.decode(greedy_reference(full, ids, 4, 10), skip_special_tokens=True)
             body = {"model": model_id, "prompt": prompt, "max_new_tokens": 10, "depth": 4}

@@ -24,15 +24,15 @@ from workers.generation.deltas import DenseDelta, VariantDelta, build_variant
 from workers.merge.executor import tensor_seed
 from workers.merge.parameters import resolve
 from workers.merge.registry import METHODS, TensorGroup
-from workers.tensors.safetensors_io import TensorReader
-from workers.variants_delta import DELTA_WEIGHTS, decoded_delta, delta_base, read_parts
+from workers.tensors.safetensors_io import TensorReader, has_weights
+from workers.variants_delta import decoded_delta, delta_base, read_parts
 
 
 class _Model:
     """One merged model's tensors as a merge job reads them."""
 
     def __init__(self, directory: Path, stack: ExitStack) -> None:
-        self.reader = stack.enter_context(TensorReader(directory)) if _has_weights(directory) else None
+        self.reader = stack.enter_context(TensorReader(directory)) if has_weights(directory) else None
         self.parts = read_parts(directory) if delta_base(directory) is not None else {}
 
     def tensor(self, name: str, base: torch.Tensor) -> torch.Tensor:
@@ -43,10 +43,6 @@ class _Model:
         if name not in self.parts:
             return base
         return (base.float() + decoded_delta(self.parts[name], tuple(base.shape))).to(base.dtype)
-
-
-def _has_weights(directory: Path) -> bool:
-    return any(p.name != DELTA_WEIGHTS for p in Path(directory).glob("*.safetensors"))
 
 
 def merged_deltas(recipe: Computed, base_dir: Path, dirs: dict[str, Path]) -> dict[str, torch.Tensor]:

@@ -41,12 +41,17 @@ from workers.generation.deltas import (
 from workers.lora.extract import low_rank_factors
 from workers.merge.sparsify import magnitude_mask
 from workers.store.model_files import ModelFileError, contained, read_json
-from workers.tensors.safetensors_io import AppendingWriter, PlannedTensor, ShardedWriter, TensorReader
+from workers.tensors.safetensors_io import (
+    DELTA_META,
+    DELTA_WEIGHTS,
+    AppendingWriter,
+    PlannedTensor,
+    ShardedWriter,
+    TensorReader,
+)
 
 Form = Literal["low_rank", "sparse", "int8", "dense"]
 FORMS: tuple[Form, ...] = ("low_rank", "sparse", "int8", "dense")
-DELTA_WEIGHTS = "variant_delta.safetensors"
-DELTA_META = "variant_delta.json"
 Progress = Callable[[int, int, str], None]
 
 

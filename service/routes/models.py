@@ -24,11 +24,12 @@ from workers.lora.adapter_delta import AdapterError, adapter_to_delta
 from workers.lora.extract import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from workers.settings import Settings
 from workers.store.consistency import delete_registered, register_placed
+from workers.store.delta_only import describe_stored
 from workers.store.loadable import check_loadable
 from workers.store.model_files import ModelFileError, copy_contained
 from workers.store.model_store import ModelStore, StoreError, describe, describe_adapter
 from workers.store.references import ModelReferenceError, resolve_path
-from workers.store.registry import ModelRecord, ParentGoneError, Registry
+from workers.store.registry import BaseInUseError, ModelRecord, ParentGoneError, Registry
 from workers.variants_delta import DeltaError, compress_variant, describe_delta
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -94,6 +95,8 @@ def delete_model(
         delete_registered(store, registry, model_id)
     except StoreError as e:
         raise HTTPException(503, f"cannot delete model {model_id!r}: {e.strerror}") from e
+    except BaseInUseError as e:
+        raise HTTPException(409, str(e)) from e
     return ModelDeleted(id=model_id)
 
 
@@ -143,7 +146,7 @@ def import_model(
                 if base is not None:
                     budget = body.delta_error_budget
                     compress_variant(store.path(base.id), tmp, tmp, base_id=base.id, error_budget=budget)
-                    fields = describe_delta(tmp)
+                    info = describe_stored(tmp, store.path(base.id), body.keep_full_weights)
             for template in templates_in(tmp):  # before it is registered, not when a request first uses it
                 check_or_422(template, f"cannot import {body.path}")
     except FileExistsError as e:
@@ -179,4 +182,8 @@ def _import_base(body: ImportRequest, registry: Registry, store: ModelStore) -> 
         raise HTTPException(422, f"base model {body.base!r} is not registered (see GET /v1/models)")
     if record.type == "adapter":
         raise HTTPException(422, f"base {body.base!r} is a LoRA adapter, not a model")
+    if record.delta is not None:
+        raise HTTPException(
+            422, f"base {body.base!r} is itself stored as a delta of {record.base_model!r}; import over that"
+        )
     return record

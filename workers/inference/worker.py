@@ -46,6 +46,7 @@ from workers.inference.protocol import (
     resident_key,
     worker_queue_key,
 )
+from workers.store.delta_only import full_model_dir
 from workers.store.file_manifest import ModelFilesChangedError, verify_files
 from workers.store.model_store import verify_model
 from workers.store.registry import Registry
@@ -166,9 +167,10 @@ class InferenceWorker:
         record = Registry(self.redis).get(model_id)
         verify_files(model_id, self.models_dir / model_id, record.files if record is not None else None)
         self.adapter_stamps[model_id] = adapters_stamp(self.models_dir / model_id)
-        engine = load_engine(
-            self.models_dir / model_id, max_batch_size=self.max_batch_size, precision=self.precision
-        )
+        # a variant stored as its delta alone is served over its base (route); loaded as a model of its own
+        # (another model's base), it is materialised first
+        path = full_model_dir(self.models_dir, model_id)
+        engine = load_engine(path, max_batch_size=self.max_batch_size, precision=self.precision)
         self.engines[model_id] = engine
         self.loads[model_id] += 1
         while len(self.engines) > self.max_models:

@@ -1,25 +1,28 @@
 """Models derived from a registered base, stored as that base plus a compressed delta (as the `variants` job
 stores its variants): fine-tunes (of their `model`) and merges that name a `base_model`. The delta is
 chosen per tensor within an error budget (workers.variants_delta); a model whose tensors do not match its
-base (another vocabulary, other layers) stays a plain model. The full weights stay in the model's
-directory beside the delta, so the model can always be materialised (download, export, merge input)."""
+base (another vocabulary, other layers) stays a plain model. Unless the job keeps them, the full weights
+are then dropped: the store holds the delta alone, and jobs that read the model get it materialised
+(workers.store.delta_only)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from workers.jobs.context import JobContext
-from workers.store.model_store import describe
+from workers.store.delta_only import describe_stored
 from workers.store.references import is_registry_id
-from workers.variants_delta import DeltaError, compress_variant, delta_base, describe_delta
+from workers.variants_delta import DeltaError, compress_variant, delta_base
 
 DEFAULT_BUDGET = 0.05
 
 
-def describe_with_delta(path: Path) -> dict[str, Any]:
-    """The registry fields of a model directory, with `base_model` and `delta` where it holds a delta."""
-    return {**describe(path), **describe_delta(path)}
+def describer(base_dir: Path | None, keep_full_weights: bool) -> Callable[[Path], dict[str, Any]]:
+    """`publish_model`'s describe_with: the registry fields, with `base_model` and `delta` where the model
+    holds a delta of `base_dir`, whose full weights are dropped unless `keep_full_weights`."""
+    return lambda path: describe_stored(path, base_dir, keep_full_weights)
 
 
 def delta_base_dir(ctx: JobContext, base: str | None, budget: float | None) -> Path | None:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from workers.jobs.as_delta import DEFAULT_BUDGET, delta_base_dir, describe_with_delta, store_as_delta
+from workers.jobs.as_delta import DEFAULT_BUDGET, delta_base_dir, describer, store_as_delta
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.publish import publish_model
@@ -94,8 +94,9 @@ def finetune_job(spec: dict[str, Any]) -> dict[str, Any]:
     recipe["data"] = data
     if validation:
         recipe["validation_data"] = validation[1]
+    describe = describer(base_dir, spec.get("keep_full_weights", False))
     record = publish_model(
-        ctx, spec["name"], build, parents=[spec["model"]], recipe=recipe, describe_with=describe_with_delta
+        ctx, spec["name"], build, parents=[spec["model"]], recipe=recipe, describe_with=describe
     )
     ctx.event(f"New fine-tuned model created: {record.id}")
     out = {"model": record.id, **report}

@@ -25,6 +25,7 @@ from workers.generation.quality import served_quality
 from workers.jobs.context import JobContext
 from workers.jobs.models import load_model
 from workers.jobs.profile import profile_and_store
+from workers.store.delta_only import full_model_dir
 from workers.store.file_manifest import verify_files
 from workers.store.files import FileStore
 from workers.store.references import UnknownModelError, resolve_path
@@ -91,7 +92,7 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     path = ctx.store.path(model_id)
     verify_files(model_id, path, record.files)
     records, data = _records(spec, ctx)
-    model, tokenizer = load_model(path)
+    model, tokenizer = load_model(full_model_dir(ctx.settings.models_dir, model_id))  # adapters go to `path`
     device = default_device()
     model.to(device)
     ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", DEFAULT_MAX_TOKENS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.jobs.as_delta import delta_base_dir, describe_with_delta, store_as_delta
+from workers.jobs.as_delta import delta_base_dir, describer, store_as_delta
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
 from workers.merge.config import MergeConfig
@@ -31,8 +31,9 @@ def merge_job(spec: dict[str, Any]) -> dict[str, Any]:
         if base_dir is not None and config.base_model and config.delta_error_budget is not None:
             store_as_delta(ctx, config.base_model, base_dir, out_dir, config.delta_error_budget)
 
+    describe = describer(base_dir, config.keep_full_weights)
     record = publish_model(
-        ctx, model_id, build, parents=config.input_models, recipe=spec, describe_with=describe_with_delta
+        ctx, model_id, build, parents=config.input_models, recipe=spec, describe_with=describe
     )
     result = outcome["result"]
     return {

@@ -10,6 +10,7 @@ from workers.generation.profiler import ModelProfile, Progress, profile_model
 from workers.inference.protocol import latency_key
 from workers.inference.worker import load_engine
 from workers.jobs.context import JobContext
+from workers.store.delta_only import full_model_dir
 from workers.store.file_manifest import verify_files
 from workers.store.files import FileStore
 from workers.store.references import UnknownModelError
@@ -54,7 +55,8 @@ def profile_and_store(
         raise UnknownModelError(f"model {model_id!r} is not registered")
     verify_files(model_id, ctx.store.path(model_id), record.files)
     texts = designated_texts(ctx, model_id, eval_text, also)
-    engine = load_engine(ctx.store.path(model_id), precision=ctx.settings.infer_precision)  # as served
+    weights = full_model_dir(ctx.settings.models_dir, model_id)  # a delta alone: materialised
+    engine = load_engine(weights, precision=ctx.settings.infer_precision)  # as served
     profile = profile_model(engine, model_name=model_id, progress=progress, eval_texts=texts, **options)
     if texts[0].source != "bundled" and texts[0] is eval_text:
         kept = ctx.store.path(model_id) / USER_EVAL_TEXT

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.jobs.as_delta import describe_with_delta
+from workers.jobs.as_delta import delta_base_dir, describer
 from workers.jobs.context import JobContext
 from workers.jobs.publish import publish_model
-from workers.store.references import is_registry_id, resolve_model
+from workers.store.references import resolve_model
 from workers.variants import make_variant
 from workers.variants_delta import compress_variant
 
@@ -18,7 +18,8 @@ def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
     source = resolve_model(spec["base"], ctx.registry, s.models_dir, s.import_roots)
     count = spec["count"]
     budget = spec.get("delta_error_budget")
-    as_delta = budget is not None and is_registry_id(spec["base"])  # served as the base + a delta
+    base_dir = delta_base_dir(ctx, spec["base"], budget)  # served as the base + a delta
+    describe = describer(base_dir, spec.get("keep_full_weights", False))
     created = []
     for i in range(count):
         model_id = f"{spec['prefix']}-{i + 1}"
@@ -36,12 +37,10 @@ def variants_job(spec: dict[str, Any]) -> dict[str, Any]:
                 max_shard_bytes=s.max_shard_bytes,
                 progress=progress,
             )
-            if as_delta:
+            if base_dir is not None and budget is not None:
                 ctx.note(f"variant {i + 1}/{count}: storing its delta to the base")
                 compress_variant(source, out_dir, out_dir, base_id=spec["base"], error_budget=budget)
 
-        publish_model(
-            ctx, model_id, build, parents=[spec["base"]], recipe=spec, describe_with=describe_with_delta
-        )
+        publish_model(ctx, model_id, build, parents=[spec["base"]], recipe=spec, describe_with=describe)
         created.append(model_id)
     return {"models": created}

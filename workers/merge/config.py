@@ -251,6 +251,11 @@ class MergeConfig(BaseModel):
         "per tensor within this relative error (served over the resident base, as the variants job's "
         "variants); null: a plain model",
     )
+    keep_full_weights: bool = Field(
+        default=True,
+        description="With the merge stored as a delta: keep its full weights too (the default: the files "
+        "stay bit-equal to mergekit's; false keeps the delta alone, materialised as base + delta where read)",
+    )
     tie_break: Literal["mergekit", "first"] = Field(
         default="mergekit",
         description="ties trim, among entries equal to the k-th largest |delta|: the ones mergekit 0.1.5 "

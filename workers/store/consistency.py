@@ -23,7 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from workers.store.model_store import ModelStore, store_error
-from workers.store.registry import ModelRecord, Registry
+from workers.store.registry import BaseInUseError, ModelRecord, Registry
 
 log = logging.getLogger("strata")
 
@@ -51,7 +51,14 @@ def register_placed(
 def delete_registered(store: ModelStore, registry: Registry, model_id: str) -> None:
     """Unregister a model and remove its files, in an order where any failure leaves it either fully
     registered with its files or gone. StoreError (nothing changed) when its directory cannot be
-    moved."""
+    moved; BaseInUseError (nothing changed) while a variant is stored as it + a delta alone."""
+    dependent = registry.variants_of(model_id)
+    if dependent:  # said before anything moves; the atomic check is registry.remove's
+        raise BaseInUseError(
+            f"model {model_id!r} is the base of {dependent[0]!r}"
+            + (f" and {len(dependent) - 1} more" if len(dependent) > 1 else "")
+            + ", stored as deltas to it; delete or materialise those first"
+        )
     try:
         trash = store.retire(model_id)
     except OSError as e:

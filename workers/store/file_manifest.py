@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.store.model_files import contained
-from workers.tensors.safetensors_io import weight_files
+from workers.tensors.safetensors_io import DELTA_META, DELTA_WEIGHTS, stored_delta_base, weight_files
 
 CHUNK = 1 << 20
 
@@ -33,11 +33,14 @@ def _digest(path: Path) -> str:
 
 
 def recorded_names(directory: Path) -> list[str]:
-    """The files that make the model: config.json (a model; adapter_config.json for an adapter) and the
-    weights. Side files (exit adapters, written later) and tokenizer files are not recorded."""
+    """The files that make the model: config.json (a model; adapter_config.json for an adapter), the
+    weights, and the delta to its base it is served with (a variant kept as its delta alone has no
+    weights). Side files (exit adapters, written later) and tokenizer files are not recorded."""
     directory = Path(directory)
     config = "config.json" if (directory / "config.json").exists() else "adapter_config.json"
-    return [config, *(p.name for p in weight_files(directory))]
+    weights = [p.name for p in weight_files(directory)] if stored_delta_base(directory) is None else []
+    delta = [name for name in (DELTA_WEIGHTS, DELTA_META) if (directory / name).is_file()]
+    return [config, *weights, *delta]
 
 
 def record_files(directory: Path) -> dict[str, dict[str, Any]]:

@@ -24,6 +24,7 @@ from workers.store.model_files import check_links, read_config
 from workers.tensors.safetensors_io import TensorReader, read_header
 
 STAGING = ".staging"
+MATERIALISED = ".materialised"  # full copies of variants stored as deltas alone, one per reading process
 
 
 class ModelExistsError(FileExistsError):
@@ -58,11 +59,7 @@ class ModelStore:
         """Yield an empty directory; on success it becomes the model `model_id`, on failure it is removed."""
         if self.exists(model_id):
             raise ModelExistsError(f"model {model_id!r} already exists in the store")
-        tmp = self.root / STAGING / f"{model_id}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            raise store_error(e, "a new directory") from None
+        tmp = self.scratch(model_id)
         try:
             yield tmp
             try:
@@ -73,6 +70,17 @@ class ModelStore:
                 raise store_error(e, f"to move model {model_id!r} into place") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def scratch(self, name: str, area: str = STAGING) -> Path:
+        """A new empty directory in `area` (the staging area, or MATERIALISED) that lives as long as this
+        process: removed by `clean_stale_staging` once the process is gone (its caller may remove it
+        sooner)."""
+        tmp = self.root / area / f"{name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            raise store_error(e, "a new directory") from None
+        return tmp
 
     def remove(self, model_id: str) -> None:
         """Move the model out of sight first (one rename), then delete its files."""
@@ -103,7 +111,8 @@ class ModelStore:
         """Remove staging directories left by processes of this host that are no longer alive."""
         removed = []
         host = socket.gethostname()
-        for entry in (self.root / STAGING).iterdir():
+        areas = [self.root / STAGING, self.root / MATERIALISED]
+        for entry in [e for area in areas if area.is_dir() for e in area.iterdir()]:
             parts = entry.name.rsplit(".", 3)
             stale = entry.name.startswith("deleted.")
             if len(parts) == 4 and parts[1] == host and parts[2].isdigit():

@@ -8,7 +8,7 @@ from pathlib import Path
 from workers.store.file_manifest import verify_files
 from workers.store.model_files import ModelFileError, check_links
 from workers.store.registry import Registry
-from workers.tensors.safetensors_io import INDEX_FILE, is_weights_name
+from workers.tensors.safetensors_io import INDEX_FILE, is_weights_name, stored_delta_base
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -95,14 +95,35 @@ def is_registry_id(ref: str) -> bool:
     return "/" not in ref and not ref.startswith(".")
 
 
-def resolve_model(ref: str, registry: Registry, store_root: Path, import_roots: list[Path]) -> Path:
-    """Registry ids win; anything with a path separator is a directory under an import root."""
+def resolve_model(
+    ref: str, registry: Registry, store_root: Path, import_roots: list[Path], *, tensors: bool = True
+) -> Path:
+    """Registry ids win; anything with a path separator is a directory under an import root. A variant
+    stored only as a delta resolves, for a job that reads tensors, to a materialised copy (base + delta;
+    workers.store.delta_only); with `tensors=False` (the API's checks: config and headers only) to its
+    own directory, whose headers are its base's."""
     if is_registry_id(ref):
         record = registry.get(ref)
         if record is not None and record.type == "adapter":
             raise ModelReferenceError(f"{ref!r} is a LoRA adapter of {record.base_model!r}, not a model")
-        if record is not None:
-            verify_files(ref, store_root / ref, record.files)
+        if record is None:
+            raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
+        verify_files(ref, store_root / ref, record.files)
+        base = stored_delta_base(store_root / ref)
+        if base is None:
             return store_root / ref
-        raise UnknownModelError(f"model {ref!r} is not registered (see GET /v1/models)")
+        base_record = registry.get(base)
+        if base_record is None:
+            raise ModelReferenceError(
+                f"model {ref!r} is stored as a delta of {base!r}, which is not registered"
+            )
+        verify_files(base, store_root / base, base_record.files)
+        if not tensors:
+            return store_root / ref
+        from workers.store.delta_only import full_model_dir  # the tensor math, only where tensors are read
+
+        try:
+            return full_model_dir(store_root, ref)
+        except ModelFileError as e:
+            raise ModelReferenceError(f"model {ref!r}: {e}") from e
     return resolve_path(ref, import_roots)

@@ -29,6 +29,19 @@ redis.call('HSET', KEYS[2], ARGV[1], value)
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
+# Atomically: unless a registered variant is stored as this model + a delta alone (its full weights
+# dropped), HDEL. Returns "" when removed, false when not registered, or that variant's id.
+REMOVE_UNLESS_BASE = """
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  local record = cjson.decode(value)
+  local delta = record['delta']
+  if record['base_model'] == ARGV[1] and type(delta) == 'table' and delta['full_weights'] == false then
+    return record['id']
+  end
+end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then return '' end
+return false
+"""
 REPLACE_IF_PRESENT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -38,6 +51,10 @@ return 1
 
 class ParentGoneError(ValueError):
     """A model was deleted while a job built a model from it: the new one is not registered."""
+
+
+class BaseInUseError(ValueError):
+    """A model cannot be deleted while a variant is stored as it + a delta alone."""
 
 
 class ModelRecord(BaseModel):
@@ -66,7 +83,8 @@ class ModelRecord(BaseModel):
     delta: dict[str, Any] | None = Field(
         default=None,
         description="A variant served as base + compressed delta: forms chosen per tensor, worst relative "
-        "error, bytes against the base's (the full weights stay in the store)",
+        "error, bytes against the base's, and `full_weights` (false: the store holds the delta alone; jobs "
+        "read it materialised as base + delta, and its base cannot be deleted before it)",
     )
     eval: dict[str, Any] | None = Field(
         default=None,
@@ -124,7 +142,27 @@ class Registry:
             self.update(record.model_copy(update={"chat_template_error": reason}))
 
     def remove(self, model_id: str) -> bool:
-        return bool(self.redis.hdel(KEY, model_id))
+        """Unregister a model; False if it was not registered. BaseInUseError (nothing removed) while a
+        variant is stored as this model + a delta alone, checked in the same atomic step as the delete (a
+        job registering such a variant requires its base in one step too: registry.add's `require`)."""
+        reply = self.redis.eval(REMOVE_UNLESS_BASE, 1, KEY, model_id)
+        if reply is None:
+            return False
+        variant = reply.decode() if isinstance(reply, bytes) else reply
+        if variant:
+            raise BaseInUseError(
+                f"model {model_id!r} is the base of {variant!r}, which is stored as a delta to it; delete "
+                "or materialise that first"
+            )
+        return True
+
+    def variants_of(self, model_id: str) -> list[str]:
+        """The registered variants stored as `model_id` + a delta alone (they need it to exist)."""
+        return [
+            r.id
+            for r in self.list()
+            if r.base_model == model_id and r.delta is not None and r.delta.get("full_weights") is False
+        ]
 
     def quarantine(self, model_id: str) -> bool:
         """Move a record out of the registry into the quarantine hash (kept, restorable by hand)."""

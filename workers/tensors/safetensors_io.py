@@ -42,6 +42,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+# A variant stored as its base + a compressed delta (workers.variants_delta) keeps these two files and, once
+# its full weights are dropped, no weights of its own: its tensor layout is its base's (checked then).
+DELTA_WEIGHTS = "variant_delta.safetensors"
+DELTA_META = "variant_delta.json"
+STORED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a registry id: a plain name in the store
 
 
 class SafetensorsError(ModelFileError):
@@ -177,15 +182,53 @@ def weight_files(directory: Path) -> list[Path]:
     return [contained(directory, name) for name in names]
 
 
+def has_weights(directory: Path) -> bool:
+    """The directory holds weights of its own (not only a delta to its base)."""
+    directory = Path(directory)
+    return (directory / INDEX_FILE).exists() or any(
+        is_weights_name(p.name) or p.name == ADAPTER_FILE for p in directory.glob("*.safetensors")
+    )
+
+
+def stored_delta_base(directory: Path) -> str | None:
+    """For a variant whose directory holds only its delta: the id of its base (a sibling directory in the
+    store, whose safetensors headers are the variant's too); None for a directory with weights."""
+    directory = Path(directory)
+    if has_weights(directory) or not (directory / DELTA_META).is_file():
+        return None
+    meta = read_json(directory, DELTA_META)
+    base = meta.get("base") if isinstance(meta, dict) else None
+    if not isinstance(base, str) or not STORED_ID.fullmatch(base):
+        raise SafetensorsError(f"{DELTA_META} names no valid base")
+    return base
+
+
 class TensorReader:
-    """All tensors of a model directory, loaded one at a time by name."""
+    """All tensors of a model directory, loaded one at a time by name.
+
+    A variant stored only as a delta has its base's names, shapes and dtypes: its `entries` are read from
+    the base's headers (what shape checks and size estimates need), but its tensors are base + delta,
+    which this reader does not compute: `load` and `map` refuse (materialise the model first, see
+    workers.store.delta_only)."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.entries: dict[str, TensorEntry] = {}
-        for file in weight_files(self.directory):
+        self.delta_of = stored_delta_base(self.directory)
+        source = self.directory if self.delta_of is None else self.directory.parent / self.delta_of
+        if self.delta_of is not None and not (source / "config.json").is_file():
+            raise SafetensorsError(f"the model is stored as a delta of {self.delta_of!r}, which is missing")
+        for file in weight_files(source):
             self.entries.update(read_header(file))
         self._handles: dict[Path, int] = {}
+
+    def _readable(self, name: str) -> TensorEntry:
+        if self.delta_of is not None:
+            raise SafetensorsError(
+                f"the model is stored as a delta of {self.delta_of!r}: its tensor {shown(name)} is base + "
+                "delta, read from a materialised copy"
+            )
+        return self.entries[name]
 
     def __enter__(self) -> TensorReader:
         return self
@@ -209,7 +252,7 @@ class TensorReader:
         return self._handles[file]
 
     def load(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
+        entry = self._readable(name)
         fd = self._fd(entry.file)
         out = torch.empty(entry.shape, dtype=entry.dtype)
         view = memoryview(out.view(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
@@ -223,7 +266,7 @@ class TensorReader:
 
     def map(self, name: str) -> torch.Tensor:
         """The tensor on a private memory map of its own bytes (`load` where a map cannot hold it)."""
-        entry = self.entries[name]
+        entry = self._readable(name)
         fd = self._fd(entry.file)
         if entry.nbytes == 0 or entry.begin % entry.dtype.itemsize or entry.end > os.fstat(fd).st_size:
             return self.load(name)  # nothing to map, misaligned, or truncated (load says so)
