@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.peak_rss import peak_rss_mb  # noqa: E402
+from bench.peak_rss import peak_rss_mb, rss_mb  # noqa: E402
 
 TINYLLAMA_1B = dict(
     hidden_size=2048,
@@ -278,10 +278,13 @@ def _strata_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     prompt = json.loads(sys.stdin.read())
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    # as an inference worker loads (workers.inference.worker.load_engine, serve_only)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, disable_mmap=True).eval()
     engine = EarlyExitEngine(
         model, AutoTokenizer.from_pretrained(args.model), "cpu", precision=args.precision
     )
+    before_release = rss_mb()
+    engine.release_source_weights()
     layers = engine.num_layers
 
     def once(tokens: int):
@@ -298,6 +301,8 @@ def _strata_main(args: argparse.Namespace) -> None:
                 "ttft_ms": result.prefill_ms,
                 "wall_s": time.perf_counter() - started,
                 "peak_rss_mb": peak_rss_mb(),
+                "rss_before_release_mb": before_release,
+                "rss_mb": rss_mb(),
             }
         ),
         flush=True,

@@ -288,6 +288,37 @@ class CompactLlama:
     def has_adapter(self, depth: int) -> bool:
         return self.adapters is not None and self.adapters.has(depth)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this model computes with (its own quantised or fused copies, and what it shares
+        with the source model: embeddings, norms, same-precision matrices, MoE modules, rotary buffers)."""
+        found: list[torch.Tensor] = []
+        seen: set[int] = set()
+
+        def walk(obj: object) -> None:
+            if isinstance(obj, torch.Tensor):
+                found.append(obj)
+            elif id(obj) in seen:
+                return
+            elif isinstance(obj, nn.Module):
+                seen.add(id(obj))
+                found.extend(obj.parameters())
+                found.extend(obj.buffers())
+            elif isinstance(obj, list | tuple | set):
+                seen.add(id(obj))
+                for item in obj:
+                    walk(item)
+            elif isinstance(obj, dict):
+                seen.add(id(obj))
+                for item in obj.values():
+                    walk(item)
+            elif hasattr(obj, "__dict__"):
+                seen.add(id(obj))
+                for item in vars(obj).values():
+                    walk(item)
+
+        walk(self)
+        return found
+
     def weight_bytes(self, depth: int) -> int:
         """Weight bytes a decode step at `depth` reads: layers 1..k and the head (one embedding row aside)."""
         per_layer = [lay.qkv.bytes + lay.o.bytes + lay.mlp_bytes for lay in self.layers]

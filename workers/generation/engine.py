@@ -20,6 +20,7 @@ On CUDA each one-token decode step is replayed from a CUDA graph captured per (d
 
 from __future__ import annotations
 
+import gc
 import secrets
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from workers.generation.cuda_graphs import GraphedDecoder
 from workers.generation.deltas import RowDeltas, VariantDelta
 from workers.generation.sampling import sample_token, seeded_generator
 from workers.generation.streaming import TextStream
+from workers.processes import return_freed_memory
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -316,6 +318,7 @@ class EarlyExitEngine:
         self.precision = precision
         self.adapters = adapters
         self.compact = CompactLlama(self.model, precision, adapters)
+        self.source_released = False  # release_source_weights: the source model can no longer run
         use_graphs = cuda_graphs and self.device.type == "cuda" and self.compact.graphable
         self.graphs = GraphedDecoder(self.compact) if use_graphs else None
         self._free_caches: dict[int, KVCache] = {}
@@ -335,6 +338,28 @@ class EarlyExitEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() * 1000.0
+
+    def release_source_weights(self) -> int:
+        """Free the weights of the source model (`self.model`) that the compact model does not compute
+        with: it holds its own quantised or fused copies, so at int8 most of the float32 model is dead
+        weight. `self.model` keeps its config and modules but can no longer run (the profiler needs an
+        engine that kept it). Returns the bytes freed."""
+        kept = set()
+        for tensor in self.compact.tensors():
+            try:
+                kept.add(tensor.untyped_storage().data_ptr())
+            except (RuntimeError, NotImplementedError):  # a quantized tensor: never the source's storage
+                continue
+        freed = 0
+        with torch.no_grad():
+            for parameter in self.model.parameters():  # a tied weight is one parameter, seen once
+                if parameter.numel() and parameter.untyped_storage().data_ptr() not in kept:
+                    freed += parameter.numel() * parameter.element_size()
+                    parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        self.source_released = True
+        gc.collect()
+        return_freed_memory()
+        return freed
 
     def set_adapters(self, adapters: ExitAdapters | None) -> None:
         """Serve with these exit adapters from the next batch on (None: none)."""

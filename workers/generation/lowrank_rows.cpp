@@ -33,6 +33,11 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
+// dst[i] += acc[i] for a bfloat16 row, the sum rounded once
+inline void add_to_bf16_row(uint16_t* dst, const float* acc, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(bf16_to_float(dst[i]) + acc[i]);
+}
+
 struct Plan {
   const int8_t* a;
   const int8_t* bvals;
@@ -103,8 +108,7 @@ void lowrank_rows(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tens
         const int64_t w = p.width[j];
         for (int64_t i = 0; i < w; ++i) dst[i] += t * float(bj[i]);
       }
-      uint16_t* ym = yp + m * out;
-      for (int64_t i = 0; i < out; ++i) ym[i] = float_to_bf16(bf16_to_float(ym[i]) + acc[i]);
+      add_to_bf16_row(yp + m * out, acc.data(), out);
     }
   });
 }
@@ -133,8 +137,7 @@ void lowrank_embed(torch::Tensor h, torch::Tensor ids, torch::Tensor a, torch::T
         const int8_t* aj = p.a + j * width;
         for (int64_t i = 0; i < width; ++i) acc[i] += t * float(aj[i]);
       }
-      uint16_t* hm = hp + m * width;
-      for (int64_t i = 0; i < width; ++i) hm[i] = float_to_bf16(bf16_to_float(hm[i]) + acc[i]);
+      add_to_bf16_row(hp + m * width, acc.data(), width);
     }
   });
 }

@@ -224,6 +224,8 @@ def profile_model(
     cannot make two tokens of (or fails on) costs the quality tables, not the profile: latency is measured
     and `quality_error` says why quality was not (a user's text is checked for a whole window before it is
     queued)."""
+    if engine.source_released:
+        raise ValueError("profiling needs an engine that kept its source model (release_source_weights)")
     grid = sorted(set(grid or default_grid(engine.num_layers)))
     texts = list(eval_texts or [resolve_eval_text(None, [])])
     window = scoring_window(engine.max_positions)

@@ -74,21 +74,32 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
 
 
 def load_engine(
-    path: Path, device: torch.device | None = None, max_batch_size: int = 8, precision: str = "auto"
+    path: Path,
+    device: torch.device | None = None,
+    max_batch_size: int = 8,
+    precision: str = "auto",
+    serve_only: bool = False,
 ) -> EarlyExitEngine:
     """The model at `path` in an engine of the given weight precision, with its exit adapters if it has any.
 
-    Weights are read as stored (float32 on the CPU, bfloat16 on CUDA) and quantised at load."""
+    Weights are read as stored (float32 on the CPU, bfloat16 on CUDA) and quantised at load. `serve_only`:
+    the source model's weights the engine does not compute with are freed once it is built (it can serve,
+    not be profiled); they are then read into memory rather than mapped from the file, so that what is
+    freed leaves the resident set (a mapping lives on while the embeddings the engine keeps point into it)."""
     verify_model(path)
     device = device or default_device()
     chosen = resolve_precision(precision, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=serve_only)
     tokenizer = AutoTokenizer.from_pretrained(path)
     adapters = load_adapters(path, model.config.num_hidden_layers, model.config.hidden_size)
-    return EarlyExitEngine(
+    engine = EarlyExitEngine(
         model, tokenizer, device=device, max_batch_size=max_batch_size, precision=chosen, adapters=adapters
     )
+    if serve_only:
+        freed = engine.release_source_weights()
+        log.info("%s: %.1f MB of source weights freed", path.name, freed / 2**20)
+    return engine
 
 
 CANCEL_CHECK_S = 0.2
@@ -170,7 +181,9 @@ class InferenceWorker:
         # a variant stored as its delta alone is served over its base (route); loaded as a model of its own
         # (another model's base), it is materialised first
         path = full_model_dir(self.models_dir, model_id)
-        engine = load_engine(path, max_batch_size=self.max_batch_size, precision=self.precision)
+        engine = load_engine(
+            path, max_batch_size=self.max_batch_size, precision=self.precision, serve_only=True
+        )
         self.engines[model_id] = engine
         self.loads[model_id] += 1
         while len(self.engines) > self.max_models:
