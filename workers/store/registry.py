@@ -98,6 +98,13 @@ class ModelRecord(BaseModel):
     )
 
 
+def _reply(reply: object) -> str | None:
+    """A script's answer: None for false (nil), else its text."""
+    if reply is None:
+        return None
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 class Registry:
     def __init__(self, redis: Redis):
         self.redis = redis
@@ -117,10 +124,11 @@ class Registry:
         """Register a new model; False if the id is taken. ParentGoneError (and nothing registered) if any
         id in `require` is no longer registered, checked in the same atomic step. A new model is also put
         on the list of models to profile in the background (see service/profiling.py), an adapter not."""
-        reply = self.redis.eval(ADD_WITH_PARENTS, 1, KEY, record.id, record.model_dump_json(), *require)
-        if reply is None:
+        missing = _reply(
+            self.redis.eval(ADD_WITH_PARENTS, 1, KEY, record.id, record.model_dump_json(), *require)
+        )
+        if missing is None:
             return False
-        missing = reply.decode() if isinstance(reply, bytes) else reply
         if missing:
             raise ParentGoneError(
                 f"model {missing!r} was deleted while {record.id!r} was built from it; nothing was registered"
@@ -145,10 +153,9 @@ class Registry:
         """Unregister a model; False if it was not registered. BaseInUseError (nothing removed) while a
         variant is stored as this model + a delta alone, checked in the same atomic step as the delete (a
         job registering such a variant requires its base in one step too: registry.add's `require`)."""
-        reply = self.redis.eval(REMOVE_UNLESS_BASE, 1, KEY, model_id)
-        if reply is None:
+        variant = _reply(self.redis.eval(REMOVE_UNLESS_BASE, 1, KEY, model_id))
+        if variant is None:
             return False
-        variant = reply.decode() if isinstance(reply, bytes) else reply
         if variant:
             raise BaseInUseError(
                 f"model {model_id!r} is the base of {variant!r}, which is stored as a delta to it; delete "
