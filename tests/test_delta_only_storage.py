@@ -141,6 +141,11 @@ def test_variants_are_stored_as_deltas_alone_and_served_read_materialised_and_gu
         assert r.status_code == 422 and "full weights" in r.json()["detail"]
         r = c.post("/v1/models/import", json={"id": "do-x", "path": str(path), "base": "dov-1"})
         assert r.status_code == 422 and "itself stored as a delta" in r.json()["detail"]
+        forged = server.home.parent / "do-forged"  # a delta of Strata's own naming is never taken in
+        shutil.copytree(path, forged)
+        shutil.copy(models / "dov-2" / "variant_delta.json", forged / "variant_delta.json")
+        assert c.post("/v1/models/import", json={"id": "do-forged", "path": str(forged)}).status_code == 201
+        assert not (models / "do-forged" / "variant_delta.json").exists()
         r = c.delete("/v1/models/dobase")
         assert r.status_code == 409 and "dov-" in r.json()["detail"]
         assert c.get("/v1/models/dobase").status_code == 200 and (models / "dobase").is_dir()

@@ -30,6 +30,7 @@ from workers.store.model_files import ModelFileError, copy_contained
 from workers.store.model_store import ModelStore, StoreError, describe, describe_adapter
 from workers.store.references import ModelReferenceError, resolve_path
 from workers.store.registry import BaseInUseError, ModelRecord, ParentGoneError, Registry
+from workers.tensors.safetensors_io import DELTA_META, DELTA_WEIGHTS
 from workers.variants_delta import DeltaError, compress_variant, describe_delta
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -133,6 +134,7 @@ def import_model(
                     and not item.is_symlink()
                     and item.suffix not in (".bin", ".pt", ".pth", ".pkl")
                     and (not adapter or item.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+                    and item.name not in (DELTA_WEIGHTS, DELTA_META)  # Strata writes these itself
                 ):
                     copy_contained(source, item.name, tmp / item.name)
             if adapter:
