@@ -62,12 +62,17 @@ from workers.train.sorted_ft import default_exits
 
 
 def resolve_or_422(ref: str, registry: Registry, settings: Settings) -> Path:
+    """The model's directory for the checks (config and headers); a variant stored as its delta alone is
+    read by the job as a materialised copy in the store, which must fit on its disk too."""
     try:
-        return resolve_model(ref, registry, settings.models_dir, settings.import_roots, tensors=False)
+        path = resolve_model(ref, registry, settings.models_dir, settings.import_roots, tensors=False)
     except ModelReferenceError as e:
         raise HTTPException(422, str(e)) from e
     except ModelFilesChangedError as e:
         raise HTTPException(409, str(e)) from e
+    if stored_delta_base(path) is not None:
+        ensure_disk(weights_bytes(path), settings)
+    return path
 
 
 def ensure_intact(record: ModelRecord, settings: Settings) -> None:

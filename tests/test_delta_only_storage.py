@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.tiny_models import make_tiny_chat_llama
 from workers.generation.reference import greedy_reference
 from workers.store.delta_only import describe_stored, drop_full_weights, full_model_dir
+from workers.store.model_store import MATERIALISED, ModelStore
 from workers.store.registry import BaseInUseError, ModelRecord, Registry
 from workers.tensors.safetensors_io import SafetensorsError, TensorReader, has_weights, stored_delta_base
 from workers.variants import make_variant
@@ -153,3 +154,29 @@ def test_variants_are_stored_as_deltas_alone_and_served_read_materialised_and_gu
             assert c.delete(f"/v1/models/{model_id}").status_code == 200
         assert c.delete("/v1/models/dobase").status_code == 200  # dok-1 keeps its own weights
         assert c.post("/v1/generate", json={**body, "model": "dok-1"}).status_code == 200
+
+
+def test_a_copy_follows_the_variants_side_files(tmp_path):
+    store = _store_with_variant(tmp_path)
+    drop_full_weights(store / "v", store / "base")
+    copy = full_model_dir(store, "v")
+    (store / "v" / "exit_adapters.safetensors").write_bytes(b"fitted since")  # e.g. by fit_exits
+    assert (
+        full_model_dir(store, "v") == copy
+        and (copy / "exit_adapters.safetensors").read_bytes() == b"fitted since"
+    )
+    (store / "v" / "exit_adapters.safetensors").unlink()
+    assert full_model_dir(store, "v") == copy and not (copy / "exit_adapters.safetensors").exists()
+    assert (copy / "model.safetensors").is_file()
+
+
+def test_copies_of_dead_processes_go_whatever_dots_the_host_name_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "node.example.com")
+    store = ModelStore(tmp_path / "models")
+    mine = store.scratch("v.1", MATERIALISED)
+    dead = tmp_path / "models" / MATERIALISED / "v.1.node.example.com.999999999.ab12cd34"
+    other_host = tmp_path / "models" / MATERIALISED / "v.1.elsewhere.999999999.ab12cd34"
+    dead.mkdir()
+    other_host.mkdir()
+    assert store.clean_stale_staging() == [dead.name]
+    assert mine.is_dir() and other_host.is_dir() and not dead.exists()

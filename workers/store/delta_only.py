@@ -23,6 +23,7 @@ from workers.tensors.safetensors_io import (
     DELTA_WEIGHTS,
     INDEX_FILE,
     TensorReader,
+    is_weights_name,
     stored_delta_base,
     weight_files,
 )
@@ -79,18 +80,30 @@ def full_model_dir(store_root: Path, model_id: str, max_shard_bytes: int = 2 << 
     key = (model_id, (stat.st_size, stat.st_mtime_ns, stat.st_ino))
     cached = _copies.get(key)
     if cached is not None and cached.is_dir():
+        _copy_side_files(directory, cached)  # exit adapters fitted since, a new tokenizer file
         return cached
     base_dir = Path(store_root) / base
     if not (base_dir / "config.json").is_file():
         raise ModelFileError(f"model {model_id!r} is stored as a delta of {base!r}, which is missing")
     out = ModelStore(store_root).scratch(model_id, MATERIALISED)
     try:
-        for item in sorted(directory.iterdir()):
-            if item.is_file() and not item.is_symlink() and item.name not in (DELTA_WEIGHTS, DELTA_META):
-                shutil.copyfile(item, out / item.name)
+        _copy_side_files(directory, out)
         materialise(base_dir, directory, out, max_shard_bytes)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     _copies[key] = out
     return out
+
+
+def _copy_side_files(directory: Path, out: Path) -> None:
+    """The variant's files other than its delta (config, tokenizer, exit adapters) into its copy, as they
+    are now; side files the variant no longer has go from the copy (its weights stay)."""
+    names = set()
+    for item in sorted(directory.iterdir()):
+        if item.is_file() and not item.is_symlink() and item.name not in (DELTA_WEIGHTS, DELTA_META):
+            shutil.copyfile(item, out / item.name)
+            names.add(item.name)
+    for item in out.iterdir():
+        if item.name not in names and not is_weights_name(item.name) and item.name != INDEX_FILE:
+            item.unlink()

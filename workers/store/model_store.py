@@ -113,10 +113,10 @@ class ModelStore:
         host = socket.gethostname()
         areas = [self.root / STAGING, self.root / MATERIALISED]
         for entry in [e for area in areas if area.is_dir() for e in area.iterdir()]:
-            parts = entry.name.rsplit(".", 3)
+            parts = entry.name.rsplit(".", 2)  # <name>.<host>, <pid>, <hex>: a host name may hold dots
             stale = entry.name.startswith("deleted.")
-            if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
-                stale = stale or not process_alive(int(parts[2]))
+            if len(parts) == 3 and parts[1].isdigit() and parts[0].endswith(f".{host}"):
+                stale = stale or not process_alive(int(parts[1]))
             if stale:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)

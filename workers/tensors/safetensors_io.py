@@ -216,7 +216,7 @@ class TensorReader:
         self.entries: dict[str, TensorEntry] = {}
         self.delta_of = stored_delta_base(self.directory)
         source = self.directory if self.delta_of is None else self.directory.parent / self.delta_of
-        if self.delta_of is not None and not (source / "config.json").is_file():
+        if self.delta_of is not None and (source.is_symlink() or not (source / "config.json").is_file()):
             raise SafetensorsError(f"the model is stored as a delta of {self.delta_of!r}, which is missing")
         for file in weight_files(source):
             self.entries.update(read_header(file))
