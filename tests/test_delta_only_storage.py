@@ -137,6 +137,18 @@ def test_variants_are_stored_as_deltas_alone_and_served_read_materialised_and_gu
             c.post("/v1/jobs", json={"kind": "truncate", "model": "dov-2", "num_layers": 1}).status_code < 300
         )
 
+        # exits fitted on a delta-only variant: stored beside its delta, profiled with them, served with them
+        examples = [
+            {"prompt": f"say {w}", "response": f" {w} {w} {w}."} for w in ("tea", "sun", "rain", "moon")
+        ]
+        fit = {"kind": "fit_exits", "model": "dov-2", "examples": examples, "seq_len": 16, "distill_steps": 2}
+        assert server.run_job(fit)["exits"] == [1, 2, 3]
+        assert (models / "dov-2" / "exit_adapters.safetensors").is_file()
+        quality = c.get("/v1/models/dov-2").json()["strata"]["profile"]["quality"]
+        assert quality["2"]["adapter_perplexity"] is not None
+        shallow = c.post("/v1/generate", json={**body, "model": "dov-2", "depth": 2})
+        assert shallow.status_code == 200 and shallow.json()["strata"]["exit_adapter"] is True
+
         # what cannot be done says so
         r = c.post("/v1/jobs", json={"kind": "materialise", "model": "dok-1"})
         assert r.status_code == 422 and "full weights" in r.json()["detail"]
