@@ -272,19 +272,13 @@ def strata_process(model_dir: Path, precision: str, prompt: list[int], new_token
 
 
 def _strata_main(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from workers.generation.engine import EarlyExitEngine, GenerationRequest
+    from workers.generation.engine import GenerationRequest
+    from workers.inference.worker import load_engine
 
     torch.set_num_threads(args.threads)
     prompt = json.loads(sys.stdin.read())
-    # as an inference worker loads (workers.inference.worker.load_engine, serve_only)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, disable_mmap=True).eval()
-    engine = EarlyExitEngine(
-        model, AutoTokenizer.from_pretrained(args.model), "cpu", precision=args.precision
-    )
-    before_release = rss_mb()
-    engine.release_source_weights()
+    # as an inference worker loads it: layers read one at a time, the source's weights freed
+    engine = load_engine(Path(args.model), torch.device("cpu"), precision=args.precision, serve_only=True)
     layers = engine.num_layers
 
     def once(tokens: int):
@@ -301,7 +295,6 @@ def _strata_main(args: argparse.Namespace) -> None:
                 "ttft_ms": result.prefill_ms,
                 "wall_s": time.perf_counter() - started,
                 "peak_rss_mb": peak_rss_mb(),
-                "rss_before_release_mb": before_release,
                 "rss_mb": rss_mb(),
             }
         ),

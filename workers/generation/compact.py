@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,47 @@ class KVCache:
         self.length = t - columns
 
 
+def tensors_of(root: object) -> list[torch.Tensor]:
+    """The tensors reachable from `root` through attributes, containers and modules (their parameters and
+    buffers)."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif id(obj) in seen:
+            return
+        elif isinstance(obj, nn.Module):
+            seen.add(id(obj))
+            found.extend(obj.parameters())
+            found.extend(obj.buffers())
+        elif isinstance(obj, list | tuple | set):
+            seen.add(id(obj))
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            seen.add(id(obj))
+            for item in obj.values():
+                walk(item)
+        elif hasattr(obj, "__dict__"):
+            seen.add(id(obj))
+            for item in vars(obj).values():
+                walk(item)
+
+    walk(root)
+    return found
+
+
+class LayerSource(Protocol):
+    """Brings a decoder layer's tensors in before the compact model copies them, and lets them go after
+    (workers.generation.streamed_load)."""
+
+    def load(self, index: int, layer: nn.Module) -> None: ...
+
+    def done(self, layer: nn.Module, kept: list[torch.Tensor]) -> None: ...
+
+
 class CompactLlama:
     """The weights of a LLaMA-layout causal LM in one precision, and its cached forward step at any exit."""
 
@@ -231,7 +272,9 @@ class CompactLlama:
         model: nn.Module,
         precision: Precision = "float32",
         adapters: ExitAdapters | None = None,
+        source: LayerSource | None = None,
     ) -> None:
+        """`source`: where the layers' tensors come from when the model holds them only one at a time."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         inner = decoder_stack(model)
@@ -260,7 +303,13 @@ class CompactLlama:
         head = model.lm_head
         self.tied_head = head.weight is inner.embed_tokens.weight  # a variant's embedding delta is its head's
         self.head = QuantLinear(head.weight, head.bias, precision)
-        self.layers = [self._layer(layer) for layer in inner.layers]
+        self.layers = []
+        for index, layer in enumerate(inner.layers):
+            if source is not None:
+                source.load(index, layer)
+            self.layers.append(self._layer(layer))
+            if source is not None:
+                source.done(layer, tensors_of(self.layers[-1]))
         self.adapters = adapters.to(self.device, self.dtype) if adapters is not None else None
 
     def _layer(self, layer: nn.Module) -> CompactLayer:
@@ -291,33 +340,7 @@ class CompactLlama:
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this model computes with (its own quantised or fused copies, and what it shares
         with the source model: embeddings, norms, same-precision matrices, MoE modules, rotary buffers)."""
-        found: list[torch.Tensor] = []
-        seen: set[int] = set()
-
-        def walk(obj: object) -> None:
-            if isinstance(obj, torch.Tensor):
-                found.append(obj)
-            elif id(obj) in seen:
-                return
-            elif isinstance(obj, nn.Module):
-                seen.add(id(obj))
-                found.extend(obj.parameters())
-                found.extend(obj.buffers())
-            elif isinstance(obj, list | tuple | set):
-                seen.add(id(obj))
-                for item in obj:
-                    walk(item)
-            elif isinstance(obj, dict):
-                seen.add(id(obj))
-                for item in obj.values():
-                    walk(item)
-            elif hasattr(obj, "__dict__"):
-                seen.add(id(obj))
-                for item in vars(obj).values():
-                    walk(item)
-
-        walk(self)
-        return found
+        return tensors_of(self)
 
     def weight_bytes(self, depth: int) -> int:
         """Weight bytes a decode step at `depth` reads: layers 1..k and the head (one embedding row aside)."""

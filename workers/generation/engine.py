@@ -36,10 +36,11 @@ from torch import nn
 from workers.device import default_device
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import check_depth, decoder_stack, num_layers
-from workers.generation.compact import CompactLlama, KVCache, Precision
+from workers.generation.compact import CompactLlama, KVCache, LayerSource, Precision
 from workers.generation.cuda_graphs import GraphedDecoder
 from workers.generation.deltas import RowDeltas, VariantDelta
 from workers.generation.sampling import sample_token, seeded_generator
+from workers.generation.streamed_load import free_unkept
 from workers.generation.streaming import TextStream
 from workers.processes import return_freed_memory
 
@@ -312,12 +313,13 @@ class EarlyExitEngine:
         precision: Precision = "float32",
         adapters: ExitAdapters | None = None,
         cuda_graphs: bool = True,
+        source: LayerSource | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.adapters = adapters
-        self.compact = CompactLlama(self.model, precision, adapters)
+        self.compact = CompactLlama(self.model, precision, adapters, source)  # source: layers read one by one
         self.source_released = False  # release_source_weights: the source model can no longer run
         use_graphs = cuda_graphs and self.device.type == "cuda" and self.compact.graphable
         self.graphs = GraphedDecoder(self.compact) if use_graphs else None
@@ -344,18 +346,7 @@ class EarlyExitEngine:
         with: it holds its own quantised or fused copies, so at int8 most of the float32 model is dead
         weight. `self.model` keeps its config and modules but can no longer run (the profiler needs an
         engine that kept it). Returns the bytes freed."""
-        kept = set()
-        for tensor in self.compact.tensors():
-            try:
-                kept.add(tensor.untyped_storage().data_ptr())
-            except (RuntimeError, NotImplementedError):  # a quantized tensor: never the source's storage
-                continue
-        freed = 0
-        with torch.no_grad():
-            for parameter in self.model.parameters():  # a tied weight is one parameter, seen once
-                if parameter.numel() and parameter.untyped_storage().data_ptr() not in kept:
-                    freed += parameter.numel() * parameter.element_size()
-                    parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        freed = free_unkept(self.model, self.compact.tensors())
         self.source_released = True
         gc.collect()
         return_freed_memory()

@@ -32,6 +32,7 @@ from workers.generation.engine import EarlyExitEngine, FinishEvent, GenerationEv
 from workers.generation.latency import LatencyProfile
 from workers.generation.lowrank_kernel import lowrank_kernel
 from workers.generation.speculative import speculative_events
+from workers.generation.streamed_load import streamed_model
 from workers.inference.events import PROGRESS_S, EventWriter
 from workers.inference.protocol import (
     HEARTBEAT_S,
@@ -83,19 +84,32 @@ def load_engine(
     """The model at `path` in an engine of the given weight precision, with its exit adapters if it has any.
 
     Weights are read as stored (float32 on the CPU, bfloat16 on CUDA) and quantised at load. `serve_only`:
-    the source model's weights the engine does not compute with are freed once it is built (it can serve,
-    not be profiled); they are then read into memory rather than mapped from the file, so that what is
-    freed leaves the resident set (a mapping lives on while the embeddings the engine keeps point into it)."""
+    the source model's weights the engine does not compute with are freed (it can serve, not be profiled):
+    its decoder layers are read one at a time and let go once copied (workers.generation.streamed_load),
+    or, for a checkpoint that cannot be streamed, read whole into memory (not mapped from the file, so
+    that what is freed leaves the resident set) and freed once the engine is built."""
     verify_model(path)
     device = device or default_device()
     chosen = resolve_precision(precision, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=serve_only)
+    streamed = streamed_model(path, dtype) if serve_only else None  # one float layer at a time
+    if streamed is not None:
+        model, source = streamed
+    else:
+        model, source = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=serve_only), None
     tokenizer = AutoTokenizer.from_pretrained(path)
     adapters = load_adapters(path, model.config.num_hidden_layers, model.config.hidden_size)
     engine = EarlyExitEngine(
-        model, tokenizer, device=device, max_batch_size=max_batch_size, precision=chosen, adapters=adapters
+        model,
+        tokenizer,
+        device=device,
+        max_batch_size=max_batch_size,
+        precision=chosen,
+        adapters=adapters,
+        source=source,
     )
+    if source is not None:
+        source.close()
     if serve_only:
         freed = engine.release_source_weights()
         log.info("%s: %.1f MB of source weights freed", path.name, freed / 2**20)
