@@ -112,7 +112,8 @@ def load_engine(
         source.close()
     if serve_only:
         freed = engine.release_source_weights()
-        log.info("%s: %.1f MB of source weights freed", path.name, freed / 2**20)
+        how = "its layers read one at a time" if source is not None else "read whole"
+        log.info("%s: loaded (%s), %.1f MB of source weights freed after", path.name, how, freed / 2**20)
     return engine
 
 
