@@ -48,6 +48,7 @@ from workers.tensors.safetensors_io import (
     PlannedTensor,
     ShardedWriter,
     TensorReader,
+    delta_base,
 )
 
 Form = Literal["low_rank", "sparse", "int8", "dense"]
@@ -227,20 +228,6 @@ def compress_variant(
     }
     (out_dir / DELTA_META).write_text(json.dumps(meta, indent=1))
     return report
-
-
-def delta_base(model_dir: Path) -> str | None:
-    """The base a model directory is stored as a delta of, None when it is a plain model."""
-    try:
-        meta = read_json(model_dir, DELTA_META)
-    except ModelFileError:
-        if (Path(model_dir) / DELTA_META).exists():
-            raise
-        return None
-    base = meta.get("base") if isinstance(meta, dict) else None
-    if not isinstance(base, str) or not base:
-        raise ModelFileError(f"{DELTA_META} names no base")
-    return base
 
 
 def describe_delta(model_dir: Path) -> dict[str, Any]:

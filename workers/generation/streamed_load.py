@@ -74,14 +74,13 @@ def streamed_model(path: Path, dtype: torch.dtype) -> tuple[nn.Module, LayerStre
         inner = decoder_stack(model)
     except TypeError:
         return None
-    names = {id(module): name for name, module in model.named_modules()}
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is None or inner.layers is None or not len(inner.layers):
         return None
     rotary_buffers = {id(b) for b in rotary.buffers()}
     if any(id(b) not in rotary_buffers for b in model.buffers()):
         return None  # buffers of another kind: not something to rebuild here
-    prefix = f"{names[id(inner.layers)]}."
+    prefix = next(f"{name}." for name, module in model.named_modules() if module is inner.layers)
     reader = TensorReader(path)
     expected = dict(model.named_parameters())  # a tied head is the embedding's parameter, listed once
     for name, parameter in expected.items():

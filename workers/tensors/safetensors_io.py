@@ -190,17 +190,23 @@ def has_weights(directory: Path) -> bool:
     )
 
 
-def stored_delta_base(directory: Path) -> str | None:
-    """For a variant whose directory holds only its delta: the id of its base (a sibling directory in the
-    store, whose safetensors headers are the variant's too); None for a directory with weights."""
+def delta_base(directory: Path) -> str | None:
+    """The id of the base a model directory is stored as a delta of (with or without weights of its own),
+    None for a plain model."""
     directory = Path(directory)
-    if has_weights(directory) or not (directory / DELTA_META).is_file():
+    if not (directory / DELTA_META).exists():
         return None
     meta = read_json(directory, DELTA_META)
     base = meta.get("base") if isinstance(meta, dict) else None
     if not isinstance(base, str) or not STORED_ID.fullmatch(base):
         raise SafetensorsError(f"{DELTA_META} names no valid base")
     return base
+
+
+def stored_delta_base(directory: Path) -> str | None:
+    """For a variant whose directory holds only its delta: the id of its base (a sibling directory in the
+    store, whose safetensors headers are the variant's too); None for a directory with weights."""
+    return None if has_weights(directory) else delta_base(directory)
 
 
 class TensorReader:
