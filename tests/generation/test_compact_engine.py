@@ -31,7 +31,7 @@ def random_adapters(hidden: int, layers: int, depths: list[int], seed: int = 3) 
     return ExitAdapters(maps, layers, hidden)
 
 
-def test_int8_weight_only_linear_is_per_channel_symmetric_quantisation():
+def test_int8_linear_is_per_channel_symmetric_quantisation():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 64, generator=generator)
     x = torch.randn(3, 64, generator=generator)
@@ -42,7 +42,8 @@ def test_int8_weight_only_linear_is_per_channel_symmetric_quantisation():
     scale_rounding = weight.abs() * 2**-8  # the scale is kept in bfloat16, the activation dtype
     assert ((dequantized - weight).abs() <= step / 2 + scale_rounding + 1e-6).all()
     expected = F.linear(x.bfloat16().float(), dequantized)
-    torch.testing.assert_close(linear(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+    # on a CPU with VNNI the activations are quantised to int8 per block of 32 too (test_decode_kernels)
+    assert (linear(x.bfloat16()).float() - expected).norm() / expected.norm() < 1e-2
     assert linear.bytes == 48 * 64 + 48 * 2
 
 

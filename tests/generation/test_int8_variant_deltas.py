@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.tiny_models import character_tokenizer, make_tiny_llama
+from workers.generation import cpp_build
 from workers.generation import deltas as deltas_module
 from workers.generation.compact import QuantLinear
 from workers.generation.deltas import (
@@ -19,7 +20,7 @@ from workers.generation.deltas import (
     build_variant,
 )
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
-from workers.generation.lowrank_kernel import KernelPlan, _load_or_build, lowrank_kernel
+from workers.generation.lowrank_kernel import SOURCE, SWITCH, KernelPlan, lowrank_kernel
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj")
 
@@ -155,26 +156,25 @@ def test_the_int8_weight_kernel_is_not_given_an_input_size_it_would_read_past():
     linear = QuantLinear(weight, None, "int8")
     assert not linear.fast_int8  # 24 columns: torch's kernel reads past the input (a segmentation fault)
     x = torch.randn(4, 24, generator=generator).bfloat16()
-    torch.testing.assert_close(linear(x).float(), (x.float() @ linear.dequantized().T), rtol=0.02, atol=0.05)
+    expected = x.float() @ linear.dequantized().T  # activations quantised per block where the CPU has VNNI
+    assert (linear(x).float() - expected).norm() / expected.norm() < 1e-2
     assert QuantLinear(torch.randn(32, 32, generator=generator), None, "int8").fast_int8
 
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("STRATA_LOWRANK_KERNEL", "0")
-    assert _load_or_build() == (None, True)
+    assert cpp_build.load_or_build(SOURCE, SWITCH) == (None, True)
 
 
 def test_while_another_process_builds_the_kernel_torch_serves_without_waiting(monkeypatch, tmp_path):
     import fcntl
 
-    from workers.generation import lowrank_kernel as kernel
-
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(kernel, "_built", {})
-    name, root = kernel.build_place()
+    monkeypatch.setattr(cpp_build, "_built", {})
+    name, root = cpp_build.build_place(SOURCE)
     root.mkdir(parents=True)
     with open(root / f"{name}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert kernel._load_or_build() == (None, False)  # another process builds it: not waited for
-        assert kernel.lowrank_kernel() is None and "module" not in kernel._built  # asked again later
+        assert cpp_build.load_or_build(SOURCE, SWITCH) == (None, False)  # another builds it: not waited for
+        assert lowrank_kernel() is None and str(SOURCE) not in cpp_build._built  # asked again later
     assert not (root / f"{name}.so").exists()

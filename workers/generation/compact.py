@@ -16,9 +16,10 @@ and the rotary embedding applied to Q and K together. Weights are taken from a l
 
 - float32: F.linear on float32 weights and activations (greedy output equals Hugging Face's);
 - bfloat16: bfloat16 weights and activations;
-- int8: weight-only int8, one scale per output channel (w = s_o * q_oi, q in [-127, 127]), bfloat16
-  activations; on the CPU the matmul is torch's int8 weight-only kernel, elsewhere the weights are
-  dequantised per call;
+- int8: int8 weights, one scale per output channel (w = s_o * q_oi, q in [-127, 127]), bfloat16
+  activations. On a CPU with AVX-512 VNNI the matmul quantises the activations to int8 per block of 32
+  inputs and multiplies integers, as llama.cpp's Q8_0 does (workers.generation.decode_kernel); on other
+  CPUs torch's int8 weight-only kernel; elsewhere the weights are dequantised per call;
 - int4: weight-only, asymmetric, one scale and minimum per group of 32 inputs (w = s_g * q + m_g, q in
   [0, 15]; the layout of GGUF's Q4_1), bfloat16 activations, torch's int4 CPU kernel;
 - int8_dynamic: int8 weights and activations quantised per call (fbgemm's dynamic linear), float32 outside.
@@ -29,6 +30,8 @@ the activation dtype.
 The KV cache is preallocated for (depth, rows, capacity) and reused: a step writes its new columns in place
 and attends over the filled prefix. On the CPU keys, values and attention are float32 whatever the weight
 precision (bfloat16 attention is several times slower there); elsewhere they are in the activation dtype.
+On the CPU, rows without variant deltas run all their layers in one compiled call
+(decode_kernels.cpp's Stack: the same torch operations in the same order, so the same numbers).
 Nothing here knows about requests, batching policy or Redis.
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal, Protocol
 
 import torch
@@ -45,6 +49,7 @@ from torch import nn
 
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import decoder_stack
+from workers.generation.decode_kernel import decode_kernel, int8_kernel
 from workers.generation.deltas import RowDeltas, int8_kernel_fits
 
 Precision = Literal["float32", "bfloat16", "int8", "int4", "int8_dynamic"]
@@ -94,6 +99,8 @@ class QuantLinear:
             self.weight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.scale = scale.to(dtype)
             self.fast_int8 = int8_kernel_fits(weight.device, self.in_features)
+            # activations quantised per block (VNNI) where this CPU has it: see the module's text
+            self.kernel = int8_kernel() if weight.device.type == "cpu" and dtype is torch.bfloat16 else None
             self.bytes = self.weight.numel() + self.scale.numel() * self.scale.element_size()
         else:
             self.weight = weight.to(dtype).contiguous()
@@ -119,6 +126,20 @@ class QuantLinear:
         else:
             self.weight = codes
         self.bytes = n * k // 2 + self.scales_zeros.numel() * self.scales_zeros.element_size()
+
+    def compiled_form(self) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+        """(kind, weight, scales) of this linear for decode_kernels.cpp's Stack, which computes it as
+        `__call__` does: 0 F.linear, 1 the VNNI int8 kernel, 2 torch's int8 kernel, 3 torch's int4 kernel;
+        None for a form it does not take."""
+        if self.precision in ("float32", "bfloat16"):
+            return 0, self.weight, None
+        if self.precision == "int8" and self.kernel is not None:
+            return 1, self.weight, self.scale
+        if self.precision == "int8" and self.fast_int8:
+            return 2, self.weight, self.scale
+        if self.precision == "int4" and self.fast_int4:
+            return 3, self.weight, self.scales_zeros
+        return None
 
     def dequantized(self) -> torch.Tensor:
         """The weights this linear multiplies by, in float32."""
@@ -149,6 +170,10 @@ class QuantLinear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, shape[-1]), self.weight, INT4_GROUP, self.scales_zeros
             )
+            y = y.view(*shape[:-1], self.out_features)
+        elif self.precision == "int8" and self.kernel is not None:
+            shape = x.shape
+            y = self.kernel.int8_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
         elif self.precision == "int8" and self.fast_int8:
             shape = x.shape
@@ -232,7 +257,7 @@ def tensors_of(root: object) -> list[torch.Tensor]:
     def walk(obj: object) -> None:
         if isinstance(obj, torch.Tensor):
             found.append(obj)
-        elif id(obj) in seen:
+        elif id(obj) in seen or isinstance(obj, ModuleType):  # a compiled kernel's module holds no weights
             return
         elif isinstance(obj, nn.Module):
             seen.add(id(obj))
@@ -311,6 +336,48 @@ class CompactLlama:
             if source is not None:
                 source.done(layer, tensors_of(self.layers[-1]))
         self.adapters = adapters.to(self.device, self.dtype) if adapters is not None else None
+        self._stack: object | None = None  # the layers' compiled call (`_compiled_stack`), made at first use
+        self._stack_made = False
+
+    def _compiled_stack(self) -> object | None:
+        """The decoder layers as one compiled call (decode_kernels.cpp's Stack) where every layer's parts
+        have a form it computes exactly as `_block` does (CPU, no MoE; float, int8 or int4 matrices); else
+        None."""
+        if self._stack_made:
+            return self._stack
+        self._stack_made = True
+        module = decode_kernel() if self.device.type == "cpu" else None
+        if module is None or any(layer.moe is not None for layer in self.layers):
+            return None
+        norms: list[torch.Tensor] = []
+        tensors: list[torch.Tensor] = []
+        kinds: list[int] = []
+        empty = torch.empty(0)
+        for layer in self.layers:
+            norms += [layer.input_norm, layer.post_norm]
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                assert linear is not None
+                form = linear.compiled_form()
+                if form is None:
+                    return None
+                kind, weight, scale = form
+                bias = linear.bias if linear.bias is not None else empty
+                tensors += [weight, scale if scale is not None else empty, bias]
+                kinds += [kind, linear.out_features]
+        self._stack = module.Stack(
+            norms,
+            tensors,
+            kinds,
+            self.sliding,
+            self.num_heads,
+            self.kv_heads,
+            self.head_dim,
+            self.eps,
+            float(self.scale),
+            self.dtype,
+            self.kv_dtype,
+        )
+        return self._stack
 
     def _layer(self, layer: nn.Module) -> CompactLayer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -422,6 +489,21 @@ class CompactLlama:
         cos, sin = self.rope(hidden, positions)
         full_mask, sliding_mask = self._masks(pad_mask, q, total)
         causal = full_mask is None and q > 1 and column == 0
+        stack = self._compiled_stack() if deltas is None else None
+        if stack is not None:
+            return stack.run(
+                hidden,
+                cos,
+                sin,
+                cache.keys,
+                cache.values,
+                start,
+                stop,
+                column,
+                full_mask,
+                sliding_mask,
+                causal,
+            )
         for i in range(start, stop):
             keys, values = cache.keys[i, :rows], cache.values[i, :rows]
 
