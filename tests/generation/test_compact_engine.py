@@ -47,7 +47,7 @@ def test_int8_linear_is_per_channel_symmetric_quantisation():
     assert linear.bytes == 48 * 64 + 48 * 2
 
 
-def test_int4_weight_only_linear_is_groupwise_asymmetric_quantisation():
+def test_int4_linear_is_groupwise_asymmetric_quantisation():
     generator = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 64, generator=generator)
     x = torch.randn(3, 64, generator=generator)
@@ -57,7 +57,8 @@ def test_int4_weight_only_linear_is_groupwise_asymmetric_quantisation():
     error = (linear.dequantized().reshape(48, 2, 32) - groups).abs()
     assert (error <= step / 2 + groups.abs() * 2**-7 + 1e-3).all()
     expected = F.linear(x.bfloat16().float(), linear.dequantized())
-    torch.testing.assert_close(linear(x.bfloat16()).float(), expected, rtol=3e-2, atol=3e-2)
+    # on a CPU with VNNI the activations are quantised to int8 per block of 32 too (test_decode_kernels)
+    assert (linear(x.bfloat16()).float() - expected).norm() / expected.norm() < 2e-2
     assert linear.bytes == 48 * 64 // 2 + 2 * 48 * 2 * 2
 
 

@@ -73,6 +73,46 @@ def test_an_int8_linear_on_this_cpu_quantises_its_activations_per_block():
     torch.testing.assert_close(linear(x).double().reshape(-1, 48), expected, rtol=2**-7, atol=1e-3)
 
 
+def block_quantised(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: d_b q per block of 32."""
+    m, k = x.shape
+    blocks = x.float().view(m, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(blocks * inverse).clamp(-127, 127) * d).view(m, k)
+
+
+@needs_vnni
+@pytest.mark.parametrize("k", [64, 128, 192, 576])
+def test_int4_product_computes_its_formula_with_exact_sums_for_the_minimums(k):
+    generator = torch.Generator().manual_seed(k)
+    weight = torch.randn(40, k, generator=generator)
+    linear = QuantLinear(weight, None, "int4")
+    assert linear.kernel is not None and linear.weight.shape == (40, k // 2)
+    groups = weight.view(40, -1, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    codes = ((groups - low) / ((high - low) / 15)).round().clamp(0, 15)  # as quantised, in float32
+    scale, zero = linear.scales_zeros.float()
+    dequantized = linear.dequantized()
+    # the packed codes read back as quantised: w = s_g (q - 8) + z_g
+    torch.testing.assert_close(dequantized, ((codes - 8) * scale[..., None] + zero[..., None]).view(40, k))
+    x = torch.randn(3, k, generator=generator).bfloat16()
+    minimums = (zero - 8 * scale).repeat_interleave(32, 1)
+    expected = block_quantised(x) @ (dequantized - minimums).T + x.float() @ minimums.T
+    # float32 sums of large terms of both signs, then one bfloat16 rounding
+    assert (linear(x).float() - expected).norm() / expected.norm() < 4e-3
+    alone = [linear(x[row : row + 1]) for row in range(3)]
+    assert torch.equal(linear(x), torch.cat(alone))
+
+
+@needs_vnni
+def test_int4_packing_refuses_codes_out_of_range_and_odd_sizes():
+    with pytest.raises(RuntimeError):
+        kernel.int4_pack(torch.full((2, 64), 16, dtype=torch.uint8))
+    with pytest.raises(RuntimeError):
+        kernel.int4_pack(torch.zeros(2, 96, dtype=torch.uint8))
+
+
 def python_layers(compact: CompactLlama) -> CompactLlama:
     compact._stack, compact._stack_made = None, True  # as on a machine without the compiled call
     return compact

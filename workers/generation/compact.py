@@ -20,8 +20,9 @@ and the rotary embedding applied to Q and K together. Weights are taken from a l
   activations. On a CPU with AVX-512 VNNI the matmul quantises the activations to int8 per block of 32
   inputs and multiplies integers, as llama.cpp's Q8_0 does (workers.generation.decode_kernel); on other
   CPUs torch's int8 weight-only kernel; elsewhere the weights are dequantised per call;
-- int4: weight-only, asymmetric, one scale and minimum per group of 32 inputs (w = s_g * q + m_g, q in
-  [0, 15]; the layout of GGUF's Q4_1), bfloat16 activations, torch's int4 CPU kernel;
+- int4: asymmetric, one scale and minimum per group of 32 inputs (w = s_g * q + m_g, q in [0, 15]; GGUF's
+  Q4_1), bfloat16 activations; with VNNI (input sizes divisible by 64) activations quantised per block and
+  integer products as for int8, else torch's weight-only int4 CPU kernel;
 - int8_dynamic: int8 weights and activations quantised per call (fbgemm's dynamic linear), float32 outside.
 
 A sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE) runs as transformers' own module, unquantised, in
@@ -82,6 +83,7 @@ class QuantLinear:
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().to(dtype)
         self.precision = precision
+        self.kernel = None  # the compiled int8/int4 products (workers.generation.decode_kernel), where used
         if precision == "int8_dynamic":
             w = weight.float().cpu()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -118,6 +120,15 @@ class QuantLinear:
         q = ((groups - low) / scale).round().clamp(0, 15)
         codes = q.reshape(n, k).to(torch.uint8)
         # torch's kernel computes w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        kernel = int8_kernel() if w.device.type == "cpu" and dtype is torch.bfloat16 and k % 64 == 0 else None
+        self.kernel = kernel
+        if kernel is not None:  # activations quantised per block too (VNNI): see the module's text
+            self.weight = kernel.int4_pack(codes.contiguous())
+            zero = (low + 8 * scale)[..., 0]  # torch's form, kept in bfloat16 as there
+            self.scales_zeros = torch.stack([scale[..., 0], zero]).to(dtype).contiguous()  # (2, n, groups)
+            self.fast_int4 = False
+            self.bytes = n * k // 2 + self.scales_zeros.numel() * self.scales_zeros.element_size()
+            return
         params = torch.stack([scale[..., 0], (low + 8 * scale)[..., 0]], dim=-1)  # (n, groups, 2)
         self.scales_zeros = params.transpose(0, 1).contiguous().to(dtype)
         self.fast_int4 = w.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -129,7 +140,8 @@ class QuantLinear:
 
     def compiled_form(self) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
         """(kind, weight, scales) of this linear for decode_kernels.cpp's Stack, which computes it as
-        `__call__` does: 0 F.linear, 1 the VNNI int8 kernel, 2 torch's int8 kernel, 3 torch's int4 kernel;
+        `__call__` does: 0 F.linear, 1 the VNNI int8 kernel, 2 torch's int8 kernel, 3 torch's int4 kernel,
+        4 the VNNI int4 kernel;
         None for a form it does not take."""
         if self.precision in ("float32", "bfloat16"):
             return 0, self.weight, None
@@ -137,6 +149,8 @@ class QuantLinear:
             return 1, self.weight, self.scale
         if self.precision == "int8" and self.fast_int8:
             return 2, self.weight, self.scale
+        if self.precision == "int4" and self.kernel is not None:
+            return 4, self.weight, self.scales_zeros
         if self.precision == "int4" and self.fast_int4:
             return 3, self.weight, self.scales_zeros
         return None
@@ -145,6 +159,16 @@ class QuantLinear:
         """The weights this linear multiplies by, in float32."""
         if self.precision == "int8_dynamic":
             return self.weight.dequantize()
+        if self.precision == "int4" and self.kernel is not None:
+            n, k = self.out_features, self.in_features
+            codes = []
+            for start in range(0, k, 128):  # int4_pack's layout: see decode_kernels.cpp
+                half = min(64, (k - start) // 2)
+                block = self.weight[:, start // 2 : start // 2 + half]
+                codes += [block & 15, block >> 4]
+            scale, zero = self.scales_zeros.float()  # (n, groups) each
+            q = torch.cat(codes, 1).float().reshape(n, k // INT4_GROUP, INT4_GROUP) - 8
+            return (q * scale[..., None] + zero[..., None]).reshape(n, k)
         if self.precision == "int4" and self.fast_int4:  # the kernel applied to the identity: W^T
             eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype, device=self.scales_zeros.device)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -165,7 +189,11 @@ class QuantLinear:
             return y if self.bias is None else y + self.bias
         if self.precision in ("float32", "bfloat16"):
             return F.linear(x, self.weight, self.bias)
-        if self.precision == "int4" and self.fast_int4:
+        if self.precision == "int4" and self.kernel is not None:
+            shape = x.shape
+            y = self.kernel.int4_mm(x.reshape(-1, shape[-1]), self.weight, self.scales_zeros)
+            y = y.view(*shape[:-1], self.out_features)
+        elif self.precision == "int4" and self.fast_int4:
             shape = x.shape
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(-1, shape[-1]), self.weight, INT4_GROUP, self.scales_zeros
