@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from workers.early_exit.forward import decoder_stack
+from workers.processes import return_freed_memory
 from workers.tensors.safetensors_io import TensorReader
 
 
@@ -59,6 +60,9 @@ class LayerStream:
 
     def done(self, layer: nn.Module, kept: list[torch.Tensor]) -> None:
         free_unkept(layer, kept)
+        # hand the freed pages back now: the heap would otherwise keep them (glibc raises its mmap
+        # threshold as large blocks are freed) and the next layers' allocations would not all reuse them
+        return_freed_memory()
 
     def close(self) -> None:
         self.reader.close()
