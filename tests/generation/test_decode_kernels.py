@@ -9,11 +9,11 @@ import torch
 
 from tests.tiny_models import make_tiny_qwen2
 from workers.generation.compact import CompactLlama, QuantLinear
-from workers.generation.decode_kernel import decode_kernel, int8_kernel
+from workers.generation.decode_kernel import decode_kernel, vnni_kernel
 
 kernel = decode_kernel()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the decode kernels cannot be built here")
-needs_vnni = pytest.mark.skipif(int8_kernel() is None, reason="this CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(vnni_kernel() is None, reason="this CPU has no AVX-512 VNNI")
 
 
 def block_quantised_product(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -162,3 +162,15 @@ def test_a_model_with_moe_layers_keeps_the_python_layers(monkeypatch):
     compact = CompactLlama(make_tiny_qwen2(), "float32")
     monkeypatch.setattr(compact.layers[1], "moe", torch.nn.Identity())
     assert compact._compiled_stack() is None
+
+
+def test_while_the_kernel_is_being_built_elsewhere_the_layers_call_is_asked_for_again(monkeypatch):
+    import workers.generation.compact as compact_module
+
+    torch.manual_seed(3)
+    compact = CompactLlama(make_tiny_qwen2(), "float32")
+    monkeypatch.setattr(compact_module, "decode_kernel", lambda: None)
+    monkeypatch.setattr(compact_module, "decode_kernel_decided", lambda: False)  # another process builds it
+    assert compact._compiled_stack() is None and not compact._stack_made
+    monkeypatch.setattr(compact_module, "decode_kernel", decode_kernel)  # built since
+    assert compact._compiled_stack() is not None and compact._stack_made

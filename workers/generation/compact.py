@@ -50,7 +50,7 @@ from torch import nn
 
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import decoder_stack
-from workers.generation.decode_kernel import decode_kernel, int8_kernel
+from workers.generation.decode_kernel import decode_kernel, decode_kernel_decided, vnni_kernel
 from workers.generation.deltas import RowDeltas, int8_kernel_fits
 
 Precision = Literal["float32", "bfloat16", "int8", "int4", "int8_dynamic"]
@@ -102,7 +102,7 @@ class QuantLinear:
             self.scale = scale.to(dtype)
             self.fast_int8 = int8_kernel_fits(weight.device, self.in_features)
             # activations quantised per block (VNNI) where this CPU has it: see the module's text
-            self.kernel = int8_kernel() if weight.device.type == "cpu" and dtype is torch.bfloat16 else None
+            self.kernel = vnni_kernel() if weight.device.type == "cpu" and dtype is torch.bfloat16 else None
             self.bytes = self.weight.numel() + self.scale.numel() * self.scale.element_size()
         else:
             self.weight = weight.to(dtype).contiguous()
@@ -120,7 +120,7 @@ class QuantLinear:
         q = ((groups - low) / scale).round().clamp(0, 15)
         codes = q.reshape(n, k).to(torch.uint8)
         # torch's kernel computes w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
-        kernel = int8_kernel() if w.device.type == "cpu" and dtype is torch.bfloat16 and k % 64 == 0 else None
+        kernel = vnni_kernel() if w.device.type == "cpu" and dtype is torch.bfloat16 and k % 64 == 0 else None
         self.kernel = kernel
         if kernel is not None:  # activations quantised per block too (VNNI): see the module's text
             self.weight = kernel.int4_pack(codes.contiguous())
@@ -373,8 +373,10 @@ class CompactLlama:
         None."""
         if self._stack_made:
             return self._stack
-        self._stack_made = True
         module = decode_kernel() if self.device.type == "cpu" else None
+        if module is None and self.device.type == "cpu" and not decode_kernel_decided():
+            return None  # being built by another process: asked again at the next step
+        self._stack_made = True
         if module is None or any(layer.moe is not None for layer in self.layers):
             return None
         norms: list[torch.Tensor] = []

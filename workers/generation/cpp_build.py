@@ -25,7 +25,8 @@ from types import ModuleType
 import torch
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
+_locks: dict[str, threading.Lock] = {}  # one per source: one build never waits for another's
+_locks_lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
@@ -46,7 +47,8 @@ def _cpu_tag() -> str:
 @functools.cache
 def _module_name(source: Path) -> str:
     """The build's name: a hash of the source, torch's version, the flags and the CPU (read once)."""
-    key = f"{source.read_text()}{torch.__version__}{FLAGS}{_cpu_tag()}"
+    headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))  # what it may include
+    key = f"{source.read_text()}{headers}{torch.__version__}{FLAGS}{_cpu_tag()}"
     return f"strata_{source.stem}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -60,13 +62,20 @@ def compiled(source: Path, switch: str) -> ModuleType | None:
     """The compiled module of `source`, loaded or built once per process; None where the environment
     variable `switch` is 0, where it cannot be built, or (asked again later) while another process builds
     it."""
-    with _lock:
+    with _locks_lock:
+        lock = _locks.setdefault(str(source), threading.Lock())
+    with lock:
         if str(source) not in _built:
             module, final = load_or_build(source, switch)
             if not final:
                 return None
             _built[str(source)] = module
         return _built[str(source)]
+
+
+def decided(source: Path) -> bool:
+    """Whether `compiled(source, ...)` has a final answer in this process."""
+    return str(source) in _built
 
 
 def load_or_build(source: Path, switch: str) -> tuple[ModuleType | None, bool]:

@@ -1,11 +1,11 @@
 // The CPU decode step's own kernels (workers/generation/decode_kernel.py builds this file, once per machine).
 //
-// int8_mm: y = (x W^T) for int8 weights W (N x K, one float scale per output row) the way llama.cpp's Q8_0
+// int8_mm: y = (x W^T) for int8 weights W (N x K in -127..127, one scale per output row) the way llama.cpp's Q8_0
 // multiplies: the activations x (M x K, bfloat16) are quantised to int8 per block of 32 columns
 // (x ~ d_b q, d_b = max|x_b| / 127, q rounded to nearest), and each block's integer dot product
 // sum_k q_k W_nk (AVX-512 VNNI, 64 products an instruction) is scaled by d_b and summed in float32:
 //     y_mn = s_n sum_b d_mb sum_{k in b} q_mk W_nk,   rounded once to bfloat16.
-// VNNI multiplies unsigned by signed bytes, so it takes |q| and W with q's sign. Every output element is
+// VNNI multiplies unsigned by signed bytes, so it takes |q| and W with q's sign (hence W != -128). Every output element is
 // computed the same way whichever rows share the call, so a row's result does not depend on its batch.
 // Weights are read once per 8 activation rows, with a software prefetch a few pages ahead (measured on the
 // 2-core AMD EPYC: 29 GB/s without it, 46 GB/s with it, over a 135M model's matrices in turn).
@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -38,12 +40,12 @@ constexpr bool kVnni = true;
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead of each weight row read (measured: see above)
 
-// The activations of one call in the kernel's terms: |q| (M x Kp bytes, Kp = K rounded up to 64, zero
-// padded), q's sign as one 64-bit mask per 64 columns, and d_b for each 64 columns as 16 lanes (8 lanes
-// per block of 32: the lanes of a VNNI product of 64 bytes that sum that block).
+// The activations of one call in the kernel's terms: q, or |q| and q's sign as one 64-bit mask per 64
+// columns (M x Kp bytes, Kp = K rounded up to 64, zero padded), and d_b for each 64 columns as 16 lanes
+// (8 lanes per block of 32: the lanes of a VNNI product of 64 bytes that sum that block).
 struct QuantisedRows {
-  std::vector<int8_t> values;  // q itself, for products whose other side is unsigned (int4 codes)
-  std::vector<uint8_t> magnitude;
+  std::vector<int8_t> values;  // q itself, for products whose other side is unsigned (int4 codes); or
+  std::vector<uint8_t> magnitude;  // |q| and its sign, for products whose other side is signed (int8)
   std::vector<uint64_t> sign;
   std::vector<float> scale;
   int64_t chunks;
@@ -54,13 +56,17 @@ inline __m512 bf16x16(const uint16_t* p, __mmask16 keep) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-QuantisedRows quantise_rows(const uint16_t* x, int64_t M, int64_t K) {
+// signed_values: q itself (for int4_mm), else |q| and q's signs (for int8_mm)
+QuantisedRows quantise_rows(const uint16_t* x, int64_t M, int64_t K, bool signed_values) {
   QuantisedRows r;
   r.chunks = (K + 63) / 64;
-  r.values.assign(M * r.chunks * 64, 0);
-  r.magnitude.assign(M * r.chunks * 64, 0);
-  r.sign.assign(M * r.chunks, 0);
-  r.scale.assign(M * r.chunks * 16, 0.f);
+  if (signed_values) {
+    r.values.resize(M * r.chunks * 64);
+  } else {
+    r.magnitude.resize(M * r.chunks * 64);
+    r.sign.resize(M * r.chunks);
+  }
+  r.scale.resize(M * r.chunks * 16);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < r.chunks; ++c) {
       __m512 v[4];
@@ -79,28 +85,17 @@ QuantisedRows quantise_rows(const uint16_t* x, int64_t M, int64_t K) {
       const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(b[0]), b[1], 1);
       const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(b[2]), b[3], 1);
       const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      r.sign[m * r.chunks + c] = _mm512_movepi8_mask(q);
-      _mm512_storeu_si512(r.values.data() + (m * r.chunks + c) * 64, q);
-      _mm512_storeu_si512(r.magnitude.data() + (m * r.chunks + c) * 64, _mm512_abs_epi8(q));
+      if (signed_values) {
+        _mm512_storeu_si512(r.values.data() + (m * r.chunks + c) * 64, q);
+      } else {
+        r.sign[m * r.chunks + c] = _mm512_movepi8_mask(q);
+        _mm512_storeu_si512(r.magnitude.data() + (m * r.chunks + c) * 64, _mm512_abs_epi8(q));
+      }
       _mm512_storeu_ps(r.scale.data() + (m * r.chunks + c) * 16,
                        _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1)));
     }
   }
   return r;
-}
-
-inline uint16_t to_bf16(float f) {  // nearest even
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return uint16_t(u >> 16);
-}
-
-inline float from_bf16(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
 }
 
 // Rows m0..m0+R-1 of y against output rows [n0, n1) of W (R <= 8 accumulators per output row).
@@ -124,8 +119,8 @@ void int8_rows(const QuantisedRows& xq, int64_t m0, const int8_t* w, const uint1
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(xq.scale.data() + at * 16), acc[r]);
       }
     }
-    const float scale = from_bf16(s[n]);
-    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = to_bf16(_mm512_reduce_add_ps(acc[r]) * scale);
+    const float scale = bf16_to_float(s[n]);
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc[r]) * scale);
   }
 }
 
@@ -189,8 +184,8 @@ void int4_rows(const QuantisedRows& xq, const std::vector<float>& sums, int64_t 
     for (int r = 0; r < R; ++r) {
       float total = _mm512_reduce_add_ps(acc[r]);
       const float* xs = sums.data() + (m0 + r) * G;
-      for (int64_t g = 0; g < G; ++g) total += (from_bf16(z[g]) - 8.f * from_bf16(s[g])) * xs[g];
-      y[(m0 + r) * N + n] = to_bf16(total);
+      for (int64_t g = 0; g < G; ++g) total += (bf16_to_float(z[g]) - 8.f * bf16_to_float(s[g])) * xs[g];
+      y[(m0 + r) * N + n] = float_to_bf16(total);
     }
   }
 }
@@ -212,7 +207,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   if (M == 0 || N == 0) return y;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   const at::Tensor xc = x.contiguous();
-  const QuantisedRows xq = quantise_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K);
+  const QuantisedRows xq = quantise_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, false);
   const int8_t* wp = w.data_ptr<int8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(s.data_ptr());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
@@ -232,7 +227,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 
 // Packs int4 codes (N x K, uint8 in 0..15) into int4_mm's layout (N x K / 2 bytes).
 at::Tensor int4_pack(const at::Tensor& codes) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes (N, K) uint8");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.device().is_cpu(),
+              "codes (N, K) uint8 on the CPU");
   const int64_t N = codes.size(0), K = codes.size(1);
   TORCH_CHECK(K % 64 == 0, "int4_mm needs input sizes divisible by 64");
   at::Tensor packed = at::empty({N, K / 2}, codes.options());
@@ -265,7 +261,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& p
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
   const at::Tensor xc = x.contiguous();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const QuantisedRows xq = quantise_rows(xp, M, K);
+  const QuantisedRows xq = quantise_rows(xp, M, K, true);
   const std::vector<float> sums = group_sums(xp, M, K);
   // a last 64 inputs' scales are read 4 at a time, 2 past the row's end: the next row's, or the zeros'
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(params.data_ptr());
@@ -379,12 +375,15 @@ class Stack {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.attr("has_int8_vnni") = kVnni;
-  m.def("int8_mm", &int8_mm, "y = x W^T with x quantised to int8 per block of 32 (see the file's head)");
-  m.def("int4_mm", &int4_mm, "y = x W^T for int4_pack's weights, x quantised as int8_mm's");
-  m.def("int4_pack", &int4_pack, "int4 codes (N, K) uint8 in int4_mm's layout (N, K / 2)");
+  m.attr("has_vnni") = kVnni;
+  // the GIL is released while they run (as torch's own operations do): a long prefill must not stop the
+  // worker's other threads, its heartbeat among them
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("int8_mm", &int8_mm, release(), "y = x W^T with x quantised to int8 per block of 32 (the file's head)");
+  m.def("int4_mm", &int4_mm, release(), "y = x W^T for int4_pack's weights, x quantised as int8_mm's");
+  m.def("int4_pack", &int4_pack, release(), "int4 codes (N, K) uint8 in int4_mm's layout (N, K / 2)");
   py::class_<Stack>(m, "Stack")
       .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<bool>,
                     int64_t, int64_t, int64_t, double, double, at::ScalarType, at::ScalarType>())
-      .def("run", &Stack::run);
+      .def("run", &Stack::run, release());
 }

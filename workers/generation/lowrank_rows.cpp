@@ -14,24 +14,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #include <cstring>
 #include <vector>
 
 namespace {
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return uint16_t(u >> 16);
-}
 
 // dst[i] += acc[i] for a bfloat16 row, the sum rounded once
 inline void add_to_bf16_row(uint16_t* dst, const float* acc, int64_t n) {
