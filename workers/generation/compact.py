@@ -17,7 +17,7 @@ and the rotary embedding applied to Q and K together. Weights are taken from a l
 - float32: F.linear on float32 weights and activations (greedy output equals Hugging Face's);
 - bfloat16: bfloat16 weights and activations;
 - int8: int8 weights, one scale per output channel (w = s_o * q_oi, q in [-127, 127]), bfloat16
-  activations. On a CPU with AVX-512 VNNI the matmul quantises the activations to int8 per block of 32
+  activations. On a CPU with AVX-512 VNNI the matmul quantises the activations to int8 per block of 16
   inputs and multiplies integers, as llama.cpp's Q8_0 does (workers.generation.decode_kernel); on other
   CPUs torch's int8 weight-only kernel; elsewhere the weights are dequantised per call;
 - int4: asymmetric, one scale and minimum per group of 32 inputs (w = s_g * q + m_g, q in [0, 15]; GGUF's

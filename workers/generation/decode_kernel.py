@@ -1,5 +1,5 @@
 """The CPU decode step's compiled kernels (`decode_kernels.cpp`): the int8 and int4 products with
-activations quantised per block of 32 and multiplied as integers (AVX-512 VNNI, as llama.cpp's Q8_0 and
+activations quantised per block of 16 and multiplied as integers (AVX-512 VNNI, as llama.cpp's Q8_0 and
 Q4_1 do), the int4 packing they read, and a model's decoder layers as one call.
 
 Built once per machine (workers.generation.cpp_build). Where it cannot be built (no compiler), or with
