@@ -189,26 +189,19 @@ class QuantLinear:
             return y if self.bias is None else y + self.bias
         if self.precision in ("float32", "bfloat16"):
             return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])  # the packed products take matrices
         if self.precision == "int4" and self.kernel is not None:
-            shape = x.shape
-            y = self.kernel.int4_mm(x.reshape(-1, shape[-1]), self.weight, self.scales_zeros)
-            y = y.view(*shape[:-1], self.out_features)
+            y = self.kernel.int4_mm(flat, self.weight, self.scales_zeros)
         elif self.precision == "int4" and self.fast_int4:
-            shape = x.shape
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, shape[-1]), self.weight, INT4_GROUP, self.scales_zeros
-            )
-            y = y.view(*shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scales_zeros)
         elif self.precision == "int8" and self.kernel is not None:
-            shape = x.shape
-            y = self.kernel.int8_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
-            y = y.view(*shape[:-1], self.out_features)
+            y = self.kernel.int8_mm(flat, self.weight, self.scale)
         elif self.precision == "int8" and self.fast_int8:
-            shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
-            y = y.view(*shape[:-1], self.out_features)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
+            return y if self.bias is None else y + self.bias
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -191,6 +192,19 @@ void int4_rows(const QuantisedRows& xq, const std::vector<float>& sums, int64_t 
   }
 }
 
+// Calls rows(R, m) for activation rows m..m+R-1 in groups of 8, then 4, 2 and 1 (R a compile-time size, so
+// each group's accumulators stay in registers).
+template <typename Rows>
+void in_row_groups(int64_t M, Rows&& rows) {
+  for (int64_t m = 0; m < M;) {
+    const int64_t left = M - m;
+    if (left >= 8) { rows(std::integral_constant<int, 8>{}, m); m += 8; }
+    else if (left >= 4) { rows(std::integral_constant<int, 4>{}, m); m += 4; }
+    else if (left >= 2) { rows(std::integral_constant<int, 2>{}, m); m += 2; }
+    else { rows(std::integral_constant<int, 1>{}, m); m += 1; }
+  }
+}
+
 #else
 constexpr bool kVnni = false;
 #endif
@@ -214,13 +228,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));  // at least ~16 KB of weights
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M;) {
-      const int64_t left = M - m;
-      if (left >= 8) { int8_rows<8>(xq, m, wp, sp, K, N, n0, n1, yp); m += 8; }
-      else if (left >= 4) { int8_rows<4>(xq, m, wp, sp, K, N, n0, n1, yp); m += 4; }
-      else if (left >= 2) { int8_rows<2>(xq, m, wp, sp, K, N, n0, n1, yp); m += 2; }
-      else { int8_rows<1>(xq, m, wp, sp, K, N, n0, n1, yp); m += 1; }
-    }
+    in_row_groups(M, [&](auto R, int64_t m) { int8_rows<decltype(R)::value>(xq, m, wp, sp, K, N, n0, n1, yp); });
   });
 #endif
   return y;
@@ -271,13 +279,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& p
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M;) {
-      const int64_t left = M - m;
-      if (left >= 8) { int4_rows<8>(xq, sums, m, wp, scales, zeros, K, N, n0, n1, yp); m += 8; }
-      else if (left >= 4) { int4_rows<4>(xq, sums, m, wp, scales, zeros, K, N, n0, n1, yp); m += 4; }
-      else if (left >= 2) { int4_rows<2>(xq, sums, m, wp, scales, zeros, K, N, n0, n1, yp); m += 2; }
-      else { int4_rows<1>(xq, sums, m, wp, scales, zeros, K, N, n0, n1, yp); m += 1; }
-    }
+    in_row_groups(M, [&](auto R, int64_t m) {
+      int4_rows<decltype(R)::value>(xq, sums, m, wp, scales, zeros, K, N, n0, n1, yp);
+    });
   });
 #endif
   return y;
