@@ -1,26 +1,33 @@
-"""Distilling step-by-step (arXiv 2305.02301) on the bundled multistep task: is a rationale worth data?
+"""Distilling step-by-step (arXiv 2305.02301) on a bundled task: is a rationale worth data?
 
-The task (workers/distill/multistep.py): multi-step arithmetic word problems, 400 training and 60
-held-out records, each with its worked steps as the gold rationale. For each training-set size (12.5, 50
-and 100 % of the training split, nested, the same seed) a fresh student is trained with the same options
-and the same number of steps
+Two bundled tasks (`--task`), 400 training and 60 held-out records each, every record with a gold
+rationale:
+
+- `kinds` (the default; workers/distill/kinds.py): traits of invented creatures, "What does a blorvik
+  eat?" -> "seeds", rationale "A blorvik is a bird. A bird eats seeds." The held-out records ask a trait
+  of a creature whose other traits are in the training split; the rationale states the creature's kind,
+  which the label leaves out. The rationales carry knowledge, as a teacher's do in the paper.
+- `multistep` (workers/distill/multistep.py): three-step arithmetic word problems with the worked steps;
+  too hard for the small student within this machine's budget (docs/distill-step-by-step.md).
+
+For each training-set size (12.5, 50 and 100 % of the training split, nested, the same seed) a fresh
+student is trained with the same options and the same number of steps
 
 - `step_by_step`: the [label] and [rationale] tasks, L_label + lambda L_rationale (lambda = 1), on the
   rationales supplied in the data (the issue's fallback when the teacher's own rationales are too poor);
 - `label_only`: the [label] task on the gold labels (standard fine-tuning);
 
-and scored on the 60 held-out records (greedy label task, numeric exact match). The teacher: the default
-model (SmolLM2-135M-Instruct) prompted few-shot with chain of thought (the job's template, in-process
-engine at full depth) on `--teacher-test` held-out inputs (its few-shot accuracy) and on the first
-`--teacher-train` training inputs; its parsed answers are filtered as the job filters them, and
+and scored on the 60 held-out records (greedy label task; exact match after normalisation). The teacher:
+the default model (SmolLM2-135M-Instruct) prompted few-shot with chain of thought (the job's template,
+in-process engine at full depth) on `--teacher-test` held-out inputs (its few-shot accuracy) and on the
+last `--teacher-train` training inputs; its parsed answers are filtered as the job filters them, and
 `distill_labels` (standard distillation: the student trained on the teacher's kept labels) and
 `step_by_step_teacher` (the student trained on the teacher's own kept rationales) are trained on what is
-kept, at the 12.5 % size.
+kept.
 
 The student (`--student`): `small`, a LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M
 parameters) with a character tokenizer, or `default`, the default model itself (SmolLM2-135M-Instruct,
-its own tokenizer; lr 2e-4 unless `--lr`). The small one takes about a second a step and cannot learn the
-task (docs/distill-step-by-step.md); the default one can, at several seconds a step on two cores.
+its own tokenizer; lr 2e-4 unless `--lr`), several seconds a step on two cores.
 Results and their reading: docs/distill-step-by-step.md.
 
 Table: accuracy per method and size. Summary line:
@@ -50,7 +57,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer  # noqa: E402
-from workers.distill import multistep  # noqa: E402
+from workers.distill import kinds, multistep  # noqa: E402
 from workers.distill.pipeline import DistillOptions, keep_teacher_answers  # noqa: E402
 from workers.distill.prompts import demonstrations_for, parse_answer, teacher_prompt  # noqa: E402
 from workers.distill.records import TaskSpec, is_correct  # noqa: E402
@@ -59,7 +66,9 @@ from workers.distill.teacher import AnswerCache, ask_teacher, engine_teacher  # 
 from workers.jobs.models import load_model  # noqa: E402
 
 FRACTIONS = (0.125, 0.5, 1.0)
-TASK = TaskSpec(**multistep.TASK)
+TASKS = {"kinds": kinds, "multistep": multistep}
+# per task: optimiser steps and AdamW weight decay for the small student (docs/distill-step-by-step.md)
+SMALL_DEFAULTS = {"kinds": (2000, 1.0), "multistep": (150, 0.0)}
 
 
 def student(kind: str, work: Path, seed: int, quick: bool):
@@ -111,8 +120,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--task", choices=sorted(TASKS), default="kinds", help="the bundled task")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps a student (default 150)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimiser steps a student (kinds: 2000, multistep: 150)"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="AdamW weight decay (kinds: 1.0, multistep: 0)"
+    )
     parser.add_argument(
         "--student",
         choices=("small", "default"),
@@ -128,16 +143,23 @@ def main() -> None:
     parser.add_argument(
         "--fractions", type=float, nargs="+", default=list(FRACTIONS), help="training-set sizes (1 = all)"
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the small student's initialisation and the trainer's batch order"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    steps = args.steps or (3 if args.quick else 150)
+    module = TASKS[args.task]
+    task = TaskSpec(**module.TASK)
+    default_steps, default_decay = SMALL_DEFAULTS[args.task]
+    steps = args.steps or (3 if args.quick else default_steps)
+    weight_decay = default_decay if args.weight_decay is None else args.weight_decay
     teacher_train = args.teacher_train or (4 if args.quick else 16)
     teacher_test = args.teacher_test or (4 if args.quick else 16)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    train, test = multistep.load("train"), multistep.load("test")
+    train, test = module.load("train"), module.load("test")
     if args.quick:
         test = test[:4]
     lr = args.lr or (2e-4 if args.student == "default" else 2e-3)
@@ -148,16 +170,17 @@ def main() -> None:
         warmup_steps=steps // 10,
         schedule="cosine",
         max_length=256,
-        seed=0,
+        seed=args.seed,
+        weight_decay=weight_decay,
     )
     table: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
 
     def run(name: str, size: str, records: list[dict], rationales: bool) -> None:
         t0 = time.perf_counter()
-        fresh, tokenizer = student(args.student, args.work, 0, args.quick)
+        fresh, tokenizer = student(args.student, args.work, args.seed, args.quick)
         model, stats = train_student(fresh, tokenizer, records, options, rationales=rationales)
-        score = label_accuracy(model, tokenizer, TASK, test, options.label_max_new_tokens)
+        score = label_accuracy(model, tokenizer, task, test, options.label_max_new_tokens)
         table.setdefault(name, {})[size] = score["accuracy"]
         seconds[f"{name}@{size}"] = round(time.perf_counter() - t0, 1)
         print(
@@ -175,20 +198,20 @@ def main() -> None:
     # the teacher: few-shot CoT from the default model, its answers filtered as the job filters them
     t0 = time.perf_counter()
     (model, teacher_tokenizer), teacher_name = teacher_model(args.work, args.quick)
-    demos = demonstrations_for(TASK, None, train)[: args.shots]
+    demos = demonstrations_for(task, None, train)[: args.shots]
     asked_train, asked_test = train[-teacher_train:], test[:teacher_test]  # demos are train[:3]
-    prompts = [teacher_prompt(TASK, demos, r["input"]) for r in asked_train + asked_test]
+    prompts = [teacher_prompt(task, demos, r["input"]) for r in asked_train + asked_test]
     complete = engine_teacher(model, teacher_tokenizer, None, max_new_tokens=48)
-    cache = AnswerCache(args.work / f"teacher-{teacher_name}-{args.shots}shot.jsonl")
+    cache = AnswerCache(args.work / f"teacher-{args.task}-{teacher_name}-{args.shots}shot.jsonl")
     answers, _ = ask_teacher(prompts, complete, cache, teacher_name)
     del model
     test_answers = answers[len(asked_train) :]
     right = sum(
-        (p := parse_answer(TASK, a)) is not None and is_correct(TASK, p[1], r["label"])
+        (p := parse_answer(task, a)) is not None and is_correct(task, p[1], r["label"])
         for a, r in zip(test_answers, asked_test, strict=True)
     )
     teacher_accuracy = right / len(asked_test)
-    kept, counts = keep_teacher_answers(TASK, asked_train, answers[: len(asked_train)])
+    kept, counts = keep_teacher_answers(task, asked_train, answers[: len(asked_train)])
     seconds["teacher"] = round(time.perf_counter() - t0, 1)
     print(
         f"teacher {teacher_name} {args.shots}-shot: accuracy {teacher_accuracy:.3f} on {len(asked_test)}; "
@@ -237,7 +260,10 @@ def main() -> None:
         report = {
             "table": table,
             "teacher": {"name": teacher_name, "accuracy": teacher_accuracy, "filter": counts},
+            "task": args.task,
             "student": args.student,
+            "weight_decay": weight_decay,
+            "seed": args.seed,
             "steps": steps,
             "lr": lr,
             "seconds": seconds,

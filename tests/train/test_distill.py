@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from tests.generation.conftest import character_tokenizer
 from tests.teacher_endpoint import teacher_endpoint
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_llama
-from workers.distill import multistep
+from workers.distill import kinds, multistep
 from workers.distill.pipeline import DistillOptions, distill_step_by_step, keep_teacher_answers
 from workers.distill.prompts import (
     LABEL_PREFIX,
@@ -107,6 +107,29 @@ def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(t
         for a, op, b, c in steps:
             assert eval(f"{a} {op} {b}") == int(c)  # noqa: S307 - digits and one operator
         assert steps[-1][3] == record["label"]
+
+
+def test_the_kinds_task_is_reproducible_and_its_held_out_creatures_are_known_only_through_rationales(
+    tmp_path,
+):
+    kinds.write(tmp_path)
+    for split in ("train", "test"):
+        assert (tmp_path / f"kinds.{split}.jsonl").read_text() == kinds.path(split).read_text()
+    train, test = kinds.load("train"), kinds.load("test")
+    assert (len(train), len(test)) == (kinds.TRAIN, kinds.HELD_OUT)
+    assert not {r["input"] for r in train} & {r["input"] for r in test}
+    spec = TaskSpec(**kinds.TASK)
+    kind_of: dict[str, str] = {}
+    for record in check_records(train + test, spec):
+        name, kind = re.fullmatch(r"A (\w+) is an? (\w+)\. .*", record["rationale"]).groups()
+        assert name in record["input"] and kind not in record["input"]
+        assert kind_of.setdefault(name, kind) == kind and record["label"] in kinds.KINDS[kind]
+        assert record["rationale"].endswith(f" {record['label']}.")
+    held_out = [r["rationale"].split()[1] for r in test]
+    assert len(set(held_out)) == kinds.HELD_OUT
+    trained = [r["rationale"].split()[1] for r in train]
+    for name in held_out:  # the creature's three other traits are all asked in training
+        assert trained.count(name) == len(kinds.TRAITS) - 1
 
 
 def test_a_tokenizer_that_cannot_spell_the_prefixes_is_refused():

@@ -7,5 +7,7 @@ supervision for a small task model.
 - `teacher`: where rationales come from (the data, a registered model run in-process, a configured
   OpenAI-compatible endpoint), cached so that a retried job does not ask again.
 - `student`: the multi-task loss L_label + lambda L_rationale on the shared trainer, and evaluation.
-- `multistep`: the bundled generated task (multi-step arithmetic with worked steps as gold rationales).
+- `kinds`, `multistep`: the bundled generated tasks (traits of invented creatures, whose rationales
+  state the creature's kind; multi-step arithmetic with worked steps as gold rationales); `bundled`: their
+  files.
 """

@@ -17,12 +17,12 @@ is downloaded. Scored as a short answer (numeric exact match).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from workers.tasks import ITEMS, NAMES, tasks_dir
+from workers.distill import bundled
+from workers.tasks import ITEMS, NAMES
 
 SEED = 29
 TRAIN, HELD_OUT = 400, 60
@@ -65,25 +65,15 @@ def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
 
 
 def path(split: str) -> Path:
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}")
-    return tasks_dir() / f"multistep.{split}.jsonl"
+    return bundled.path("multistep", split)
 
 
 def load(split: str) -> list[dict[str, Any]]:
-    lines = path(split).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return bundled.load("multistep", split)
 
 
 def write(directory: Path | None = None) -> list[Path]:
-    directory = directory or tasks_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for split, records in generate().items():
-        target = directory / f"multistep.{split}.jsonl"
-        target.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        written.append(target)
-    return written
+    return bundled.write("multistep", generate(), directory)
 
 
 if __name__ == "__main__":
