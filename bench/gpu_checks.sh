@@ -12,6 +12,8 @@
 #    at batch 1 and 8 where vLLM is installed (bench/vllm_decode.py; skipped otherwise).
 # 6. bench.shearing (step "shear", not in the default STEPS): LLM-Shearing at full size, learned masks vs
 #    activation scores at 15 % and 50 % removed, healed with and without dynamic batch loading.
+# 7. bench/distill_step_by_step.py (step "distill", not in the default STEPS): distilling step-by-step on
+#    the bundled kinds task with the default model as the student (300 steps a student; issue 29).
 # Without a CUDA GPU every step is skipped (the script says so and exits 0).
 # Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
 # some of them (default: "tests decode soft lens").
@@ -19,7 +21,7 @@ set -uo pipefail
 MODEL=$1
 OUT=$2
 WORK=${3:-/tmp/strata-gpu}
-read -r T_TESTS T_DECODE T_SOFT T_LENS T_PARITY T_SHEAR <<<"${STEP_LIMITS:-60 120 270 110 240 600}"
+read -r T_TESTS T_DECODE T_SOFT T_LENS T_PARITY T_SHEAR T_DISTILL <<<"${STEP_LIMITS:-60 120 270 110 240 600 300}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 SOFT_EXTRA=${SOFT_EXTRA:-}
@@ -84,5 +86,11 @@ if want shear; then
     --update-every 50 --seq-len 256 --heldout-windows 8 --max-tokens 65536 --out "$OUT/shearing.json" \
     >"$OUT/shearing.txt" 2>&1
   log "shearing rc=$?"
+fi
+if want distill; then
+  log "distilling step-by-step, the default model as the student"
+  timeout "${T_DISTILL:-300}" "$PY" bench/distill_step_by_step.py --student default --steps 300 --threads 8 \
+    --work "$WORK/distill" --json "$OUT/distill_step_by_step.json" >"$OUT/distill_step_by_step.txt" 2>&1
+  log "distill rc=$?"
 fi
 rm -f "$OUT/lens/exit_adapters.safetensors"  # 38 MB; the figures are in results.json
