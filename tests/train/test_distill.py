@@ -22,7 +22,14 @@ from workers.distill.prompts import (
     teacher_prompt,
 )
 from workers.distill.records import TaskSpec, check_records, is_correct
-from workers.distill.student import check_tokenizer, encode_task, multitask_loss, prefix_ids
+from workers.distill.student import (
+    check_tokenizer,
+    encode_task,
+    label_accuracy,
+    multitask_loss,
+    prefix_ids,
+    train_student,
+)
 from workers.distill.teacher import AnswerCache, TeacherError, ask_teacher, endpoint_for, endpoint_teacher
 from workers.settings import TeacherEndpoint
 from workers.train.data import DataError, collate
@@ -159,6 +166,18 @@ def make_tiny_llama_in_memory() -> LlamaForCausalLM:
     from tests.tiny_models import tiny_llama_config
 
     return LlamaForCausalLM(tiny_llama_config(vocab_size=DISTILL_VOCAB_SIZE)).eval()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_student_trained_on_a_gpu_is_scored_there():
+    records = kinds.load("train")[:8]
+    options = DistillOptions(steps=2, batch_size=4, lr=1e-3, max_length=96, seed=0)
+    model, _ = train_student(
+        make_tiny_llama_in_memory(), distill_tokenizer(), records, options, rationales=True
+    )
+    assert next(model.parameters()).device.type == "cuda"
+    score = label_accuracy(model, distill_tokenizer(), TaskSpec(**kinds.TASK), records[:4], 4)
+    assert score["examples"] == 4
 
 
 def test_the_cache_answers_a_retry_without_asking_and_a_failure_says_what_was_cached(tmp_path):

@@ -178,6 +178,7 @@ def predict_labels(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
     model.eval()
+    device = next(model.parameters()).device  # a student trained on a GPU stays there
     for start in range(0, len(inputs), batch_size):
         prompts = [prompt_ids(tokenizer, LABEL_PREFIX, text) for text in inputs[start : start + batch_size]]
         width = max(len(p) for p in prompts)
@@ -187,8 +188,8 @@ def predict_labels(
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
