@@ -123,10 +123,16 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="kinds", help="the bundled task")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimiser steps a student (kinds: 2000, multistep: 150)"
+        "--steps",
+        type=int,
+        default=None,
+        help="optimiser steps a student (small: kinds 2000, multistep 150; default: 150)",
     )
     parser.add_argument(
-        "--weight-decay", type=float, default=None, help="AdamW weight decay (kinds: 1.0, multistep: 0)"
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="AdamW weight decay (small: kinds 1.0, multistep 0; default: 0)",
     )
     parser.add_argument(
         "--student",
@@ -151,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     module = TASKS[args.task]
     task = TaskSpec(**module.TASK)
-    default_steps, default_decay = SMALL_DEFAULTS[args.task]
+    default_steps, default_decay = SMALL_DEFAULTS[args.task] if args.student == "small" else (150, 0.0)
     steps = args.steps or (3 if args.quick else default_steps)
     weight_decay = default_decay if args.weight_decay is None else args.weight_decay
     teacher_train = args.teacher_train or (4 if args.quick else 16)
