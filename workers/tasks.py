@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -176,15 +176,43 @@ def tasks_dir() -> Path:
     return Path(str(files("workers").joinpath("data", "tasks")))
 
 
+SPLITS = ("train", "test")
+
+
+def split_file(name: str, split: str, directory: Path | None = None) -> Path:
+    """`<name>.<split>.jsonl` in `directory` (by default workers/data/tasks/): the file of one split of a
+    bundled task, these chat tasks or the distillation tasks of workers/distill."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    return (directory or tasks_dir()) / f"{name}.{split}.jsonl"
+
+
+def read_split(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_splits(
+    name: str, splits: Mapping[str, Sequence[Mapping[str, Any]]], directory: Path | None = None
+) -> list[Path]:
+    """Each split's records to its file (in `directory`, by default the bundled tasks'), in order."""
+    written = []
+    for split, records in splits.items():
+        target = split_file(name, split, directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        written.append(target)
+    return written
+
+
 def task_path(task: str, split: str) -> Path:
-    if task not in GENERATORS or split not in ("train", "test"):
+    if task not in GENERATORS or split not in SPLITS:
         raise ValueError(f"unknown task or split: {task!r} {split!r} (tasks: {', '.join(TASKS)})")
-    return tasks_dir() / f"{task}.{split}.jsonl"
+    return split_file(task, split)
 
 
 def load(task: str, split: str) -> list[dict[str, Any]]:
-    lines = task_path(task, split).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_split(task_path(task, split))
 
 
 def prompt_and_reference(record: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
@@ -243,15 +271,7 @@ def evaluate_tasks(
 
 
 def write_all(directory: Path | None = None) -> list[Path]:
-    directory = directory or tasks_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task in TASKS:
-        for split, records in generate(task).items():
-            path = directory / f"{task}.{split}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-            written.append(path)
-    return written
+    return [path for task in TASKS for path in write_splits(task, generate(task), directory)]
 
 
 if __name__ == "__main__":

@@ -101,13 +101,20 @@ def test_the_few_shot_prompt_shows_the_demonstrations_and_ends_at_the_reasoning_
         demonstrations_for(TOPIC, None, [{"input": "x", "label": "food"}])
 
 
-def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(tmp_path):
-    multistep.write(tmp_path)
+def reproduced_splits(task, name: str, tmp_path) -> tuple[list[dict], list[dict]]:
+    """A bundled task's files equal a fresh generation (`<name>.<split>.jsonl`); its (train, test) records,
+    as many as it declares and no input in both."""
+    task.write(tmp_path)
     for split in ("train", "test"):
-        assert (tmp_path / f"multistep.{split}.jsonl").read_text() == multistep.path(split).read_text()
-    train, test = multistep.load("train"), multistep.load("test")
-    assert (len(train), len(test)) == (multistep.TRAIN, multistep.HELD_OUT)
+        assert (tmp_path / f"{name}.{split}.jsonl").read_text() == task.path(split).read_text()
+    train, test = task.load("train"), task.load("test")
+    assert (len(train), len(test)) == (task.TRAIN, task.HELD_OUT)
     assert not {r["input"] for r in train} & {r["input"] for r in test}
+    return train, test
+
+
+def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(tmp_path):
+    train, test = reproduced_splits(multistep, "multistep", tmp_path)
     for record in check_records(train + test, TaskSpec(**multistep.TASK)):
         steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", record["rationale"])
         assert len(steps) == 3
@@ -119,12 +126,7 @@ def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(t
 def test_the_kinds_task_is_reproducible_and_its_held_out_creatures_are_known_only_through_rationales(
     tmp_path,
 ):
-    kinds.write(tmp_path)
-    for split in ("train", "test"):
-        assert (tmp_path / f"kinds.{split}.jsonl").read_text() == kinds.path(split).read_text()
-    train, test = kinds.load("train"), kinds.load("test")
-    assert (len(train), len(test)) == (kinds.TRAIN, kinds.HELD_OUT)
-    assert not {r["input"] for r in train} & {r["input"] for r in test}
+    train, test = reproduced_splits(kinds, "kinds", tmp_path)
     spec = TaskSpec(**kinds.TASK)
     kind_of: dict[str, str] = {}
     for record in check_records(train + test, spec):

@@ -8,6 +8,6 @@ supervision for a small task model.
   OpenAI-compatible endpoint), cached so that a retried job does not ask again.
 - `student`: the multi-task loss L_label + lambda L_rationale on the shared trainer, and evaluation.
 - `kinds`, `multistep`: the bundled generated tasks (traits of invented creatures, whose rationales
-  state the creature's kind; multi-step arithmetic with worked steps as gold rationales); `bundled`: their
-  files.
+  state the creature's kind; multi-step arithmetic with worked steps as gold rationales), their files
+  read and written as workers/tasks.py does the chat tasks'.
 """

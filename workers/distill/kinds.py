@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from workers.distill import bundled
+from workers.tasks import read_split, split_file, write_splits
 
 SEED = 29
 CREATURES_PER_KIND = 15
@@ -109,15 +109,15 @@ def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
 
 
 def path(split: str) -> Path:
-    return bundled.path("kinds", split)
+    return split_file("kinds", split)
 
 
 def load(split: str) -> list[dict[str, Any]]:
-    return bundled.load("kinds", split)
+    return read_split(path(split))
 
 
 def write(directory: Path | None = None) -> list[Path]:
-    return bundled.write("kinds", generate(), directory)
+    return write_splits("kinds", generate(), directory)
 
 
 if __name__ == "__main__":

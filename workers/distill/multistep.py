@@ -21,8 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from workers.distill import bundled
-from workers.tasks import ITEMS, NAMES
+from workers.tasks import ITEMS, NAMES, read_split, split_file, write_splits
 
 SEED = 29
 TRAIN, HELD_OUT = 400, 60
@@ -65,15 +64,15 @@ def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
 
 
 def path(split: str) -> Path:
-    return bundled.path("multistep", split)
+    return split_file("multistep", split)
 
 
 def load(split: str) -> list[dict[str, Any]]:
-    return bundled.load("multistep", split)
+    return read_split(path(split))
 
 
 def write(directory: Path | None = None) -> list[Path]:
-    return bundled.write("multistep", generate(), directory)
+    return write_splits("multistep", generate(), directory)
 
 
 if __name__ == "__main__":
