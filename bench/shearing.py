@@ -31,7 +31,7 @@ from workers.prune.prune import prune
 from workers.prune.shear import MaskOptions, Shape, extract, first_components, learn_masks
 from workers.prune.target import PruneTarget, plan
 from workers.train.domains import DEFAULT_DOMAINS, load_domains
-from workers.train.dynamic_batches import DomainSampler, domain_losses, dynamic_loading
+from workers.train.dynamic_batches import ETA, DomainSampler, domain_losses, dynamic_loading
 
 
 def model_dir(quick: bool, work: Path) -> Path:
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask-steps", type=int, default=60)
     p.add_argument("--heal-steps", type=int, default=60)
     p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--eta", type=float, default=ETA, help="DBL's step size (the paper's: 1)")
     p.add_argument("--update-every", type=int, default=10, help="DBL weight update period (steps)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--heldout-windows", type=int, default=6)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def healed(name: str, model, steps: int, dbl: bool, extra: dict) -> dict:
         loading = dynamic_loading(
-            model, source_dev, domains, None, 1, args.update_every if dbl else None, seed=1
+            model, source_dev, domains, None, 1, args.update_every if dbl else None, seed=1, eta=args.eta
         )
         start = time.perf_counter()
         report = heal(

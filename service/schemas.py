@@ -175,6 +175,14 @@ class HealOptions(BaseModel):
         "gap to the source model's (LLM-Shearing); false: a fixed mix",
     )
     update_every: int = Field(default=10, ge=1, le=100_000, description="Steps between weight updates")
+    eta: float = Field(
+        default=1.0,
+        gt=0,
+        le=100,
+        description="The update's step size: each domain's weight is multiplied by exp(eta * its loss gap), "
+        "then all are renormalised (the paper's 1; a smaller eta keeps the mix from collapsing onto one "
+        "domain when the gaps are nats wide)",
+    )
     heldout_windows: int = Field(
         default=4,
         ge=1,
@@ -329,7 +337,23 @@ class FitExitsJobRequest(BaseModel):
         "prose record and a chat record in turn) or broad+prose+chat (one of each in turn; the default)",
     )
     max_tokens: int = Field(
-        default=DEFAULT_MAX_TOKENS, ge=16, le=10_000_000, description="Fitting tokens used at most"
+        default=DEFAULT_MAX_TOKENS,
+        ge=16,
+        le=10_000_000,
+        description="Fitting tokens used at most (with mix_bundled: of the user's text and of the bundled)",
+    )
+    mix_bundled: bool = Field(
+        default=False,
+        description="With training_file, data or examples: fit on them and on the bundled text too "
+        "(`bundled`, up to max_tokens of it), so the exits learn the user's register and keep the broad one",
+    )
+    user_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="With mix_bundled: how many times each token of the user's text counts in the ridge fit "
+        "against a bundled token (the scales and distillation draw on both texts as they are)",
     )
     fit_on: Literal["all", "responses"] = Field(
         default="all", description="Fit on every token, or on response tokens only (all serve as context)"

@@ -48,6 +48,7 @@ def test_learned_masks_with_dbl_give_the_target_model_and_report_weights_and_gap
                 "steps": 4,
                 "dynamic_batch_loading": True,
                 "update_every": 2,
+                "eta": 0.5,
                 "heldout_windows": 1,
                 "domains": ["prose", {"name": "chat", "weight": 2}],
             },
@@ -70,6 +71,7 @@ def test_learned_masks_with_dbl_give_the_target_model_and_report_weights_and_gap
     }
     heal = result["heal"]
     assert heal["dynamic_batch_loading"] is True and [h["step"] for h in heal["domain_weights"]] == [0, 2, 4]
+    assert heal["eta"] == 0.5
     assert heal["domain_weights"][0]["weights"] == pytest.approx({"prose": 1 / 3, "chat": 2 / 3}, abs=1e-5)
     assert set(heal["loss_gap"]) == {"prose", "chat"} and set(heal["domain_weights"][1]["loss_gap"]) == {
         "prose",
@@ -86,6 +88,8 @@ BAD = [
     ({"target": {"num_attention_heads": 3}, "mode": "learned"}, "divisible"),
     ({"target": {"hidden_size": 30}, "mode": "learned"}, "not a multiple of num_attention_heads"),
     ({"target": {"hidden_size": 32}}, "needs mode learned"),
+    ({"target": {"num_hidden_layers": 2}, "mode": "learned", "heal": {"eta": 0}}, "greater than 0"),
+    ({"target": {"num_hidden_layers": 2}, "mode": "learned", "heal": {"eta": 1000}}, "less than or equal"),
     (
         {"target": {"num_hidden_layers": 2}, "mode": "learned", "heal": {"domains": ["klingon"]}},
         "unknown domain",

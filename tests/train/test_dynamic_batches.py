@@ -24,6 +24,9 @@ def test_update_raises_the_lagging_domain_by_exp_of_its_gap():
     # a domain below its reference counts as no gap (max(l - r, 0)); smoothing keeps every weight > 0
     assert update_weights([0.2, 0.8], [1.0, 1.0], [5.0, 5.0], smoothing=0.0) == pytest.approx([0.2, 0.8])
     assert min(update_weights([1.0, 0.0], [9.0, 1.0], [1.0, 1.0])) > 0
+    # eta scales the gap: half the step, the square root of the ratio
+    half = update_weights([0.5, 0.5], [3.0, 2.0], [2.0, 2.0], eta=0.5, smoothing=0.0)
+    assert half == pytest.approx([math.sqrt(math.e) / (1 + math.sqrt(math.e)), 1 / (1 + math.sqrt(math.e))])
     for bad in ([float("nan"), 1.0], [float("inf"), 1.0], [-1.0, 1.0]):
         with pytest.raises(ValueError):
             update_weights(bad, [1.0, 1.0], [1.0, 1.0])
@@ -76,6 +79,22 @@ def test_a_lagging_domain_gains_weight_while_healing(tiny):
     )
     assert history[1]["loss_gap"]["hard"] > 0 > history[1]["loss_gap"]["easy"]
     assert sum(loading.sampler.drawn) == 4
+
+
+def test_a_smaller_eta_moves_the_weights_less(tiny):
+    """The same lagging domain with eta 0.1: its weight rises at the first update, by less than with 1."""
+    domains = constructed_domains()
+    student = drop_layers(tiny, [1])
+    own = domain_losses(student, {d.name: d.dev for d in domains})
+    references = {"easy": own["easy"] + 5.0, "hard": own["hard"] - 1.0}
+    first = {}
+    for eta in (1.0, 0.1):
+        loading = dynamic_loading(
+            copy.deepcopy(student), references, domains, None, batch_size=1, update_every=1, eta=eta
+        )
+        loading.step(1)
+        first[eta] = loading.history[1]["weights"]["hard"]
+    assert 0.5 < first[0.1] < first[1.0]
 
 
 def test_fixed_mix_never_changes_weights(tiny):

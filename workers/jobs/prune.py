@@ -23,7 +23,7 @@ from workers.prune.width import attention_shape
 from workers.store.model_files import read_config
 from workers.store.references import resolve_model, resolve_path
 from workers.train.domains import DEFAULT_DOMAINS, load_domains
-from workers.train.dynamic_batches import DomainSampler, domain_losses, dynamic_loading
+from workers.train.dynamic_batches import ETA, DomainSampler, domain_losses, dynamic_loading
 
 
 def target_of(spec_target: dict[str, Any], source_dir: Path, ctx: JobContext) -> PruneTarget:
@@ -78,6 +78,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
         healing = dict(spec.get("heal") or {})
         dbl = bool(healing.pop("dynamic_batch_loading", False))
         update_every = healing.pop("update_every", 10)
+        eta = healing.pop("eta", ETA)
         heldout = healing.pop("heldout_windows", 4)
         domain_specs = healing.pop("domains", None)
         domains = None
@@ -151,7 +152,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
             if domains is not None:
                 ctx.progress(50, 100, "reference losses of the source on each domain", force=True)
                 loading = dynamic_loading(
-                    result.model, model, domains, weights, 1, update_every if dbl else None, seed
+                    result.model, model, domains, weights, 1, update_every if dbl else None, seed, eta
                 )
                 texts = [w.view(1, -1) for d in domains for w in d.dev]
             healed = heal(
@@ -176,6 +177,7 @@ def prune_job(spec: dict[str, Any]) -> dict[str, Any]:
                 after, reference = domain_losses(result.model, test), domain_losses(model, test)
                 report["heal"].update(
                     dynamic_batch_loading=dbl,
+                    eta=loading.eta,
                     domain_weights=loading.history,
                     loss_gap={name: round(after[name] - reference[name], 5) for name in after},
                     domain_perplexity={name: round(math.exp(v), 4) for name, v in after.items()},

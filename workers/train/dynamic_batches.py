@@ -144,6 +144,7 @@ class DynamicLoading:
     model: nn.Module
     references: dict[str, float]
     update_every: int | None
+    eta: float = ETA
     history: list[dict] = field(default_factory=list)
 
     def snapshot(self, done: int, losses: dict[str, float] | None = None) -> None:
@@ -165,6 +166,7 @@ class DynamicLoading:
             self.sampler.weights,
             [losses[d.name] for d in domains],
             [self.references[d.name] for d in domains],
+            self.eta,
         )
         self.snapshot(done, losses)
 
@@ -177,14 +179,15 @@ def dynamic_loading(
     batch_size: int,
     update_every: int | None,
     seed: int = 0,
+    eta: float = ETA,
 ) -> DynamicLoading:
     """The sampler over `domains` (initial weights: uniform) with reference losses from `reference` (a model,
-    scored on each domain's dev windows, or the losses themselves)."""
+    scored on each domain's dev windows, or the losses themselves); `eta` is the update's step size."""
     if isinstance(reference, nn.Module):
         references = domain_losses(reference, {d.name: d.dev for d in domains})
     else:
         references = {d.name: float(reference[d.name]) for d in domains}
     sampler = DomainSampler(domains, weights or [1.0] * len(domains), batch_size, seed)
-    loading = DynamicLoading(sampler, model, references, update_every)
+    loading = DynamicLoading(sampler, model, references, update_every, eta)
     loading.snapshot(0)
     return loading
