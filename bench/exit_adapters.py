@@ -24,14 +24,14 @@ import torch
 
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import ExitAdapters
-from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
+from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters
 from workers.early_exit.fit_data import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT,
     BundledText,
     bundled_paths,
     bundled_records,
-    fitting_stream,
+    fitting_windows,
 )
 from workers.early_exit.forward import exit_logits, num_layers
 from workers.generation.profiler import HELDOUT_PATH, measure_quality
@@ -72,6 +72,13 @@ def main() -> None:
     )
     parser.add_argument("--bundled", choices=get_args(BundledText), default=DEFAULT_TEXT)
     parser.add_argument("--no-bundled", action="store_true", help="fit on --data alone")
+    parser.add_argument(
+        "--user-weight",
+        type=float,
+        default=None,
+        help="fit_exits' mix_bundled: --data as its own text (up to --max-tokens) weighted this much against "
+        "the bundled text's tokens (default: --data after the bundled records, in one stream)",
+    )
     parser.add_argument("--no-scale", action="store_true", help="leave every exit's scale at 1")
     parser.add_argument("--distill-tokens", type=int, default=8192)
     parser.add_argument("--ridge", type=float, default=1e-4)
@@ -96,16 +103,19 @@ def main() -> None:
     layers = num_layers(model)
     extra = [record for path in args.data for record in read_jsonl(path)]
     bundled = [] if args.no_bundled else bundled_records(args.bundled)
-    ids, responses = fitting_stream(tokenizer, bundled + extra, args.max_tokens)
-    masks = token_windows(responses, 256, dtype=torch.bool) if args.fit_on == "responses" else None
+    texts = [(bundled + extra, 1.0)]
+    if args.user_weight is not None:  # as fit_exits' mix_bundled: the user's text, then the bundled
+        texts = [(extra, args.user_weight), (bundled, 1.0)]
+    fitting = fitting_windows(tokenizer, texts, args.max_tokens, 256, args.fit_on == "responses")
     results["data"] = {
         "files": ([] if args.no_bundled else [p.name for p in bundled_paths(args.bundled)])
         + [str(p) for p in args.data],
-        "tokens": len(ids),
+        "tokens": sum(fitting.tokens),
+        "tokens_per_text": fitting.tokens,
+        "user_weight": args.user_weight,
         "fit_on": args.fit_on,
-        "response_tokens": sum(responses),
     }
-    log(f"fitting text: {len(ids)} tokens from {results['data']['files']}")
+    log(f"fitting text: {fitting.tokens} tokens from {results['data']['files']}")
     distill_exits = tuple(int(k) for k in args.distill_exits.split(",") if k)
     config = FitConfig(
         ridge=args.ridge,
@@ -124,8 +134,15 @@ def main() -> None:
             log(f"{fraction:.0%} {message}")
 
     started = time.perf_counter()
-    windows = token_windows(ids, 256)
-    fitted = fit_exit_adapters(model, windows, default_fit_exits(layers), config, progress, masks)
+    fitted = fit_exit_adapters(
+        model,
+        fitting.windows,
+        default_fit_exits(layers),
+        config,
+        progress,
+        fitting.masks,
+        fitting.weights,
+    )
     results["fit"] = fitted.report.as_dict() | {"seconds_total": round(time.perf_counter() - started, 1)}
     results["machine"]["load_after_fit"] = os.getloadavg()
     log(f"fitted in {results['fit']['seconds_total']} s: {results['fit']['seconds']}")
@@ -205,7 +222,8 @@ def main() -> None:
         for p in (90, 80, 70, 50)
         if p in by_pct and by_pct[p]["ridge_ratio"]
     )
-    print(f"exit adapters: fit {results['fit']['seconds_total']} s on {len(ids)} tokens; ppl ratio {summary}")
+    seconds, tokens = results["fit"]["seconds_total"], sum(fitting.tokens)
+    print(f"exit adapters: fit {seconds} s on {tokens} tokens; ppl ratio {summary}")
 
 
 if __name__ == "__main__":

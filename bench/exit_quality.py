@@ -1,11 +1,12 @@
 """Held-out quality of a model's exits with the adapters stored beside it (float32), as the targets read it,
 on every held-out text (`workers/eval/heldout.py`) and the worst of them.
 
-    python -m bench.exit_quality --model DIR [--model DIR2 ...] [--exits 15,21,24,27]
+    python -m bench.exit_quality --model DIR [--model DIR2 ...] [--base MODEL_DIR] [--exits 15,21,24,27]
                                  [--texts heldout,dpkg-spec] [--text FILE] [--per-exit]
 
 DIR is a model directory with `exit_adapters.safetensors` (for example `STRATA_HOME/models/<id>` after a
-`fit_exits` job; pass the default job's model and the distilled job's model to compare them). For each
+`fit_exits` job; pass the default job's model and the distilled job's model to compare them), or a directory
+of adapters alone (`bench.exit_adapters --out DIR`, and its `DIR/ridge`) with `--base MODEL_DIR`. For each
 held-out text (default: every one but "broad", a mix of the others; `--text` adds a file) and each exit: the
 perplexity through the adapter as a ratio to full depth's on the same text; in-domain texts (held-out splits
 of fitting sources, the project's own heldout.txt and heldout_prose.txt) and out-of-domain ones (sources no
@@ -42,9 +43,14 @@ def _texts(names: str, extra: Path | None) -> list[HeldoutText]:
 
 
 def score(
-    model_dir: Path, texts: list[HeldoutText], exits: list[int] | None, max_tokens: int, per_exit: bool
+    model_dir: Path,
+    texts: list[HeldoutText],
+    exits: list[int] | None,
+    max_tokens: int,
+    per_exit: bool,
+    base: Path | None = None,
 ) -> None:
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(base or model_dir)
     layers = num_layers(model)
     adapters = load_adapters(model_dir, layers, model.config.hidden_size)
     if adapters is None:
@@ -93,6 +99,12 @@ def score(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, action="append", required=True)
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="the model every --model DIR's adapters belong to, when DIR holds only adapters "
+        "(bench.exit_adapters' --out)",
+    )
     parser.add_argument("--exits", default="", help="comma-separated (default: 90/80/70/50 %% depth)")
     parser.add_argument("--texts", default="", help="held-out text names (default: all)")
     parser.add_argument("--text", type=Path, help="one more text file, counted as out-of-domain")
@@ -102,7 +114,7 @@ def main() -> None:
     texts = _texts(args.texts, args.text)
     exits = [int(k) for k in args.exits.split(",") if k] or None
     for model_dir in args.model:
-        score(model_dir, texts, exits, args.heldout_tokens, args.per_exit)
+        score(model_dir, texts, exits, args.heldout_tokens, args.per_exit, args.base)
 
 
 if __name__ == "__main__":

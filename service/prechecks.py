@@ -445,6 +445,10 @@ def check_fit_exits(request: FitExitsJobRequest, registry: Registry, settings: S
     given = [k for k in ("training_file", "data", "examples") if getattr(request, k)]
     if len(given) > 1:
         raise HTTPException(422, f"give one of training_file, data or examples, not {' and '.join(given)}")
+    if request.mix_bundled and not given:
+        raise HTTPException(422, "mix_bundled needs your text: training_file, data or examples")
+    if request.user_weight != 1.0 and not request.mix_bundled:
+        raise HTTPException(422, "user_weight weighs your text against the bundled: it needs mix_bundled")
     check_examples(request.examples)
     records = user_fitting_records(request, settings)  # resolves a data file or an uploaded one
     if records is not None:

@@ -47,6 +47,30 @@ def test_streamed_ridge_recovers_a_known_affine_map_exactly_without_penalty():
     assert accumulator.tokens == 1000 and mse < 1e-8
 
 
+def test_a_token_weighted_w_counts_as_w_copies_of_it():
+    generator = torch.Generator().manual_seed(2)
+    d = 6
+    x, y = torch.randn(40, d, generator=generator), torch.randn(40, d, generator=generator)
+    weighted, copied = RidgeAccumulator(d), RidgeAccumulator(d)
+    weighted.add(x, y, torch.tensor([3.0] * 10 + [1.0] * 30))
+    copied.add(torch.cat([x[:10]] * 3 + [x[10:]]), torch.cat([y[:10]] * 3 + [y[10:]]))
+    for ridge in (0.0, 0.1):
+        (a, mse_a), (b, mse_b) = weighted.solve(ridge), copied.solve(ridge)
+        torch.testing.assert_close(a.weight, b.weight)
+        torch.testing.assert_close(a.bias, b.bias)
+        assert mse_a * 40 == pytest.approx(mse_b * 60)  # the same squared error over 40 pairs, not 60
+    assert weighted.identity_mse() * 40 == pytest.approx(copied.identity_mse() * 60)
+    with pytest.raises(ValueError, match="one weight per token pair"):
+        weighted.add(x, y, torch.ones(3))
+
+
+def test_window_weights_must_be_positive_and_one_per_window(tiny):
+    windows = random_windows(2, 16)
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="one finite value > 0 per window"):
+            fit_exit_adapters(tiny, windows, [1], FitConfig(fit_scale=False), weights=bad)
+
+
 def test_ridge_shrinks_towards_the_identity_not_towards_zero():
     generator = torch.Generator().manual_seed(1)
     d = 8

@@ -73,6 +73,21 @@ def test_fit_exits_fits_on_an_uploaded_training_file(server, model):
     assert stored(server)["exit_adapters"]["data"]["file"] == file["id"]
 
 
+def test_fit_exits_mixes_a_users_text_with_the_bundled_and_weighs_it(server, model):
+    file = upload(server, jsonl(RECORDS), "fine-tune")
+    result = server.run_job(
+        {"kind": "fit_exits", "model": MODEL, "training_file": file["id"], "seq_len": 32, "exits": [2],
+         "mix_bundled": True, "user_weight": 8, "bundled": "prose", "max_tokens": 2048}
+    )  # fmt: skip
+    data = result["data"]
+    assert data["source"] == "uploaded" and data["user_weight"] == 8.0
+    assert data["bundled"]["text"] == "prose" and data["bundled"]["files"] == ["prose.jsonl"]
+    assert data["bundled"]["tokens"] == 2048 and data["tokens"] == data["tokens_user"] + 2048
+    assert stored(server)["exit_adapters"]["recipe"]["mix_bundled"] is True
+    # the prose held-out text shares the bundled text's source: in-domain now
+    assert "heldout" in result["generalisation"]["in_domain"]
+
+
 @pytest.mark.parametrize(
     "case,status,message",
     [
@@ -84,6 +99,9 @@ def test_fit_exits_fits_on_an_uploaded_training_file(server, model):
         ("short_fit_file", 422, "at least one window of seq_len=256"),
         ("fit_file_and_examples", 422, "not training_file and examples"),
         ("user_data_for_finetune", 422, "not 'fine-tune'"),
+        ("mix_without_user_text", 422, "mix_bundled needs your text"),
+        ("weight_without_mix", 422, "it needs mix_bundled"),
+        ("too_heavy", 422, "user_weight"),
     ],
 )
 def test_files_of_the_wrong_kind_or_too_short_get_a_clear_4xx(server, model, case, status, message):
@@ -99,6 +117,9 @@ def test_files_of_the_wrong_kind_or_too_short_get_a_clear_4xx(server, model, cas
         "short_fit_file": {"kind": "fit_exits", "training_file": training},
         "fit_file_and_examples": {"kind": "fit_exits", "training_file": training, "examples": RECORDS},
         "user_data_for_finetune": {"kind": "finetune", "training_file": text, "steps": 1},
+        "mix_without_user_text": {"kind": "fit_exits", "mix_bundled": True},
+        "weight_without_mix": {"kind": "fit_exits", "examples": RECORDS, "user_weight": 4},
+        "too_heavy": {"kind": "fit_exits", "examples": RECORDS, "mix_bundled": True, "user_weight": 5000},
     }[case]
     before = stored(server)
     with server.client() as c:

@@ -4,7 +4,10 @@ KL distillation from the full model with the base frozen.
 Ridge (identity-centred). For exit k < L, with residual streams x = h_k and y = h_L (d-dimensional) over the
 fitting tokens, the adapter (A, b) minimises
 
-    sum_t ||y_t - A x_t - b||^2 + lambda ||A - I||_F^2,     lambda = ridge * mean_i (X^T X)_ii.
+    sum_t c_t ||y_t - A x_t - b||^2 + lambda ||A - I||_F^2,     lambda = ridge * mean_i (X^T C X)_ii,
+
+c_t the weight of token t's window (1 unless the caller weights windows, e.g. a user's text against the
+bundled text it is mixed with; Z^T Z below is then Z^T C Z, and so on).
 
 Writing A = I + D and z = [x, 1], the solution is W = [D^T; b^T] = (Z^T Z + lambda P)^{-1} Z^T (Y - X), with
 P = diag(1, ..., 1, 0) (the bias is not shrunk). Only Z^T Z ((d+1) x (d+1)) and Z^T (Y - X) ((d+1) x d) are
@@ -132,18 +135,21 @@ class RidgeAccumulator:
         self.residual_sq = torch.zeros((), dtype=torch.float64, device=device)  # sum ||y - x||^2
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add token pairs: x, y of shape (n, d)."""
+    def add(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add token pairs: x, y of shape (n, d), each pair counted `weight` times (shape (n,); default 1)."""
         if x.shape != y.shape or x.ndim != 2 or x.shape[1] != self.hidden_size:
             raise ValueError(
                 f"expected two (n, {self.hidden_size}) tensors, got {tuple(x.shape)}, {tuple(y.shape)}"
             )
+        if weight is not None and weight.shape != x.shape[:1]:
+            raise ValueError(f"expected one weight per token pair, got {tuple(weight.shape)}")
         x64 = x.to(self.gram.device, torch.float64)
         r64 = y.to(self.gram.device, torch.float64) - x64
         z = torch.cat([x64, torch.ones(x64.shape[0], 1, dtype=torch.float64, device=x64.device)], dim=1)
-        self.gram.addmm_(z.T, z)
-        self.cross.addmm_(z.T, r64)
-        self.residual_sq += (r64 * r64).sum()
+        weighted = z if weight is None else z * weight.to(z.device, torch.float64)[:, None]
+        self.gram.addmm_(weighted.T, z)
+        self.cross.addmm_(weighted.T, r64)
+        self.residual_sq += (weighted[:, -1:] * r64 * r64).sum()
         self.tokens += x.shape[0]
 
     def penalty(self, ridge: float) -> float:
@@ -254,8 +260,10 @@ def _accumulate(
     config: FitConfig,
     caches: Sequence[StateCache],
     progress: Progress | None,
+    weights: Sequence[float] | None = None,
 ) -> dict[int, RidgeAccumulator]:
-    """One forward pass per batch of windows; every exit's statistics (and the caches' residual streams)."""
+    """One forward pass per batch of windows; every exit's statistics (and the caches' residual streams),
+    each window's tokens counted `weights[i]` times in the statistics."""
     layers = num_layers(model)
     device = next(model.parameters()).device
     hidden_size = decoder_stack(model).norm.weight.shape[0]
@@ -276,8 +284,12 @@ def _accumulate(
                 keep = torch.stack([masks[i] for i in group]).to(device)
             keep[:, :start] = False
             final = residual[layers][keep].float()
+            counts = None
+            if weights is not None:
+                rows = torch.tensor([float(weights[i]) for i in group], device=device)
+                counts = rows[:, None].expand(ids.shape)[keep]
             for k in exits:
-                accumulators[k].add(residual[k][keep].float(), final)
+                accumulators[k].add(residual[k][keep].float(), final, counts)
             for cache in caches:
                 for row, window in enumerate(group):
                     cache.add(window, row, residual, keep, layers)
@@ -461,10 +473,12 @@ def fit_exit_adapters(
     config: FitConfig | None = None,
     progress: Progress | None = None,
     masks: Sequence[torch.Tensor] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> FitResult:
     """Fit an adapter for each exit in `exits` (default: every depth below L) on token `windows` (1-D
     LongTensors, ideally of one length), on the model's device. `masks` (bool, one per window) restrict the
-    fit to the positions marked True; every position still serves as context."""
+    fit to the positions marked True; every position still serves as context. `weights` (one finite value
+    > 0 per window) count each window's tokens that many times in the ridge fit."""
     config = config or FitConfig()
     layers = num_layers(model)
     exits = sorted(set(exits if exits is not None else default_fit_exits(layers)))
@@ -474,6 +488,10 @@ def fit_exit_adapters(
         raise ValueError("no fitting windows")
     if masks is not None and [m.shape for m in masks] != [w.shape for w in windows]:
         raise ValueError("masks must have the shapes of the windows")
+    if weights is not None and (
+        len(weights) != len(windows) or not all(math.isfinite(w) and w > 0 for w in weights)
+    ):
+        raise ValueError("weights must be one finite value > 0 per window")
     hidden_size = decoder_stack(model).norm.weight.shape[0]
     report = FitReport(exits=exits, tokens=0, windows=len(windows))
     distilled = [k for k in exits if config.distill_exits is None or k in config.distill_exits]
@@ -498,6 +516,7 @@ def fit_exit_adapters(
         config,
         [distill_cache, scale_cache],
         lambda m, f: _report(progress, m, widths["forward"] * f),
+        weights,
     )
     report.seconds_forward = time.perf_counter() - started
     report.tokens = accumulators[exits[0]].tokens

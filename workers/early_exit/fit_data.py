@@ -14,12 +14,16 @@ None includes heldout.txt, heldout_prose.txt or broad_heldout.jsonl, on which ex
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
+from workers.early_exit.fit import token_windows
 from workers.train.data import IGNORE_INDEX, encode_records, read_jsonl
 
 BundledText = Literal[
@@ -87,3 +91,38 @@ def enough_tokens(tokenizer, records: Iterable[Mapping[str, Any]], needed: int) 
 def fitting_ids(tokenizer, records: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
     """The token stream of `fitting_stream` alone."""
     return fitting_stream(tokenizer, records, max_tokens)[0]
+
+
+@dataclass
+class FittingWindows:
+    """The fitting text as windows, with (fit_on responses) their masks and (texts mixed) their weights."""
+
+    windows: list[torch.Tensor]
+    masks: list[torch.Tensor] | None
+    weights: list[float] | None  # None: every window counts once
+    tokens: list[int]  # of each text, in the order given
+
+
+def fitting_windows(
+    tokenizer,
+    texts: Sequence[tuple[Iterable[Mapping[str, Any]], float]],
+    max_tokens: int | None,
+    seq_len: int,
+    responses_only: bool = False,
+) -> FittingWindows:
+    """Each (records, weight) text as its own token stream of at most max_tokens, cut into seq_len windows
+    whose tokens count `weight` times in the ridge fit (a user's text mixed with the bundled one)."""
+    windows: list[torch.Tensor] = []
+    masks: list[torch.Tensor] | None = [] if responses_only else None
+    weights: list[float] = []
+    tokens: list[int] = []
+    for records, weight in texts:
+        ids, responses = fitting_stream(tokenizer, records, max_tokens)
+        part = token_windows(ids, seq_len)
+        windows += part
+        weights += [float(weight)] * len(part)
+        tokens.append(len(ids))
+        if masks is not None:
+            masks += token_windows(responses, seq_len, dtype=torch.bool)
+    mixed = len({*weights}) > 1
+    return FittingWindows(windows, masks, weights if mixed else None, tokens)

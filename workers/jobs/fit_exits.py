@@ -10,14 +10,14 @@ import torch
 
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import FILENAME
-from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, token_windows
+from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters
 from workers.early_exit.fit_data import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT,
     MIXES,
     bundled_paths,
     bundled_records,
-    fitting_stream,
+    fitting_windows,
 )
 from workers.eval.heldout import DEFAULT_EVAL_TEXT
 from workers.generation.profiler import ModelProfile, default_grid
@@ -57,6 +57,8 @@ RECIPE_KEYS = (
     "fit_on",
     "seq_len",
     "distill_exits",
+    "mix_bundled",
+    "user_weight",
     *CONFIG_KEYS,
 )
 
@@ -95,10 +97,28 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(full_model_dir(ctx.settings.models_dir, model_id))  # adapters go to `path`
     device = default_device()
     model.to(device)
-    ids, responses = fitting_stream(tokenizer, records, spec.get("max_tokens", DEFAULT_MAX_TOKENS))
-    seq_len = spec.get("seq_len", 256)
-    windows = token_windows(ids, seq_len)
-    masks = token_windows(responses, seq_len, dtype=torch.bool) if spec.get("fit_on") == "responses" else None
+    texts = [(records, 1.0)]
+    if spec.get("mix_bundled"):  # the user's text, then the bundled text, each up to max_tokens
+        text = spec.get("bundled", DEFAULT_TEXT)
+        texts = [(records, float(spec.get("user_weight", 1.0))), (bundled_records(text), 1.0)]
+    fitting = fitting_windows(
+        tokenizer,
+        texts,
+        spec.get("max_tokens", DEFAULT_MAX_TOKENS),
+        spec.get("seq_len", 256),
+        spec.get("fit_on") == "responses",
+    )
+    if spec.get("mix_bundled"):
+        data = {
+            **data,
+            "tokens_user": fitting.tokens[0],
+            "user_weight": texts[0][1],
+            "bundled": {
+                "text": text,
+                "files": [p.name for p in bundled_paths(text)],
+                "tokens": fitting.tokens[1],
+            },
+        }
     exits = spec.get("exits") or default_fit_exits(record.num_layers or 0)
     config = FitConfig(  # what the spec leaves out keeps FitConfig's default
         **{key: spec[key] for key in CONFIG_KEYS if key in spec},
@@ -108,13 +128,15 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     def progress(message: str, fraction: float) -> None:  # fitting: 80% of the job, profiling: 20%
         ctx.progress(int(fraction * 800), 1000, message)
 
-    fitted = fit_exit_adapters(model, windows, exits, config, progress, masks)
+    fitted = fit_exit_adapters(
+        model, fitting.windows, exits, config, progress, fitting.masks, fitting.weights
+    )
     adapters, report = fitted.adapters, fitted.report
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     recipe = {key: spec[key] for key in RECIPE_KEYS if key in spec}
-    data = {**data, "tokens": len(ids)}
+    data = {**data, "tokens": sum(fitting.tokens)}
     adapters.save(path, {"recipe": recipe, "data": data})
     record = ctx.registry.get(model_id) or record
     record.exit_adapters = {
@@ -151,9 +173,8 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
 def generalisation(profile: ModelProfile, data: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """Per profiled held-out text, each exit's served perplexity ratio to full depth, split into texts from a
     source the fitting text drew on (in-domain) and the others (out-of-domain)."""
-    fitted = (
-        set(MIXES.get(data.get("text", ""), (data.get("text"),))) if data["source"] == "bundled" else set()
-    )
+    text = data.get("text") if data["source"] == "bundled" else (data.get("bundled") or {}).get("text")
+    fitted = set(MIXES.get(text, (text,))) if text else set()
     out: dict[str, dict[str, dict[str, float]]] = {"in_domain": {}, "out_of_domain": {}}
     for name, table in profile.quality_by_text.items():
         if name == DEFAULT_EVAL_TEXT:  # a mix of in- and out-of-domain sources: the profile's own table
