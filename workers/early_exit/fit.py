@@ -149,7 +149,7 @@ class RidgeAccumulator:
         weighted = z if weight is None else z * weight.to(z.device, torch.float64)[:, None]
         self.gram.addmm_(weighted.T, z)
         self.cross.addmm_(weighted.T, r64)
-        self.residual_sq += (weighted[:, -1:] * r64 * r64).sum()
+        self.residual_sq += (weighted[:, -1:] * r64 * r64).sum()  # z's last column is 1: weighted's is c_t
         self.tokens += x.shape[0]
 
     def penalty(self, ridge: float) -> float:

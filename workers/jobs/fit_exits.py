@@ -79,7 +79,11 @@ def _records(spec: dict[str, Any], ctx: JobContext) -> tuple[list[dict[str, Any]
         path = resolve_path(spec["data"], ctx.settings.import_roots, directory=False)
         records = read_jsonl(path)
         return records, {"source": "file", "path": str(path), "records": len(records)}
-    text = spec.get("bundled", DEFAULT_TEXT)
+    return _bundled(spec.get("bundled", DEFAULT_TEXT))
+
+
+def _bundled(text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A bundled fitting text's records and their description."""
     records = bundled_records(text)
     files = [p.name for p in bundled_paths(text)]
     return records, {"source": "bundled", "text": text, "files": files, "records": len(records)}
@@ -97,10 +101,11 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
     model, tokenizer = load_model(full_model_dir(ctx.settings.models_dir, model_id))  # adapters go to `path`
     device = default_device()
     model.to(device)
-    texts = [(records, 1.0)]
+    texts = [(records, float(spec.get("user_weight", 1.0)))]  # user_weight needs mix_bundled (prechecks)
+    mixed = None
     if spec.get("mix_bundled"):  # the user's text, then the bundled text, each up to max_tokens
-        text = spec.get("bundled", DEFAULT_TEXT)
-        texts = [(records, float(spec.get("user_weight", 1.0))), (bundled_records(text), 1.0)]
+        bundled, mixed = _bundled(spec.get("bundled", DEFAULT_TEXT))
+        texts.append((bundled, 1.0))
     fitting = fitting_windows(
         tokenizer,
         texts,
@@ -108,16 +113,12 @@ def fit_exits_job(spec: dict[str, Any]) -> dict[str, Any]:
         spec.get("seq_len", 256),
         spec.get("fit_on") == "responses",
     )
-    if spec.get("mix_bundled"):
+    if mixed is not None:
         data = {
             **data,
             "tokens_user": fitting.tokens[0],
             "user_weight": texts[0][1],
-            "bundled": {
-                "text": text,
-                "files": [p.name for p in bundled_paths(text)],
-                "tokens": fitting.tokens[1],
-            },
+            "bundled": {**mixed, "tokens": fitting.tokens[1]},
         }
     exits = spec.get("exits") or default_fit_exits(record.num_layers or 0)
     config = FitConfig(  # what the spec leaves out keeps FitConfig's default
