@@ -210,6 +210,8 @@ def infer(
     ] = 2,
 ) -> None:
     """Run a long-lived inference worker: keeps models loaded, generates at per-request exit depths."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from workers.inference.worker import InferenceWorker
     from workers.settings import get_settings
 
@@ -223,7 +225,13 @@ def infer(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker_.stopping.set())
-    worker_.run()
+    try:
+        worker_.run()
+    except RedisConnectionError:
+        # Ctrl-C reaches the whole process group: the embedded Redis may close the worker's connection
+        # just before the worker's own signal arrives. Stopping then is a clean exit, not a traceback.
+        if not worker_.stopping.wait(2.0):
+            raise
 
 
 def _worker_redis(settings):
