@@ -84,7 +84,7 @@ fi
 if want shear; then
   log "LLM-Shearing: learned masks vs activation, with and without DBL"
   timeout "${T_SHEAR:-600}" "$PY" -m bench.shearing --work "$WORK" --device cuda --threads 8 --mask-steps 400 --heal-steps 400 \
-    --update-every 50 --seq-len 256 --heldout-windows 8 --max-tokens 65536 --out "$OUT/shearing.json" \
+    --update-every 50 --eta 0.1,1 --seq-len 256 --heldout-windows 8 --max-tokens 65536 --out "$OUT/shearing.json" \
     >"$OUT/shearing.txt" 2>&1
   log "shearing rc=$?"
 fi

@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask-steps", type=int, default=60)
     p.add_argument("--heal-steps", type=int, default=60)
     p.add_argument("--heal-lr", type=float, default=1e-4)
-    p.add_argument("--eta", type=float, default=ETA, help="DBL's step size (the paper's: 1)")
+    p.add_argument(
+        "--eta",
+        default=f"{ETA:g}",
+        help="DBL's step size (the paper's: 1); a comma list runs a DBL arm per value, the first named *_dbl",
+    )
     p.add_argument("--update-every", type=int, default=10, help="DBL weight update period (steps)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--heldout-windows", type=int, default=6)
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--mask-lr", type=float, default=MaskOptions().mask_lr)
     p.add_argument("--multiplier-lr", type=float, default=MaskOptions().multiplier_lr)
+    p.add_argument(
+        "--model-lr", type=float, default=MaskOptions().model_lr, help="weights' mask-phase lr (0: frozen)"
+    )
     p.add_argument("--learned-only", action="store_true", help="only the learned arms (a mask-phase variant)")
     p.add_argument("--device", default="cpu", help="where the mask phase and healing train (cuda on a GPU)")
     args = p.parse_args(argv)
@@ -123,9 +130,14 @@ def main(argv: list[str] | None = None) -> dict:
     def fixed_stream(seed: int):
         return DomainSampler(domains, [1.0] * len(domains), batch_size=1, seed=seed)
 
-    def healed(name: str, model, steps: int, dbl: bool, extra: dict) -> dict:
+    etas = [float(e) for e in args.eta.split(",")]
+    # DBL arms: (name suffix, eta); the first eta's arms are "*_dbl", the others "*_dbl_eta<value>"
+    dbl_arms = [("dbl" if i == 0 else f"dbl_eta{eta:g}", eta) for i, eta in enumerate(etas)]
+
+    def healed(name: str, model, steps: int, eta: float | None, extra: dict) -> dict:
+        dbl = eta is not None
         loading = dynamic_loading(
-            model, source_dev, domains, None, 1, args.update_every if dbl else None, seed=1, eta=args.eta
+            model, source_dev, domains, None, 1, args.update_every if dbl else None, seed=1, eta=eta or ETA
         )
         start = time.perf_counter()
         report = heal(
@@ -142,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if dbl:
             row["weights"] = loading.history
+            row["eta"] = eta
         print(
             f"  {name}: overall ppl {row['overall_ppl']}  gap spread {row['gap_spread']}  "
             f"[{row['heal_seconds']}s heal]",
@@ -176,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             seq_len=args.seq_len,
             mask_lr=args.mask_lr,
             multiplier_lr=args.multiplier_lr,
+            model_lr=args.model_lr,
         )
         gates, mask_report = learn_masks(learner, shape, fixed_stream(0), options, device=args.device)
         learned = extract(learner, gates.keep())
@@ -193,10 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{mask_report.expected} of target {mask_report.target}]",
             flush=True,
         )
-        for dbl in (True, False):
-            tag = "dbl" if dbl else "fixed"
+        for tag, eta in [*dbl_arms, ("fixed", None)]:
             runs[f"learned_{tag}"] = healed(
-                f"learned {tag}", copy.deepcopy(learned), args.heal_steps, dbl, mask_info
+                f"learned {tag}", copy.deepcopy(learned), args.heal_steps, eta, mask_info
             )
             if args.learned_only:
                 continue
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"activation {tag}",
                 copy.deepcopy(activation),
                 args.heal_steps,
-                dbl,
+                eta,
                 {"prune_seconds": act_seconds},
             )
         if args.learned_only:
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         baseline = extract(source, first_components(Shape.of(source.config), shape))
         runs["first_layers_fixed"] = healed(
-            "first layers fixed", baseline, args.mask_steps + args.heal_steps, False, {}
+            "first layers fixed", baseline, args.mask_steps + args.heal_steps, None, {}
         )
         results["runs"][f"{fraction:g}"] = runs
         if args.out:  # after each fraction, so a cut-short run keeps what it measured
@@ -225,13 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n| removed | arm | overall ppl | " + " | ".join(names) + " | gap spread | steps | seconds |")
     print("|---|---|---|" + "---|" * len(names) + "---|---|---|")
     for fraction, runs in results["runs"].items():
-        for arm in (
-            "activation_fixed",
-            "activation_dbl",
-            "learned_fixed",
-            "learned_dbl",
-            "first_layers_fixed",
-        ):
+        tags = ("fixed", *(tag for tag, _ in dbl_arms))
+        arms = [f"{kind}_{tag}" for kind in ("activation", "learned") for tag in tags]
+        for arm in (*arms, "first_layers_fixed"):
             r = runs[arm]
             steps = r["heal_steps"] + (r.get("mask_steps", 0) if arm.startswith("learned") else 0)
             secs = r["heal_seconds"] + (r.get("mask_seconds", 0) if arm.startswith("learned") else 0)

@@ -1,4 +1,5 @@
-"""bench/shearing.py --quick still runs end to end (every arm, both fractions) and prints its summary line."""
+"""bench/shearing.py --quick still runs end to end (every arm, both fractions, a DBL arm per --eta value) and
+prints its summary line."""
 
 import json
 import re
@@ -19,7 +20,18 @@ SUMMARY = re.compile(
 def test_quick_shearing_bench_prints_the_table_and_summary(tmp_path):
     out = tmp_path / "shear.json"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.shearing", "--quick", "--work", str(tmp_path), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "bench.shearing",
+            "--quick",
+            "--eta",
+            "0.1,1",
+            "--work",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,5 +43,8 @@ def test_quick_shearing_bench_prints_the_table_and_summary(tmp_path):
     assert set(runs) == {"0.15", "0.5"}
     for arms in runs.values():
         assert arms["learned_dbl"]["weights"][0]["step"] == 0 and len(arms["learned_dbl"]["weights"]) > 1
+        for kind in ("learned", "activation"):
+            assert (arms[f"{kind}_dbl"]["eta"], arms[f"{kind}_dbl_eta1"]["eta"]) == (0.1, 1.0)
+            assert "eta" not in arms[f"{kind}_fixed"]
         assert arms["learned_fixed"]["params"] == arms["activation_fixed"]["params"]
         assert arms["first_layers_fixed"]["params"] == arms["activation_fixed"]["params"]
