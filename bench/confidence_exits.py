@@ -34,7 +34,7 @@ from workers.early_exit.adapters import load_adapters
 from workers.early_exit.forward import num_layers
 from workers.eval.heldout import heldout_texts
 from workers.generation.compact import CompactLlama
-from workers.generation.profiler import measure_quality
+from workers.generation.profiler import measure_quality, scoring_windows
 from workers.jobs.models import load_model
 
 WINDOW = 256
@@ -48,6 +48,10 @@ class PolicyRun:
     checks: int = 0  # LM heads computed to read a margin (the full-depth head is not a check)
     filled: int = 0  # layers whose keys and values came from a stopped token's state
 
+    @property
+    def mean_layers(self) -> float:
+        return sum(k * n for k, n in self.stops.items()) / self.tokens
+
 
 def margin(logits: torch.Tensor) -> float:
     top = torch.softmax(logits.float(), -1).topk(2, dim=-1).values
@@ -60,10 +64,7 @@ def run_policy(
 ) -> PolicyRun:
     layers = compact.num_layers
     result = PolicyRun(stops=dict.fromkeys([*exits, layers], 0))
-    chunks = [ids[i : i + WINDOW] for i in range(0, len(ids) - 1, WINDOW - 1)]
-    for chunk in chunks:
-        if len(chunk) < 2:
-            continue
+    for chunk in scoring_windows(ids, WINDOW):
         cache = compact.new_cache(layers, 1, len(chunk))
         for t in range(len(chunk) - 1):
             token = torch.tensor([[chunk[t]]], device=compact.device)
@@ -121,10 +122,9 @@ def step_costs(compact: CompactLlama, repeats: int = 200) -> dict[str, float]:
 
 def estimated_ms(run: PolicyRun, layers: int, costs: dict[str, float]) -> float:
     """Per token: the layers run, one head per margin read (and at full depth), the skipped layers' K/V."""
-    layer_steps = sum(k * n for k, n in run.stops.items())
-    heads = run.checks + run.stops[layers]
-    total = layer_steps * costs["layer"] + heads * costs["head"] + run.filled * costs["kv"]
-    return total / run.tokens
+    heads = (run.checks + run.stops[layers]) / run.tokens
+    filled = run.filled / run.tokens
+    return run.mean_layers * costs["layer"] + heads * costs["head"] + filled * costs["kv"]
 
 
 def main() -> None:
@@ -169,7 +169,7 @@ def main() -> None:
         for propagate in (True, False):
             run = run_policy(compact, ids, exits, threshold, propagate)
             ratio = math.exp(run.nll / run.tokens) / full
-            mean = sum(k * n for k, n in run.stops.items()) / run.tokens
+            mean = run.mean_layers
             shares = " / ".join(f"{run.stops[k] / run.tokens:.2f}" for k in grid)
             ms = f"{estimated_ms(run, layers, costs):.2f}" if propagate else "n/a"
             kind = "propagated" if propagate else "full-KV"

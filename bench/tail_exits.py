@@ -28,6 +28,7 @@ from workers.early_exit.fit import RidgeAccumulator
 from workers.early_exit.fit_data import DEFAULT_TEXT, bundled_records, fitting_ids
 from workers.early_exit.forward import decoder_stack, residual_at_exits
 from workers.eval.heldout import heldout_texts
+from workers.generation.profiler import scoring_windows
 from workers.jobs.models import load_model
 
 WINDOW = 256
@@ -42,6 +43,7 @@ class Layers:
         self.count = len(self.inner.layers)
 
     def context(self, ids: torch.Tensor) -> tuple:
+        """(positions, causal mask, RoPE) of one window, what `run` attends with."""
         hidden = self.inner.embed_tokens(ids)
         positions = torch.arange(ids.shape[1])[None]
         mask = create_causal_mask(
@@ -51,7 +53,7 @@ class Layers:
             past_key_values=None,
             position_ids=positions,
         )
-        return hidden, (positions, mask, self.inner.rotary_emb(hidden, position_ids=positions))
+        return positions, mask, self.inner.rotary_emb(hidden, position_ids=positions)
 
     def run(self, hidden: torch.Tensor, context: tuple, start: int, stop: int) -> torch.Tensor:
         positions, mask, rope = context
@@ -61,10 +63,10 @@ class Layers:
             )
         return hidden
 
-    def states(self, ids: torch.Tensor) -> tuple[list[torch.Tensor], tuple]:
-        """h_0..h_L of one window, and its attention context."""
+    def states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """h_0..h_L of one window."""
         states = residual_at_exits(self.model, ids, range(self.count + 1))
-        return [states[i] for i in range(self.count + 1)], self.context(ids)[1]
+        return [states[i] for i in range(self.count + 1)]
 
     def nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token NLL of the window at each scale of SCALES."""
@@ -77,7 +79,7 @@ def fit_maps(layers: Layers, ids: list[int], pairs: set[tuple[int, int]]) -> dic
     hidden_size = layers.inner.config.hidden_size
     sums = {pair: RidgeAccumulator(hidden_size) for pair in pairs}
     for i in range(0, len(ids) - WINDOW + 1, WINDOW):
-        states, _ = layers.states(torch.tensor(ids[i : i + WINDOW])[None])
+        states = layers.states(torch.tensor(ids[i : i + WINDOW])[None])
         for (source, target), acc in sums.items():
             acc.add(states[source][0, 1:], states[target][0, 1:])  # position 0 (the sink) left out
     return {pair: acc.solve(1e-4)[0] for pair, acc in sums.items()}
@@ -91,11 +93,9 @@ def ratios(
     top = layers.count
     totals = {(b, m): torch.zeros(len(SCALES)) for b in budgets for m in tails}
     full, count = torch.zeros(len(SCALES)), 0
-    for chunk in (ids[i : i + WINDOW] for i in range(0, len(ids) - 1, WINDOW - 1)):
-        if len(chunk) < 2:
-            continue
+    for chunk in scoring_windows(ids, WINDOW):
         window = torch.tensor(chunk)[None]
-        states, context = layers.states(window)
+        states, context = layers.states(window), layers.context(window)
         targets = window[0, 1:]
         full += layers.nll(states[top], targets)
         for b in budgets:

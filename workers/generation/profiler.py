@@ -144,6 +144,12 @@ def measure_latency(
 
 
 @torch.inference_mode()
+def scoring_windows(token_ids: Sequence[int], window: int) -> list[Sequence[int]]:
+    """The text cut into windows of `window` tokens overlapping by one, so each of its T - 1 next-token
+    predictions is scored once; every window has at least two tokens."""
+    return [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
+
+
 def measure_quality(
     model: nn.Module | CompactLlama,
     token_ids: Sequence[int],
@@ -165,7 +171,7 @@ def measure_quality(
     if len(token_ids) < 2 or window < 2:
         raise ValueError("the held-out text needs at least two tokens and windows of two tokens")
     adapted = [k for k in exits if compact.has_adapter(k) and k < layers]
-    chunks = [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
+    chunks = scoring_windows(token_ids, window)
     nll = dict.fromkeys(exits, 0.0)
     agree = dict.fromkeys(exits, 0)
     adapter_nll = dict.fromkeys(adapted, 0.0)
