@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--no-scale", action="store_true", help="leave every exit's scale at 1")
     parser.add_argument("--distill-tokens", type=int, default=8192)
     parser.add_argument("--ridge", type=float, default=1e-4)
+    parser.add_argument("--no-pointer", action="store_true", help="fit no exit pointers")
+    parser.add_argument("--pointer-tokens", type=int, default=FitConfig.pointer_tokens)
     parser.add_argument("--fit-on", choices=("all", "responses"), default="all")
     parser.add_argument("--distill-exits", default="")
     parser.add_argument("--distill-steps", type=int, default=0)
@@ -125,6 +127,8 @@ def main() -> None:
         distill_tokens=args.distill_tokens,
         distill_exits=distill_exits or None,
         fit_scale=not args.no_scale,
+        pointer=not args.no_pointer,
+        pointer_tokens=args.pointer_tokens,
     )
     last = [0.0]
 

@@ -2,7 +2,7 @@
 on every held-out text (`workers/eval/heldout.py`) and the worst of them.
 
     python -m bench.exit_quality --model DIR [--model DIR2 ...] [--base MODEL_DIR] [--exits 15,21,24,27]
-                                 [--texts heldout,dpkg-spec] [--text FILE] [--per-exit]
+                                 [--texts heldout,dpkg-spec] [--text FILE] [--per-exit] [--no-pointer]
 
 DIR is a model directory with `exit_adapters.safetensors` (for example `STRATA_HOME/models/<id>` after a
 `fit_exits` job; pass the default job's model and the distilled job's model to compare them), or a directory
@@ -11,8 +11,10 @@ held-out text (default: every one but "broad", a mix of the others; `--text` add
 perplexity through the adapter as a ratio to full depth's on the same text; in-domain texts (held-out splits
 of fitting sources, the project's own heldout.txt and heldout_prose.txt) and out-of-domain ones (sources no
 fitting text comes from) apart, then the worst of each. `--per-exit` scores every exit and adds the detail
-of the first text (plain ratio, scale, top-1). One summary line per model at 90 / 80 / 70 / 50 % of depth on
-the worst out-of-domain text, heldout.txt's figure beside it.
+of the first text (plain ratio, scale, top-1). Exits are scored as served, with their pointers
+(`workers/early_exit/pointer.py`) where the adapters have them; `--no-pointer` scores the affine exits alone.
+One summary line per model at 90 / 80 / 70 / 50 % of depth on the worst out-of-domain text, heldout.txt's
+figure beside it.
 """
 
 from __future__ import annotations
@@ -49,17 +51,20 @@ def score(
     max_tokens: int,
     per_exit: bool,
     base: Path | None = None,
+    pointers: bool = True,
 ) -> None:
     model, tokenizer = load_model(base or model_dir)
     layers = num_layers(model)
     adapters = load_adapters(model_dir, layers, model.config.hidden_size)
     if adapters is None:
         raise SystemExit(f"{model_dir} has no exit adapters")
+    if not pointers:
+        adapters = adapters.without_pointers()
     grid = sorted(set(exits or [round(f * layers) for f in FRACTIONS]) | {layers})
     if per_exit:
         grid = list(range(1, layers + 1))
     ratios: dict[str, dict[int, float]] = {}
-    print(f"\n## {model_dir}\n")
+    print(f"\n## {model_dir}{'' if pointers else ' (no pointers)'}\n")
     print("| text | kind | tokens | full ppl | " + " | ".join(f"exit {k}" for k in grid if k < layers) + " |")
     print("|---|---|---:|---:|" + "---:|" * (len(grid) - 1))
     for index, text in enumerate(texts):
@@ -93,7 +98,8 @@ def score(
             worst = max(ratios[n][k] for n in out)
             own = f", heldout {ratios['heldout'][k]:.2f}x" if "heldout" in ratios else ""
             parts.append(f"{round(100 * f)}%: {worst:.2f}x (target {target:g}x{own})")
-    print(f"exit quality ({model_dir.name}, worst out-of-domain): " + ", ".join(parts))
+    label = model_dir.name + ("" if pointers else ", no pointers")
+    print(f"exit quality ({label}, worst out-of-domain): " + ", ".join(parts))
 
 
 def main() -> None:
@@ -110,11 +116,12 @@ def main() -> None:
     parser.add_argument("--text", type=Path, help="one more text file, counted as out-of-domain")
     parser.add_argument("--heldout-tokens", type=int, default=8192)
     parser.add_argument("--per-exit", action="store_true", help="every exit; detail on the first text")
+    parser.add_argument("--no-pointer", action="store_true", help="the affine exits without their pointers")
     args = parser.parse_args()
     texts = _texts(args.texts, args.text)
     exits = [int(k) for k in args.exits.split(",") if k] or None
     for model_dir in args.model:
-        score(model_dir, texts, exits, args.heldout_tokens, args.per_exit, args.base)
+        score(model_dir, texts, exits, args.heldout_tokens, args.per_exit, args.base, not args.no_pointer)
 
 
 if __name__ == "__main__":

@@ -373,6 +373,10 @@ class FitExitsJobRequest(BaseModel):
     distill_batch_tokens: int = Field(default=256, ge=1, le=65_536, description="Tokens a distillation step")
     fit_scale: bool = Field(default=True, description="Fit each exit's scale (inverse temperature); else 1")
     scale_tokens: int = Field(default=1024, ge=16, le=65_536, description="Tokens the scales are fitted on")
+    pointer: bool = Field(
+        default=True, description="Fit each exit's pointer (a cache over its states that copies from context)"
+    )
+    pointer_tokens: int = Field(default=4096, ge=16, le=65_536, description="Tokens pointers are fitted on")
     seed: Seed = 0
 
 

@@ -10,9 +10,13 @@ A_k h_k + b_k approximates h_L (a "tuned lens", arXiv 2303.08112). The final nor
 A_k h_k + b_k, so the map alone cannot say how sure an exit should be; s_k (an inverse temperature: the head
 is linear, so the logits are scaled by s_k) gives it back. How they are fitted lives elsewhere.
 
+An exit may also have a pointer (`workers/early_exit/pointer.py`): a cache over the exit's own states mixed
+into its distribution while a sequence is decoded or scored. It needs the context, so `head_input` does not
+apply it; the engine and `measure_quality` do.
+
 Stored with the model as `exit_adapters.safetensors` in its directory: tensors `exit.{k}.weight` (d x d),
-`exit.{k}.bias` (d) and `exit.{k}.scale` (1; absent in older files, meaning 1), float32, plus metadata
-(`format`, `num_layers`, `hidden_size`).
+`exit.{k}.bias` (d), `exit.{k}.scale` (1; absent in older files, meaning 1) and `exit.{k}.pointer` (theta and
+the prior; absent: no pointer), float32, plus metadata (`format`, `num_layers`, `hidden_size`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from workers.early_exit.pointer import ExitPointer
+
 FILENAME = "exit_adapters.safetensors"
 FORMAT = "strata-exit-adapters-v1"
 MAX_SCALE = 100.0  # bounds of a stored scale (an inverse temperature): (0, MAX_SCALE]
@@ -39,6 +45,7 @@ class Affine:
     weight: torch.Tensor
     bias: torch.Tensor
     scale: float = 1.0
+    pointer: ExitPointer | None = None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.weight.to(device=hidden.device, dtype=hidden.dtype)
@@ -70,6 +77,10 @@ class ExitAdapters:
     def has(self, depth: int) -> bool:
         return depth in self.maps
 
+    def pointer(self, depth: int) -> ExitPointer | None:
+        affine = self.maps.get(depth)
+        return affine.pointer if affine is not None else None
+
     def head_input(
         self, hidden: torch.Tensor, depth: int, norm: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
@@ -88,6 +99,11 @@ class ExitAdapters:
         }
         return ExitAdapters(maps, self.num_layers, self.hidden_size)
 
+    def without_pointers(self) -> ExitAdapters:
+        """The same adapters with no exit's pointer: each exit's affine map and scale alone."""
+        maps = {k: replace(a, pointer=None) for k, a in self.maps.items()}
+        return ExitAdapters(maps, self.num_layers, self.hidden_size)
+
     def subset(self, depths: Iterable[int]) -> ExitAdapters:
         keep = set(depths)
         maps = {k: a for k, a in self.maps.items() if k in keep}
@@ -101,6 +117,8 @@ class ExitAdapters:
             tensors[f"exit.{depth}.weight"] = affine.weight.detach().to("cpu", torch.float32).contiguous()
             tensors[f"exit.{depth}.bias"] = affine.bias.detach().to("cpu", torch.float32).contiguous()
             tensors[f"exit.{depth}.scale"] = torch.tensor([affine.scale], dtype=torch.float32)
+            if affine.pointer is not None:
+                tensors[f"exit.{depth}.pointer"] = affine.pointer.as_tensor()
         metadata = {
             "format": FORMAT,
             "num_layers": str(self.num_layers),
@@ -129,7 +147,7 @@ def load_adapters(model_dir: str | Path, num_layers: int, hidden_size: int) -> E
         for name in names:
             parts = name.split(".")
             well_formed = len(parts) == 3 and parts[0] == "exit" and parts[1].isdigit()
-            if not well_formed or parts[2] not in ("weight", "bias", "scale"):
+            if not well_formed or parts[2] not in ("weight", "bias", "scale", "pointer"):
                 raise ValueError(f"{FILENAME} has an unexpected tensor {name[:64]!r}")
         depths = sorted({int(name.split(".")[1]) for name in names})
         for depth in depths:
@@ -141,6 +159,9 @@ def load_adapters(model_dir: str | Path, num_layers: int, hidden_size: int) -> E
                 if stored.numel() != 1:
                     raise ValueError(f"{FILENAME}: exit {depth} has {stored.numel()} scales, not 1")
                 scale = float(stored.float())
+            pointer = None
+            if f"exit.{depth}.pointer" in names:
+                pointer = ExitPointer.from_tensor(f.get_tensor(f"exit.{depth}.pointer"))
             weight = f.get_tensor(f"exit.{depth}.weight").float()
-            maps[depth] = Affine(weight, f.get_tensor(f"exit.{depth}.bias").float(), scale)
+            maps[depth] = Affine(weight, f.get_tensor(f"exit.{depth}.bias").float(), scale, pointer)
     return ExitAdapters(maps, num_layers, hidden_size)

@@ -49,6 +49,7 @@ from torch import nn
 
 from workers.early_exit.adapters import MAX_SCALE, Affine, ExitAdapters
 from workers.early_exit.forward import decoder_stack, num_layers, residual_at_exits
+from workers.early_exit.pointer import THETAS, copy_hits, fit_pointer, pointer_keys
 
 Progress = Callable[[str, float], None]
 SCALE_LR_FACTOR = 40.0  # distillation trains log(scale) at this multiple of the map's learning rate
@@ -67,6 +68,8 @@ class FitConfig:
     distill_exits: tuple[int, ...] | None = None  # exits distilled (None: every fitted exit)
     fit_scale: bool = True  # fit each exit's scale (inverse temperature) after the map
     scale_tokens: int = 1024  # fitting tokens whose residual streams are cached for the scale fit
+    pointer: bool = True  # fit each exit's pointer (workers/early_exit/pointer.py) last
+    pointer_tokens: int = 4096  # fitting tokens (whole windows, the first ones) the pointers are fitted on
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,8 +79,8 @@ class FitConfig:
             raise ValueError("lr must be finite and > 0")
         if self.distill_steps < 0 or self.distill_batch_tokens < 1 or self.distill_tokens < 1:
             raise ValueError("distill_steps must be >= 0, distill_batch_tokens and distill_tokens >= 1")
-        if self.scale_tokens < 1:
-            raise ValueError("scale_tokens must be >= 1")
+        if self.scale_tokens < 1 or self.pointer_tokens < 1:
+            raise ValueError("scale_tokens and pointer_tokens must be >= 1")
         if self.batch_windows < 1 or self.skip_first < 0:
             raise ValueError("batch_windows must be >= 1 and skip_first >= 0")
 
@@ -103,6 +106,8 @@ class FitReport:
     seconds_scale: float = 0.0
     scale: dict[int, float] = field(default_factory=dict)  # each exit's fitted scale
     scale_kl: dict[int, tuple[float, float]] = field(default_factory=dict)  # KL at scale 1 and at the fit
+    seconds_pointer: float = 0.0
+    pointer_nll: dict[int, tuple[float, float]] = field(default_factory=dict)  # without and with the pointer
 
     def as_dict(self) -> dict:
         return {
@@ -114,12 +119,14 @@ class FitReport:
                 "solve": round(self.seconds_solve, 2),
                 "distill": round(self.seconds_distill, 2),
                 "scale": round(self.seconds_scale, 2),
+                "pointer": round(self.seconds_pointer, 2),
             },
             "ridge_mse": {k: round(v, 6) for k, v in self.ridge_mse.items()},
             "identity_mse": {k: round(v, 6) for k, v in self.identity_mse.items()},
             "distill_kl": {k: [round(a, 5), round(b, 5)] for k, (a, b) in self.distill_kl.items()},
             "scale": {k: round(v, 5) for k, v in self.scale.items()},
             "scale_kl": {k: [round(a, 5), round(b, 5)] for k, (a, b) in self.scale_kl.items()},
+            "pointer_nll": {k: [round(a, 5), round(b, 5)] for k, (a, b) in self.pointer_nll.items()},
         }
 
 
@@ -554,5 +561,51 @@ def fit_exit_adapters(
             tuned = _fit_scales(model, tuned, scale_states, scale_final, report, progress, 0.95, 0.05)
             report.seconds_scale += time.perf_counter() - started
         maps = {**maps, **tuned}
+    adapters = ExitAdapters(maps, layers, hidden_size)
+    if config.pointer:
+        started = time.perf_counter()
+        _report(progress, "fitting the exits' pointers", 0.97)
+        ridge = fit_pointers(model, ridge, windows, config.pointer_tokens, None if distill else report)
+        adapters = fit_pointers(model, adapters, windows, config.pointer_tokens, report) if distill else ridge
+        report.seconds_pointer = time.perf_counter() - started
     _report(progress, "exit adapters fitted", 1.0)
-    return FitResult(ExitAdapters(maps, layers, hidden_size), ridge, report)
+    return FitResult(adapters, ridge, report)
+
+
+@torch.no_grad()
+def fit_pointers(
+    model: nn.Module,
+    adapters: ExitAdapters,
+    windows: Sequence[torch.Tensor],
+    tokens: int,
+    report: FitReport | None = None,
+) -> ExitAdapters:
+    """The adapters with each exit's pointer fitted (`fit_pointer`) on the first windows holding `tokens`
+    predictions, through the exit's adapter as it is."""
+    exits = adapters.depths
+    if not exits:
+        return adapters
+    inner = decoder_stack(model)
+    device = next(model.parameters()).device
+    data: dict[int, list[tuple[torch.Tensor, dict[float, torch.Tensor]]]] = {k: [] for k in exits}
+    seen_tokens = 0
+    for window in windows:
+        if seen_tokens >= tokens or window.numel() < 2:
+            continue
+        ids = window.to(device)[None]
+        residual = residual_at_exits(model, ids, exits)
+        next_ids = ids[0, 1:]
+        for k in exits:
+            hidden = residual[k][0, :-1]
+            logits = model.lm_head(adapters.head_input(hidden, k, inner.norm)).float()
+            seen = torch.log_softmax(logits, -1).gather(1, next_ids[:, None])[:, 0].exp()
+            keys = pointer_keys(hidden)
+            data[k].append((seen, {theta: copy_hits(keys, next_ids, theta) for theta in THETAS}))
+        seen_tokens += next_ids.numel()
+    maps = {}
+    for k, affine in adapters.maps.items():
+        pointer, before, after = fit_pointer(data[k])
+        maps[k] = replace(affine, pointer=pointer)
+        if report is not None:
+            report.pointer_nll[k] = (before, after)
+    return ExitAdapters(maps, adapters.num_layers, adapters.hidden_size)

@@ -672,7 +672,22 @@ class CompactLlama:
         `cache.length`. `pad_mask` (B, cache.length + q), 1 for real tokens, or None when no row is padded.
         Returns (B, vocab) logits of the last position, or (B, q, vocab) with `last_only=False`. `deltas`,
         `adapters`: the rows' variants and their exit adapters (see `run_layers`, `logits`)."""
+        hidden = self.hidden_states(input_ids, positions, cache, depth, pad_mask, deltas)
+        return self.logits(hidden[:, -1] if last_only else hidden, depth, exit_adapter, deltas, adapters)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        depth: int,
+        pad_mask: torch.Tensor | None = None,
+        deltas: RowDeltas | None = None,
+    ) -> torch.Tensor:
+        """The residual stream (B, q, d) at exit `depth` for new tokens (B, q), appending their KV to `cache`
+        (what `forward` reads its logits from)."""
         hidden = self.embed(input_ids, deltas)
         hidden = self.run_layers(hidden, positions, cache, 0, depth, cache.length, pad_mask, deltas)
         cache.length += input_ids.shape[1]
-        return self.logits(hidden[:, -1] if last_only else hidden, depth, exit_adapter, deltas, adapters)
+        return hidden

@@ -36,6 +36,7 @@ from torch import nn
 from workers.device import default_device
 from workers.early_exit.adapters import ExitAdapters
 from workers.early_exit.forward import check_depth, decoder_stack, num_layers
+from workers.early_exit.pointer import PointerState, pointer_keys
 from workers.generation.compact import CompactLlama, KVCache, LayerSource, Precision
 from workers.generation.cuda_graphs import GraphedDecoder
 from workers.generation.deltas import RowDeltas, VariantDelta
@@ -155,6 +156,9 @@ class _DepthBatch:
         self.own_adapters = engine.own_adapters(rows[0].request)
         adapters = self.own_adapters or engine.adapters
         self.adapter = rows[0].request.exit_adapter and adapters is not None and adapters.has(self.depth)
+        # the exit's pointer (workers/early_exit/pointer.py): one state per row, from the prefill on
+        self.pointer = adapters.pointer(self.depth) if self.adapter and adapters is not None else None
+        self.pointer_states: list[PointerState] = []
         self.deltas = engine.row_deltas([row.request for row in rows])
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None
@@ -170,6 +174,9 @@ class _DepthBatch:
         start = self.engine.clock()
         prefill = self.mask is None
         chosen = self._choose(self._prefill() if prefill else self._decode())
+        if self.pointer_states:
+            for state, token in zip(self.pointer_states, chosen, strict=True):
+                state.observe(token)
         elapsed = self.engine.clock() - start
         if prefill:
             self.prefill_ms = elapsed
@@ -180,6 +187,8 @@ class _DepthBatch:
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = self.mask if self.padded else None
+        if self.pointer is not None:
+            return self._forward_with_pointer(ids, mask)
         graphs = self.engine.graphs
         plain = self.deltas is None and self.own_adapters is None
         if graphs is not None and ids.shape[1] == 1 and plain:
@@ -194,6 +203,44 @@ class _DepthBatch:
             deltas=self.deltas,
             adapters=self.own_adapters,
         )
+
+    def _forward_with_pointer(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mixed log-probabilities (B, V) of the exit and its pointer at each row's last position; at the
+        prefill, first each row's pointer state from its prompt."""
+        compact = self.engine.compact
+        hidden = compact.hidden_states(ids, self.positions, self.cache, self.depth, mask, self.deltas)
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            return compact.logits(h, self.depth, True, self.deltas, self.own_adapters)
+
+        keys = pointer_keys(hidden)
+        if not self.pointer_states:  # the prefill: the prompt's last tokens are the posterior's evidence
+            assert self.pointer is not None
+            width = ids.shape[1]
+            prompts = [ids[i, width - len(row.request.prompt_ids) :] for i, row in enumerate(self.rows)]
+            needed = [
+                PointerState.evidence(self.pointer, keys[i, -len(p) :], p) for i, p in enumerate(prompts)
+            ]
+            # columns (of the padded batch) whose exit probability some row needs: the head runs there alone
+            columns = sorted(
+                {width - 1 - wanted.numel() + j for wanted in needed for j in wanted.nonzero()[:, 0].tolist()}
+            )
+            seen_at: dict[int, torch.Tensor] = {}
+            for start in range(0, len(columns), 64):  # bounded temporaries: (B, 64, V) logits at a time
+                chunk = torch.tensor(columns[start : start + 64], device=ids.device)
+                log_probs = torch.log_softmax(logits(hidden[:, chunk]), -1)
+                probs = log_probs.gather(-1, ids[:, chunk + 1, None])[..., 0].exp()
+                seen_at.update({c: probs[:, n] for n, c in enumerate(columns[start : start + 64])})
+            for i, (prompt, wanted) in enumerate(zip(prompts, needed, strict=True)):
+                first = width - 1 - wanted.numel()
+                seen = torch.ones(wanted.numel(), device=ids.device)
+                for j in wanted.nonzero()[:, 0].tolist():
+                    seen[j] = seen_at[first + j][i]
+                self.pointer_states.append(
+                    PointerState.from_prompt(self.pointer, keys[i, -prompt.numel() :], prompt, seen)
+                )
+        last = logits(hidden[:, -1])
+        return torch.stack([state.mix(last[i], keys[i, -1]) for i, state in enumerate(self.pointer_states)])
 
     @torch.inference_mode()
     def _prefill(self) -> torch.Tensor:
@@ -283,6 +330,7 @@ class _DepthBatch:
         """Drop finished rows, then the leading columns that are padding in every remaining row."""
         self.rows = [self.rows[i] for i in keep]
         self.deltas = self.engine.row_deltas([row.request for row in self.rows])
+        self.pointer_states = [self.pointer_states[i] for i in keep] if self.pointer_states else []
         if not keep:
             self.engine.release_cache(self.cache)
             self.cache = None

@@ -9,7 +9,8 @@ Quality on a held-out text x_1..x_T, all exits from one pass per window (`hidden
     agreement_k  = (1/n) sum_t [argmax p_k(. | x_<=t) == argmax p_L(. | x_<=t)],
 
 for every exit k without its adapter (p_k from LMHead(FinalNorm(h_k))) and, when the model has exit adapters,
-with it (p_k from LMHead(FinalNorm(A_k h_k + b_k))). Full depth never has an adapter.
+with it (p_k from LMHead(FinalNorm(A_k h_k + b_k)), mixed with the exit's pointer over the window where it has
+one: `workers/early_exit/pointer.py`). Full depth never has an adapter.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from workers.device import describe_device
 from workers.early_exit.adapters import ExitAdapters
+from workers.early_exit.pointer import pointer_keys, score_window
 from workers.eval.eval_text import EvalText, resolve_eval_text, scoring_window
 from workers.generation.compact import CompactLlama
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
@@ -193,7 +195,12 @@ def measure_quality(
             nll[depth] += loss
             agree[depth] += hits
         for depth in adapted:
-            loss, hits = score(compact.logits(residual[depth][0, :-1], depth, True), targets, full_top1)
+            logits = compact.logits(residual[depth][0, :-1], depth, True)
+            pointer = compact.adapters.pointer(depth) if compact.adapters is not None else None
+            if pointer is not None:  # the exit as served: its distribution mixed with its pointer's
+                keys = pointer_keys(residual[depth][0, :-1])
+                logits = score_window(keys, torch.log_softmax(logits, -1), targets, pointer)
+            loss, hits = score(logits, targets, full_top1)
             adapter_nll[depth] += loss
             adapter_agree[depth] += hits
         count += targets.numel()

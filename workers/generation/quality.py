@@ -25,7 +25,9 @@ class ServedQuality(BaseModel):
     perplexity: float
     perplexity_ratio: float = Field(description="Perplexity over the full model's, on the held-out text")
     top1_agreement: float = Field(description="Fraction of next tokens equal to the full model's choice")
-    exit_adapter: bool = Field(description="Whether these figures (and the answer) use the exit's adapter")
+    exit_adapter: bool = Field(
+        description="Whether these figures (and the answer) use the exit's adapter (and its pointer, if any)"
+    )
     eval_text: str | None = Field(default=None, description="The evaluation text these figures are on")
 
 

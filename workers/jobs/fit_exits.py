@@ -47,6 +47,8 @@ CONFIG_KEYS = (  # job fields passed to FitConfig as they are
     "distill_batch_tokens",
     "fit_scale",
     "scale_tokens",
+    "pointer",
+    "pointer_tokens",
     "seed",
 )
 RECIPE_KEYS = (

@@ -268,7 +268,7 @@ def _initial_adapters(
     was_training = model.training
     model.eval()
     try:
-        config = FitConfig(batch_windows=1, fit_scale=False)  # the scales are fitted after training
+        config = FitConfig(batch_windows=1, fit_scale=False, pointer=False)  # scales: after training
         fitted = fit_exit_adapters(model, windows, exits, config, masks=masks)
     finally:
         model.train(was_training)
