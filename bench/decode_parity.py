@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.peak_rss import peak_rss_mb, rss_mb  # noqa: E402
+from workers.generation.profiler import served_logits  # noqa: E402
 
 TINYLLAMA_1B = dict(
     hidden_size=2048,
@@ -121,14 +122,19 @@ def heldout_windows(tokenizer, vocab: int, length: int, count: int) -> list[list
 
 def strata_nll(compact, windows: list[list[int]], configs: list[tuple[int, bool]]) -> dict:
     """(depth, exit adapter) -> (summed NLL of tokens 2..n of every window, tokens scored), from one pass of
-    the compact model per window (its residual stream at every wanted depth)."""
+    the compact model per window (its residual stream at every wanted depth); exits with adapters are scored
+    as served (`served_logits`: with their pointers)."""
     totals = {config: [0.0, 0] for config in configs}
     depths = sorted({depth for depth, _ in configs})
     for window in windows:
         ids = torch.tensor([window], device=compact.device)
         hidden = compact.residuals(ids, depths)
         for depth, adapter in configs:
-            logits = compact.logits(hidden[depth][0, :-1], depth, adapter)
+            states = hidden[depth][0, :-1]
+            if adapter and compact.has_adapter(depth):  # as served: with the exit's pointer, if any
+                logits = served_logits(compact, states, depth, ids[0, 1:])
+            else:
+                logits = compact.logits(states, depth, adapter)
             nll = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
             totals[(depth, adapter)][0] += nll
             totals[(depth, adapter)][1] += len(window) - 1

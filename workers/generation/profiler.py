@@ -152,6 +152,19 @@ def scoring_windows(token_ids: Sequence[int], window: int) -> list[Sequence[int]
     return [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
 
 
+def served_logits(
+    compact: CompactLlama, hidden: torch.Tensor, depth: int, next_ids: torch.Tensor
+) -> torch.Tensor:
+    """Teacher-forced logits (T, V) of the exit at `depth` through its adapter, as the engine serves it, for
+    one window's residual stream `hidden` (T, d) whose next tokens are `next_ids` (T,): with the exit's
+    pointer over the window where it has one (then log-probabilities)."""
+    logits = compact.logits(hidden, depth, True)
+    pointer = compact.adapters.pointer(depth) if compact.adapters is not None else None
+    if pointer is None:
+        return logits
+    return score_window(pointer_keys(hidden), torch.log_softmax(logits, -1), next_ids, pointer)
+
+
 def measure_quality(
     model: nn.Module | CompactLlama,
     token_ids: Sequence[int],
@@ -195,12 +208,9 @@ def measure_quality(
             nll[depth] += loss
             agree[depth] += hits
         for depth in adapted:
-            logits = compact.logits(residual[depth][0, :-1], depth, True)
-            pointer = compact.adapters.pointer(depth) if compact.adapters is not None else None
-            if pointer is not None:  # the exit as served: its distribution mixed with its pointer's
-                keys = pointer_keys(residual[depth][0, :-1])
-                logits = score_window(keys, torch.log_softmax(logits, -1), targets, pointer)
-            loss, hits = score(logits, targets, full_top1)
+            loss, hits = score(
+                served_logits(compact, residual[depth][0, :-1], depth, targets), targets, full_top1
+            )
             adapter_nll[depth] += loss
             adapter_agree[depth] += hits
         count += targets.numel()

@@ -16,8 +16,8 @@ CE_n then scoring LMHead(FinalNorm(A_n h_n + b_n)) (the exit adapters of workers
 depth never has one). The adapters start from the closed-form ridge fit on the training rows
 (`adapter_init="ridge"`, workers.early_exit.fit) or from the identity, and train at their own learning rate
 `adapter_lr`; after training each exit's scale (an inverse temperature on its normed state) is fitted to
-the trained model on the training rows (`fit_scales`). The trained adapters come back in the report
-(`TrainReport.adapters`, not serialised).
+the trained model on the training rows (`fit_scales`), then its pointer (`fit_pointers`). The trained
+adapters come back in the report (`TrainReport.adapters`, not serialised).
 
 All exits come from one pass through max(E) layers (`hidden_at_exits`), and the head runs only on the
 positions in R. The optimiser is AdamW with linear warmup, then linear decay to 0. On CUDA the forward
@@ -42,7 +42,7 @@ from torch import nn
 
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import Affine, ExitAdapters
-from workers.early_exit.fit import FitConfig, fit_exit_adapters, fit_scales
+from workers.early_exit.fit import FitConfig, fit_exit_adapters, fit_pointers, fit_scales
 from workers.early_exit.forward import check_depth, decoder_stack, hidden_at_exits, num_layers
 from workers.train.data import IGNORE_INDEX, Batch, EncodedExample, batches, encode_records, prepare_rows
 
@@ -389,12 +389,13 @@ def _finished(
     model: nn.Module, adapters: ExitAdapters | None, rows: Sequence[EncodedExample]
 ) -> ExitAdapters | None:
     """The trained adapters as plain float32 CPU tensors (checked finite), with each exit's scale fitted
-    to the trained model on the training rows' trained positions."""
+    to the trained model on the training rows' trained positions, then its pointer on the rows."""
     if adapters is None:
         return None
     maps = {k: Affine(a.weight.detach().cpu(), a.bias.detach().cpu()) for k, a in adapters.maps.items()}
     windows, masks = _row_windows(rows)
-    return fit_scales(model, ExitAdapters(maps, adapters.num_layers, adapters.hidden_size), windows, masks)
+    scaled = fit_scales(model, ExitAdapters(maps, adapters.num_layers, adapters.hidden_size), windows, masks)
+    return fit_pointers(model, scaled, windows, FitConfig.pointer_tokens)
 
 
 def sort_model(
