@@ -24,7 +24,7 @@ import torch
 
 from workers.device import default_device, describe_device
 from workers.early_exit.adapters import ExitAdapters
-from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters
+from workers.early_exit.fit import FitConfig, default_fit_exits, fit_exit_adapters, fit_pointers
 from workers.early_exit.fit_data import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEXT,
@@ -153,6 +153,10 @@ def main() -> None:
     fitted.adapters.save(args.out, {"bench": "exit_adapters"})
     if config.distill_steps:  # the default fit (ridge + scale) of the same pass, beside the distilled one
         (args.out / "ridge").mkdir(exist_ok=True)
+        if config.pointer:  # the undistilled exits as the default fit_exits stores them: with pointers
+            fitted = replace(
+                fitted, ridge=fit_pointers(model, fitted.ridge, fitting.windows, config.pointer_tokens)
+            )
         fitted.ridge.save(args.out / "ridge", {"bench": "exit_adapters", "stage": "ridge + scale"})
     save()
 

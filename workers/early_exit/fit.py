@@ -88,7 +88,7 @@ class FitConfig:
 @dataclass
 class FitResult:
     adapters: ExitAdapters  # the final adapters (distilled where distillation ran)
-    ridge: ExitAdapters  # the closed-form solution alone
+    ridge: ExitAdapters  # the closed-form solution alone (the final adapters, pointers too, undistilled)
     report: FitReport
 
 
@@ -511,7 +511,10 @@ def fit_exit_adapters(
         _selection(len(windows), positions, config.scale_tokens, config.seed + 1),
         exits if config.fit_scale else [],
     )
-    # progress: forward passes, solves, scales, distillation (and the scales again after it)
+    # progress: forward passes, solves, scales, distillation (and the scales after it), then the pointers
+    outer = progress
+    before_pointers = 0.85 if config.pointer else 1.0
+    progress = None if outer is None else (lambda m, f: outer(m, before_pointers * f))
     widths = {"forward": 0.6 if distill else 0.8, "solve": 0.05, "scale": 0.05 if distill else 0.15}
 
     started = time.perf_counter()
@@ -564,11 +567,11 @@ def fit_exit_adapters(
     adapters = ExitAdapters(maps, layers, hidden_size)
     if config.pointer:
         started = time.perf_counter()
-        _report(progress, "fitting the exits' pointers", 0.97)
-        ridge = fit_pointers(model, ridge, windows, config.pointer_tokens, None if distill else report)
-        adapters = fit_pointers(model, adapters, windows, config.pointer_tokens, report) if distill else ridge
+        _report(outer, "fitting the exits' pointers", before_pointers)
+        adapters = fit_pointers(model, adapters, windows, config.pointer_tokens, report)
+        ridge = ridge if distill else adapters  # undistilled, the closed-form fit is the final one
         report.seconds_pointer = time.perf_counter() - started
-    _report(progress, "exit adapters fitted", 1.0)
+    _report(outer, "exit adapters fitted", 1.0)
     return FitResult(adapters, ridge, report)
 
 
@@ -590,7 +593,9 @@ def fit_pointers(
     data: dict[int, list[tuple[torch.Tensor, dict[float, torch.Tensor]]]] = {k: [] for k in exits}
     seen_tokens = 0
     for window in windows:
-        if seen_tokens >= tokens or window.numel() < 2:
+        if seen_tokens >= tokens:
+            break
+        if window.numel() < 2:
             continue
         ids = window.to(device)[None]
         residual = residual_at_exits(model, ids, exits)
