@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench.peak_rss import peak_rss_mb, rss_mb  # noqa: E402
-from workers.generation.profiler import served_logits  # noqa: E402
+from workers.generation.profiler import served_scores  # noqa: E402
 
 TINYLLAMA_1B = dict(
     hidden_size=2048,
@@ -123,7 +123,7 @@ def heldout_windows(tokenizer, vocab: int, length: int, count: int) -> list[list
 def strata_nll(compact, windows: list[list[int]], configs: list[tuple[int, bool]]) -> dict:
     """(depth, exit adapter) -> (summed NLL of tokens 2..n of every window, tokens scored), from one pass of
     the compact model per window (its residual stream at every wanted depth); exits with adapters are scored
-    as served (`served_logits`: with their pointers)."""
+    as served (`served_scores`: with their pointers, as the profile scores them)."""
     totals = {config: [0.0, 0] for config in configs}
     depths = sorted({depth for depth, _ in configs})
     for window in windows:
@@ -132,10 +132,10 @@ def strata_nll(compact, windows: list[list[int]], configs: list[tuple[int, bool]
         for depth, adapter in configs:
             states = hidden[depth][0, :-1]
             if adapter and compact.has_adapter(depth):  # as served: with the exit's pointer, if any
-                logits = served_logits(compact, states, depth, ids[0, 1:])
+                nll = float(served_scores(compact, states, depth, ids[0, 1:])[0].double().sum())
             else:
                 logits = compact.logits(states, depth, adapter)
-            nll = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
+                nll = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
             totals[(depth, adapter)][0] += nll
             totals[(depth, adapter)][1] += len(window) - 1
     return {config: (nll, count) for config, (nll, count) in totals.items()}

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from workers.liveness import start_heartbeat
-from workers.threads import apply_budget, default_budgets, worker_environment
+from workers.threads import apply_budget, borrowable, default_budgets, worker_environment
 
 app = typer.Typer(help="Strata: merge, prune and serve homologous LLMs.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -105,17 +105,23 @@ def serve(
         commands = (
             ["worker --queue user"] * settings.workers + background + ["infer"] * settings.infer_workers
         )
+        # the user job workers borrow the inference cores while no request is being generated (one at a
+        # time); profiles time latency on as many threads as inference decodes with
+        borrow = borrowable(max(1, job_threads), infer_threads, settings.infer_workers)
+        borrow = borrow if settings.borrow_idle_cores else 0
+        serving = infer_threads or None
         budgets = {
-            "worker --queue user": worker_environment(max(1, job_threads)),
-            "worker --queue background": worker_environment(1),
+            "worker --queue user": worker_environment(max(1, job_threads), borrow, serving),
+            "worker --queue background": worker_environment(1, 0, serving),
             "infer": worker_environment(max(1, infer_threads)),
         }
         supervisor = Supervisor(commands, env, embedded, budgets)  # restarts whichever of them dies
         supervisor.start()
         console.print(
             f"{settings.workers} job worker(s) x {job_threads} thread(s) (+{len(background)} for background "
-            f"profiles), {settings.infer_workers} inference worker(s) x {infer_threads} thread(s), "
-            f"supervised; API on http://{settings.host}:{settings.port}"
+            f"profiles), {settings.infer_workers} inference worker(s) x {infer_threads} thread(s)"
+            f"{' (lent to a job while idle)' if borrow else ''}, supervised; "
+            f"API on http://{settings.host}:{settings.port}"
         )
         app_ = create_app(settings, expected=(settings.workers, settings.infer_workers), bound=True)
         server = uvicorn.Server(uvicorn.Config(app_, host=settings.host, port=settings.port))

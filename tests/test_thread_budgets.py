@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import start_server, stop_server
 from tests.tiny_models import make_tiny_chat_llama
-from workers.threads import default_budgets, worker_environment
+from workers.threads import borrowable, default_budgets, worker_environment
 
 
 @pytest.mark.parametrize(
@@ -30,6 +30,8 @@ def test_worker_environment_holds_every_runtime_to_the_budget_and_spins_only_bri
     env = worker_environment(3)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["STRATA_THREADS"] == "3"
     assert env["GOMP_SPINCOUNT"] == "20000" and "OMP_WAIT_POLICY" not in env
+    assert env["STRATA_BORROW_THREADS"] == "0" and "STRATA_INFER_THREADS" not in env
+    assert worker_environment(1, 1, 2)["STRATA_BORROW_THREADS"] == "1"
     with pytest.raises(ValueError):
         worker_environment(0)
 
@@ -50,6 +52,11 @@ def test_serve_starts_workers_with_their_budgets_and_int8_engines(tmp_path, isol
         )
         assert roles["worker --queue background"]["OMP_NUM_THREADS"] == "1"  # and niced
         assert roles["worker --queue user"]["GOMP_SPINCOUNT"] == roles["infer"]["GOMP_SPINCOUNT"] == "20000"
+        # the user job worker may borrow the inference thread within the cores; profiles time latency at 1
+        assert roles["worker --queue user"]["STRATA_BORROW_THREADS"] == str(borrowable(2, 1, 1))
+        assert roles["worker --queue background"]["STRATA_BORROW_THREADS"] == "0"
+        assert roles["worker --queue user"]["STRATA_INFER_THREADS"] == "1"
+        assert roles["worker --queue background"]["STRATA_INFER_THREADS"] == "1"
         make_tiny_chat_llama(tmp_path / "chatty", seed=11)
         with server.client() as c:
             imported = c.post("/v1/models/import", json={"id": "chatty", "path": str(tmp_path / "chatty")})

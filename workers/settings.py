@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     infer_threads: int | None = Field(
         default=None, ge=1, le=1024, description="Threads per inference worker; unset: half the cores"
     )
+    borrow_idle_cores: bool = Field(
+        default=True,
+        description="A job worker also uses the inference workers' cores while none is generating",
+    )
     infer_precision: Literal["auto", "float32", "bfloat16", "int8", "int4", "int8_dynamic"] = Field(
         default="auto",
         description="Weights of loaded models in inference workers; auto: int8 on the CPU, bfloat16 on CUDA",

@@ -17,6 +17,7 @@ from workers.early_exit.pointer import (
     PointerState,
     mixture_weights,
     pointer_keys,
+    score_targets,
     score_window,
 )
 from workers.generation.compact import CompactLlama
@@ -68,6 +69,22 @@ def test_scored_distribution_sums_to_one_and_a_zero_prior_weight_leaves_the_exit
     torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(30))
     assert (mixed - log_probs).abs().max() > 1e-3
     torch.testing.assert_close(score_window(keys, log_probs, next_ids, ExitPointer(20.0, NEVER)), log_probs)
+
+
+@pytest.mark.parametrize("theta, vocab", [(20.0, 130), (30.0, 400)])
+def test_scoring_the_next_tokens_alone_gives_what_the_full_mixture_gives(theta, vocab):
+    """`score_targets` reads the mixture at the window's tokens and the exit's argmax only: the same
+    next-token log-probabilities and the same most probable tokens as the (T, V) mixture."""
+    generator = torch.Generator().manual_seed(2)
+    logits = 3 * torch.randn(40, vocab, generator=generator)
+    next_ids = torch.tensor(_repetitive(40, 7))  # copy-heavy: the pointer wins some argmaxes
+    keys = pointer_keys(torch.randn(40, 16, generator=generator))
+    pointer = ExitPointer(theta, UNIFORM)
+    mixed = score_window(keys, torch.log_softmax(logits, -1), next_ids, pointer)
+    target, top = score_targets(keys, logits, next_ids, pointer)
+    torch.testing.assert_close(target, mixed.gather(1, next_ids[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(top, mixed.argmax(-1))
+    assert not torch.equal(top, logits.argmax(-1))  # the case that matters was exercised
 
 
 def test_pointer_copies_what_followed_the_most_similar_earlier_state():

@@ -567,8 +567,15 @@ def fit_exit_adapters(
     adapters = ExitAdapters(maps, layers, hidden_size)
     if config.pointer:
         started = time.perf_counter()
-        _report(outer, "fitting the exits' pointers", before_pointers)
-        adapters = fit_pointers(model, adapters, windows, config.pointer_tokens, report)
+        rest = 1.0 - before_pointers
+        adapters = fit_pointers(
+            model,
+            adapters,
+            windows,
+            config.pointer_tokens,
+            report,
+            lambda m, f: _report(outer, m, before_pointers + rest * f),
+        )
         ridge = ridge if distill else adapters  # undistilled, the closed-form fit is the final one
         report.seconds_pointer = time.perf_counter() - started
     _report(outer, "exit adapters fitted", 1.0)
@@ -582,6 +589,7 @@ def fit_pointers(
     windows: Sequence[torch.Tensor],
     tokens: int,
     report: FitReport | None = None,
+    progress: Progress | None = None,
 ) -> ExitAdapters:
     """The adapters with each exit's pointer fitted (`fit_pointer`) on the first windows holding `tokens`
     predictions, through the exit's adapter as it is."""
@@ -597,13 +605,14 @@ def fit_pointers(
             break
         if window.numel() < 2:
             continue
+        _report(progress, f"fitting the exits' pointers: {seen_tokens}/{tokens} tokens", seen_tokens / tokens)
         ids = window.to(device)[None]
         residual = residual_at_exits(model, ids, exits)
         next_ids = ids[0, 1:]
         for k in exits:
             hidden = residual[k][0, :-1]
             logits = model.lm_head(adapters.head_input(hidden, k, inner.norm)).float()
-            seen = torch.log_softmax(logits, -1).gather(1, next_ids[:, None])[:, 0].exp()
+            seen = (logits.gather(1, next_ids[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp()
             keys = pointer_keys(hidden)
             data[k].append((seen, {theta: copy_hits(keys, next_ids, theta) for theta in THETAS}))
         seen_tokens += next_ids.numel()

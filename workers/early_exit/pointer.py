@@ -121,6 +121,34 @@ def score_window(
     return torch.log((1 - mix) * exit_logprobs.exp() + mix * copy).clamp_min(-1e4)
 
 
+def score_targets(
+    keys: torch.Tensor, logits: torch.Tensor, next_ids: torch.Tensor, pointer: ExitPointer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `score_window` gives a teacher-forced scoring, without its (T, V) tensors: the log-probability
+    of each next token (T,) and each position's most probable token (T,), of the exit with its pointer, from
+    the exit's logits (T, V). The pointer's distribution lives on the window's next tokens alone (U <= T
+    distinct ones), so the mixture is read there and at the exit's own argmax."""
+    rows = torch.arange(next_ids.numel(), device=next_ids.device)
+    logits = logits.float()
+    lse = torch.logsumexp(logits, -1)
+    best, top = logits.max(-1)
+    distinct, slot = torch.unique(next_ids, return_inverse=True)
+    attention = copy_attention(keys, pointer.theta)  # (T, T)
+    copy = torch.zeros(attention.shape[0], distinct.numel(), device=logits.device)
+    copy.index_add_(1, slot, attention.float())  # q_t at the distinct next tokens (T, U)
+    exit_probs = (logits[rows, next_ids] - lse).exp()
+    mix, _ = mixture_weights(exit_probs, copy[rows, slot], pointer.prior)
+    mix = mix.float()[:, None]
+    mixed = (1 - mix) * (logits[:, distinct] - lse[:, None]).exp() + mix * copy  # (T, U)
+    target = torch.log(mixed[rows, slot]).clamp_min(-1e4)
+    # the exit's argmax, unless a token the pointer supports now beats it (its value there includes q_t)
+    at_top = (1 - mix[:, 0]) * (best - lse).exp()
+    on_top = distinct[None, :] == top[:, None]
+    at_top = torch.where(on_top.any(-1), (mixed * on_top).sum(-1), at_top)
+    value, index = mixed.max(-1)
+    return target, torch.where(value > at_top, distinct[index], top)
+
+
 @dataclass
 class PointerState:
     """One sequence's pointer while it is decoded: the keys of the positions whose next token is known, those

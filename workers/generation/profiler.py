@@ -27,11 +27,12 @@ from torch import nn
 
 from workers.device import describe_device
 from workers.early_exit.adapters import ExitAdapters
-from workers.early_exit.pointer import pointer_keys, score_window
+from workers.early_exit.pointer import pointer_keys, score_targets
 from workers.eval.eval_text import EvalText, resolve_eval_text, scoring_window
 from workers.generation.compact import CompactLlama
 from workers.generation.engine import EarlyExitEngine, GenerationRequest
 from workers.generation.latency import DecodeSample, LatencyProfile, PrefillSample, fit_latency
+from workers.threads import held_threads
 
 HELDOUT_PATH = Path(__file__).resolve().parent.parent / "data" / "heldout.txt"
 
@@ -152,17 +153,25 @@ def scoring_windows(token_ids: Sequence[int], window: int) -> list[Sequence[int]
     return [token_ids[i : i + window] for i in range(0, len(token_ids) - 1, window - 1)]
 
 
-def served_logits(
+def target_scores(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits (T, V): the NLL of each next token (T,) and each position's most probable token (T,)."""
+    logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits, next_ids, reduction="none"), logits.argmax(-1)
+
+
+def served_scores(
     compact: CompactLlama, hidden: torch.Tensor, depth: int, next_ids: torch.Tensor
-) -> torch.Tensor:
-    """Teacher-forced logits (T, V) of the exit at `depth` through its adapter, as the engine serves it, for
-    one window's residual stream `hidden` (T, d) whose next tokens are `next_ids` (T,): with the exit's
-    pointer over the window where it has one (then log-probabilities)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_scores` of the exit at `depth` through its adapter, as the engine serves it, for one window's
+    residual stream `hidden` (T, d) whose next tokens are `next_ids` (T,): with the exit's pointer over the
+    window where it has one, read at the next tokens and the argmax only (`score_targets`, which gives what
+    the full mixture `score_window` gives)."""
     logits = compact.logits(hidden, depth, True)
     pointer = compact.adapters.pointer(depth) if compact.adapters is not None else None
     if pointer is None:
-        return logits
-    return score_window(pointer_keys(hidden), torch.log_softmax(logits, -1), next_ids, pointer)
+        return target_scores(logits, next_ids)
+    log_probs, top = score_targets(pointer_keys(hidden), logits, next_ids, pointer)
+    return -log_probs, top
 
 
 def measure_quality(
@@ -193,9 +202,8 @@ def measure_quality(
     adapter_agree = dict.fromkeys(adapted, 0)
     count = 0
 
-    def score(logits: torch.Tensor, targets: torch.Tensor, full_top1: torch.Tensor) -> tuple[float, int]:
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        return loss, int((logits.argmax(-1) == full_top1).sum().item())
+    def score(nll_top1: tuple[torch.Tensor, torch.Tensor], full_top1: torch.Tensor) -> tuple[float, int]:
+        return float(nll_top1[0].double().sum()), int((nll_top1[1] == full_top1).sum().item())
 
     for step, chunk in enumerate(chunks):
         _report(progress, f"quality window {step + 1}/{len(chunks)}", step / len(chunks))
@@ -204,13 +212,12 @@ def measure_quality(
         targets = ids[0, 1:]
         full_top1 = compact.logits(residual[layers][0, :-1], layers).argmax(-1)
         for depth in exits:
-            loss, hits = score(compact.logits(residual[depth][0, :-1], depth, False), targets, full_top1)
+            logits = compact.logits(residual[depth][0, :-1], depth, False)
+            loss, hits = score(target_scores(logits, targets), full_top1)
             nll[depth] += loss
             agree[depth] += hits
         for depth in adapted:
-            loss, hits = score(
-                served_logits(compact, residual[depth][0, :-1], depth, targets), targets, full_top1
-            )
+            loss, hits = score(served_scores(compact, residual[depth][0, :-1], depth, targets), full_top1)
             adapter_nll[depth] += loss
             adapter_agree[depth] += hits
         count += targets.numel()
@@ -240,8 +247,10 @@ def profile_model(
     max_quality_tokens: int = 2048,
     progress: Progress | None = None,
     adapters: ExitAdapters | None = None,
+    latency_threads: int | None = None,
 ) -> ModelProfile:
-    """Latency (first 80% of progress) and quality (last 20%) of the engine's model over `grid`, quality on
+    """Latency (first 80% of progress; on `latency_threads` threads, those the model is served with, when
+    given) and quality (last 20%) of the engine's model over `grid`, quality on
     each of `eval_texts` (default: the broad held-out); the first is the designated one, whose table
     (`quality`, also at float32 in `quality_by_precision`) quality floors read. A text the model's tokenizer
     cannot make two tokens of (or fails on) costs the quality tables, not the profile: latency is measured
@@ -256,7 +265,8 @@ def profile_model(
     def scaled(start: float, width: float) -> Progress:
         return lambda message, fraction: _report(progress, message, start + width * fraction)
 
-    latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
+    with held_threads(latency_threads):
+        latency = measure_latency(engine, grid, prompt_lengths, decode_tokens, repeats, scaled(0.0, 0.8))
     encoded: list[list[int]] = []
     quality_error = None
     for text in texts:

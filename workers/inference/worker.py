@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from workers.generation.latency import LatencyProfile
 from workers.generation.lowrank_kernel import lowrank_kernel
 from workers.generation.speculative import speculative_events
 from workers.generation.streamed_load import streamed_model
+from workers.inference.activity import clear_serving, mark_serving
 from workers.inference.events import PROGRESS_S, EventWriter
 from workers.inference.protocol import (
     HEARTBEAT_S,
@@ -176,6 +178,8 @@ class InferenceWorker:
         self.engines: OrderedDict[str, EarlyExitEngine] = OrderedDict()
         self.adapter_stamps: dict[str, tuple[int, int] | None] = {}
         self.stopping = threading.Event()
+        self._busy = 0  # batches being generated and kernels being built (`workers.inference.activity`)
+        self._busy_lock = threading.Lock()
 
     def engine(self, model_id: str) -> EarlyExitEngine:
         """The model's engine, loaded on first use; the least recently used is dropped beyond max_models.
@@ -306,7 +310,11 @@ class InferenceWorker:
         return out
 
     def _publish(self) -> None:
-        """Write this worker's heartbeat and residency (the API routes requests by them)."""
+        """Write this worker's heartbeat and residency (the API routes requests by them), and renew its
+        busy mark while it generates."""
+        with self._busy_lock:  # never renewed after the batch's end has cleared it
+            if self._busy:
+                mark_serving(self.redis, self.id)
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(WORKERS_KEY, {self.id: time.time()})
             pipe.set(resident_key(self.id), json.dumps(self.resident()), ex=int(WORKER_TTL_S))
@@ -485,12 +493,40 @@ class InferenceWorker:
         return finished
 
     def serve_batch(self, jobs: list[InferenceJob]) -> None:
-        """Serve jobs taken together, one group per engine: variants of one base decode in one batch."""
-        by_engine: dict[str, list[InferenceJob]] = {}
-        for job in jobs:
-            by_engine.setdefault(self.route(job.model)[0], []).append(job)
-        for engine_id, group in by_engine.items():
-            self.serve_group(engine_id, group)
+        """Serve jobs taken together, one group per engine: variants of one base decode in one batch. While
+        it runs, the worker is marked as generating (job workers leave its cores alone meanwhile)."""
+        if not jobs:
+            return
+        with self.busy():
+            by_engine: dict[str, list[InferenceJob]] = {}
+            for job in jobs:
+                by_engine.setdefault(self.route(job.model)[0], []).append(job)
+            for engine_id, group in by_engine.items():
+                self.serve_group(engine_id, group)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Marked as using its cores for the block (job workers borrow them only while no worker is)."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            try:
+                mark_serving(self.redis, self.id)
+            except RedisError as e:  # the heartbeat marks it again
+                log.warning("busy mark not set: %s", e)
+            yield
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                try:
+                    if not self._busy:
+                        clear_serving(self.redis, self.id)
+                except RedisError as e:  # the mark lapses by itself
+                    log.warning("busy mark not cleared: %s", e)
+
+    def _build_kernel(self) -> None:
+        with self.busy():
+            lowrank_kernel()
 
     def run(self) -> None:
         beat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -499,7 +535,7 @@ class InferenceWorker:
         if device.type == "cpu" and resolve_precision(self.precision, device) in ("int8", "int4"):
             # variants' deltas on a quantised engine use the compiled kernel: built (once per machine) now,
             # not when the first batch of variants is waiting for it
-            threading.Thread(target=lowrank_kernel, daemon=True, name="lowrank-kernel").start()
+            threading.Thread(target=self._build_kernel, daemon=True, name="lowrank-kernel").start()
         log.info("inference worker %s listening", self.id)
         try:
             while not self.stopping.is_set():
@@ -514,6 +550,7 @@ class InferenceWorker:
             self.stopping.set()
             try:
                 self.redis.zrem(WORKERS_KEY, self.id)
+                clear_serving(self.redis, self.id)
                 self.redis.delete(resident_key(self.id), capacity_key(self.id))
                 # requests routed here and not taken: the shared list, for the other workers
                 while self.redis.lmove(self.queue, QUEUE_KEY, "LEFT", "RIGHT") is not None:

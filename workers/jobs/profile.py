@@ -14,6 +14,7 @@ from workers.store.delta_only import full_model_dir
 from workers.store.file_manifest import verify_files
 from workers.store.files import FileStore
 from workers.store.references import UnknownModelError
+from workers.threads import serving_threads
 
 PROFILING_LOCK_PREFIX = "strata:profiling:"  # + model id: a background profile is queued or running
 USER_EVAL_TEXT = "eval_text.txt"  # the user's evaluation text, kept in the model's directory
@@ -57,7 +58,14 @@ def profile_and_store(
     texts = designated_texts(ctx, model_id, eval_text, also)
     weights = full_model_dir(ctx.settings.models_dir, model_id)  # a delta alone: materialised
     engine = load_engine(weights, precision=ctx.settings.infer_precision)  # as served
-    profile = profile_model(engine, model_name=model_id, progress=progress, eval_texts=texts, **options)
+    profile = profile_model(
+        engine,
+        model_name=model_id,
+        progress=progress,
+        eval_texts=texts,
+        latency_threads=serving_threads(),  # timed as inference decodes, whatever this worker runs on
+        **options,
+    )
     if texts[0].source != "bundled" and texts[0] is eval_text:
         kept = ctx.store.path(model_id) / USER_EVAL_TEXT
         partial = kept.with_suffix(".partial")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from workers.threads import held_threads
+
 CHUNK = 1 << 16  # entries per slice on the CPU: a slice of every model stays in the L2 cache
 GPU_CHUNK = 1 << 24  # on an accelerator, fewer and larger kernel launches (a multiple of CHUNK)
 
@@ -33,15 +35,8 @@ def slice_threads(device: torch.device) -> Iterator[None]:
     each split is a barrier: when other processes share the cores, a barrier waits for a descheduled
     thread, a scheduler time slice (about 20 ms per kernel measured here at load 9 on 2 cores, against
     under 1 ms on one thread). Whole-tensor kernels (sorts, selections) keep every thread."""
-    if device.type != "cpu":
+    with held_threads(1 if device.type == "cpu" else None):
         yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def slices(n: int, size: int = CHUNK) -> Iterator[slice]:
