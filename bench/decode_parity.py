@@ -32,10 +32,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.peak_rss import peak_rss_mb, rss_mb  # noqa: E402
-from workers.generation.profiler import served_scores  # noqa: E402
+from workers.generation.profiler import served_scores, target_scores  # noqa: E402
 
 TINYLLAMA_1B = dict(
     hidden_size=2048,
@@ -132,11 +131,10 @@ def strata_nll(compact, windows: list[list[int]], configs: list[tuple[int, bool]
         for depth, adapter in configs:
             states = hidden[depth][0, :-1]
             if adapter and compact.has_adapter(depth):  # as served: with the exit's pointer, if any
-                nll = float(served_scores(compact, states, depth, ids[0, 1:])[0].double().sum())
+                losses, _ = served_scores(compact, states, depth, ids[0, 1:])
             else:
-                logits = compact.logits(states, depth, adapter)
-                nll = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
-            totals[(depth, adapter)][0] += nll
+                losses, _ = target_scores(compact.logits(states, depth, adapter), ids[0, 1:])
+            totals[(depth, adapter)][0] += float(losses.double().sum())
             totals[(depth, adapter)][1] += len(window) - 1
     return {config: (nll, count) for config, (nll, count) in totals.items()}
 

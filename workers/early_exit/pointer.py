@@ -136,10 +136,10 @@ def score_targets(
     attention = copy_attention(keys, pointer.theta)  # (T, T)
     copy = torch.zeros(attention.shape[0], distinct.numel(), device=logits.device)
     copy.index_add_(1, slot, attention.float())  # q_t at the distinct next tokens (T, U)
-    exit_probs = (logits[rows, next_ids] - lse).exp()
-    mix, _ = mixture_weights(exit_probs, copy[rows, slot], pointer.prior)
+    exit_probs = (logits[:, distinct] - lse[:, None]).exp()  # p_k,t at the distinct next tokens (T, U)
+    mix, _ = mixture_weights(exit_probs[rows, slot], copy[rows, slot], pointer.prior)
     mix = mix.float()[:, None]
-    mixed = (1 - mix) * (logits[:, distinct] - lse[:, None]).exp() + mix * copy  # (T, U)
+    mixed = (1 - mix) * exit_probs + mix * copy  # (T, U)
     target = torch.log(mixed[rows, slot]).clamp_min(-1e4)
     # the exit's argmax, unless a token the pointer supports now beats it (its value there includes q_t)
     at_top = (1 - mix[:, 0]) * (best - lse).exp()
