@@ -1,16 +1,19 @@
 """Distilling step-by-step (arXiv 2305.02301) on a bundled task: is a rationale worth data?
 
-Two bundled tasks (`--task`), 400 training and 60 held-out records each, every record with a gold
-rationale:
+Three bundled tasks (`--task`), 60 held-out records each, every record with a gold rationale:
 
-- `kinds` (the default; workers/distill/kinds.py): traits of invented creatures, "What does a blorvik
-  eat?" -> "seeds", rationale "A blorvik is a bird. A bird eats seeds." The held-out records ask a trait
-  of a creature whose other traits are in the training split; the rationale states the creature's kind,
-  which the label leaves out. The rationales carry knowledge, as a teacher's do in the paper.
+- `shared_traits` (the default; workers/distill/shared_traits.py; 1,600 training records): traits of
+  invented creatures of sixteen invented kinds whose trait values are shared between kinds, "What does a
+  pleezpak eat?" -> "seeds", rationale "A pleezpak is a vantle. A vantle eats seeds." The held-out
+  records ask a trait of a creature whose other traits are in the training split; the rationale states
+  the creature's kind, which its labels determine only through modular relations between the values.
+  The rationales carry knowledge, as a teacher's do in the paper.
+- `kinds` (workers/distill/kinds.py; 400 training records): the same with eight kinds whose values are
+  their own, so that one label names the kind.
 - `multistep` (workers/distill/multistep.py): three-step arithmetic word problems with the worked steps;
   too hard for the small student within this machine's budget (docs/distill-step-by-step.md).
 
-For each training-set size (12.5, 50 and 100 % of the training split, nested, the same seed) a fresh
+For each training-set size (12.5, 25, 50 and 100 % of the training split, nested, the same seed) a fresh
 student is trained with the same options and the same number of steps
 
 - `step_by_step`: the [label] and [rationale] tasks, L_label + lambda L_rationale (lambda = 1), on the
@@ -25,14 +28,16 @@ last `--teacher-train` training inputs; its parsed answers are filtered as the j
 `step_by_step_teacher` (the student trained on the teacher's own kept rationales) are trained on what is
 kept.
 
-The student (`--student`): `small`, a LLaMA trained from scratch (hidden 128, 4 layers, about 0.8 M
-parameters) with a character tokenizer, or `default`, the default model itself (SmolLM2-135M-Instruct,
+The student (`--student`): `small`, a LLaMA trained from scratch (hidden 128, 4 layers, 4 heads) with,
+on `shared_traits`, a word tokenizer made from the task's records (one token per word: every creature
+is one token, as a name is a few tokens in a real vocabulary; 0.86 M parameters) and on the other tasks
+a character tokenizer (0.8 M), or `default`, the default model itself (SmolLM2-135M-Instruct,
 its own tokenizer; lr 2e-4 unless `--lr`), several seconds a step on two cores.
 Results and their reading: docs/distill-step-by-step.md.
 
 Table: accuracy per method and size. Summary line:
 
-    distill_step_by_step: sbs_beats_label_only=<k>/3 data_fraction_to_match=<x> sbs_100=<x>
+    distill_step_by_step: sbs_beats_label_only=<k>/<sizes> data_fraction_to_match=<x> sbs_100=<x>
         label_only_100=<x> teacher_few_shot=<x> teacher_kept=<k>/<n> distill_labels=<x> seconds=<s>
 
 where data_fraction_to_match is the smallest size at which step_by_step reaches label_only's accuracy at
@@ -54,41 +59,74 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer  # noqa: E402
-from workers.distill import kinds, multistep  # noqa: E402
+from workers.distill import kinds, multistep, shared_traits  # noqa: E402
 from workers.distill.pipeline import DistillOptions, keep_teacher_answers  # noqa: E402
-from workers.distill.prompts import demonstrations_for, parse_answer, teacher_prompt  # noqa: E402
+from workers.distill.prompts import (  # noqa: E402
+    LABEL_PREFIX,
+    RATIONALE_PREFIX,
+    demonstrations_for,
+    parse_answer,
+    teacher_prompt,
+)
 from workers.distill.records import TaskSpec, is_correct  # noqa: E402
 from workers.distill.student import label_accuracy, train_student  # noqa: E402
 from workers.distill.teacher import AnswerCache, ask_teacher, engine_teacher  # noqa: E402
 from workers.jobs.models import load_model  # noqa: E402
 
-FRACTIONS = (0.125, 0.5, 1.0)
-TASKS = {"kinds": kinds, "multistep": multistep}
-# per task: optimiser steps and AdamW weight decay for the small student (docs/distill-step-by-step.md)
-SMALL_DEFAULTS = {"kinds": (2000, 1.0), "multistep": (150, 0.0)}
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+TASKS = {"shared_traits": shared_traits, "kinds": kinds, "multistep": multistep}
+# per task, for the small student: optimiser steps, AdamW weight decay and lr, and its tokenizer
+# (docs/distill-step-by-step.md)
+SMALL_DEFAULTS = {
+    "shared_traits": (2000, 1.0, 5e-4, "words"),
+    "kinds": (2000, 1.0, 2e-3, "characters"),
+    "multistep": (150, 0.0, 2e-3, "characters"),
+}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3, as in tests.tiny_models.distill_tokenizer
 
 
-def student(kind: str, work: Path, seed: int, quick: bool):
-    """A fresh student and its tokenizer: `small` (from scratch, a character tokenizer) or `default` (the
+def word_tokenizer(records: list[dict]) -> PreTrainedTokenizerFast:
+    """One token per word or sign of the records (and of the task prefixes), spaces dropped; decoding
+    joins tokens with spaces, which is enough for one-word labels."""
+    pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(" ", behavior="removed"),
+            pre_tokenizers.Split(Regex("[^A-Za-z0-9]"), behavior="isolated"),
+        ]
+    )
+    texts = [LABEL_PREFIX, RATIONALE_PREFIX, "\n"]
+    texts += [r[k] for r in records for k in ("input", "label", "rationale") if r.get(k)]
+    words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def student(kind: str, work: Path, seed: int, quick: bool, tokenizer):
+    """A fresh student and its tokenizer: `small` (from scratch, with `tokenizer`) or `default` (the
     default model, SmolLM2-135M-Instruct, with its own tokenizer)."""
     if kind == "default" and not quick:
         from bench.merge_quality import default_model
 
         return load_model(default_model(work))
-    return small_student(seed, quick), distill_tokenizer()
+    return small_student(seed, quick, len(tokenizer)), tokenizer
 
 
-def small_student(seed: int, quick: bool) -> LlamaForCausalLM:
+def small_student(seed: int, quick: bool, vocab_size: int = DISTILL_VOCAB_SIZE) -> LlamaForCausalLM:
     size = (
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
         if quick
         else dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
     )
     config = LlamaConfig(
-        vocab_size=DISTILL_VOCAB_SIZE,
+        vocab_size=vocab_size,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -120,27 +158,29 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--task", choices=sorted(TASKS), default="kinds", help="the bundled task")
+    parser.add_argument("--task", choices=list(TASKS), default="shared_traits", help="the bundled task")
     parser.add_argument("--work", type=Path, default=Path("/tmp/distill-sbs-bench"))
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="optimiser steps a student (small: kinds 2000, multistep 150; default: 150)",
+        help="optimiser steps a student (small: shared_traits and kinds 2000, multistep 150; default: 150)",
     )
     parser.add_argument(
         "--weight-decay",
         type=float,
         default=None,
-        help="AdamW weight decay (small: kinds 1.0, multistep 0; default: 0)",
+        help="AdamW weight decay (small: shared_traits and kinds 1.0, multistep 0; default: 0)",
     )
     parser.add_argument(
         "--student",
         choices=("small", "default"),
         default="small",
-        help="small: 0.8 M parameters from scratch; default: SmolLM2-135M-Instruct",
+        help="small: about 0.8 M parameters from scratch; default: SmolLM2-135M-Instruct",
     )
-    parser.add_argument("--lr", type=float, default=None, help="default 2e-3 (small), 2e-4 (default)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="small: shared_traits 5e-4, else 2e-3; default: 2e-4"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--teacher-train", type=int, default=None, help="training inputs asked (default 16)")
     parser.add_argument("--teacher-test", type=int, default=None, help="held-out inputs asked (default 16)")
@@ -157,7 +197,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     module = TASKS[args.task]
     task = TaskSpec(**module.TASK)
-    default_steps, default_decay = SMALL_DEFAULTS[args.task] if args.student == "small" else (150, 0.0)
+    default_steps, default_decay, small_lr, tokens = SMALL_DEFAULTS[args.task]
+    if args.student == "default":
+        default_steps, default_decay = 150, 0.0
     steps = args.steps or (3 if args.quick else default_steps)
     weight_decay = default_decay if args.weight_decay is None else args.weight_decay
     teacher_train = args.teacher_train or (4 if args.quick else 16)
@@ -168,7 +210,8 @@ def main() -> None:
     train, test = module.load("train"), module.load("test")
     if args.quick:
         test = test[:4]
-    lr = args.lr or (2e-4 if args.student == "default" else 2e-3)
+    lr = args.lr or (2e-4 if args.student == "default" else small_lr)
+    small_tokenizer = word_tokenizer(train + test) if tokens == "words" else distill_tokenizer()
     options = DistillOptions(
         steps=steps,
         batch_size=args.batch_size,
@@ -184,7 +227,7 @@ def main() -> None:
 
     def run(name: str, size: str, records: list[dict], rationales: bool) -> None:
         t0 = time.perf_counter()
-        fresh, tokenizer = student(args.student, args.work, args.seed, args.quick)
+        fresh, tokenizer = student(args.student, args.work, args.seed, args.quick, small_tokenizer)
         model, stats = train_student(fresh, tokenizer, records, options, rationales=rationales)
         score = label_accuracy(model, tokenizer, task, test, options.label_max_new_tokens)
         table.setdefault(name, {})[size] = score["accuracy"]

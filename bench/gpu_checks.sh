@@ -13,7 +13,7 @@
 # 6. bench.shearing (step "shear", not in the default STEPS): LLM-Shearing at full size, learned masks vs
 #    activation scores at 15 % and 50 % removed, healed with and without dynamic batch loading.
 # 7. bench/distill_step_by_step.py (step "distill", not in the default STEPS): distilling step-by-step on
-#    the bundled kinds task with the default model as the student (300 steps a student; issue 29).
+#    the bundled shared_traits task with the default model as the student (300 steps a student; issue 29).
 # Without a CUDA GPU every step is skipped (the script says so and exits 0).
 # Each step has its own time limit (STEP_LIMITS, seconds) so the whole run fits one lease; STEPS picks
 # some of them (default: "tests decode soft lens").
@@ -91,6 +91,7 @@ fi
 if want distill; then
   log "distilling step-by-step, the default model as the student"
   timeout "${T_DISTILL:-300}" "$PY" bench/distill_step_by_step.py --student default --steps 300 --threads 8 \
+    --fractions 0.125 0.5 1 \
     --work "$WORK/distill" --json "$OUT/distill_step_by_step.json" >"$OUT/distill_step_by_step.txt" 2>&1
   log "distill rc=$?"
 fi

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(
-    r"^distill_step_by_step: sbs_beats_label_only=(\d)/3 data_fraction_to_match=\S+ sbs_100=[0-9.]+ "
+    r"^distill_step_by_step: sbs_beats_label_only=(\d)/4 data_fraction_to_match=\S+ sbs_100=[0-9.]+ "
     r"label_only_100=[0-9.]+ teacher_few_shot=[0-9.]+ teacher_kept=\d+/4 distill_labels=\S+ seconds=\d+$",
     re.MULTILINE,
 )

@@ -3,7 +3,9 @@ client (against a real local HTTP server), the multi-task loss, and the pipeline
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from transformers import LlamaForCausalLM
 from tests.generation.conftest import character_tokenizer
 from tests.teacher_endpoint import teacher_endpoint
 from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer, make_tiny_llama
-from workers.distill import kinds, multistep
+from workers.distill import kinds, multistep, shared_traits
 from workers.distill.pipeline import DistillOptions, distill_step_by_step, keep_teacher_answers
 from workers.distill.prompts import (
     LABEL_PREFIX,
@@ -123,22 +125,37 @@ def test_the_bundled_task_is_reproducible_and_its_rationales_compute_the_label(t
         assert steps[-1][3] == record["label"]
 
 
-def test_the_kinds_task_is_reproducible_and_its_held_out_creatures_are_known_only_through_rationales(
-    tmp_path,
+@pytest.mark.parametrize("task", [kinds, shared_traits], ids=["kinds", "shared_traits"])
+def test_a_creatures_task_is_reproducible_and_its_held_out_creatures_are_known_only_through_rationales(
+    task, tmp_path
 ):
-    train, test = reproduced_splits(kinds, "kinds", tmp_path)
-    spec = TaskSpec(**kinds.TASK)
+    train, test = reproduced_splits(task, task.__name__.rsplit(".", 1)[1], tmp_path)
+    spec = TaskSpec(**task.TASK)
     kind_of: dict[str, str] = {}
     for record in check_records(train + test, spec):
         name, kind = re.fullmatch(r"A (\w+) is an? (\w+)\. .*", record["rationale"]).groups()
         assert name in record["input"] and kind not in record["input"]
-        assert kind_of.setdefault(name, kind) == kind and record["label"] in kinds.KINDS[kind]
+        assert kind_of.setdefault(name, kind) == kind and record["label"] in task.KINDS[kind]
         assert record["rationale"].endswith(f" {record['label']}.")
     held_out = [r["rationale"].split()[1] for r in test]
-    assert len(set(held_out)) == kinds.HELD_OUT
+    assert len(set(held_out)) == task.HELD_OUT
     trained = [r["rationale"].split()[1] for r in train]
     for name in held_out:  # the creature's three other traits are all asked in training
         assert trained.count(name) == len(kinds.TRAITS) - 1
+
+
+def test_in_shared_traits_one_label_says_nothing_of_another_trait_and_two_name_the_kind():
+    table = list(shared_traits.KINDS.values())
+    for value in shared_traits.LABELS:
+        assert sum(value in values for values in table) == 4
+    for known, other in itertools.permutations(range(4), 2):
+        for value in {values[known] for values in table}:
+            others = Counter(values[other] for values in table if values[known] == value)
+            narrowed = {known, other} == {2, 3}  # covered-in and moves-by narrow each other to two values
+            assert sorted(others.values()) == ([2, 2] if narrowed else [1, 1, 1, 1])
+    for first, second in itertools.combinations(range(4), 2):
+        pairs = Counter((values[first], values[second]) for values in table)
+        assert max(pairs.values()) == (2 if (first, second) == (2, 3) else 1)
 
 
 def test_a_tokenizer_that_cannot_spell_the_prefixes_is_refused():

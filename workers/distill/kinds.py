@@ -67,21 +67,23 @@ def invented_name(rng: random.Random) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(2))
 
 
-def creatures(rng: random.Random) -> dict[str, str]:
-    """name -> kind, CREATURES_PER_KIND of each kind, names distinct and none a kind's or a value's."""
-    taken = set(KINDS) | set(LABELS)
+def creatures(
+    rng: random.Random, table: dict[str, tuple[str, ...]] = KINDS, per_kind: int = CREATURES_PER_KIND
+) -> dict[str, str]:
+    """name -> kind, `per_kind` of each kind of `table`, names distinct and none a kind's or a value's."""
+    taken = set(table) | {value for values in table.values() for value in values}
     found: dict[str, str] = {}
-    for kind in KINDS:
-        while sum(k == kind for k in found.values()) < CREATURES_PER_KIND:
+    for kind in table:
+        while sum(k == kind for k in found.values()) < per_kind:
             name = invented_name(rng)
             if name not in taken and name not in found:
                 found[name] = kind
     return found
 
 
-def record(name: str, kind: str, trait: int) -> dict[str, str]:
+def record(name: str, kind: str, trait: int, table: dict[str, tuple[str, ...]] = KINDS) -> dict[str, str]:
     question, fact = TRAITS[trait]
-    value = KINDS[kind][trait]
+    value = table[kind][trait]
     return {
         "input": question.format(name=name),
         "label": value,
@@ -89,23 +91,28 @@ def record(name: str, kind: str, trait: int) -> dict[str, str]:
     }
 
 
-def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
-    """{"train": [...], "test": [...]}: the held-out records ask one trait each of HELD_OUT distinct
-    creatures whose other three traits are all asked in the training split; the training split is the
-    rest, minus what is over TRAIN, in a seeded order."""
-    rng = random.Random(f"kinds:{seed}")
-    found = creatures(rng)
+def split_creatures(
+    rng: random.Random, table: dict[str, tuple[str, ...]], per_kind: int, train: int, held_out: int
+) -> dict[str, list[dict[str, str]]]:
+    """{"train": [...], "test": [...]} over `per_kind` invented creatures of each kind of `table`: the
+    held-out records ask one trait each of `held_out` distinct creatures whose other traits are all asked
+    in the training split; the training split is the rest, minus what is over `train`, in a seeded order."""
+    found = creatures(rng, table, per_kind)
     names = sorted(found)
     rng.shuffle(names)
-    held_out = {name: rng.randrange(len(TRAITS)) for name in names[:HELD_OUT]}
-    test = [record(name, found[name], trait) for name, trait in held_out.items()]
-    rest = [(n, t) for n in names for t in range(len(TRAITS)) if held_out.get(n) != t]
-    protected = [(n, t) for n, t in rest if n in held_out]
-    others = [(n, t) for n, t in rest if n not in held_out]
+    held = {name: rng.randrange(len(TRAITS)) for name in names[:held_out]}
+    test = [record(name, found[name], trait, table) for name, trait in held.items()]
+    rest = [(n, t) for n in names for t in range(len(TRAITS)) if held.get(n) != t]
+    protected = [(n, t) for n, t in rest if n in held]
+    others = [(n, t) for n, t in rest if n not in held]
     rng.shuffle(others)
-    pairs = protected + others[: TRAIN - len(protected)]
+    pairs = protected + others[: train - len(protected)]
     rng.shuffle(pairs)
-    return {"test": test, "train": [record(n, found[n], t) for n, t in pairs]}
+    return {"test": test, "train": [record(n, found[n], t, table) for n, t in pairs]}
+
+
+def generate(seed: int = SEED) -> dict[str, list[dict[str, str]]]:
+    return split_creatures(random.Random(f"kinds:{seed}"), KINDS, CREATURES_PER_KIND, TRAIN, HELD_OUT)
 
 
 def path(split: str) -> Path:
