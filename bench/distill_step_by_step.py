@@ -62,7 +62,7 @@ import torch  # noqa: E402
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from tests.tiny_models import DISTILL_VOCAB_SIZE, distill_tokenizer  # noqa: E402
+from tests.tiny_models import DISTILL_VOCAB_SIZE, SPECIALS, distill_tokenizer  # noqa: E402
 from workers.distill import kinds, multistep, shared_traits  # noqa: E402
 from workers.distill.pipeline import DistillOptions, keep_teacher_answers  # noqa: E402
 from workers.distill.prompts import (  # noqa: E402
@@ -86,12 +86,12 @@ SMALL_DEFAULTS = {
     "kinds": (2000, 1.0, 2e-3, "characters"),
     "multistep": (150, 0.0, 2e-3, "characters"),
 }
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3, as in tests.tiny_models.distill_tokenizer
 
 
 def word_tokenizer(records: list[dict]) -> PreTrainedTokenizerFast:
-    """One token per word or sign of the records (and of the task prefixes), spaces dropped; decoding
-    joins tokens with spaces, which is enough for one-word labels."""
+    """One token per word or sign of the records (and of the task prefixes), spaces dropped, after the
+    special tokens of distill_tokenizer (the same ids); decoding joins tokens with spaces, which is enough
+    for one-word labels."""
     pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(" ", behavior="removed"),
@@ -101,7 +101,7 @@ def word_tokenizer(records: list[dict]) -> PreTrainedTokenizerFast:
     texts = [LABEL_PREFIX, RATIONALE_PREFIX, "\n"]
     texts += [r[k] for r in records for k in ("input", "label", "rationale") if r.get(k)]
     words = sorted({word for text in texts for word, _ in pre.pre_tokenize_str(text)})
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + words))}
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIALS + words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre
     return PreTrainedTokenizerFast(

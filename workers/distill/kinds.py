@@ -67,9 +67,7 @@ def invented_name(rng: random.Random) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(2))
 
 
-def creatures(
-    rng: random.Random, table: dict[str, tuple[str, ...]] = KINDS, per_kind: int = CREATURES_PER_KIND
-) -> dict[str, str]:
+def creatures(rng: random.Random, table: dict[str, tuple[str, ...]], per_kind: int) -> dict[str, str]:
     """name -> kind, `per_kind` of each kind of `table`, names distinct and none a kind's or a value's."""
     taken = set(table) | {value for values in table.values() for value in values}
     found: dict[str, str] = {}
@@ -81,7 +79,7 @@ def creatures(
     return found
 
 
-def record(name: str, kind: str, trait: int, table: dict[str, tuple[str, ...]] = KINDS) -> dict[str, str]:
+def record(name: str, kind: str, trait: int, table: dict[str, tuple[str, ...]]) -> dict[str, str]:
     question, fact = TRAITS[trait]
     value = table[kind][trait]
     return {
